@@ -1,0 +1,35 @@
+"""seglib: unsupervised segmentation of aerial and satellite RGB imagery.
+
+from seglib import MonolithicSegmenter, StudentCNN, segment, load_model
+labels = segment(image_uint8_hxwx3, k=5)     # bundled default model, any H and W
+"""
+
+from __future__ import annotations
+
+from .config import Config, ConfigError
+from .models.teacher import MonolithicSegmenter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "MonolithicSegmenter",
+    "StudentCNN",
+    "load_model",
+    "segment",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Imported lazily so that `import seglib` stays light for the CLI and notebooks.
+    if name == "StudentCNN":
+        from .models.student import StudentCNN
+
+        return StudentCNN
+    if name in ("load_model", "segment"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'seglib' has no attribute {name!r}")

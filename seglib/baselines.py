@@ -1,0 +1,64 @@
+"""Label-free baselines every model evaluation is reported beside.
+
+``rgb_kmeans`` is the QGIS plugin's free mode: k-means on the RGB values of the pixels, at full
+resolution. Hard k-means here is plain Lloyd with k-means++ seeding, fitted on a pixel sample
+and then assigned to every pixel, seeded so a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["kmeans", "rgb_kmeans"]
+
+
+def kmeans(
+    x: torch.Tensor, k: int, *, iters: int = 30, seed: int = 0, sample: int = 50_000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard k-means of points ``x`` (N, D): returns (labels (N,), centres (K, D)).
+
+    Fitting uses at most ``sample`` random points; all points are assigned at the end.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = x.float()
+    n = x.shape[0]
+    fit = x[torch.randperm(n, generator=gen)[:sample].to(x.device)] if n > sample else x
+    centres = _kmeanspp(fit, k, gen)
+    for _ in range(iters):
+        assign = _nearest(fit, centres)
+        sums = torch.zeros_like(centres).index_add_(0, assign, fit)
+        counts = torch.bincount(assign, minlength=k).to(fit.dtype)
+        empty = counts == 0
+        # An empty cluster keeps its old centre rather than becoming NaN.
+        centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
+    return _nearest(x, centres), centres
+
+
+def _nearest(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin.
+    return (centres.pow(2).sum(1)[None] - 2 * x @ centres.T).argmin(1)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=gen))
+    centres = [x[first]]
+    d2 = (x - x[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: repeat one
+            idx = int(torch.randint(n, (1,), generator=gen))
+        else:
+            idx = int(torch.multinomial((d2 / total).cpu(), 1, generator=gen))
+        centres.append(x[idx])
+        d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(1))
+    return torch.stack(centres)
+
+
+def rgb_kmeans(rgb: np.ndarray | torch.Tensor, k: int, *, seed: int = 0) -> np.ndarray:
+    """K-means on RGB pixel values of one image (H, W, 3) -> labels (H, W) int64."""
+    rgb_t = torch.as_tensor(np.asarray(rgb, dtype=np.float32))
+    h, w, _ = rgb_t.shape
+    labels, _ = kmeans(rgb_t.reshape(-1, 3), k, seed=seed)
+    return labels.reshape(h, w).numpy()

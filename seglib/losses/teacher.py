@@ -1,0 +1,177 @@
+"""The teacher's unsupervised losses.
+
+Each term is a plain function with a defining property that tests check:
+
+* ``consistency_loss``: symmetric KL between view B's probabilities and view A's probabilities
+  warped into B's frame with the exact geometric transform; ~0 for an equivariant model, large
+  for misaligned maps.
+* ``entropy_terms``: mean per-pixel entropy (0 for one-hot maps) and one minus the normalised
+  entropy of the cluster marginal (0 when all K clusters are used equally). Both are divided
+  by log K so their weights mean the same at every K.
+* ``edge_aware_smoothness``: total variation of the probabilities, down-weighted where the RGB
+  image has an edge; 0 for piecewise-constant maps whose changes sit on strong edges.
+* ``variance_floor``: a hinge on the per-channel spread of the learned embeddings (as in
+  VICReg, Bardes et al. 2022). The uniform assignment is a trap of entropy shaping alone
+  (it zeroes consistency and smoothness); a floor on the spread makes that collapse expensive.
+
+``TeacherLoss`` combines them with the weights of ``LossConfig`` and returns a dict with
+``total`` and each term (unweighted, every term is minimised).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import ViewTransform
+from ..config import LossConfig
+
+__all__ = [
+    "symmetric_kl",
+    "consistency_loss",
+    "entropy_terms",
+    "edge_aware_smoothness",
+    "variance_floor",
+    "TeacherLoss",
+]
+
+_EPS = 1e-6
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * (KL(p||q) + KL(q||p)) per pixel, averaged; p and q are (B, K, H, W) probabilities."""
+    logp, logq = p.clamp_min(_EPS).log(), q.clamp_min(_EPS).log()
+    per_pixel = 0.5 * ((p - q) * (logp - logq)).sum(1)  # (B, H, W); the two KLs combined
+    if mask is None:
+        return per_pixel.mean()
+    mask = mask.reshape(per_pixel.shape)
+    return (per_pixel * mask).sum() / mask.sum().clamp_min(1)
+
+
+def consistency_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, transform: ViewTransform) -> torch.Tensor:
+    """Symmetric KL between view B and view A warped into B's frame (both (B, K, h, w))."""
+    return symmetric_kl(transform.to_view(probs_a), probs_b)
+
+
+def entropy_terms(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel entropy / log K, 1 - marginal entropy / log K) for probs (B, K, ...)."""
+    k = probs.shape[1]
+    log_k = math.log(k)
+    p = probs.flatten(2)  # (B, K, N)
+    pixel = -(p * p.clamp_min(_EPS).log()).sum(1).mean() / log_k
+    marginal = p.mean(2)  # (B, K): cluster sizes per image
+    marginal_entropy = -(marginal * marginal.clamp_min(_EPS).log()).sum(1).mean() / log_k
+    return pixel, 1 - marginal_entropy
+
+
+def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
+    """Mean over neighbour pairs of 0.5 * |p(x) - p(x')|_1 * exp(-|I(x) - I(x')|_1 / sigma).
+
+    probs (B, K, H, W); rgb (B, 3, H, W) at the same resolution.
+    """
+    terms = []
+    for dim in (2, 3):
+        dp = (probs.narrow(dim, 1, probs.shape[dim] - 1) - probs.narrow(dim, 0, probs.shape[dim] - 1)).abs()
+        di = (rgb.narrow(dim, 1, rgb.shape[dim] - 1) - rgb.narrow(dim, 0, rgb.shape[dim] - 1)).abs()
+        weight = torch.exp(-di.sum(1) / sigma)  # (B, H', W'): ~0 across strong colour edges
+        terms.append((0.5 * dp.sum(1) * weight).mean())
+    return 0.5 * (terms[0] + terms[1])
+
+
+def variance_floor(emb: torch.Tensor, floor: float) -> torch.Tensor:
+    """Mean hinge max(0, floor - std) over channels of emb (B, D, h, w); std over all
+    positions of the batch (one image may be a single land cover, the batch is not)."""
+    z = emb.float().transpose(0, 1).flatten(1)  # (D, B*h*w)
+    std = (z.var(1) + 1e-4).sqrt()
+    return F.relu(floor - std).mean()
+
+
+def covariance_penalty(emb: torch.Tensor, max_positions: int = 8192) -> torch.Tensor:
+    """Sum of squared off-diagonal covariances of the channels of emb (B, D, h, w), over D.
+
+    Decorrelated channels stop the features from spending all their spread on one direction.
+    """
+    z = emb.float().transpose(0, 1).flatten(1)  # (D, M)
+    if z.shape[1] > max_positions:  # a strided subset is enough for a D x D estimate
+        z = z[:, :: z.shape[1] // max_positions + 1]
+    z = z - z.mean(1, keepdim=True)
+    cov = z @ z.T / max(z.shape[1] - 1, 1)  # (D, D)
+    off = cov - torch.diag(torch.diag(cov))
+    return off.pow(2).sum() / z.shape[0]
+
+
+def invariance_loss(
+    features_a: torch.Tensor, features_b: torch.Tensor, transform: ViewTransform, radius: int = 0
+) -> torch.Tensor:
+    """Mean squared difference between B's features and A's features warped into B's frame.
+
+    With ``radius`` > 0 the target is the mean of A's features over a (2r+1)^2 neighbourhood:
+    nearby positions usually share their land cover, so this pulls features toward a region
+    descriptor rather than a description of the exact pixel.
+    """
+    target = transform.to_view(features_a)
+    if radius > 0:
+        target = F.avg_pool2d(target, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    return F.mse_loss(target, features_b.float())
+
+
+class TeacherLoss(nn.Module):
+    """Weighted sum of the teacher's terms for one batch of view pairs.
+
+    Arguments:
+      config: a ``LossConfig`` with the weights.
+    """
+
+    def __init__(self, config: LossConfig | None = None):
+        super().__init__()
+        self.config = config or LossConfig()
+
+    def forward(
+        self,
+        out: dict[str, torch.Tensor],
+        rgb: torch.Tensor,
+        transform: ViewTransform,
+        *,
+        learned_channels: int,
+        lane: str,
+    ) -> dict[str, torch.Tensor]:
+        """Losses of a forward pass over ``rgb`` = cat([view A, view B]) (2B, 3, H, W) run with
+        ``group=2``. ``learned_channels`` is how many leading embedding channels are learned."""
+        c = self.config
+        coarse = out["probs_coarse"]  # (2B, K, h, w)
+        pa, pb = coarse.chunk(2)
+        h, w = coarse.shape[-2:]
+        rgb_small = F.adaptive_avg_pool2d(rgb.float(), (h, w))
+        terms = {"consistency": consistency_loss(pa, pb, transform)}
+        terms["pixel_entropy"], terms["marginal_entropy"] = entropy_terms(coarse)
+        terms["smoothness"] = edge_aware_smoothness(coarse, rgb_small, c.edge_sigma)
+        fa, fb = out["features"].chunk(2)
+        terms["invariance"] = invariance_loss(fa, fb, transform, c.invariance_radius)
+        terms["variance"] = variance_floor(out["features"], c.variance_floor)
+        terms["covariance"] = covariance_penalty(out["features"])
+        if lane == "learned" and c.refine:
+            terms["refine"] = self.refine_terms(out["probs"], coarse, rgb)
+        weights = {
+            "consistency": c.consistency,
+            "pixel_entropy": c.pixel_entropy,
+            "marginal_entropy": c.marginal_entropy,
+            "smoothness": c.smoothness,
+            "invariance": c.invariance,
+            "variance": c.variance,
+            "covariance": c.covariance,
+            "refine": c.refine,
+        }
+        terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        return terms
+
+    def refine_terms(self, probs: torch.Tensor, coarse: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+        """Full-resolution terms for the learned lane: confident, edge-aligned, and faithful
+        to the head (KL to the upsampled coarse map) so it cannot drift to another clustering."""
+        up = F.interpolate(coarse, size=probs.shape[-2:], mode="bilinear", align_corners=False)
+        fidelity = (probs * (probs.clamp_min(_EPS).log() - up.clamp_min(_EPS).log())).sum(1).mean()
+        pixel, _ = entropy_terms(probs)
+        smooth = edge_aware_smoothness(probs, rgb.float(), self.config.edge_sigma)
+        return pixel + smooth + 0.1 * fidelity

@@ -1,0 +1,157 @@
+"""Differentiable soft k-means (EM) over per-position embeddings.
+
+Given embeddings ``x`` (B, N, D) the head finds K prototypes per image and soft assignments:
+
+    logits[b, n, k] = -||x[b, n] - mu[b, k]||^2 / T
+    r = softmax(logits over k);   mu[b, k] = sum_n r[b, n, k] x[b, n] / sum_n r[b, n, k]
+
+repeated ``iters`` times. Squared distances use the matmul form
+``||x||^2 - 2 x.mu + ||mu||^2`` so no (B, K, D, N) tensor ever exists: memory is
+O(B*K*N + B*D*N). Gradients flow through every iteration into the embeddings.
+
+Initialisation is deterministic (no random numbers): farthest-point sampling on embeddings
+average-pooled by ``init_pool``, starting from the position farthest from the image mean.
+Being a pure function of the embeddings keeps training resumable and identical under DDP.
+The EM runs in fp32 even under bf16 autocast: distances between nearby prototypes are small
+differences of O(1) numbers, which bf16's 8-bit mantissa would blur.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SoftKMeans", "HeadOutput", "K_MIN", "K_MAX", "check_k", "farthest_point_init", "soft_kmeans"]
+
+K_MIN, K_MAX = 2, 16
+
+
+def check_k(k: object) -> int:
+    """Validate the number of clusters; raises ``ValueError`` naming the allowed range."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        try:
+            import numpy as np
+
+            if isinstance(k, np.integer):
+                k = int(k)
+        except ImportError:  # pragma: no cover
+            pass
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"K must be an integer in {K_MIN}..{K_MAX}, got {type(k).__name__} {k!r}")
+    if not K_MIN <= k <= K_MAX:
+        raise ValueError(f"K must be in {K_MIN}..{K_MAX} (got {k}); pick a number of segments in that range")
+    return k
+
+
+@dataclass
+class HeadOutput:
+    probs: torch.Tensor  # (B, K, N)
+    logits: torch.Tensor  # (B, K, N)
+    prototypes: torch.Tensor  # (B, K, D)
+
+
+def farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, K) of K mutually far points of ``x`` (B, N, D); no gradient."""
+    with torch.no_grad():
+        b, n, _ = x.shape
+        centre = x.mean(1, keepdim=True)  # (B, 1, D)
+        d2 = (x - centre).pow(2).sum(-1)  # (B, N)
+        idx = torch.empty(b, k, dtype=torch.long, device=x.device)
+        rows = torch.arange(b, device=x.device)
+        # Sequential over K (at most 16 steps of O(B*N*D) work): each new point is the one
+        # farthest from all chosen so far.
+        nearest = torch.full((b, n), float("inf"), device=x.device, dtype=x.dtype)
+        for j in range(k):
+            pick = d2.argmax(1) if j == 0 else nearest.argmax(1)
+            idx[:, j] = pick
+            chosen = x[rows, pick]  # (B, D)
+            nearest = torch.minimum(nearest, (x - chosen[:, None]).pow(2).sum(-1))
+        return idx
+
+
+def soft_kmeans(
+    x: torch.Tensor,
+    k: int,
+    *,
+    iters: int,
+    temperature: float,
+    init: torch.Tensor,
+) -> HeadOutput:
+    """EM on ``x`` (B, N, D) from initial prototypes ``init`` (B, K, D)."""
+    x = x.float()
+    x2 = x.pow(2).sum(-1, keepdim=True)  # (B, N, 1)
+    mu = init.float()
+
+    def assign(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, N, K) squared distances without a (B, N, K, D) intermediate.
+        d2 = x2 - 2 * torch.bmm(x, mu.transpose(1, 2)) + mu.pow(2).sum(-1)[:, None, :]
+        logits = -d2.clamp_min(0) / temperature
+        return logits, logits.softmax(-1)
+
+    for _ in range(iters):
+        _, r = assign(mu)  # (B, N, K)
+        mass = r.sum(1)[..., None]  # (B, K, 1)
+        # A cluster that lost all mass keeps its previous prototype instead of dividing by 0.
+        mu = torch.where(mass > 1e-6, torch.bmm(r.transpose(1, 2), x) / mass.clamp_min(1e-6), mu)
+    logits, r = assign(mu)
+    return HeadOutput(probs=r.transpose(1, 2), logits=logits.transpose(1, 2), prototypes=mu)
+
+
+class SoftKMeans(nn.Module):
+    """The clustering head. Parameter-free; every knob can be overridden per call.
+
+    Arguments:
+      iters: EM iterations after initialisation.
+      temperature: softmax temperature on squared distances (smaller = harder assignments).
+      init_pool: farthest-point initialisation works on embeddings pooled by this factor,
+        which keeps it cheap and away from single-pixel outliers.
+    """
+
+    def __init__(self, *, iters: int = 6, temperature: float = 0.1, init_pool: int = 2):
+        super().__init__()
+        self.iters, self.temperature, self.init_pool = iters, temperature, init_pool
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        k: int,
+        *,
+        iters: int | None = None,
+        temperature: float | None = None,
+        group: int = 1,
+    ) -> HeadOutput:
+        """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image.
+
+        ``group`` > 1 fits one set of prototypes jointly over ``group`` images: images
+        ``i, i + B/group, i + 2B/group, ...`` share prototypes (used for the two training
+        views, so their assignments are comparable cluster by cluster).
+        Returns probs and logits as (B, K, h, w) and prototypes as (B, K, D).
+        """
+        k = check_k(k)
+        iters = self.iters if iters is None else iters
+        temperature = self.temperature if temperature is None else temperature
+        b, d, h, w = emb.shape
+        if b % group:
+            raise ValueError(f"batch {b} is not divisible by group {group}")
+        bg = b // group
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            emb = emb.float()
+            # (G*Bg, D, h, w) -> (Bg, G*h*w, D): positions of grouped images side by side.
+            x = emb.reshape(group, bg, d, h * w).permute(1, 0, 3, 2).reshape(bg, group * h * w, d)
+            pooled = emb
+            if self.init_pool > 1 and min(h, w) >= 2 * self.init_pool:
+                pooled = F.avg_pool2d(emb, self.init_pool)
+            ph, pw = pooled.shape[-2:]
+            xp = pooled.reshape(group, bg, d, ph * pw).permute(1, 0, 3, 2).reshape(bg, group * ph * pw, d)
+            idx = farthest_point_init(xp, k)  # (Bg, K)
+            init = torch.gather(xp, 1, idx[..., None].expand(-1, -1, d))  # (Bg, K, D)
+            out = soft_kmeans(x, k, iters=iters, temperature=temperature, init=init)
+
+        def ungroup(t: torch.Tensor) -> torch.Tensor:  # (Bg, K, G*h*w) -> (B, K, h, w)
+            return t.reshape(bg, k, group, h, w).permute(2, 0, 1, 3, 4).reshape(b, k, h, w)
+
+        protos = out.prototypes[None].expand(group, -1, -1, -1).reshape(b, k, d)
+        return HeadOutput(probs=ungroup(out.probs), logits=ungroup(out.logits), prototypes=protos)

@@ -1,0 +1,97 @@
+"""TensorBoard logging for training runs (rank 0 only; a disabled logger does nothing).
+
+Scalars use one ``add_scalar`` per tag: ``loss/total``, ``loss/<term>``, ``train/lr``,
+``train/img_per_s``, ... Images: ``input/rgb`` (the first view), ``probs/soft`` (probability
+maps as float images, each pixel the probability-weighted mix of the cluster colours, no
+argmax), ``probs/cluster<k>`` (single clusters' probability maps for the first image) and
+``labels/argmax`` (argmax labels in colour). The full config is stored as text
+(``config``) and as hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..viz import colourize, soft_colour
+
+__all__ = ["RunLogger"]
+
+
+class RunLogger:
+    """Arguments:
+    logdir: folder of the event files.
+    config: the full config dict, stored with the run.
+    enabled: False on ranks other than 0.
+    """
+
+    def __init__(
+        self,
+        logdir: str | Path,
+        *,
+        config: dict[str, Any],
+        enabled: bool = True,
+        purge_step: int | None = None,
+    ):
+        self.writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = Path(logdir)
+        # purge_step drops events past a resumed run's step, so curves do not fold back.
+        self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
+        self.writer.add_text(
+            "config", "```json\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, float(value), step)
+
+    def images(
+        self, step: int, rgb: torch.Tensor, probs: torch.Tensor, max_images: int = 4, prefix: str = ""
+    ) -> None:
+        """rgb (B, 3, H, W) in [0, 1] and probs (B, K, H, W) at the same size."""
+        if self.writer is None:
+            return
+        rgb = rgb[:max_images].detach().float().cpu().clamp(0, 1)
+        probs = probs[:max_images].detach().float().cpu()
+        self.writer.add_images(f"{prefix}input/rgb", rgb, step)
+        self.writer.add_images(f"{prefix}probs/soft", soft_colour(probs), step)
+        for k in range(min(probs.shape[1], 4)):
+            self.writer.add_image(f"{prefix}probs/cluster{k}", probs[0, k : k + 1], step)
+        labels = np.stack([colourize(p.argmax(0)) for p in probs])  # (B, H, W, 3)
+        self.writer.add_images(f"{prefix}labels/argmax", labels, step, dataformats="NHWC")
+
+    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        flat = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()
+        }
+        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,307 @@
+"""The training loop, shared by the teacher and student stages.
+
+One plain function, ``train_loop``, read top to bottom: batch -> forward -> loss dict ->
+backward (micro-batches under ``no_sync`` except the last) -> non-finite guard -> clip ->
+optimizer step -> log -> checkpoint. What differs between stages lives in a ``Task``: the
+module to train and a ``step`` method that turns a batch into a loss dict.
+
+Guarantees:
+* same seed, same device, same thread count -> the same losses (the data and augmentations are
+  pure functions of (seed, sample index); the soft k-means initialisation uses no randomness);
+* ``resume=True`` restarts from the latest complete checkpoint in the checkpoint folder and
+  continues the same trajectory (model, optimizer, scheduler, RNG states, history, task state);
+* a non-finite loss or gradient never reaches the weights: the step is skipped and reported by
+  term, and ``max_bad_steps`` consecutive bad steps stop the run with ``NonFiniteLossError``;
+* under DDP only rank 0 logs, prints and writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .. import distributed as dist
+from ..checkpoint import FORMAT, checkpoint_path, latest_checkpoint, prune_checkpoints, save_atomic
+from ..config import Config
+from ..data.batches import batch_loader
+from ..device import autocast
+from .logging import RunLogger
+
+__all__ = [
+    "StepOutput",
+    "Task",
+    "NonFiniteLossError",
+    "train_loop",
+    "warmup_cosine",
+    "default_checkpoint_dir",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class StepOutput:
+    terms: dict[str, torch.Tensor]  # must hold "total"
+    n_images: int
+    rgb: torch.Tensor | None = None  # (B, 3, H, W) shown in TensorBoard
+    probs: torch.Tensor | None = None  # (B, K, H, W)
+    scalars: dict[str, float] = field(default_factory=dict)  # extra diagnostics (not losses)
+
+
+class Task(Protocol):
+    kind: str
+    model: nn.Module
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def export(self, directory: Path) -> None: ...
+
+
+def default_checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.train.checkpoint_dir or "runs/train")
+
+
+def warmup_cosine(steps: int, warmup: int, floor: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to ``floor`` at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": _np_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _np_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_loop(
+    task: Task,
+    cfg: Config,
+    source: torch.utils.data.Dataset,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    callbacks: Iterable[Callable[[int, dict[str, float]], None]] = (),
+) -> dict[str, list[float]]:
+    """Train ``task.model`` on micro-batches of ``source``; returns the history (dict of lists,
+    one entry per step: ``step``, ``loss/<term>``, ``train/lr``, ``train/img_per_s``, ...)."""
+    t = cfg.train
+    main = dist.is_main()
+    model = task.model
+    ddp_model = model
+    if dist.world_size() > 1:
+        # Refinement lanes are drawn per batch, so some parameters sit out some steps.
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup))
+    ckdir = default_checkpoint_dir(cfg)
+
+    start, history = 0, {}
+    if resume:
+        found = latest_checkpoint(ckdir)
+        if found is None:
+            if main:
+                print(f"--resume: no checkpoint in {ckdir}, starting from step 0")
+        else:
+            path, state = found
+            _check_resumable(state, task, cfg, path)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            task.load_state_dict(state.get("task_state", {}))
+            _set_rng_state(state["rng"])
+            start, history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
+            if main:
+                print(f"resumed from {path} at step {start}")
+
+    logger = RunLogger(ckdir / "tb", config=cfg.to_dict(), enabled=main, purge_step=start if start else None)
+    accum = max(1, t.grad_accum)
+    batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers))
+    bad_steps = 0
+    model.train()
+    bar = tqdm(
+        range(start, t.steps),
+        initial=start,
+        total=t.steps,
+        disable=not main,
+        desc=task.kind,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        tic = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        n_images, bad_terms, last = 0, [], None
+        for micro in range(accum):
+            batch = next(batches)
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = (
+                ddp_model.no_sync()
+                if ddp_model is not model and micro < accum - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with autocast(device, t.amp):
+                    out = task.step(ddp_model, batch, step * accum + micro)
+                local_bad = [name for name, v in out.terms.items() if not torch.isfinite(v.detach()).all()]
+                # Every rank must agree to skip, or the others would wait in all-reduce forever.
+                if _any_rank(bool(local_bad), device):
+                    bad_terms = local_bad or ["(on another rank)"]
+                    sums = {name: float(v.detach()) for name, v in out.terms.items()}  # logged as is
+                    break
+                (out.terms["total"] / accum).backward()
+            for name, v in out.terms.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) / accum
+            n_images += out.n_images
+            last = out
+        grad_norm = float("nan")
+        if not bad_terms:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else float("inf")))
+            if not math.isfinite(grad_norm):
+                bad_terms = ["gradient"]
+        if bad_terms:
+            opt.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
+            bad_steps += 1
+            if main:
+                tqdm.write(
+                    f"step {step + 1}: non-finite {', '.join(bad_terms)}; step skipped ({bad_steps} in a row)",
+                    file=sys.stderr,
+                )
+            if bad_steps >= t.max_bad_steps:
+                logger.close()
+                raise NonFiniteLossError(
+                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step {step}, "
+                    f"term(s) {', '.join(bad_terms)}); lower train.lr, check the input data for NaN/inf, "
+                    "or run with --amp 0"
+                )
+        else:
+            opt.step()
+            bad_steps = 0
+        sched.step()
+
+        seconds = time.perf_counter() - tic
+        record = {f"loss/{k}": v for k, v in sums.items()}
+        record.update(
+            {
+                "train/lr": sched.get_last_lr()[0],
+                "train/grad_norm": grad_norm,
+                "train/skipped": float(bool(bad_terms)),
+            }
+        )
+        record["train/img_per_s"] = n_images * dist.world_size() / max(seconds, 1e-9)
+        if last is not None:
+            record.update(last.scalars)
+        history.setdefault("step", []).append(step + 1)
+        for key, value in record.items():
+            history.setdefault(key, []).append(float(value))
+        if main and (step + 1) % max(1, t.log_every) == 0:
+            logger.scalars(step + 1, record)
+            bar.set_postfix(loss=f"{sums.get('total', float('nan')):.4f}", refresh=False)
+        if (
+            main
+            and last is not None
+            and last.rgb is not None
+            and (step == start or (step + 1) % max(1, t.image_every) == 0)
+        ):
+            logger.images(step + 1, last.rgb, last.probs)
+        if main and ((step + 1) % max(1, t.checkpoint_every) == 0 or step + 1 == t.steps):
+            _save(task, cfg, opt, sched, step + 1, history, ckdir)
+        dist.barrier()
+        for callback in callbacks:
+            callback(step + 1, record)
+
+    if main:
+        task.export(ckdir)
+        logger.close()
+    return history
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if dist.world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _save(
+    task: Task, cfg: Config, opt, sched, step: int, history: dict[str, list[float]], ckdir: Path
+) -> None:
+    state = {
+        "format": FORMAT,
+        "kind": "train-state",
+        "task": task.kind,
+        "config": cfg.to_dict(),
+        "model": task.model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "task_state": task.state_dict(),
+        "step": step,
+        "rng": _rng_state(),
+        "history": history,
+    }
+    save_atomic(state, checkpoint_path(ckdir, step))
+    prune_checkpoints(ckdir, cfg.train.keep_checkpoints)
+
+
+def _check_resumable(state: dict[str, Any], task: Task, cfg: Config, path: Path) -> None:
+    if state.get("kind") != "train-state" or state.get("task") != task.kind:
+        raise ValueError(
+            f"{path} is not a {task.kind} training checkpoint (kind={state.get('kind')}, task={state.get('task')}); "
+            "point --checkpoint_dir at this stage's own folder"
+        )
+    saved, current = state["config"].get("model"), cfg.to_dict().get("model")
+    if task.kind == "teacher" and saved != current:
+        raise ValueError(
+            f"{path} was written with a different model config; resume with the same config "
+            f"(saved: {saved}, current: {current})"
+        )

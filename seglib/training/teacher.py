@@ -1,0 +1,113 @@
+"""Teacher stage: one training step over two augmented views, and the stage's entry point.
+
+Every batch draws its knobs afresh (K, downsample, cluster and smoothing iterations,
+refinement lane) from ``RandomizeConfig``, keyed by (seed, step), so one model serves every
+setting a user may pick at inference and a resumed run draws the same knobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..augment import make_views
+from ..checkpoint import FORMAT, save_atomic
+from ..config import Config, RandomizeConfig
+from ..data.batches import sample_rngs
+from ..losses.teacher import TeacherLoss
+from ..models.teacher import MonolithicSegmenter
+from .loop import StepOutput
+
+__all__ = ["Knobs", "draw_knobs", "TeacherTask"]
+
+_KNOBS, _AUGMENT = 11, 7  # purposes of the random streams
+
+
+@dataclass(frozen=True)
+class Knobs:
+    k: int
+    downsample: int
+    iters: int
+    smooth_iters: int
+    lane: str
+
+
+def draw_knobs(r: RandomizeConfig, seed: int, index: int) -> Knobs:
+    """The per-batch knobs of micro-batch ``index`` (identical on every rank)."""
+    rng = np.random.default_rng([int(seed), _KNOBS, int(index)])
+    return Knobs(
+        k=int(rng.choice(r.ks)),
+        downsample=int(rng.choice(r.downsample)),
+        iters=int(rng.integers(r.cluster_iters[0], r.cluster_iters[1] + 1)),
+        smooth_iters=int(rng.integers(r.smooth_iters[0], r.smooth_iters[1] + 1)),
+        lane=str(rng.choice(r.lanes)),
+    )
+
+
+class TeacherTask:
+    """Trains ``MonolithicSegmenter`` with ``TeacherLoss`` on view pairs.
+
+    Arguments:
+      cfg: the full config.
+      device: where the model lives.
+    """
+
+    kind = "teacher"
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.model = MonolithicSegmenter(cfg.model).to(device)
+        self.loss = TeacherLoss(cfg.loss)
+
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
+        cfg = self.cfg
+        knobs = draw_knobs(cfg.randomize, cfg.train.seed, index)
+        rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
+        rngs = sample_rngs(cfg.train.seed, batch["index"].tolist(), _AUGMENT)
+        view_a, view_b, transform = make_views(rgb, rngs, cfg.augment)
+        views = torch.cat([view_a, view_b])  # (2B, 3, S, S); image i pairs with i + B
+        out = model(
+            views,
+            knobs.k,
+            lane=knobs.lane,
+            downsample=knobs.downsample,
+            iters=knobs.iters,
+            smooth_iters=knobs.smooth_iters,
+            group=2,
+        )
+        terms = self.loss(
+            out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane
+        )
+        b = rgb.shape[0]
+        with torch.no_grad():
+            probs = out["probs"][:b]
+            scalars = {
+                "diag/k": float(knobs.k),
+                "diag/pixel_entropy_full": float(
+                    -(probs * probs.clamp_min(1e-6).log()).sum(1).mean() / np.log(knobs.k)
+                ),
+                "diag/feature_std": float(out["features"].float().std(dim=(0, 2, 3)).mean()),
+            }
+        return StepOutput(terms=terms, n_images=b, rgb=view_a, probs=probs, scalars=scalars)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, directory: Path) -> None:
+        """Write ``teacher.pt``: the weights and config, all inference needs."""
+        save_atomic(
+            {
+                "format": FORMAT,
+                "kind": "teacher",
+                "config": self.cfg.to_dict(),
+                "model": self.model.state_dict(),
+            },
+            Path(directory) / "teacher.pt",
+        )

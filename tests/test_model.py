@@ -1,0 +1,145 @@
+"""The teacher's forward contract, the soft k-means head and the refinement lanes."""
+
+import pytest
+import torch
+
+from seglib import MonolithicSegmenter
+from seglib.config import ModelConfig
+from seglib.models.head import SoftKMeans, farthest_point_init, soft_kmeans
+from seglib.models.refine import LearnedRefiner, box_filter, fast_lane
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MonolithicSegmenter().eval()
+
+
+def test_forward_contract(model):
+    rgb = torch.rand(2, 3, 64, 48)
+    out = model(rgb, 5)
+    assert out["probs"].shape == (2, 5, 64, 48)
+    assert out["embeddings"].shape == (2, model.embed_dim, 16, 12)
+    assert out["prototypes"].shape == (2, 5, model.embed_dim)
+    assert out["logits"].shape == (2, 5, 16, 12)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(2, 64, 48), atol=1e-5)
+    assert (out["probs"] >= 0).all()
+
+
+@pytest.mark.parametrize("lane", ["fast", "learned", "none"])
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_lanes_and_downsample_keep_input_resolution(model, lane, downsample):
+    out = model(torch.rand(1, 3, 32, 64), 3, lane=lane, downsample=downsample)
+    assert out["probs"].shape == (1, 3, 32, 64)
+    assert torch.allclose(out["probs"].sum(1), torch.ones(1, 32, 64), atol=1e-5)
+    assert out["embeddings"].shape[-2:] == (32 // (4 * downsample), 64 // (4 * downsample))
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 100, -3])
+def test_k_out_of_range(model, k):
+    with pytest.raises(ValueError, match=r"2\.\.16"):
+        model(torch.rand(1, 3, 16, 16), k)
+
+
+@pytest.mark.parametrize("k", [2.5, "4", None, True])
+def test_k_not_integer(model, k):
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.rand(1, 3, 16, 16), k)
+
+
+def test_bad_inputs_are_named(model):
+    with pytest.raises(ValueError, match="3 channels"):
+        model(torch.rand(1, 4, 16, 16), 3)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(1, 3, 18, 16), 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        x = torch.rand(1, 3, 16, 16)
+        x[0, 0, 0, 0] = float("nan")
+        model(x, 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model(torch.rand(1, 3, 16, 16) * 255, 3)
+    with pytest.raises(ValueError, match="float"):
+        model((torch.rand(1, 3, 16, 16) * 255).to(torch.uint8), 3)
+    with pytest.raises(ValueError, match="unknown refinement lane"):
+        model(torch.rand(1, 3, 16, 16), 3, lane="slow")
+
+
+def test_gradients_flow_through_head_into_encoder():
+    torch.manual_seed(0)
+    m = MonolithicSegmenter()
+    out = m(torch.rand(2, 3, 32, 32), 4, lane="none")
+    # A loss on the probabilities only reaches the encoder through the soft k-means EM.
+    (out["probs"] * torch.randn_like(out["probs"])).sum().backward()
+    grads = [p.grad for p in m.encoder.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_learned_lane_works_for_every_k():
+    refiner = LearnedRefiner()
+    for k in (2, 7, 16):
+        p = torch.softmax(torch.randn(1, k, 16, 16), 1)
+        q = refiner(p, torch.rand(1, 3, 16, 16))
+        assert q.shape == p.shape
+        assert torch.allclose(q.sum(1), torch.ones(1, 16, 16), atol=1e-5)
+        # The last conv starts at zero, so an untrained refiner returns its input.
+        assert torch.allclose(q, p, atol=1e-4)
+
+
+def test_head_recovers_separated_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    labels = torch.arange(3).repeat_interleave(40)
+    x = centres[labels] + 0.1 * torch.randn(120, 2)
+    idx = farthest_point_init(x[None], 3)
+    out = soft_kmeans(x[None], 3, iters=5, temperature=0.5, init=x[None, idx[0]])
+    pred = out.probs[0].argmax(0)
+    # Each true cluster maps to one predicted cluster.
+    for c in range(3):
+        assert pred[labels == c].unique().numel() == 1
+    assert pred.unique().numel() == 3
+
+
+def test_head_group_shares_prototypes():
+    head = SoftKMeans(iters=3)
+    emb = torch.randn(4, 8, 6, 6)
+    out = head(emb, 3, group=2)
+    assert torch.equal(out.prototypes[0], out.prototypes[2])
+    assert torch.equal(out.prototypes[1], out.prototypes[3])
+    assert out.probs.shape == (4, 3, 6, 6)
+
+
+def test_head_never_builds_b_k_d_n_tensor():
+    """The largest allocation stays far below a (B, K, D, N) tensor's size."""
+    head = SoftKMeans(iters=2)
+    b, k, d, h, w = 1, 16, 128, 64, 64
+    emb = torch.randn(b, d, h, w)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        head(emb, k)
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert 0 < largest < b * k * d * h * w * 4 / 8
+
+
+def test_fast_lane_is_edge_aware_beats_box_filter():
+    """Upsampling blocky probabilities of a step edge: the guided lane puts the boundary where
+    the image edge is; a box filter of the same radius smears it."""
+    h = w = 32
+    rgb = torch.zeros(1, 3, h, w)
+    rgb[..., :, 13:] = 1.0  # edge between columns 12 and 13 (not on the stride-4 grid)
+    truth = (torch.arange(w) >= 13).float().expand(h, w)
+    coarse = torch.nn.functional.avg_pool2d(torch.stack([1 - truth, truth])[None], 4)  # (1, 2, 8, 8)
+    guided = fast_lane(coarse, rgb, radius=1, eps=1e-3, smooth_iters=0)
+    box = box_filter(torch.nn.functional.interpolate(coarse, size=(h, w), mode="nearest"), 2)
+    err_guided = (guided[0, 1] - truth).abs().mean()
+    err_box = (box[0, 1] - truth).abs().mean()
+    assert err_guided < 0.5 * err_box
+    assert ((guided[0, 1] > 0.5).float() == truth).float().mean() == 1.0
+
+
+def test_model_from_config_sizes():
+    cfg = ModelConfig()
+    cfg.encoder.width, cfg.encoder.embed_dim = 32, 8
+    m = MonolithicSegmenter(cfg)
+    assert m(torch.rand(1, 3, 16, 16), 2)["embeddings"].shape[1] == 8 + 3
