@@ -56,6 +56,9 @@ class EncoderConfig:
     depth: int = 3  # residual blocks (dilations cycle through 1, 2, 4)
     embed_dim: int = 32  # learned embedding channels (unit-normalised)
     colour_weight: float = 1.5  # weight of the stride-4 colour channels appended to the embedding
+    colour_blur: int = 0  # extra box blur of those channels, radius in embedding cells
+    texture_pool: int = 0  # radius (cells) of the pooled texture-energy branch (0: off)
+    input_mode: str = "rgb"  # rgb | highpass (luminance texture only) | both
     norm: str = "group"  # group | batch | instance | none
 
 
@@ -64,6 +67,9 @@ class HeadConfig:
     iters: int = 6  # soft k-means EM iterations
     temperature: float = 0.1  # softmax temperature on squared distances
     init_pool: int = 2  # farthest-point initialisation runs on embeddings pooled by this factor
+    denoise_iters: int = 5  # feature-space bilateral filter passes before clustering (0: off)
+    denoise_radius: int = 2  # its neighbourhood radius, in embedding cells
+    denoise_bandwidth: float = 0.4  # its feature-distance bandwidth
 
 
 @dataclass
@@ -126,6 +132,7 @@ class DataConfig:
     synthetic: bool = True  # procedural tiles with labels; False reads data_dir
     data_dir: str = "data/images"
     size: int = 128  # training crop side (multiple of 16)
+    extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
     batch_size: int = 4
     num_workers: int = 0
     eval_images: int = 8  # synthetic evaluation tiles

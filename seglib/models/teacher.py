@@ -76,25 +76,59 @@ class Encoder(nn.Module):
       norm: group | batch | instance | none.
     """
 
-    def __init__(self, *, width: int = 64, depth: int = 3, embed_dim: int = 32, norm: str = "group"):
+    def __init__(
+        self,
+        *,
+        width: int = 64,
+        depth: int = 3,
+        embed_dim: int = 32,
+        norm: str = "group",
+        texture_pool: int = 0,
+        input_mode: str = "rgb",
+    ):
         super().__init__()
+        if input_mode not in ("rgb", "highpass", "both"):
+            raise ValueError(f"input_mode must be rgb, highpass or both, got {input_mode!r}")
+        cin = {"rgb": 3, "highpass": 1, "both": 4}[input_mode]
         self.stem = nn.Sequential(
-            ConvNormAct(3, width // 2, stride=2, norm=norm),
+            ConvNormAct(cin, width // 2, stride=2, norm=norm),
             ConvNormAct(width // 2, width, stride=2, norm=norm),
         )
         self.blocks = nn.Sequential(
             *[ResidualBlock(width, dilation=(1, 2, 4)[i % 3], norm=norm) for i in range(depth)]
         )
-        self.proj = nn.Conv2d(width, embed_dim, 1)
+        self.texture_pool, self.input_mode = texture_pool, input_mode
+        if texture_pool:
+            # Rectified filter responses averaged over a window: texture energies that no
+            # longer depend on where in a stripe or grid cell a position sits.
+            self.texture = nn.Conv2d(width, width, 1)
+        self.proj = nn.Conv2d(width * (2 if texture_pool else 1), embed_dim, 1)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, embed_dim, H/4, W/4); the model normalises them."""
-        return self.proj(self.blocks(self.stem(standardize(rgb))))
+        x = self.blocks(self.stem(self.prepare(rgb)))  # (B, width, H/4, W/4)
+        if self.texture_pool:
+            r = self.texture_pool
+            energy = F.avg_pool2d(F.relu(self.texture(x)), 2 * r + 1, 1, r, count_include_pad=False)
+            x = torch.cat([x, energy], 1)  # (B, 2 * width, H/4, W/4)
+        return self.proj(x)
+
+    def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: standardised RGB, and/or high-pass luminance (luminance minus
+        its local mean over ~8 px), which carries texture but no colour or brightness."""
+        if self.input_mode == "rgb":
+            return standardize(rgb)
+        lum = (rgb * rgb.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        highpass = (lum - F.avg_pool2d(lum, 9, 1, 4, count_include_pad=False)) / 0.05
+        return highpass if self.input_mode == "highpass" else torch.cat([standardize(rgb), highpass], 1)
 
 
-def colour_channels(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Mean colour per embedding cell minus the image mean: (B, 3, h, w)."""
+def colour_channels(rgb: torch.Tensor, size: tuple[int, int], blur: int = 0) -> torch.Tensor:
+    """Mean colour per embedding cell minus the image mean: (B, 3, h, w); ``blur`` > 0 averages
+    over (2*blur+1)^2 cells more, so textured classes do not split by the phase of a pattern."""
     pooled = F.adaptive_avg_pool2d(rgb.float(), size)
+    if blur:
+        pooled = F.avg_pool2d(pooled, 2 * blur + 1, 1, blur, count_include_pad=False)
     return pooled - rgb.float().mean(dim=(2, 3), keepdim=True)
 
 
@@ -109,10 +143,24 @@ class MonolithicSegmenter(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         enc = config.encoder
-        self.encoder = Encoder(width=enc.width, depth=enc.depth, embed_dim=enc.embed_dim, norm=enc.norm)
+        self.encoder = Encoder(
+            width=enc.width,
+            depth=enc.depth,
+            embed_dim=enc.embed_dim,
+            norm=enc.norm,
+            texture_pool=enc.texture_pool,
+            input_mode=enc.input_mode,
+        )
         self.colour_weight = enc.colour_weight
         h = config.head
-        self.head = SoftKMeans(iters=h.iters, temperature=h.temperature, init_pool=h.init_pool)
+        self.head = SoftKMeans(
+            iters=h.iters,
+            temperature=h.temperature,
+            init_pool=h.init_pool,
+            denoise_iters=h.denoise_iters,
+            denoise_radius=h.denoise_radius,
+            denoise_bandwidth=h.denoise_bandwidth,
+        )
         self.refiner = LearnedRefiner(width=config.refine.learned_width)
 
     @classmethod
@@ -135,6 +183,11 @@ class MonolithicSegmenter(nn.Module):
         return model.eval()
 
     @property
+    def input_multiple(self) -> int:
+        """H and W must be multiples of this (times the downsample factor)."""
+        return STRIDE
+
+    @property
     def embed_dim(self) -> int:
         return self.config.encoder.embed_dim + 3
 
@@ -144,7 +197,7 @@ class MonolithicSegmenter(nn.Module):
         Embeddings are the unit-normalised features followed by the weighted colour channels.
         """
         features = self.encoder(rgb).float()
-        colour = colour_channels(rgb, features.shape[-2:]) * self.colour_weight
+        colour = colour_channels(rgb, features.shape[-2:], self.config.encoder.colour_blur) * self.colour_weight
         return torch.cat([F.normalize(features, dim=1), colour], 1), features
 
     def refine(
@@ -167,6 +220,17 @@ class MonolithicSegmenter(nn.Module):
             return self.refiner(fast, rgb)
         raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)}")
 
+    @torch.no_grad()
+    def fit_prototypes(self, rgb: torch.Tensor, k: int, *, downsample: int | None = None) -> torch.Tensor:
+        """Prototypes (1, K, D) fitted jointly over all images of ``rgb`` (N, 3, H, W), e.g.
+        windows sampled from one large raster; pass them back as ``forward(..., prototypes=)``
+        so every window is labelled with the same clusters."""
+        ds = self.config.downsample if downsample is None else downsample
+        check_rgb(rgb, self.input_multiple * ds)
+        x = F.avg_pool2d(rgb, ds) if ds > 1 else rgb
+        emb, _ = self.embed(x)
+        return self.head(emb, check_k(k), group=emb.shape[0]).prototypes[:1]
+
     def forward(
         self,
         rgb: torch.Tensor,
@@ -178,12 +242,14 @@ class MonolithicSegmenter(nn.Module):
         temperature: float | None = None,
         smooth_iters: int | None = None,
         group: int = 1,
+        prototypes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
         Per-call overrides of the config: ``lane`` (fast | learned | none), ``downsample``
         (1 or 2), ``iters`` and ``temperature`` of the head, ``smooth_iters`` of the fast lane.
         ``group=2`` shares prototypes between image i and image i + B/2 (training views).
+        ``prototypes`` (1 or B, K, D) skips fitting and assigns to the given prototypes.
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
@@ -195,7 +261,7 @@ class MonolithicSegmenter(nn.Module):
         check_rgb(rgb, STRIDE * ds)
         x = F.avg_pool2d(rgb, ds) if ds > 1 else rgb
         emb, features = self.embed(x)  # (B, D, H/4ds, W/4ds)
-        head = self.head(emb, k, iters=iters, temperature=temperature, group=group)
+        head = self.head(emb, k, iters=iters, temperature=temperature, group=group, prototypes=prototypes)
         probs = self.refine(head.probs, head.logits, rgb, lane, smooth_iters)  # (B, K, H, W)
         return {
             "probs": probs,

@@ -1,0 +1,44 @@
+# seglib: the two commands of the README are `make demo` and `make test`.
+# Everything installs into .venv on first use (CPU PyTorch by default; see README for CUDA).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of PyTorch that this project is tested with. For CUDA, e.g.:
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,notebooks,geo,dev
+STAMP := $(VENV)/.seglib-installed
+
+.PHONY: install demo test test-fast lint notebooks tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+# Trains a teacher on synthetic tiles for a few minutes on CPU, evaluates it beside RGB k-means
+# and random-init features, writes TensorBoard logs under runs/demo/ and prints a table.
+demo: install
+	$(BIN)/python -m seglib.demo
+
+# Unit and integration tests, the nbval regression check and the papermill runs of the notebooks.
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check seglib tests notebooks
+	$(BIN)/ruff format --check seglib tests
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir runs
+
+clean:
+	rm -rf runs notebooks/_executed .pytest_cache
