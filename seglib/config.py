@@ -59,6 +59,7 @@ class EncoderConfig:
     colour_blur: int = 0  # extra box blur of those channels, radius in embedding cells
     texture_pool: int = 0  # radius (cells) of the pooled texture-energy branch (0: off)
     input_mode: str = "rgb"  # rgb | highpass (luminance texture only) | both
+    highpass_clip: float = 0.0  # soft clip of the high-pass input (0: linear)
     norm: str = "group"  # group | batch | instance | none
 
 
@@ -237,18 +238,14 @@ def _plain(value: Any) -> Any:
 def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
     """Set nested ``overrides`` on the dataclass ``obj`` in place, validating keys and types."""
     if not isinstance(overrides, dict):
-        raise ConfigError(
-            f"overrides for '{prefix or 'config'}' must be a dict, got {type(overrides).__name__}"
-        )
+        raise ConfigError(f"overrides for '{prefix or 'config'}' must be a dict, got {type(overrides).__name__}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in overrides.items():
         path = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = (
-                f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
-            )
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{path}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -263,9 +260,7 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"config key '{path}' expects a list/tuple, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"config key '{path}' expects a list/tuple, got {type(value).__name__} {value!r}")
         args = typing.get_args(hint)
         item = args[0] if args else Any
         if len(args) == 2 and args[1] is Ellipsis:
@@ -278,15 +273,11 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
-        raise ConfigError(
-            f"config key '{path}' expects a bool (true/false), got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"config key '{path}' expects a bool (true/false), got {type(value).__name__} {value!r}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"config key '{path}' expects an int, got bool {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(
-            f"config key '{path}' expects {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"config key '{path}' expects {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -314,9 +305,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if isinstance(value, Config):
         return value.to_dict()
     if not isinstance(value, dict):
-        raise ConfigError(
-            f"config file {path} must return a dict or a seglib.Config, got {type(value).__name__}"
-        )
+        raise ConfigError(f"config file {path} must return a dict or a seglib.Config, got {type(value).__name__}")
     return value
 
 

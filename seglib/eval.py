@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="synthetic tile side (multiple of 4)")
     p.add_argument("--checkpoint", default=None, help="teacher.pt, student.pt or a training ckpt_*.pt")
     p.add_argument("--no-model", action="store_true", help="evaluate the baselines only")
-    p.add_argument(
-        "--k", default="present", help="'present' (K = classes present per image) or an integer 2..16"
-    )
+    p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer 2..16")
     p.add_argument("--k-sweep", action="store_true", help="also report both matchings for K = 2..16")
     p.add_argument("--ignore", default="", help="comma-separated label ids to ignore, e.g. 5,255")
     p.add_argument(
@@ -53,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refinement lane (default: the model's)",
     )
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
-    p.add_argument(
-        "--proxies", action="store_true", help="also compute label-free proxy metrics for the model"
-    )
+    p.add_argument("--proxies", action="store_true", help="also compute label-free proxy metrics for the model")
     p.add_argument("--per-image", action="store_true", help="include per-image rows in the printed JSON")
     p.add_argument(
         "--max-side",

@@ -32,9 +32,7 @@ def _model_labeler(model: torch.nn.Module, **kwargs) -> Labeler:
     return lambda rgb, k: predict_labels(model, rgb, k, **kwargs)
 
 
-def _score(
-    labeler: Labeler, rgb: np.ndarray, gt: np.ndarray, k: int, ignore: Sequence[int], proxies: bool
-) -> dict:
+def _score(labeler: Labeler, rgb: np.ndarray, gt: np.ndarray, k: int, ignore: Sequence[int], proxies: bool) -> dict:
     pred = labeler(rgb, k)
     row = segmentation_scores(pred, gt, ignore)
     if proxies:

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReadError", "IMAGE_SUFFIXES", "GEOTIFF_SUFFIXES", "read_image", "to_uint8_rgb", "list_images", "read_mask"]
+__all__ = [
+    "ImageReadError",
+    "IMAGE_SUFFIXES",
+    "GEOTIFF_SUFFIXES",
+    "read_image",
+    "to_uint8_rgb",
+    "list_images",
+    "read_mask",
+]
 
 log = logging.getLogger("seglib.io")
 

@@ -121,9 +121,7 @@ def _speckle(labels: np.ndarray, k: int) -> float:
     """Fraction of pixels that disagree with the majority label of their 3x3 window."""
     from scipy import ndimage
 
-    votes = np.stack(
-        [ndimage.uniform_filter((labels == c).astype(np.float32), 3, mode="nearest") for c in range(k)]
-    )
+    votes = np.stack([ndimage.uniform_filter((labels == c).astype(np.float32), 3, mode="nearest") for c in range(k)])
     return float((votes.argmax(0) != labels).mean())
 
 

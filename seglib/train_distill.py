@@ -39,9 +39,7 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 192,128,96, got {text!r}"
-        ) from exc
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 192,128,96, got {text!r}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config key, e.g. --set loss.smoothness=0.5 (repeatable)",
     )
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (config: train.steps)")
-    g.add_argument(
-        "--seed", type=int, default=None, help="run seed: data, augmentations and init (config: train.seed)"
-    )
+    g.add_argument("--seed", type=int, default=None, help="run seed: data, augmentations and init (config: train.seed)")
     g.add_argument(
         "--amp",
         type=_int01,
@@ -87,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (config: train.lr)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config: train.device)")
-    g.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads, 0 = default (config: train.threads)"
-    )
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads, 0 = default (config: train.threads)")
     g.add_argument(
         "--checkpoint_dir",
         "--checkpoint-dir",
@@ -128,18 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder of RGB tiles (PNG/JPEG/GeoTIFF); implies not --synthetic (config: data.data_dir)",
     )
-    g.add_argument(
-        "--size", type=int, default=None, help="training crop side, multiple of 16 (config: data.size)"
-    )
+    g.add_argument("--size", type=int, default=None, help="training crop side, multiple of 16 (config: data.size)")
     g.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="images per micro-batch and process (config: data.batch_size)",
     )
-    g.add_argument(
-        "--num-workers", type=int, default=None, help="DataLoader workers (config: data.num_workers)"
-    )
+    g.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (config: data.num_workers)")
 
     g = p.add_argument_group("student stage")
     g.add_argument(
@@ -147,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="teacher.pt to distil from; without it a teacher is trained first (config: distill.teacher_checkpoint)",
     )
-    g.add_argument(
-        "--student-size", default=None, help="named student size, e.g. small | base (config: student.size)"
-    )
+    g.add_argument("--student-size", default=None, help="named student size, e.g. small | base (config: student.size)")
     g.add_argument(
         "--disable-multires",
         action="store_true",
@@ -358,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_process and history.get("step"):
         last = {k: round(v[-1], 5) for k, v in history.items() if k.startswith("loss/")}
         ckdir = Path(cfg.train.checkpoint_dir or "runs/train")
-        print(
-            json.dumps(
-                {"final_step": history["step"][-1], "final_losses": last, "checkpoint_dir": str(ckdir)}
-            )
-        )
+        print(json.dumps({"final_step": history["step"][-1], "final_losses": last, "checkpoint_dir": str(ckdir)}))
     return 0
 
 

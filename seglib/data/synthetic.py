@@ -167,9 +167,7 @@ def _draw_roads(rng: np.random.Generator, grid: Grid, extent: int, labels: np.nd
         offset = rng.uniform(0.2, 0.8) * extent
         # Signed distance to a line, bent by a low-frequency wiggle along the road.
         along = -normal[1] * yy + normal[0] * xx
-        bend = (
-            extent * rng.uniform(0.0, 0.05) * np.sin(along / extent * rng.uniform(1, 4) + rng.uniform(0, 6))
-        )
+        bend = extent * rng.uniform(0.0, 0.05) * np.sin(along / extent * rng.uniform(1, 4) + rng.uniform(0, 6))
         dist = np.abs(normal[0] * yy + normal[1] * xx - offset - bend)
         labels[dist < width / 2] = cls
 

@@ -78,7 +78,9 @@ def load_labelled_folder(
         rgb, _ = read_image(path)
         mask = read_mask(mask_path)
         if mask.shape != rgb.shape[:2]:
-            raise ImageReadError(f"{mask_path}: mask is {mask.shape[::-1]}, image is {rgb.shape[1::-1]}; they must match")
+            raise ImageReadError(
+                f"{mask_path}: mask is {mask.shape[::-1]}, image is {rgb.shape[1::-1]}; they must match"
+            )
         rgb, mask = _downscale(rgb, mask, max_side)
         names.append(path.stem)
         pairs.append((rgb.astype(np.float32) / 255.0, mask))

@@ -91,9 +91,7 @@ def denoise(emb: torch.Tensor, *, iters: int, radius: int, bandwidth: float) -> 
         padded = F.pad(emb, (radius,) * 4, mode="replicate")  # (B, D, h+2r, w+2r)
         with torch.no_grad():
             # (B, S, h, w): similarity of every position to each of its S neighbours.
-            dist2 = torch.stack(
-                [(padded[:, :, dy : dy + h, dx : dx + w] - emb).pow(2).sum(1) for dy, dx in offsets], 1
-            )
+            dist2 = torch.stack([(padded[:, :, dy : dy + h, dx : dx + w] - emb).pow(2).sum(1) for dy, dx in offsets], 1)
             weights = torch.softmax(-dist2 / bandwidth**2, dim=1)
         emb = sum(weights[:, i : i + 1] * padded[:, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets))
     return emb
@@ -151,7 +149,11 @@ class SoftKMeans(nn.Module):
     ):
         super().__init__()
         self.iters, self.temperature, self.init_pool = iters, temperature, init_pool
-        self.denoise_iters, self.denoise_radius, self.denoise_bandwidth = denoise_iters, denoise_radius, denoise_bandwidth
+        self.denoise_iters, self.denoise_radius, self.denoise_bandwidth = (
+            denoise_iters,
+            denoise_radius,
+            denoise_bandwidth,
+        )
 
     def forward(
         self,
@@ -186,7 +188,9 @@ class SoftKMeans(nn.Module):
                     raise ValueError(f"prototypes must be (B, {k}, {d}), got {tuple(prototypes.shape)}")
                 protos = prototypes.float().expand(b, -1, -1)
                 out = soft_kmeans(emb.flatten(2).transpose(1, 2), k, iters=0, temperature=temperature, init=protos)
-                return HeadOutput(probs=out.probs.reshape(b, k, h, w), logits=out.logits.reshape(b, k, h, w), prototypes=protos)
+                return HeadOutput(
+                    probs=out.probs.reshape(b, k, h, w), logits=out.logits.reshape(b, k, h, w), prototypes=protos
+                )
             # (G*Bg, D, h, w) -> (Bg, G*h*w, D): positions of grouped images side by side.
             x = emb.reshape(group, bg, d, h * w).permute(1, 0, 3, 2).reshape(bg, group * h * w, d)
             pooled = emb

@@ -45,9 +45,7 @@ class RunLogger:
         self.logdir = Path(logdir)
         # purge_step drops events past a resumed run's step, so curves do not fold back.
         self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
-        self.writer.add_text(
-            "config", "```json\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0
-        )
+        self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -56,9 +54,16 @@ class RunLogger:
             self.writer.add_scalar(tag, float(value), step)
 
     def images(
-        self, step: int, rgb: torch.Tensor, probs: torch.Tensor, max_images: int = 4, prefix: str = ""
+        self,
+        step: int,
+        rgb: torch.Tensor,
+        probs: torch.Tensor,
+        max_images: int = 4,
+        prefix: str = "",
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """rgb (B, 3, H, W) in [0, 1] and probs (B, K, H, W) at the same size."""
+        """rgb (B, 3, H, W) in [0, 1] and probs (B, K, H, W) at the same size; ``extra`` maps a
+        tag prefix to more probability maps (e.g. the teacher's next to the student's)."""
         if self.writer is None:
             return
         rgb = rgb[:max_images].detach().float().cpu().clamp(0, 1)
@@ -69,13 +74,16 @@ class RunLogger:
             self.writer.add_image(f"{prefix}probs/cluster{k}", probs[0, k : k + 1], step)
         labels = np.stack([colourize(p.argmax(0)) for p in probs])  # (B, H, W, 3)
         self.writer.add_images(f"{prefix}labels/argmax", labels, step, dataformats="NHWC")
+        for tag, maps in (extra or {}).items():
+            maps = maps[:max_images].detach().float().cpu()
+            self.writer.add_images(f"{tag}_soft", soft_colour(maps), step)
+            argmax = np.stack([colourize(p.argmax(0)) for p in maps])
+            self.writer.add_images(f"{tag}_argmax", argmax, step, dataformats="NHWC")
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer is None:
             return
-        flat = {
-            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()
-        }
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()}
         self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
     def flush(self) -> None:

@@ -61,6 +61,7 @@ class StepOutput:
     rgb: torch.Tensor | None = None  # (B, 3, H, W) shown in TensorBoard
     probs: torch.Tensor | None = None  # (B, K, H, W)
     scalars: dict[str, float] = field(default_factory=dict)  # extra diagnostics (not losses)
+    extra_images: dict[str, torch.Tensor] = field(default_factory=dict)  # more (B, K, H, W) maps to show
 
 
 class Task(Protocol):
@@ -112,9 +113,7 @@ def _np_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -184,11 +183,7 @@ def train_loop(
         for micro in range(accum):
             batch = next(batches)
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = (
-                ddp_model.no_sync()
-                if ddp_model is not model and micro < accum - 1
-                else contextlib.nullcontext()
-            )
+            sync = ddp_model.no_sync() if ddp_model is not model and micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device, t.amp):
                     out = task.step(ddp_model, batch, step * accum + micro)
@@ -252,7 +247,7 @@ def train_loop(
             and last.rgb is not None
             and (step == start or (step + 1) % max(1, t.image_every) == 0)
         ):
-            logger.images(step + 1, last.rgb, last.probs)
+            logger.images(step + 1, last.rgb, last.probs, extra=last.extra_images)
         if main and ((step + 1) % max(1, t.checkpoint_every) == 0 or step + 1 == t.steps):
             _save(task, cfg, opt, sched, step + 1, history, ckdir)
         dist.barrier()
@@ -273,9 +268,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _save(
-    task: Task, cfg: Config, opt, sched, step: int, history: dict[str, list[float]], ckdir: Path
-) -> None:
+def _save(task: Task, cfg: Config, opt, sched, step: int, history: dict[str, list[float]], ckdir: Path) -> None:
     state = {
         "format": FORMAT,
         "kind": "train-state",

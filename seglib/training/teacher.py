@@ -79,9 +79,7 @@ class TeacherTask:
             smooth_iters=knobs.smooth_iters,
             group=2,
         )
-        terms = self.loss(
-            out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane
-        )
+        terms = self.loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane)
         b = rgb.shape[0]
         with torch.no_grad():
             probs = out["probs"][:b]

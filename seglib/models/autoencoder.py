@@ -1,0 +1,35 @@
+"""The training-only reconstruction decoder of the student.
+
+A tiny conv decoder reads the student's pre-projection stride-4 features and predicts the
+stride-4 RGB image. It exists to keep colour and texture information in the student's
+features (photometric invariance alone would throw colour away); it is saved apart
+(``decoder_training_only.pt``) and never shipped with ``student.pt``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import ConvNormAct
+
+__all__ = ["ReconstructionDecoder"]
+
+
+class ReconstructionDecoder(nn.Module):
+    """Arguments:
+    in_channels: width of the student's fine features.
+    hidden_channels: width of the decoder.
+    num_blocks: 3x3 conv blocks before the RGB projection.
+    """
+
+    def __init__(self, *, in_channels: int, hidden_channels: int = 32, num_blocks: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 1), nn.ReLU(inplace=True)]
+        layers += [ConvNormAct(hidden_channels, hidden_channels, norm="none") for _ in range(num_blocks)]
+        layers.append(nn.Conv2d(hidden_channels, 3, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, C, H/4, W/4) -> RGB prediction (B, 3, H/4, W/4) in [0, 1]."""
+        return torch.sigmoid(self.net(features))

@@ -1,0 +1,195 @@
+"""The multi-resolution student CNN distilled from the teacher (what ships to the QGIS plugin).
+
+``StudentCNN`` encodes an image down to stride 16 and decodes back up, returning three
+embeddings: ``coarse`` (stride 16), ``mid`` (stride 8) and ``fine`` (stride 4). Each slice is
+a stack of VGG-style 3x3 conv-norm-ReLU blocks; coarse features are upsampled and merged into
+mid, mid into fine (1x1 projection + skip connection from the encoder at that stride). Fully
+convolutional: H and W must be multiples of 16 (``seglib.segment`` pads and crops back).
+
+``StudentSegmenter`` wraps it with the same soft k-means head, colour channels and
+refinement lanes as the teacher (``Segmenter``), clustering the fine embedding: any K in
+2..16 at inference, probabilities and labels at the input resolution.
+
+Named sizes live in ``STUDENTS``; docs/models.md lists their parameter counts and CPU latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, HeadConfig, RefineConfig, StudentConfig
+from .layers import ConvNormAct, standardize
+from .segmenter import Segmenter
+
+__all__ = ["STUDENTS", "StudentCNN", "StudentModelConfig", "StudentSegmenter", "bundled_model_path", "student_shape"]
+
+# Named sizes: (coarse, mid, fine) widths and 3x3 blocks per slice.
+STUDENTS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "small": {"dims": (96, 64, 48), "depths": (2, 1, 1)},
+    "base": {"dims": (192, 128, 96), "depths": (3, 2, 1)},
+}
+SLICES = ("coarse", "mid", "fine")
+STRIDES = {"coarse": 16, "mid": 8, "fine": 4}
+
+
+def student_shape(cfg: StudentConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(dims, depths) of a student config: the named size, with explicit dims/depths winning."""
+    if cfg.size not in STUDENTS:
+        raise ValueError(f"unknown student size {cfg.size!r}; choose one of {', '.join(STUDENTS)}")
+    base = STUDENTS[cfg.size]
+    dims = tuple(cfg.dims) or base["dims"]
+    depths = tuple(cfg.depths) or base["depths"]
+    if len(dims) != 3 or len(depths) != 3 or min(dims) < 8 or min(depths) < 0:
+        raise ValueError(f"student dims and depths need 3 values each (coarse,mid,fine), got {dims} and {depths}")
+    return dims, depths
+
+
+def _blocks(channels: int, depth: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(*[ConvNormAct(channels, channels, norm=norm) for _ in range(depth)])
+
+
+class StudentCNN(nn.Module):
+    """Three-slice encoder-decoder. ``StudentCNN()`` builds the ``base`` size.
+
+    Arguments:
+      dims: widths of the (coarse, mid, fine) slices.
+      depths: 3x3 blocks in each slice.
+      embed_dim: channels of each slice's embedding (the teacher's learned width).
+      norm: group | batch | instance | none.
+      dropout: channel dropout before the embedding projections (training only).
+    """
+
+    def __init__(
+        self,
+        *,
+        dims: tuple[int, int, int] = (192, 128, 96),
+        depths: tuple[int, int, int] = (3, 2, 1),
+        embed_dim: int = 32,
+        norm: str = "group",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        dc, dm, df = dims
+        self.dims = tuple(dims)
+        self.stem = nn.Sequential(ConvNormAct(3, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm))
+        self.down_mid = ConvNormAct(df, dm, stride=2, norm=norm)  # stride 8
+        self.down_coarse = ConvNormAct(dm, dc, stride=2, norm=norm)  # stride 16
+        self.coarse = _blocks(dc, depths[0], norm)
+        self.merge_mid = nn.Conv2d(dc, dm, 1)
+        self.mid = _blocks(dm, depths[1], norm)
+        self.merge_fine = nn.Conv2d(dm, df, 1)
+        self.fine = _blocks(df, depths[2], norm)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.heads = nn.ModuleDict({name: nn.Conv2d(d, embed_dim, 1) for name, d in zip(SLICES, dims, strict=True)})
+
+    def forward_all(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embeddings of the three slices and ``fine_features``, the fine slice before its
+        projection (the autoencoder decoder reads these)."""
+        h, w = rgb.shape[-2:]
+        if h % 16 or w % 16:
+            raise ValueError(f"StudentCNN needs H and W divisible by 16, got {h}x{w}; pad the image first")
+        s4 = self.stem(standardize(rgb))  # (B, df, H/4, W/4)
+        s8 = self.down_mid(s4)  # (B, dm, H/8, W/8)
+        coarse = self.coarse(self.down_coarse(s8))  # (B, dc, H/16, W/16)
+        mid = self.mid(s8 + self.merge_mid(F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)))
+        fine = self.fine(s4 + self.merge_fine(F.interpolate(mid, scale_factor=2, mode="bilinear", align_corners=False)))
+        feats = {"coarse": coarse, "mid": mid, "fine": fine}
+        out = {name: self.heads[name](self.dropout(x)) for name, x in feats.items()}
+        out["fine_features"] = fine
+        return out
+
+    def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"coarse": (B, E, H/16, W/16), "mid": (B, E, H/8, W/8), "fine": (B, E, H/4, W/4)}."""
+        out = self.forward_all(rgb)
+        return {name: out[name] for name in SLICES}
+
+
+@dataclass
+class StudentModelConfig:
+    """Everything a ``StudentSegmenter`` needs; built from a full ``Config`` by ``from_config``."""
+
+    student: StudentConfig = field(default_factory=StudentConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    embed_dim: int = 32
+    colour_weight: float = 1.5
+    colour_blur: int = 0
+    downsample: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StudentModelConfig:
+        """The student takes the teacher's head, lanes and colour channels, so the two cluster
+        the same kind of embedding."""
+        m = cfg.model
+        return cls(
+            student=cfg.student,
+            head=m.head,
+            refine=m.refine,
+            embed_dim=m.encoder.embed_dim,
+            colour_weight=m.encoder.colour_weight,
+            colour_blur=m.encoder.colour_blur,
+            downsample=m.downsample,
+        )
+
+
+class StudentSegmenter(Segmenter):
+    """Student CNN + soft k-means head + refinement lanes, with the teacher's forward contract.
+
+    Arguments:
+      config: a ``StudentModelConfig`` (defaults: the ``base`` student).
+    """
+
+    input_multiple = 16
+
+    def __init__(self, config: StudentModelConfig | None = None):
+        super().__init__()
+        self.config = config = config or StudentModelConfig()
+        dims, depths = student_shape(config.student)
+        self.cnn = StudentCNN(
+            dims=dims,
+            depths=depths,
+            embed_dim=config.embed_dim,
+            norm=config.student.norm,
+            dropout=config.student.dropout,
+        )
+        self.init_head(config.head, config.refine, colour_weight=config.colour_weight, colour_blur=config.colour_blur)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim + 3
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        return self.cnn(rgb)["fine"]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> StudentSegmenter:
+        """Load ``student.pt`` (or a student training checkpoint) on CPU, in eval mode."""
+        from ..checkpoint import CheckpointError, load_checkpoint
+
+        state = load_checkpoint(path, kind=("student", "train-state"))
+        if state["kind"] == "train-state" and state.get("task") != "student":
+            raise CheckpointError(f"{path} is a {state.get('task')} training checkpoint, not a student's")
+        model = cls(StudentModelConfig.from_config(Config.from_dict(state["config"])))
+        weights = state["model"]
+        if state["kind"] == "train-state":  # the training state also holds the decoder
+            weights = {k[len("student.") :]: v for k, v in weights.items() if k.startswith("student.")}
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit the student its config describes: {exc}") from exc
+        return model.eval()
+
+
+def bundled_model_path() -> Path:
+    """The default student shipped inside the package."""
+    path = Path(__file__).resolve().parent.parent / "weights" / "default_student.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled default model is missing ({path}); reinstall seglib or pass a checkpoint path"
+        )
+    return path

@@ -1,0 +1,202 @@
+"""Student stage: distil the multi-resolution student from a frozen teacher.
+
+Each step draws K (``randomize.ks``), jitters the batch photometrically (flips included), runs
+the teacher without gradient (its learned features and its cluster assignments at stride 4),
+runs the student and the training-only decoder, and combines ``DistillLoss`` with the
+EMA-normalised autoencoder loss.
+
+Without ``distill.teacher_checkpoint`` the stage first trains a teacher with the same config
+for ``distill.teacher_steps`` steps into ``<checkpoint_dir>/teacher/`` (resumable like any
+teacher run) and distils from its ``teacher.pt``; pass a checkpoint to skip that.
+
+Artifacts: ``student.pt`` (student weights + config: everything inference needs, no decoder)
+and ``decoder_training_only.pt``; the step checkpoints hold both and resume like the teacher's.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..augment import photometric
+from ..checkpoint import FORMAT, save_atomic
+from ..config import Config
+from ..data.batches import sample_rngs
+from ..losses.distill import DistillLoss, EmaNormalizer
+from ..losses.recon import reconstruction_loss, reconstruction_target
+from ..models.autoencoder import ReconstructionDecoder
+from ..models.student import SLICES, StudentModelConfig, StudentSegmenter
+from ..models.teacher import MonolithicSegmenter
+from .loop import StepOutput, default_checkpoint_dir, train_loop
+
+__all__ = ["DistillModule", "StudentTask", "ensure_teacher", "train_loop"]
+
+_KNOBS, _AUGMENT, _AFFINITY = 21, 23, 29
+
+
+class DistillModule(nn.Module):
+    """The trainable pair: the student segmenter and (optionally) the reconstruction decoder.
+
+    ``forward(rgb)`` returns the student's slice embeddings, its fine features and the
+    decoder's stride-4 RGB prediction (when the decoder exists).
+    """
+
+    def __init__(self, student: StudentSegmenter, decoder: ReconstructionDecoder | None, *, detach_backbone: bool):
+        super().__init__()
+        self.student, self.decoder, self.detach_backbone = student, decoder, detach_backbone
+
+    def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.student.cnn.forward_all(rgb)
+        if self.decoder is not None:
+            feats = out["fine_features"].detach() if self.detach_backbone else out["fine_features"]
+            out["recon"] = self.decoder(feats)
+        return out
+
+
+def ensure_teacher(cfg: Config, device: torch.device) -> Path:
+    """The teacher checkpoint to distil from; trains one first when none is configured."""
+    if cfg.distill.teacher_checkpoint:
+        path = Path(cfg.distill.teacher_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher checkpoint not found: {path}; train one with `python -m seglib.train_distill "
+                "--stage teacher` or leave --teacher-checkpoint empty to train one first"
+            )
+        return path
+    teacher_dir = default_checkpoint_dir(cfg) / "teacher"
+    if (teacher_dir / "teacher.pt").is_file():
+        return teacher_dir / "teacher.pt"
+    from ..train_distill import make_source
+    from .teacher import TeacherTask
+
+    tcfg = copy.deepcopy(cfg)
+    tcfg.stage, tcfg.train.steps = "teacher", cfg.distill.teacher_steps
+    tcfg.train.checkpoint_dir = str(teacher_dir)
+    from .. import distributed as dist
+
+    print(f"no --teacher-checkpoint: training a teacher for {tcfg.train.steps} steps into {teacher_dir}")
+    torch.manual_seed(cfg.train.seed)
+    task = TeacherTask(tcfg, device)
+    info = dist.DistInfo(rank=dist.rank(), world=dist.world_size())
+    train_loop(task, tcfg, make_source(tcfg, info), device=device, resume=True)
+    dist.barrier()
+    return teacher_dir / "teacher.pt"
+
+
+class StudentTask:
+    """Trains ``DistillModule`` against a frozen teacher.
+
+    Arguments:
+      cfg: the full config (stage "student").
+      device: where both models live.
+      teacher: the frozen teacher (eval mode).
+    """
+
+    kind = "student"
+
+    def __init__(self, cfg: Config, device: torch.device, teacher: MonolithicSegmenter):
+        self.cfg, self.device = cfg, device
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        # The student clusters like the teacher: same head, lanes and colour channels.
+        student_cfg = copy.deepcopy(cfg)
+        student_cfg.model = teacher.config
+        self.student_config = StudentModelConfig.from_config(student_cfg)
+        student = StudentSegmenter(self.student_config)
+        dims = student.cnn.dims
+        ae = cfg.autoencoder
+        decoder = (
+            ReconstructionDecoder(in_channels=dims[2], hidden_channels=ae.hidden_channels, num_blocks=ae.num_blocks)
+            if ae.enabled
+            else None
+        )
+        self.model = DistillModule(student, decoder, detach_backbone=ae.detach_backbone).to(device)
+        slices = SLICES if cfg.student.multires else ("fine",)
+        self.loss = DistillLoss(
+            cfg.distill, slices=slices, temperature=teacher.config.head.temperature, colour_weight=teacher.colour_weight
+        ).to(device)
+        self.ae_ema = EmaNormalizer(["recon"], ae.ema_decay).to(device)
+        self._teacher_config = teacher.config
+
+    @classmethod
+    def create(cls, cfg: Config, device: torch.device) -> StudentTask:
+        path = ensure_teacher(cfg, device)
+        teacher = MonolithicSegmenter.from_checkpoint(path)
+        task = cls(cfg, device, teacher)
+        task.teacher_path = str(path)
+        return task
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.train.seed, _KNOBS, index])
+        k = int(rng.choice(cfg.randomize.ks))
+        rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
+        rngs = sample_rngs(cfg.train.seed, batch["index"].tolist(), _AUGMENT)
+        if cfg.augment.flip:
+            flips = torch.tensor([r.random() < 0.5 for r in rngs], device=rgb.device)
+            rgb = torch.where(flips[:, None, None, None], rgb.flip(-1), rgb)
+        view = photometric(rgb, rngs, cfg.augment)
+        with torch.no_grad():
+            t_out = self.teacher(view, k, lane="none")
+        out = model(view)
+        terms, probs = self.loss(
+            out,
+            t_out["features"],
+            t_out["probs_coarse"],
+            view,
+            np.random.default_rng([cfg.train.seed, _AFFINITY, index]),
+        )
+        if "recon" in out:
+            ae = cfg.autoencoder
+            target = reconstruction_target(view, sigma=ae.blur_sigma, kernel=ae.blur_kernel)
+            recon = reconstruction_loss(out["recon"].float(), target, ae.grad_weight)
+            if self.loss.training:
+                self.ae_ema.update({"recon": recon})
+            terms["recon"] = recon
+            terms["total"] = terms["total"] + ae.lambda_recon * recon / self.ae_ema["recon"]
+        b = rgb.shape[0]
+        with torch.no_grad():
+            student_probs = torch.nn.functional.interpolate(probs["fine"], size=view.shape[-2:], mode="bilinear")
+            teacher_probs = torch.nn.functional.interpolate(
+                t_out["probs_coarse"], size=view.shape[-2:], mode="bilinear"
+            )
+        return StepOutput(
+            terms=terms,
+            n_images=b,
+            rgb=view,
+            probs=student_probs,
+            scalars={"diag/k": float(k)},
+            extra_images={"teacher/probs": teacher_probs},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "ae_ema": self.ae_ema.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.loss.load_state_dict(state["loss"])
+            self.ae_ema.load_state_dict(state["ae_ema"])
+
+    def export(self, directory: Path) -> None:
+        """``student.pt`` (what inference needs) and ``decoder_training_only.pt``."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model = self._teacher_config
+        directory = Path(directory)
+        save_atomic(
+            {"format": FORMAT, "kind": "student", "config": cfg.to_dict(), "model": self.model.student.state_dict()},
+            directory / "student.pt",
+        )
+        if self.model.decoder is not None:
+            save_atomic(
+                {
+                    "format": FORMAT,
+                    "kind": "decoder",
+                    "config": cfg.to_dict(),
+                    "model": self.model.decoder.state_dict(),
+                },
+                directory / "decoder_training_only.pt",
+            )
