@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import DistillConfig
+from ..models.segmenter import colour_channels
 from .teacher import edge_aware_smoothness
 
 __all__ = ["EmaNormalizer", "aligned_assignments", "affinity_loss", "DistillLoss"]
@@ -101,13 +102,21 @@ class DistillLoss(nn.Module):
       config: ``DistillConfig`` (weights, EMA decay, soft k-means iterations).
       slices: slice names, coarse to fine.
       temperature: soft k-means temperature (the head's).
-      colour_weight: weight of the colour channels appended to student embeddings (the head's).
+      colour_weight, colour_blur: the colour channels appended to student embeddings (the teacher's).
     """
 
-    def __init__(self, config: DistillConfig, *, slices: tuple[str, ...], temperature: float, colour_weight: float):
+    def __init__(
+        self,
+        config: DistillConfig,
+        *,
+        slices: tuple[str, ...],
+        temperature: float,
+        colour_weight: float,
+        colour_blur: int = 0,
+    ):
         super().__init__()
         self.config, self.slices = config, tuple(slices)
-        self.temperature, self.colour_weight = temperature, colour_weight
+        self.temperature, self.colour_weight, self.colour_blur = temperature, colour_weight, colour_blur
         self.ema = EmaNormalizer([*self.slices, "consistency"], config.ema_decay)
 
     def slice_terms(
@@ -130,8 +139,8 @@ class DistillLoss(nn.Module):
         index = torch.from_numpy(np.stack([rng.choice(n, samples, replace=False) for _ in range(z.shape[0])]))
         terms["affinity"] = affinity_loss(z, t_feat, index.to(z.device))
         rgb_small = F.adaptive_avg_pool2d(rgb.float(), (h, w))
-        colour = (rgb_small - rgb.float().mean(dim=(2, 3), keepdim=True)) * self.colour_weight
-        emb = torch.cat([F.normalize(z, dim=1), colour], 1)
+        colour = colour_channels(rgb, (h, w), self.colour_blur) * self.colour_weight
+        emb = torch.cat([F.normalize(z, dim=1), colour], 1)  # what the head would cluster
         probs = aligned_assignments(emb, t_probs, iters=c.cluster_iters, temperature=self.temperature)
         terms["agreement"] = _kl(t_probs, probs)
         with torch.no_grad():

@@ -26,7 +26,7 @@ def load_model_file(path: str | Path | None) -> torch.nn.Module:
     from ..checkpoint import CheckpointError, load_checkpoint
 
     if path is None:
-        from .student import bundled_model_path
+        from ..api import bundled_model_path
 
         path = bundled_model_path()
     state = load_checkpoint(path)

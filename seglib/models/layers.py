@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["norm_layer", "ConvNormAct", "ResidualBlock", "NORMS", "standardize"]
+__all__ = [
+    "norm_layer",
+    "ConvNormAct",
+    "ResidualBlock",
+    "NORMS",
+    "INPUT_MODES",
+    "standardize",
+    "highpass_luminance",
+    "encoder_input",
+]
 
 NORMS = ("group", "batch", "instance", "none")
 
@@ -52,6 +61,30 @@ class ResidualBlock(nn.Module):
 
 
 def standardize(rgb: torch.Tensor) -> torch.Tensor:
-    """Remove each image's mean colour and scale to unit-ish range: global brightness and tint
-    shifts between views then cost the network nothing to ignore."""
-    return (rgb - rgb.mean(dim=(2, 3), keepdim=True)) / 0.25
+    """A fixed affine normalisation of RGB in [0, 1]. Deliberately not per-image statistics:
+    those would make a window's features depend on what else is in the window, and windows
+    of a large raster must agree with the whole image (docs/inference.md)."""
+    return (rgb - 0.5) / 0.25
+
+
+def highpass_luminance(rgb: torch.Tensor, clip: float = 0.0) -> torch.Tensor:
+    """Luminance minus its local mean over 9x9 px, scaled: (B, 1, H, W). It carries texture
+    but no colour and no brightness, so a network fed with it has to learn what colour cannot
+    tell. ``clip`` > 0 soft-clips it so brightness steps between regions do not dominate."""
+    lum = (rgb * rgb.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+    highpass = (lum - F.avg_pool2d(lum, 9, 1, 4, count_include_pad=False)) / 0.05
+    return clip * torch.tanh(highpass / clip) if clip > 0 else highpass
+
+
+INPUT_MODES = {"rgb": 3, "highpass": 1, "both": 4}  # name -> input channels
+
+
+def encoder_input(rgb: torch.Tensor, mode: str = "rgb", clip: float = 0.0) -> torch.Tensor:
+    """What a CNN of seglib reads: standardised RGB, high-pass luminance, or both."""
+    if mode == "rgb":
+        return standardize(rgb)
+    if mode == "highpass":
+        return highpass_luminance(rgb, clip)
+    if mode == "both":
+        return torch.cat([standardize(rgb), highpass_luminance(rgb, clip)], 1)
+    raise ValueError(f"input mode must be one of {', '.join(INPUT_MODES)}, got {mode!r}")

@@ -9,8 +9,8 @@ the refinement lanes and the forward contract. Subclasses only say how to embed 
     out["probs_coarse"] # (B, K, H/4, W/4) the head's probabilities before refinement
     out["features"]     # (B, F, H/4, W/4) the learned (unnormalised) features
 
-The embedding D = F learned unit-norm channels + 3 colour channels: the image's stride-4 mean
-colour (minus the image mean) times ``colour_weight``. Colour is the strongest cue in aerial
+The embedding D = F learned unit-norm channels + 3 colour channels: the stride-4 mean colour
+(centred on mid-grey) times ``colour_weight``. Colour is the strongest cue in aerial
 imagery and must survive training (docs/design.md); appending it explicitly means the learned
 channels only have to add what colour cannot tell (texture, context).
 """
@@ -62,12 +62,15 @@ def check_rgb(rgb: object, multiple: int = STRIDE, *, check_values: bool = True)
 
 
 def colour_channels(rgb: torch.Tensor, size: tuple[int, int], blur: int = 0) -> torch.Tensor:
-    """Mean colour per embedding cell minus the image mean: (B, 3, h, w); ``blur`` > 0 averages
-    over (2*blur+1)^2 cells more, so textured classes do not split by the phase of a pattern."""
+    """Mean colour per embedding cell, centred on mid-grey: (B, 3, h, w). ``blur`` > 0 averages
+    over (2*blur+1)^2 cells more, so textured classes do not split by the phase of a pattern.
+
+    Absolute colour, not relative to the image mean: k-means distances do not change by a
+    shift within one image, and windows of a large raster then agree with each other."""
     pooled = F.adaptive_avg_pool2d(rgb.float(), size)
     if blur:
         pooled = F.avg_pool2d(pooled, 2 * blur + 1, 1, blur, count_include_pad=False)
-    return pooled - rgb.float().mean(dim=(2, 3), keepdim=True)
+    return pooled - 0.5
 
 
 class Segmenter(nn.Module):

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, HeadConfig, RefineConfig, StudentConfig
-from .layers import ConvNormAct, standardize
+from .layers import INPUT_MODES, ConvNormAct, encoder_input
 from .segmenter import Segmenter
 
-__all__ = ["STUDENTS", "StudentCNN", "StudentModelConfig", "StudentSegmenter", "bundled_model_path", "student_shape"]
+__all__ = ["STUDENTS", "StudentCNN", "StudentModelConfig", "StudentSegmenter", "student_shape"]
 
 # Named sizes: (coarse, mid, fine) widths and 3x3 blocks per slice.
 STUDENTS: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -62,6 +62,8 @@ class StudentCNN(nn.Module):
       embed_dim: channels of each slice's embedding (the teacher's learned width).
       norm: group | batch | instance | none.
       dropout: channel dropout before the embedding projections (training only).
+      input_mode, highpass_clip: what the network reads (``seglib.models.layers.encoder_input``);
+        the student reads what its teacher's encoder reads.
     """
 
     def __init__(
@@ -72,11 +74,14 @@ class StudentCNN(nn.Module):
         embed_dim: int = 32,
         norm: str = "group",
         dropout: float = 0.0,
+        input_mode: str = "rgb",
+        highpass_clip: float = 0.0,
     ):
         super().__init__()
         dc, dm, df = dims
-        self.dims = tuple(dims)
-        self.stem = nn.Sequential(ConvNormAct(3, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm))
+        self.dims, self.input_mode, self.highpass_clip = tuple(dims), input_mode, highpass_clip
+        cin = INPUT_MODES[input_mode]
+        self.stem = nn.Sequential(ConvNormAct(cin, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm))
         self.down_mid = ConvNormAct(df, dm, stride=2, norm=norm)  # stride 8
         self.down_coarse = ConvNormAct(dm, dc, stride=2, norm=norm)  # stride 16
         self.coarse = _blocks(dc, depths[0], norm)
@@ -93,7 +98,7 @@ class StudentCNN(nn.Module):
         h, w = rgb.shape[-2:]
         if h % 16 or w % 16:
             raise ValueError(f"StudentCNN needs H and W divisible by 16, got {h}x{w}; pad the image first")
-        s4 = self.stem(standardize(rgb))  # (B, df, H/4, W/4)
+        s4 = self.stem(encoder_input(rgb, self.input_mode, self.highpass_clip))  # (B, df, H/4, W/4)
         s8 = self.down_mid(s4)  # (B, dm, H/8, W/8)
         coarse = self.coarse(self.down_coarse(s8))  # (B, dc, H/16, W/16)
         mid = self.mid(s8 + self.merge_mid(F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)))
@@ -120,6 +125,8 @@ class StudentModelConfig:
     colour_weight: float = 1.5
     colour_blur: int = 0
     downsample: int = 1
+    input_mode: str = "rgb"
+    highpass_clip: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> StudentModelConfig:
@@ -134,6 +141,8 @@ class StudentModelConfig:
             colour_weight=m.encoder.colour_weight,
             colour_blur=m.encoder.colour_blur,
             downsample=m.downsample,
+            input_mode=m.encoder.input_mode,
+            highpass_clip=m.encoder.highpass_clip,
         )
 
 
@@ -156,6 +165,8 @@ class StudentSegmenter(Segmenter):
             embed_dim=config.embed_dim,
             norm=config.student.norm,
             dropout=config.student.dropout,
+            input_mode=config.input_mode,
+            highpass_clip=config.highpass_clip,
         )
         self.init_head(config.head, config.refine, colour_weight=config.colour_weight, colour_blur=config.colour_blur)
 
@@ -183,13 +194,3 @@ class StudentSegmenter(Segmenter):
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not fit the student its config describes: {exc}") from exc
         return model.eval()
-
-
-def bundled_model_path() -> Path:
-    """The default student shipped inside the package."""
-    path = Path(__file__).resolve().parent.parent / "weights" / "default_student.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the bundled default model is missing ({path}); reinstall seglib or pass a checkpoint path"
-        )
-    return path

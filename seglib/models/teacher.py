@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import ConvNormAct, ResidualBlock, standardize
+from .layers import INPUT_MODES, ConvNormAct, ResidualBlock, encoder_input
 from .segmenter import STRIDE, Segmenter, check_rgb, colour_channels
 
 __all__ = ["Encoder", "MonolithicSegmenter", "check_rgb", "colour_channels", "STRIDE"]
@@ -44,9 +44,9 @@ class Encoder(nn.Module):
         highpass_clip: float = 0.0,
     ):
         super().__init__()
-        if input_mode not in ("rgb", "highpass", "both"):
-            raise ValueError(f"input_mode must be rgb, highpass or both, got {input_mode!r}")
-        cin = {"rgb": 3, "highpass": 1, "both": 4}[input_mode]
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
+        cin = INPUT_MODES[input_mode]
         self.stem = nn.Sequential(
             ConvNormAct(cin, width // 2, stride=2, norm=norm),
             ConvNormAct(width // 2, width, stride=2, norm=norm),
@@ -61,25 +61,12 @@ class Encoder(nn.Module):
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, embed_dim, H/4, W/4); the model normalises them."""
-        x = self.blocks(self.stem(self.prepare(rgb)))  # (B, width, H/4, W/4)
+        x = self.blocks(self.stem(encoder_input(rgb, self.input_mode, self.highpass_clip)))  # (B, width, H/4, W/4)
         if self.texture_pool:
             r = self.texture_pool
             energy = F.avg_pool2d(F.relu(self.texture(x)), 2 * r + 1, 1, r, count_include_pad=False)
             x = torch.cat([x, energy], 1)  # (B, 2 * width, H/4, W/4)
         return self.proj(x)
-
-    def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
-        """The encoder's input: standardised RGB, and/or high-pass luminance (luminance minus
-        its local mean over ~8 px), which carries texture but no colour or brightness."""
-        if self.input_mode == "rgb":
-            return standardize(rgb)
-        lum = (rgb * rgb.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
-        highpass = (lum - F.avg_pool2d(lum, 9, 1, 4, count_include_pad=False)) / 0.05
-        if self.highpass_clip > 0:
-            # Soft clipping: a brightness step between two regions then looks like one more
-            # texture edge instead of the strongest signal in the image.
-            highpass = self.highpass_clip * torch.tanh(highpass / self.highpass_clip)
-        return highpass if self.input_mode == "highpass" else torch.cat([standardize(rgb), highpass], 1)
 
 
 class MonolithicSegmenter(Segmenter):

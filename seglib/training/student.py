@@ -117,7 +117,11 @@ class StudentTask:
         self.model = DistillModule(student, decoder, detach_backbone=ae.detach_backbone).to(device)
         slices = SLICES if cfg.student.multires else ("fine",)
         self.loss = DistillLoss(
-            cfg.distill, slices=slices, temperature=teacher.config.head.temperature, colour_weight=teacher.colour_weight
+            cfg.distill,
+            slices=slices,
+            temperature=teacher.config.head.temperature,
+            colour_weight=teacher.colour_weight,
+            colour_blur=teacher.colour_blur,
         ).to(device)
         self.ae_ema = EmaNormalizer(["recon"], ae.ema_decay).to(device)
         self._teacher_config = teacher.config

@@ -63,9 +63,12 @@ class TeacherTask:
         self.model = MonolithicSegmenter(cfg.model).to(device)
         self.loss = TeacherLoss(cfg.loss)
 
-    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
+    def step(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], index: int, knobs: Knobs | None = None
+    ) -> StepOutput:
+        """Losses of micro-batch ``index``; ``knobs`` fixes the per-batch knobs (benchmarks)."""
         cfg = self.cfg
-        knobs = draw_knobs(cfg.randomize, cfg.train.seed, index)
+        knobs = knobs or draw_knobs(cfg.randomize, cfg.train.seed, index)
         rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
         rngs = sample_rngs(cfg.train.seed, batch["index"].tolist(), _AUGMENT)
         view_a, view_b, transform = make_views(rgb, rngs, cfg.augment)

@@ -1,0 +1,158 @@
+"""The two-call Python API: ``load_model`` and ``segment``.
+
+    import seglib
+    labels = seglib.segment(image, k=5)                        # (H, W) uint8, bundled model
+    model = seglib.load_model("runs/teacher/teacher.pt")       # a teacher or student checkpoint
+    labels, probs = seglib.segment(image, 5, model, return_probs=True)  # probs (K, H, W) float32
+
+``image`` is a NumPy array (H, W, 3), uint8 or float in [0, 1], of any H and W. Anything else
+raises ``ValueError`` naming the problem and the fix (docs/bad-inputs.md lists every case).
+Images up to ``tile`` pixels on each side go through the model in one piece (reflect-padded to
+its stride, cropped back); larger ones through ``seglib.raster``'s windowed path (shared
+prototypes fitted on sampled windows, overlapping windows blended), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .inference import model_stride, predict_probs, to_tensor
+from .models.head import check_k
+from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, ArraySource, check_lane, check_tiling, segment_source
+
+__all__ = ["BundledModelMissing", "bundled_model_path", "load_model", "check_image", "segment"]
+
+_ROWS = 256  # rows per chunk when scanning float images for NaN and range (bounded memory)
+
+
+class BundledModelMissing(FileNotFoundError):
+    """The package was installed without its default model weights."""
+
+
+def bundled_model_path() -> Path:
+    """Where the default student ships inside the package (``seglib/weights/default_student.pt``)."""
+    import seglib
+
+    path = Path(seglib.__file__).resolve().parent / "weights" / "default_student.pt"
+    if not path.is_file():
+        raise BundledModelMissing(
+            f"the bundled default model is missing ({path}); pass a checkpoint instead: "
+            "seglib.load_model('teacher.pt') in Python, --checkpoint PATH on the command line"
+        )
+    return path
+
+
+def load_model(path: str | Path | None = None) -> torch.nn.Module:
+    """A segmenter (teacher or student, CPU, eval mode) from a checkpoint; ``None`` loads the
+    bundled default model. Raises ``CheckpointError`` (a ``ValueError``) for unusable files."""
+    from .models import load_model_file
+
+    return load_model_file(bundled_model_path() if path is None else path)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_model() -> torch.nn.Module:
+    # Loaded once per process: segment() in a loop should not re-read the weights.
+    return load_model(None)
+
+
+def check_image(image: object) -> np.ndarray:
+    """Validate a ``segment`` input; raises ``ValueError`` that names the problem and the fix."""
+    if not isinstance(image, np.ndarray):
+        hint = "image.numpy() (and permute to H, W, 3)" if isinstance(image, torch.Tensor) else "np.asarray(image)"
+        raise ValueError(f"image must be a NumPy array (H, W, 3), got {type(image).__name__}; convert with {hint}")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):
+        raise ValueError(
+            f"image is grayscale (shape {image.shape}), but seglib needs RGB (H, W, 3); replicate it with "
+            "np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)"
+        )
+    if image.ndim != 3:
+        raise ValueError(f"image must have shape (H, W, 3), got {image.shape} ({image.ndim} dimensions)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty (shape {image.shape}); pass an image with at least one pixel")
+    c = image.shape[-1]
+    if c != 3:
+        if c == 4:
+            fix = "drop alpha (or NIR): image[..., :3]"
+        elif c == 2:
+            fix = "grayscale + alpha: np.repeat(image[..., :1], 3, axis=-1)"
+        elif image.shape[0] in (3, 4):
+            fix = "the bands look channel-first (C, H, W): np.moveaxis(image, 0, -1)"
+        else:
+            fix = "pick the red, green and blue bands: image[..., [r, g, b]]"
+        raise ValueError(f"image must have 3 channels (H, W, 3), got {c} (shape {image.shape}); {fix}")
+    if image.dtype == np.uint8:
+        return image
+    if not np.issubdtype(image.dtype, np.floating):
+        if image.dtype in (np.uint16, np.int16):
+            fix = "16-bit imagery: seglib.io.to_uint8_rgb(image)[0] stretches it (2nd-98th percentile) to uint8"
+        else:
+            fix = "pass uint8 (0..255) or float in [0, 1]; e.g. image.astype(np.uint8) if values are 0..255"
+        raise ValueError(f"image dtype {image.dtype} is not supported; {fix}")
+    lo, hi = np.inf, -np.inf
+    for y in range(0, image.shape[0], _ROWS):
+        rows = image[y : y + _ROWS]
+        if not np.isfinite(rows).all():
+            raise ValueError(
+                "image contains NaN or inf pixels; replace them first, e.g. np.nan_to_num(image, nan=0.0, "
+                "posinf=1.0, neginf=0.0)"
+            )
+        lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"float image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]; scale it, e.g. image / 255 "
+            "for 0..255 data, or np.clip(image, 0, 1)"
+        )
+    return image
+
+
+def segment(
+    image: np.ndarray,
+    k: int,
+    model: torch.nn.Module | None = None,
+    *,
+    lane: str | None = None,
+    return_probs: bool = False,
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Segment an RGB image into ``k`` clusters (2..16).
+
+    Arguments:
+      image: (H, W, 3) uint8, or float in [0, 1]; any H and W.
+      k: number of segments, an integer in 2..16.
+      model: a segmenter (``load_model(...)``, a teacher or a student); None: the bundled default.
+      lane: refinement lane, fast | learned | none; None uses the model's default.
+      return_probs: also return the probabilities (K, H, W) float32 (they sum to 1 over K).
+      tile: images with a side above this (default 1024) are segmented in overlapping windows
+        of this size with prototypes shared across windows (``seglib.raster``).
+      overlap: minimum overlap of those windows, in pixels (0..tile/2).
+
+    Returns labels (H, W) uint8 with values in 0..k-1, or ``(labels, probs)``.
+    """
+    image = check_image(image)
+    k = check_k(k)
+    check_lane(lane)
+    model = _default_model() if model is None else model
+    tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    h, w = image.shape[:2]
+    if max(h, w) <= tile:
+        probs = predict_probs(model, to_tensor(image), k, lane=lane)[0].float().cpu().numpy()  # (K, H, W)
+        labels = probs.argmax(0).astype(np.uint8)
+        return (labels, probs) if return_probs else labels
+
+    # Windowed: same path as a GeoTIFF, reading from the array.
+    labels = np.empty((h, w), np.uint8)
+    probs = np.empty((k, h, w), np.float32) if return_probs else None
+
+    def write_rows(y: int, rows: np.ndarray) -> None:
+        labels[y : y + rows.shape[0]] = rows
+
+    segment_source(
+        model, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, probs_out=probs
+    )
+    return (labels, probs) if return_probs else labels

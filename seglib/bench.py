@@ -1,0 +1,168 @@
+"""Speed and memory benchmark of a named configuration; prints one JSON object.
+
+    python -m seglib.bench --device cpu --batch 2 --size 256 --k 16 --cluster-iters 6 --amp 0
+    python -m seglib.bench --device cuda --batch 8 --size 512 --k 16 --amp 1 --json
+
+Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` timed runs:
+
+* ``train_step_s`` / ``train_img_per_s``: the teacher's full training step: two augmented
+  views per image, forward with shared prototypes, all losses, backward, clip, AdamW step
+  (knobs fixed: K, cluster iterations, fast lane, downsample 1);
+* ``backbone_step_s``: forward + backward of the encoder alone on the same 2B views, so
+  ``head_loss_overhead`` = train_step_s / backbone_step_s - 1 is what the head, the lanes and
+  the losses add on top of the backbone;
+* ``teacher_infer_ms`` / ``student_infer_ms``: one tile of ``--infer-size`` at ``--infer-k``
+  through the full segmenter (fast lane), batch 1, no gradient;
+* ``peak_mem_mb``: CUDA max allocated during the training steps, or this process's peak RSS
+  on CPU (which includes the Python runtime and the libraries).
+
+Synchronises CUDA around every timed region. ``--json`` prints only the JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from .config import Config, StudentConfig, apply_overrides, load_config_file
+from .device import autocast, resolve_device, set_threads
+
+__all__ = ["build_parser", "benchmark", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seglib.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=2, help="images per training step (each gives two views)")
+    p.add_argument("--size", type=int, default=256, help="training tile side")
+    p.add_argument("--k", type=int, default=16, help="clusters in the training step")
+    p.add_argument("--cluster-iters", type=int, default=6, help="soft k-means iterations in the training step")
+    p.add_argument("--amp", type=int, choices=[0, 1], default=0, help="1: bf16 autocast")
+    p.add_argument("--infer-size", type=int, default=512, help="tile side for the inference latencies")
+    p.add_argument("--infer-k", type=int, default=8, help="K for the inference latencies")
+    p.add_argument("--student-size", default="base", help="student registry name for the student latency")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--config", default=None, help="Python config file (get_config/CONFIG) for the model")
+    p.add_argument("--skip-train", action="store_true", help="only the inference latencies")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        tic = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
+    """Run the measurements of the module docstring; returns the result dict."""
+    from .data.synthetic import make_tile
+    from .models.student import StudentModelConfig, StudentSegmenter
+    from .models.teacher import MonolithicSegmenter
+    from .training.teacher import Knobs, TeacherTask
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "dtype": "bf16" if args.amp else "fp32",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "size": args.size,
+        "k": args.k,
+        "cluster_iters": args.cluster_iters,
+    }
+    if not args.skip_train:
+        task = TeacherTask(cfg, device)
+        model = task.model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
+        rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
+        batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
+        knobs = Knobs(k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane="fast")
+
+        def train_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, bool(args.amp)):
+                out = task.step(model, batch, 0, knobs=knobs)
+            out.terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        views = torch.cat([rgb, rgb.flip(-1)]).to(device)  # same shapes as the two views
+
+        def backbone_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, bool(args.amp)):
+                feats = model.encoder(views)
+            feats.float().square().mean().backward()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s = _median_time(train_step, device, args.warmup, args.repeats)
+        if device.type == "cuda":
+            result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        backbone_s = _median_time(backbone_step, device, args.warmup, args.repeats)
+        result.update(
+            train_step_s=round(step_s, 4),
+            train_img_per_s=round(args.batch / step_s, 2),
+            backbone_step_s=round(backbone_s, 4),
+            head_loss_overhead=round(step_s / backbone_s - 1, 3),
+        )
+    if device.type != "cuda":
+        # ru_maxrss is in KiB on Linux.
+        result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    tile = torch.from_numpy(make_tile(args.infer_size, seed=99).rgb).permute(2, 0, 1)[None].to(device)
+    teacher = MonolithicSegmenter(cfg.model).to(device).eval()
+    student_cfg = StudentModelConfig.from_config(cfg)
+    student_cfg.student = StudentConfig(size=args.student_size)
+    student = StudentSegmenter(student_cfg).to(device).eval()
+    with torch.no_grad():
+        result["teacher_infer_ms"] = round(1000 * _median_time(lambda: teacher(tile, args.infer_k), device, args.warmup, args.repeats), 1)
+        result["student_infer_ms"] = round(1000 * _median_time(lambda: student(tile, args.infer_k), device, args.warmup, args.repeats), 1)
+    result["student_speedup"] = round(result["teacher_infer_ms"] / result["student_infer_ms"], 2)
+    result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=args.student_size)
+    result["student_params"] = sum(p.numel() for p in student.parameters())
+    result["teacher_params"] = sum(p.numel() for p in teacher.parameters())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_threads(args.threads)
+    cfg = Config()
+    if args.config:
+        apply_overrides(cfg, load_config_file(args.config))
+    result = benchmark(cfg, args)
+    if not args.json:
+        print(f"seglib benchmark on {result['device']}, {result['threads']} threads, torch {result['torch']}", file=sys.stderr)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

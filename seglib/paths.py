@@ -1,0 +1,25 @@
+"""Paths resolved from the package, never from the caller's working directory.
+
+``SAMPLES`` holds three real aerial tiles with masks (shipped inside the package, see its
+README). ``REPO_ROOT`` is the source checkout when seglib is installed in editable mode (the
+way this repository is used); ``runs_dir()`` is where notebooks and demos write their runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["PACKAGE_DIR", "REPO_ROOT", "SAMPLES", "SAMPLE_IMAGES", "SAMPLE_MASKS", "runs_dir"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+SAMPLES = PACKAGE_DIR / "assets" / "dubai"
+SAMPLE_IMAGES = SAMPLES / "images"
+SAMPLE_MASKS = SAMPLES / "masks"
+
+
+def runs_dir(*parts: str) -> Path:
+    """``<repo>/runs/<parts...>`` (created), e.g. ``runs_dir("03_teacher_train", "ci")``."""
+    path = REPO_ROOT.joinpath("runs", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

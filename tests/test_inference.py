@@ -1,0 +1,153 @@
+"""The Python API (``seglib.segment``, ``seglib.load_model``) and the ``seglib.predict`` CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import seglib
+from seglib import api
+from seglib.checkpoint import FORMAT, save_atomic
+from seglib.config import Config
+from seglib.data.synthetic import make_tile
+from seglib.models.teacher import MonolithicSegmenter
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+
+TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 2700000.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions spend more time synchronising two threads than computing (badly so on
+    # a shared 2-core machine); one thread keeps these tests at a few seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    cfg.model.encoder.width, cfg.model.encoder.depth, cfg.model.encoder.embed_dim = 16, 1, 8
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model() -> MonolithicSegmenter:
+    torch.manual_seed(0)
+    return MonolithicSegmenter(tiny_config().model).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("ckpt") / "teacher.pt"
+    save_atomic(
+        {"format": FORMAT, "kind": "teacher", "config": tiny_config().to_dict(), "model": model.state_dict()}, path
+    )
+    return path
+
+
+def image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rgb = make_tile(-(-max(h, w) // 4) * 4, seed=seed).rgb[:h, :w]
+    return (rgb * 255).round().astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- Python API
+
+
+@pytest.mark.parametrize("h,w", [(37, 53), (64, 64), (5, 200)])
+def test_segment_any_size_gives_labels_and_normalised_probs(model, h, w):
+    labels, probs = seglib.segment(image(h, w), 4, model, return_probs=True)
+    assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < 4
+    assert probs.shape == (4, h, w) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_uint8_and_float_inputs_agree(model):
+    rgb = image(48, 40, seed=1)
+    np.testing.assert_array_equal(seglib.segment(rgb, 3, model), seglib.segment(rgb.astype(np.float32) / 255, 3, model))
+
+
+def test_large_image_goes_through_the_windowed_path(model, monkeypatch):
+    calls = []
+    original = api.segment_source
+    monkeypatch.setattr(api, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
+    labels, probs = seglib.segment(image(150, 210, seed=2), 5, model, tile=64, overlap=16, return_probs=True)
+    assert calls == [64]
+    assert labels.shape == (150, 210) and labels.max() < 5
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_lane_choice_is_passed_and_checked(model):
+    rgb = image(32, 32)
+    none = seglib.segment(rgb, 3, model, lane="none", return_probs=True)[1]
+    fast = seglib.segment(rgb, 3, model, lane="fast", return_probs=True)[1]
+    assert not np.allclose(none, fast)  # the lanes really differ
+    with pytest.raises(ValueError, match="lane"):
+        seglib.segment(rgb, 3, model, lane="blur")
+
+
+def test_load_model_restores_the_same_model(model, checkpoint):
+    loaded = seglib.load_model(checkpoint)
+    rgb = image(32, 48, seed=3)
+    np.testing.assert_array_equal(seglib.segment(rgb, 4, loaded), seglib.segment(rgb, 4, model))
+    assert not loaded.training
+
+
+def test_missing_bundled_model_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(seglib, "__file__", str(tmp_path / "__init__.py"))
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        seglib.load_model()
+    assert seglib.segment is api.segment and seglib.load_model is api.load_model
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "seglib.predict", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_help_documents_every_flag():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for flag in ("--input", "--k", "--output", "--checkpoint", "--tile", "--overlap", "--lane", "--smooth",
+                 "--preview", "--device", "--fit-windows", "--seed", "--threads", "--quiet"):  # fmt: skip
+        assert flag in out.stdout, flag
+
+
+def test_cli_folder_of_geotiff_png_and_jpeg(tmp_path, checkpoint):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = image(100, 120, seed=4)
+    with rasterio.open(
+        src / "ortho.tif", "w", driver="GTiff", height=100, width=120, count=3, dtype="uint8",
+        crs="EPSG:32640", transform=TRANSFORM,
+    ) as dst:  # fmt: skip
+        dst.write(np.moveaxis(rgb, -1, 0))
+    Image.fromarray(rgb[:50, :70]).save(src / "photo.png")
+    Image.fromarray(rgb[:45, :33]).save(src / "snap.jpg", quality=90)
+    out = tmp_path / "out"
+    run = run_cli("--input", str(src), "--k", "3", "--output", str(out), "--checkpoint", str(checkpoint),
+                  "--tile", "64", "--overlap", "16", "--preview", "--threads", "1")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(src / "ortho.tif") as a, rasterio.open(out / "ortho.tif") as b:
+        assert (b.crs, b.transform, b.width, b.height, b.count) == (a.crs, a.transform, a.width, a.height, 1)
+        assert b.dtypes[0] == "uint8" and b.read(1).max() < 3
+    for name, shape in (("photo", (50, 70)), ("snap", (45, 33))):
+        labels = np.asarray(Image.open(out / f"{name}.png"))
+        assert labels.shape == shape and labels.dtype == np.uint8 and labels.max() < 3
+        assert np.asarray(Image.open(out / f"{name}_preview.png")).shape == (*shape, 3)
+    assert np.asarray(Image.open(out / "ortho_preview.png")).shape == (100, 120, 3)
+    assert "ortho.tif" in run.stdout and "photo.png" in run.stdout

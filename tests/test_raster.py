@@ -1,0 +1,332 @@
+"""Windowed segmentation of rasters: layout, blending, georeferencing, agreement, memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seglib.config import ModelConfig
+from seglib.data.synthetic import make_tile
+from seglib.inference import predict_probs, to_tensor
+from seglib.io import ImageReadError
+from seglib.models.teacher import MonolithicSegmenter
+from seglib.raster import (
+    ArraySource,
+    RasterSource,
+    axis_weights,
+    axis_windows,
+    check_tiling,
+    fit_prototypes,
+    segment_raster,
+    segment_source,
+)
+from seglib.viz import match_labels
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+CRS = "EPSG:32640"
+TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 2700000.0)  # UTM 40N, 0.5 m pixels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions spend more time synchronising two threads than computing, badly so
+    # when the 2-core machine is shared; one thread keeps these tests at a few seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_teacher(seed: int = 0, **encoder) -> MonolithicSegmenter:
+    cfg = ModelConfig()
+    cfg.encoder.width, cfg.encoder.depth, cfg.encoder.embed_dim = 16, 1, 8
+    for key, value in encoder.items():
+        setattr(cfg.encoder, key, value)
+    torch.manual_seed(seed)
+    return MonolithicSegmenter(cfg).eval()
+
+
+class LocalTeacher(MonolithicSegmenter):
+    """The tiny teacher with embeddings that depend only on a pixel's neighbourhood.
+
+    The real encoder normalises with statistics of its whole input (the per-image mean in
+    ``standardize`` and in the colour channels, GroupNorm), so a window's embeddings shift with
+    what else the window holds. This double keeps the real head and refinement lanes but embeds
+    with a stride-4 conv and absolute colour, so the test isolates the windowing machinery.
+    """
+
+    def __init__(self):
+        cfg = ModelConfig()
+        cfg.encoder.width, cfg.encoder.depth, cfg.encoder.embed_dim = 16, 1, 8
+        super().__init__(cfg)
+        torch.manual_seed(0)
+        self.local = nn.Conv2d(3, 8, 4, stride=4)
+        self.eval()
+
+    def embed(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.local(rgb - 0.5)  # (B, 8, H/4, W/4)
+        colour = F.avg_pool2d(rgb, 4) * self.colour_weight  # (B, 3, H/4, W/4)
+        return torch.cat([F.normalize(features, dim=1), colour], 1), features
+
+
+def smooth_image(size: int, seed: int = 0) -> np.ndarray:
+    return (make_tile(size, seed=seed).rgb * 255).round().astype(np.uint8)
+
+
+def write_geotiff(path, bands: np.ndarray, **profile) -> None:
+    """bands (H, W, C) -> GeoTIFF with the test CRS and transform."""
+    h, w, c = bands.shape
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=c,
+        dtype=bands.dtype,
+        crs=CRS,
+        transform=TRANSFORM,
+        **profile,
+    ) as dst:
+        dst.write(np.moveaxis(bands, -1, 0))
+
+
+def collect(model, source, k, **kwargs) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Labels (H, W) of the windowed path, and the (y, rows) chunks in the order written."""
+    labels = np.full((source.height, source.width), 255, np.uint8)
+    chunks = []
+
+    def write_rows(y, rows):
+        labels[y : y + rows.shape[0]] = rows
+        chunks.append((y, rows.shape[0]))
+
+    segment_source(model, source, k, write_rows=write_rows, **kwargs)
+    return labels, chunks
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("size", [1, 37, 64, 65, 300, 1000, 4099])
+@pytest.mark.parametrize("tile,overlap,multiple", [(64, 16, 4), (128, 0, 16), (256, 64, 4)])
+def test_windows_cover_the_axis_with_the_requested_overlap(size, tile, overlap, multiple):
+    starts, length = axis_windows(size, tile, overlap, multiple)
+    assert length == min(tile, size)
+    assert starts[0] == 0 and starts[-1] + length == size
+    assert all(s % multiple == 0 for s in starts[:-1])  # aligned with the whole-image pixel grid
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        assert b > a and a + length - b >= overlap  # no gap, at least the overlap
+
+
+def test_blend_weights_are_a_smooth_partition_of_unity():
+    size = 1000
+    starts, length = axis_windows(size, 256, 64, 4)
+    weights = axis_weights(starts, length, size)
+    total = np.zeros(size)
+    for s, w in zip(starts, weights, strict=True):
+        assert (w > 0).all() and (w <= 1 + 1e-6).all()
+        total[s : s + length] += w
+    np.testing.assert_allclose(total, 1, atol=1e-6)
+    # A window's weight falls gradually (no seam): neighbouring pixels differ by a small step.
+    assert max(np.abs(np.diff(w)).max() for w in weights) < 0.05
+
+
+def test_tiling_is_validated_and_rounded_to_the_stride():
+    assert check_tiling(100, 16, 16) == 112
+    with pytest.raises(ValueError, match="overlap"):
+        check_tiling(256, 200, 4)
+    with pytest.raises(ValueError, match="tile must be at least"):
+        check_tiling(32, 0, 16)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_16bit_stretch_is_the_same_in_every_window():
+    rng = np.random.default_rng(0)
+    # A brightness ramp: per-window percentiles would map the same value to different bytes.
+    ramp = np.linspace(1000, 30000, 256)[None, :, None] + rng.normal(0, 50, (128, 256, 3))
+    src = ArraySource(ramp.astype(np.uint16))
+    left, right = src.read(0, 0, 128, 160), src.read(0, 96, 128, 160)
+    np.testing.assert_array_equal(left[:, 96:], right[:, :64])  # the shared columns agree
+    assert any("percentile" in note for note in src.stretch.notes)
+    assert left.dtype == np.uint8 and left[..., 0].min() == 0 and right[..., 0].max() == 255
+
+
+def test_raster_source_reads_windows_and_rejects_five_bands(tmp_path):
+    img = smooth_image(64)
+    write_geotiff(tmp_path / "rgb.tif", img)
+    with RasterSource(tmp_path / "rgb.tif") as src:
+        assert (src.height, src.width) == (64, 64)
+        np.testing.assert_array_equal(src.read(8, 4, 16, 32), img[8:24, 4:36])
+    write_geotiff(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8))
+    with pytest.raises(ImageReadError, match="5 bands"):
+        RasterSource(tmp_path / "five.tif")
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+def test_geotiff_output_keeps_crs_transform_and_size(tmp_path):
+    img = smooth_image(160, seed=3)[:150, :130]  # not a multiple of the stride or the tile
+    write_geotiff(tmp_path / "in.tif", img, tiled=True, blockxsize=64, blockysize=64)
+    out = segment_raster(tmp_path / "in.tif", tmp_path / "out" / "labels.tif", 4, tiny_teacher(), tile=64, overlap=16)
+    with rasterio.open(tmp_path / "in.tif") as a, rasterio.open(out) as b:
+        assert b.crs == a.crs and b.crs.to_epsg() == 32640
+        assert b.transform == a.transform
+        assert (b.width, b.height, b.count, b.dtypes[0]) == (a.width, a.height, 1, "uint8")
+        labels = b.read(1)
+    assert labels.max() < 4
+    assert not list((tmp_path / "out").glob(".*tmp"))  # the temporary file was renamed
+
+
+def test_windowed_labels_match_whole_image_labels():
+    """With shared prototypes, a window-consistent model gives the same labels windowed (192 px
+    windows, at least 64 px overlap) as in one piece, up to a few boundary pixels."""
+    model, img, k = LocalTeacher(), smooth_image(448, seed=1), 5
+    source = ArraySource(img)
+    protos = fit_prototypes(model, source, k, tile=192, overlap=64)
+    windowed, chunks = collect(model, source, k, tile=192, overlap=64, prototypes=protos)
+    whole = predict_probs(model, to_tensor(img), k, prototypes=protos)[0].argmax(0).numpy()
+    assert len(axis_windows(448, 192, 64, 4)[0]) >= 3  # really a grid of windows
+    agreement = (match_labels(windowed, whole) == whole).mean()
+    assert agreement >= 0.99, agreement
+    assert (windowed == whole).mean() >= 0.99  # shared prototypes: the ids agree without matching
+
+
+def test_single_window_equals_the_whole_image_path():
+    """An image within one tile goes through the model exactly once: identical probabilities."""
+    model, img = tiny_teacher(), smooth_image(96, seed=2)
+    source = ArraySource(img)
+    protos = fit_prototypes(model, source, 3, tile=128, overlap=16)
+    probs = np.zeros((3, 96, 96), np.float32)
+    segment_source(
+        model, source, 3, write_rows=lambda y, r: None, tile=128, overlap=16, prototypes=protos, probs_out=probs
+    )
+    whole = predict_probs(model, to_tensor(img), 3, prototypes=protos)[0].numpy()
+    np.testing.assert_allclose(probs, whole, atol=1e-5)
+
+
+def test_rows_are_written_once_in_order_and_probabilities_sum_to_one():
+    model, img, k = tiny_teacher(), smooth_image(256, seed=4)[:200, :230], 3
+    source = ArraySource(img)
+    probs = np.zeros((k, 200, 230), np.float32)
+    labels, chunks = collect(model, source, k, tile=96, overlap=24, probs_out=probs)
+    starts = [y for y, _ in chunks]
+    assert starts == sorted(starts) and sum(n for _, n in chunks) == 200  # every row exactly once
+    assert max(n for _, n in chunks) <= 96  # never more than a tile of rows in flight
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_prototypes_come_from_a_seeded_bounded_sample():
+    model, img = tiny_teacher(), smooth_image(256, seed=5)
+    seen = []
+    fit = model.fit_prototypes
+
+    def spy(rgb, k, **kw):
+        seen.append(rgb.shape)
+        return fit(rgb, k, **kw)
+
+    model.fit_prototypes = spy
+    a = fit_prototypes(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
+    b = fit_prototypes(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
+    assert seen[0] == (5, 3, 64, 64)  # 5 of the 25 windows, at the tile size
+    torch.testing.assert_close(a, b)
+
+
+def test_truncated_geotiff_fails_with_its_name_and_leaves_no_output(tmp_path):
+    rng = np.random.default_rng(0)
+    write_geotiff(tmp_path / "big.tif", rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), compress="deflate")
+    data = (tmp_path / "big.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cut.tif"):
+        segment_raster(
+            tmp_path / "cut.tif", tmp_path / "out.tif", 3, tiny_teacher(), tile=128, overlap=16, progress=False
+        )
+    assert not (tmp_path / "out.tif").exists()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- memory
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch
+    torch.set_num_threads(1)
+    from seglib.config import ModelConfig
+    from seglib.models.teacher import MonolithicSegmenter
+    from seglib.raster import segment_raster
+
+    def peak_mib():
+        # VmHWM is this process image's peak RSS. ru_maxrss would do on a fresh interpreter, but
+        # Linux carries it over fork + exec, so a child of pytest starts at pytest's size.
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    cfg = ModelConfig()
+    cfg.encoder.width, cfg.encoder.depth, cfg.encoder.embed_dim = 16, 1, 8
+    torch.manual_seed(0)
+    model = MonolithicSegmenter(cfg).eval()
+    src, dst, k, tile, overlap, fit = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+    before, start = peak_mib(), time.time()
+    segment_raster(src, dst, k, model, tile=tile, overlap=overlap, fit_windows=fit, progress=False)
+    print(json.dumps({"before_mib": before, "peak_mib": peak_mib(), "seconds": time.time() - start}))
+    """
+)
+
+
+def write_large_geotiff(path, size: int) -> None:
+    """A size x size RGB GeoTIFF written 512 rows at a time (never whole in memory)."""
+    from rasterio.windows import Window
+
+    block = smooth_image(512, seed=7)
+    with rasterio.open(
+        path, "w", driver="GTiff", height=size, width=size, count=3, dtype="uint8", crs=CRS, transform=TRANSFORM,
+        tiled=True, blockxsize=256, blockysize=256, compress="deflate",
+    ) as dst:  # fmt: skip
+        for y in range(0, size, 512):
+            rows = np.tile(block, (1, size // 512, 1))[: min(512, size - y)]
+            dst.write(np.moveaxis(rows, -1, 0), window=Window(0, y, size, rows.shape[0]))
+
+
+def measure(tmp_path, size: int, k: int, tile: int, overlap: int, fit_windows: int) -> dict:
+    """Peak RSS (MiB) of segment_raster on a size x size raster, in a fresh process."""
+    src, dst = tmp_path / f"in{size}.tif", tmp_path / f"out{size}.tif"
+    write_large_geotiff(src, size)
+    args = [str(v) for v in (src, dst, k, tile, overlap, fit_windows)]
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, *args], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(dst) as out:
+        assert (out.width, out.height) == (size, size)
+    stats = json.loads(run.stdout.strip().splitlines()[-1])
+    return {**stats, "added_mib": stats["peak_mib"] - stats["before_mib"]}
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded_by_the_tile_not_the_raster(tmp_path):
+    """4096 x 4096 RGB, K=4, 512 px tiles, prototypes fitted on 4 windows: the windowed run
+    adds less memory than the whole raster's float32 RGB + K probabilities alone would take
+    (448 MiB), and about as much as for a raster 4 times smaller."""
+    k, tile, overlap, fit = 4, 512, 64, 4
+    small = measure(tmp_path, 2048, k, tile, overlap, fit)
+    large = measure(tmp_path, 4096, k, tile, overlap, fit)
+    whole_mib = 4096 * 4096 * (3 + k) * 4 / 2**20
+    print(f"\n2048 px: {small}\n4096 px: {large}\nwhole-raster lower bound: {whole_mib:.0f} MiB")
+    assert large["added_mib"] < 0.6 * whole_mib
+    assert large["added_mib"] < 1.2 * small["added_mib"] + 32
