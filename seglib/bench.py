@@ -86,7 +86,9 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     result: dict = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "dtype": "bf16" if args.amp else "fp32",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -102,7 +104,9 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
         rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
         batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
-        knobs = Knobs(k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane="fast")
+        knobs = Knobs(
+            k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane="fast"
+        )
 
         def train_step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -142,8 +146,12 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     student_cfg.student = StudentConfig(size=args.student_size)
     student = StudentSegmenter(student_cfg).to(device).eval()
     with torch.no_grad():
-        result["teacher_infer_ms"] = round(1000 * _median_time(lambda: teacher(tile, args.infer_k), device, args.warmup, args.repeats), 1)
-        result["student_infer_ms"] = round(1000 * _median_time(lambda: student(tile, args.infer_k), device, args.warmup, args.repeats), 1)
+        result["teacher_infer_ms"] = round(
+            1000 * _median_time(lambda: teacher(tile, args.infer_k), device, args.warmup, args.repeats), 1
+        )
+        result["student_infer_ms"] = round(
+            1000 * _median_time(lambda: student(tile, args.infer_k), device, args.warmup, args.repeats), 1
+        )
     result["student_speedup"] = round(result["teacher_infer_ms"] / result["student_infer_ms"], 2)
     result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=args.student_size)
     result["student_params"] = sum(p.numel() for p in student.parameters())
@@ -159,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         apply_overrides(cfg, load_config_file(args.config))
     result = benchmark(cfg, args)
     if not args.json:
-        print(f"seglib benchmark on {result['device']}, {result['threads']} threads, torch {result['torch']}", file=sys.stderr)
+        print(
+            f"seglib benchmark on {result['device']}, {result['threads']} threads, torch {result['torch']}",
+            file=sys.stderr,
+        )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -53,7 +53,8 @@ def list_images(folder: str | Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ImageReadError(
-            f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}); point --data-dir/--input at a folder of RGB tiles"
+            f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}); "
+            "point --data-dir/--input at a folder of RGB tiles"
         )
     return files
 

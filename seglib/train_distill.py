@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir",
         dest="checkpoint_dir",
         default=None,
-        help="folder of checkpoints (*.pt) and TensorBoard logs (tb/); default runs/train (config: train.checkpoint_dir)",
+        help="folder of checkpoints (*.pt) and TensorBoard logs (tb/); default runs/train "
+        "(config: train.checkpoint_dir)",
     )
     g.add_argument(
         "--checkpoint-every",

@@ -53,9 +53,7 @@ def test_config_file_without_entry_point(tmp_path):
 def test_cli_precedence(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("def get_config():\n    return {'train': {'steps': 7, 'lr': 0.5}}\n")
-    args = build_parser().parse_args(
-        ["--config", str(f), "--set", "train.lr=0.25", "--steps", "3", "--amp", "0"]
-    )
+    args = build_parser().parse_args(["--config", str(f), "--set", "train.lr=0.25", "--steps", "3", "--amp", "0"])
     cfg = config_from_args(args)
     assert cfg.train.steps == 3 and cfg.train.lr == 0.25 and cfg.train.amp is False
 
@@ -75,3 +73,10 @@ def test_parse_set_literals():
 def test_apply_overrides_requires_dict():
     with pytest.raises(ConfigError):
         apply_overrides(Config(), {"train": 3})
+
+
+def test_config_file_that_raises(tmp_path):
+    f = tmp_path / "broken.py"
+    f.write_text("def get_config():\n    return {'train': {'steps': undefined_name}}\nCONFIG = get_config()\n")
+    with pytest.raises(ConfigError, match="failed to run: NameError"):
+        load_config_file(f)

@@ -114,9 +114,7 @@ def test_head_never_builds_b_k_d_n_tensor():
     head = SoftKMeans(iters=2)
     b, k, d, h, w = 1, 16, 128, 64, 64
     emb = torch.randn(b, d, h, w)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         head(emb, k)
     largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
     assert 0 < largest < b * k * d * h * w * 4 / 8

@@ -94,7 +94,15 @@ def test_merge_is_scale_neutral():
     t_probs = torch.softmax(torch.randn(1, 3, 16, 16), 1)
     rgb = torch.rand(1, 3, 64, 64)
     out, probs = loss(student, t_feat, t_probs, rgb, rng)
-    assert {"coarse/feature", "fine/affinity", "fine/agreement", "fine/pseudo_label", "fine/tv", "consistency", "total"} <= set(out)
+    assert {
+        "coarse/feature",
+        "fine/affinity",
+        "fine/agreement",
+        "fine/pseudo_label",
+        "fine/tv",
+        "consistency",
+        "total",
+    } <= set(out)
     assert probs["fine"].shape == (1, 3, 16, 16)
     # On the first step each slice is normalised by itself: the geometric mean is 1.
     assert out["slices"] == pytest.approx(1.0, rel=1e-4)

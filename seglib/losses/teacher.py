@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dist
 from ..augment import ViewTransform
 from ..config import LossConfig
 
@@ -81,22 +82,30 @@ def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float =
     return 0.5 * (terms[0] + terms[1])
 
 
+def _positions(emb: torch.Tensor) -> torch.Tensor:
+    """(D, M): every position of emb (B, D, h, w), gathered from all ranks under DDP so that
+    batch statistics are those of the global batch (differentiably, as VICReg does)."""
+    z = emb.float().transpose(0, 1).flatten(1)  # (D, B*h*w)
+    if dist.world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        z = torch.cat(all_gather(z), 1)
+    return z
+
+
 def variance_floor(emb: torch.Tensor, floor: float) -> torch.Tensor:
     """Mean hinge max(0, floor - std) over channels of emb (B, D, h, w); std over all
     positions of the batch (one image may be a single land cover, the batch is not)."""
-    z = emb.float().transpose(0, 1).flatten(1)  # (D, B*h*w)
-    std = (z.var(1) + 1e-4).sqrt()
+    std = (_positions(emb).var(1) + 1e-4).sqrt()  # (D,)
     return F.relu(floor - std).mean()
 
 
-def covariance_penalty(emb: torch.Tensor, max_positions: int = 8192) -> torch.Tensor:
+def covariance_penalty(emb: torch.Tensor) -> torch.Tensor:
     """Sum of squared off-diagonal covariances of the channels of emb (B, D, h, w), over D.
 
     Decorrelated channels stop the features from spending all their spread on one direction.
     """
-    z = emb.float().transpose(0, 1).flatten(1)  # (D, M)
-    if z.shape[1] > max_positions:  # a strided subset is enough for a D x D estimate
-        z = z[:, :: z.shape[1] // max_positions + 1]
+    z = _positions(emb)  # (D, M)
     z = z - z.mean(1, keepdim=True)
     cov = z @ z.T / max(z.shape[1] - 1, 1)  # (D, D)
     off = cov - torch.diag(torch.diag(cov))
