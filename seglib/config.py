@@ -55,11 +55,10 @@ class EncoderConfig:
     width: int = 64  # channels of the stride-4 residual trunk
     depth: int = 3  # residual blocks (dilations cycle through 1, 2, 4)
     embed_dim: int = 32  # learned embedding channels (unit-normalised)
-    colour_weight: float = 1.5  # weight of the stride-4 colour channels appended to the embedding
+    colour_weight: float = 3.0  # weight of the stride-4 colour channels appended to the embedding
     colour_blur: int = 0  # extra box blur of those channels, radius in embedding cells
-    texture_pool: int = 0  # radius (cells) of the pooled texture-energy branch (0: off)
-    input_mode: str = "rgb"  # rgb | highpass (luminance texture only) | both
-    highpass_clip: float = 0.0  # soft clip of the high-pass input (0: linear)
+    input_mode: str = "highpass"  # highpass (luminance texture, no colour) | rgb | both
+    highpass_clip: float = 2.0  # soft clip of the high-pass input (0: linear)
     norm: str = "group"  # group | batch | instance | none
 
 
@@ -79,6 +78,7 @@ class RefineConfig:
     radius: int = 2  # guided-filter box radius, in stride-4 pixels
     eps: float = 1e-3  # guided-filter regulariser: larger smooths across weaker edges
     smooth_iters: int = 1  # guided-filter passes at stride 4 before upsampling
+    guide_scale: int = 1  # 1: the filter is applied at full resolution; 2: at half, then bilinear
     learned_width: int = 12  # channels of the learned refiner
 
 
@@ -158,6 +158,7 @@ class TrainConfig:
     image_every: int = 50
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
 
 
 @dataclass
@@ -168,6 +169,12 @@ class StudentConfig:
     norm: str = "group"
     dropout: float = 0.0
     multires: bool = True
+    # Inference settings of the student (the rest of its head and lanes are the teacher's). It
+    # learns the teacher's features *after* the head's denoising, so it skips that filter, and
+    # its fast lane filters at half resolution: latency for a CPU plugin (docs/performance.md).
+    denoise_iters: int = 2
+    smooth_iters: int = 0
+    guide_scale: int = 2
 
 
 @dataclass

@@ -88,3 +88,20 @@ def test_proxies():
 def test_aggregate_means():
     out = aggregate([{"miou": 0.5}, {"miou": 1.0}])
     assert out["miou"] == pytest.approx(0.75) and out["n_images"] == 2
+
+
+def test_boundary_f1():
+    from seglib.metrics import boundary_f1
+
+    gt = np.zeros((20, 20), dtype=int)
+    gt[:, 10:] = 1
+    assert boundary_f1(gt.copy(), gt) == pytest.approx(1.0)
+    shifted = np.zeros_like(gt)
+    shifted[:, 11:] = 1  # one pixel off: within the 2 px tolerance
+    assert boundary_f1(shifted, gt) == pytest.approx(1.0)
+    far = np.zeros_like(gt)
+    far[:, 16:] = 1
+    assert boundary_f1(far, gt) == 0.0
+    noisy = np.random.default_rng(0).integers(0, 2, gt.shape)
+    assert 0 < boundary_f1(noisy, gt) < 0.5  # many spurious boundaries: low precision
+    assert boundary_f1(np.zeros_like(gt), np.zeros_like(gt)) == 1.0

@@ -91,8 +91,9 @@ def test_head_recovers_separated_clusters():
     centres = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
     labels = torch.arange(3).repeat_interleave(40)
     x = centres[labels] + 0.1 * torch.randn(120, 2)
-    idx = farthest_point_init(x[None], 3)
-    out = soft_kmeans(x[None], 3, iters=5, temperature=0.5, init=x[None, idx[0]])
+    xd = x.T[None]  # (1, D, N)
+    idx = farthest_point_init(xd, 3)
+    out = soft_kmeans(xd, 3, iters=5, temperature=0.5, init=x[None, idx[0]])
     pred = out.probs[0].argmax(0)
     # Each true cluster maps to one predicted cluster.
     for c in range(3):

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..config import DistillConfig
+from ..models.head import soft_kmeans
 from ..models.segmenter import colour_channels
 from .teacher import edge_aware_smoothness
 
@@ -68,16 +69,10 @@ def aligned_assignments(
     """Student soft k-means (B, K, h, w) on emb (B, D, h, w), started from the prototypes the
     teacher's assignments (B, K, h, w) induce on the student's embedding."""
     b, d, h, w = emb.shape
-    x = emb.flatten(2).transpose(1, 2)  # (B, N, D)
-    r = teacher_probs.flatten(2).transpose(1, 2)  # (B, N, K)
-    mu = torch.bmm(r.transpose(1, 2), x) / r.sum(1)[..., None].clamp_min(_EPS)  # (B, K, D)
-    x2 = x.pow(2).sum(-1, keepdim=True)
-    for step in range(iters + 1):
-        d2 = (x2 - 2 * torch.bmm(x, mu.transpose(1, 2)) + mu.pow(2).sum(-1)[:, None]).clamp_min(0)
-        p = torch.softmax(-d2 / temperature, -1)  # (B, N, K)
-        if step < iters:
-            mu = torch.bmm(p.transpose(1, 2), x) / p.sum(1)[..., None].clamp_min(_EPS)
-    return p.transpose(1, 2).reshape(b, -1, h, w)
+    x = emb.flatten(2)  # (B, D, N)
+    r = teacher_probs.flatten(2)  # (B, K, N)
+    mu = torch.bmm(r, x.transpose(1, 2)) / r.sum(2, keepdim=True).clamp_min(_EPS)  # (B, K, D)
+    return soft_kmeans(x, r.shape[1], iters=iters, temperature=temperature, init=mu).probs.reshape(b, -1, h, w)
 
 
 def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

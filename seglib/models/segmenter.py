@@ -8,6 +8,7 @@ the refinement lanes and the forward contract. Subclasses only say how to embed 
     out["logits"]       # (B, K, H/4, W/4) the head's logits (-squared distance / T)
     out["probs_coarse"] # (B, K, H/4, W/4) the head's probabilities before refinement
     out["features"]     # (B, F, H/4, W/4) the learned (unnormalised) features
+    out["clustered"]    # (B, D, H/4, W/4) the embeddings the head clustered (after denoising)
 
 The embedding D = F learned unit-norm channels + 3 colour channels: the stride-4 mean colour
 (centred on mid-grey) times ``colour_weight``. Colour is the strongest cue in aerial
@@ -116,7 +117,7 @@ class Segmenter(nn.Module):
         smooth_iters = r.smooth_iters if smooth_iters is None else smooth_iters
         if lane == "none":
             return none_lane(logits, rgb.shape[-2:])
-        fast = fast_lane(probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters)
+        fast = fast_lane(probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters, guide_scale=r.guide_scale)
         if lane == "fast":
             return fast
         if lane == "learned":
@@ -172,4 +173,5 @@ class Segmenter(nn.Module):
             "logits": head.logits,
             "probs_coarse": head.probs,
             "features": features,
+            "clustered": head.clustered,
         }

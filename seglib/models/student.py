@@ -15,6 +15,7 @@ Named sizes live in ``STUDENTS``; docs/models.md lists their parameter counts an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,8 @@ class StudentCNN(nn.Module):
         embed_dim: int = 32,
         norm: str = "group",
         dropout: float = 0.0,
-        input_mode: str = "rgb",
-        highpass_clip: float = 0.0,
+        input_mode: str = "highpass",
+        highpass_clip: float = 2.0,
     ):
         super().__init__()
         dc, dm, df = dims
@@ -122,21 +123,22 @@ class StudentModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     embed_dim: int = 32
-    colour_weight: float = 1.5
+    colour_weight: float = 3.0
     colour_blur: int = 0
     downsample: int = 1
-    input_mode: str = "rgb"
-    highpass_clip: float = 0.0
+    input_mode: str = "highpass"
+    highpass_clip: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> StudentModelConfig:
         """The student takes the teacher's head, lanes and colour channels, so the two cluster
-        the same kind of embedding."""
+        the same kind of embedding; the inference-cost knobs come from ``cfg.student``."""
         m = cfg.model
+        st = cfg.student
         return cls(
-            student=cfg.student,
-            head=m.head,
-            refine=m.refine,
+            student=st,
+            head=dataclasses.replace(m.head, denoise_iters=st.denoise_iters),
+            refine=dataclasses.replace(m.refine, smooth_iters=st.smooth_iters, guide_scale=st.guide_scale),
             embed_dim=m.encoder.embed_dim,
             colour_weight=m.encoder.colour_weight,
             colour_blur=m.encoder.colour_blur,

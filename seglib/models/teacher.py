@@ -28,8 +28,13 @@ class Encoder(nn.Module):
     Arguments:
       width: channels at stride 4.
       depth: residual blocks; dilations cycle 1, 2, 4 to widen the receptive field for texture.
-      embed_dim: output channels, L2-normalised per position.
+      embed_dim: output channels (the model L2-normalises them per position).
       norm: group | batch | instance | none.
+      input_mode: what the network reads (``seglib.models.layers.encoder_input``). The
+        default, high-pass luminance, keeps colour out of the learned features: colour is
+        appended to the embedding explicitly, and a colour-blind network has to learn texture
+        (docs/design.md has the measurements).
+      highpass_clip: soft clip of that input (0: linear).
     """
 
     def __init__(
@@ -39,9 +44,8 @@ class Encoder(nn.Module):
         depth: int = 3,
         embed_dim: int = 32,
         norm: str = "group",
-        texture_pool: int = 0,
-        input_mode: str = "rgb",
-        highpass_clip: float = 0.0,
+        input_mode: str = "highpass",
+        highpass_clip: float = 2.0,
     ):
         super().__init__()
         if input_mode not in INPUT_MODES:
@@ -52,21 +56,13 @@ class Encoder(nn.Module):
             ConvNormAct(width // 2, width, stride=2, norm=norm),
         )
         self.blocks = nn.Sequential(*[ResidualBlock(width, dilation=(1, 2, 4)[i % 3], norm=norm) for i in range(depth)])
-        self.texture_pool, self.input_mode, self.highpass_clip = texture_pool, input_mode, highpass_clip
-        if texture_pool:
-            # Rectified filter responses averaged over a window: texture energies that no
-            # longer depend on where in a stripe or grid cell a position sits.
-            self.texture = nn.Conv2d(width, width, 1)
-        self.proj = nn.Conv2d(width * (2 if texture_pool else 1), embed_dim, 1)
+        self.input_mode, self.highpass_clip = input_mode, highpass_clip
+        self.proj = nn.Conv2d(width, embed_dim, 1)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, embed_dim, H/4, W/4); the model normalises them."""
-        x = self.blocks(self.stem(encoder_input(rgb, self.input_mode, self.highpass_clip)))  # (B, width, H/4, W/4)
-        if self.texture_pool:
-            r = self.texture_pool
-            energy = F.avg_pool2d(F.relu(self.texture(x)), 2 * r + 1, 1, r, count_include_pad=False)
-            x = torch.cat([x, energy], 1)  # (B, 2 * width, H/4, W/4)
-        return self.proj(x)
+        x = encoder_input(rgb, self.input_mode, self.highpass_clip)  # (B, C_in, H, W)
+        return self.proj(self.blocks(self.stem(x)))  # (B, embed_dim, H/4, W/4)
 
 
 class MonolithicSegmenter(Segmenter):
@@ -85,7 +81,6 @@ class MonolithicSegmenter(Segmenter):
             depth=enc.depth,
             embed_dim=enc.embed_dim,
             norm=enc.norm,
-            texture_pool=enc.texture_pool,
             input_mode=enc.input_mode,
             highpass_clip=enc.highpass_clip,
         )

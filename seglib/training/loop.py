@@ -132,6 +132,10 @@ def train_loop(
     one entry per step: ``step``, ``loss/<term>``, ``train/lr``, ``train/img_per_s``, ...)."""
     t = cfg.train
     main = dist.is_main()
+    if dist.world_size() > 1 and device.type == "cuda" and t.sync_batchnorm:
+        # Batch statistics over the global batch; GroupNorm models are left as they are.
+        # (PyTorch has no CPU SyncBatchNorm: on CPU each process keeps its own statistics.)
+        task.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task.model)
     model = task.model
     ddp_model = model
     if dist.world_size() > 1:

@@ -147,9 +147,11 @@ class StudentTask:
         with torch.no_grad():
             t_out = self.teacher(view, k, lane="none")
         out = model(view)
+        # The target is what the teacher's head clustered: its denoised learned channels.
+        target = t_out["clustered"][:, : t_out["features"].shape[1]]
         terms, probs = self.loss(
             out,
-            t_out["features"],
+            target,
             t_out["probs_coarse"],
             view,
             np.random.default_rng([cfg.train.seed, _AFFINITY, index]),
