@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,notebooks,geo,dev
 STAMP := $(VENV)/.seglib-installed
 
-.PHONY: install demo test test-fast lint notebooks tensorboard clean
+.PHONY: install demo test test-fast lint notebooks notebooks-refresh tensorboard clean
 
 install: $(STAMP)
 
@@ -30,8 +30,24 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# tests/ only, without the slow ones (no notebook runs, no nbval).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" tests
+
+# Every notebook with its CI parameters (PARAMS=full for the real experiments), executed copies in
+# notebooks/_executed/ (figures included; not committed).
+PARAMS ?= ci
+notebooks: install
+	@mkdir -p notebooks/_executed
+	for nb in notebooks/0*.ipynb; do \
+		stem=$$(basename $$nb .ipynb); \
+		$(BIN)/papermill $$nb notebooks/_executed/$$stem.ipynb -f params/$$stem/$(PARAMS).yaml --cwd notebooks || exit 1; \
+	done
+
+# Re-execute the notebooks with their committed defaults and store the outputs of the regression
+# cells (# NBVAL_CHECK_OUTPUT); everything else is stripped. Run before committing.
+notebooks-refresh: install
+	$(BIN)/python notebooks/refresh.py
 
 lint: install
 	$(BIN)/ruff check seglib tests notebooks

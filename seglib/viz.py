@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -32,14 +34,15 @@ def soft_colour(probs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bkhw,kc->bchw", probs.float(), colours).clamp(0, 1)
 
 
-def match_labels(pred: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def match_labels(pred: np.ndarray, reference: np.ndarray, ignore: Iterable[int] = ()) -> np.ndarray:
     """Renumber ``pred`` so its clusters take the ids of the ``reference`` labels they overlap
-    most (Hungarian); handy to show prediction and ground truth in the same colours."""
+    most (Hungarian); handy to show prediction and ground truth in the same colours. Pixels whose
+    reference label is in ``ignore`` (e.g. 5 and 255 of the sample masks) take no part."""
     from scipy.optimize import linear_sum_assignment
 
     from .metrics import confusion
 
-    matrix, classes = confusion(pred, reference)
+    matrix, classes = confusion(pred, reference, ignore)
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     mapping = np.arange(matrix.shape[0]) + int(classes.max()) + 1  # unmatched: fresh ids
     mapping[rows] = classes[cols]

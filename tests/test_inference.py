@@ -111,7 +111,36 @@ def test_missing_bundled_model_says_what_to_do(monkeypatch, tmp_path):
     assert seglib.segment is api.segment and seglib.load_model is api.load_model
 
 
+def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samples():
+    """The shipped weights load without arguments and score what docs/results.md reports on the
+    three sample tiles (numbers produced by this test's code when the weights were committed)."""
+    from seglib.data.tiles import load_labelled_folder
+    from seglib.evaluation import evaluate_tiles
+    from seglib.models.student import StudentSegmenter
+    from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
+
+    model = seglib.load_model()
+    assert isinstance(model, StudentSegmenter) and not model.training
+    assert api.bundled_model_path().stat().st_size < 5e6  # "a few MB"
+    names, tiles = load_labelled_folder(SAMPLE_IMAGES, SAMPLE_MASKS)
+    result = evaluate_tiles(model, tiles, k="present", ignore=(5, 255), names=names)
+    assert result["model"]["n_images"] == 3
+    assert result["model"]["miou"] == pytest.approx(0.4233, abs=0.01)
+    assert result["rgb_kmeans"]["miou"] == pytest.approx(0.3989, abs=0.01)
+
+
 # ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_without_checkpoint_uses_the_bundled_model(tmp_path):
+    from seglib.paths import SAMPLE_IMAGES
+
+    source = sorted(SAMPLE_IMAGES.iterdir())[0]
+    run = run_cli("--input", str(source), "--k", "5", "--output", str(tmp_path), "--threads", "1")
+    assert run.returncode == 0, run.stderr
+    labels = np.asarray(Image.open(tmp_path / f"{source.stem}.png"))
+    assert labels.shape == np.asarray(Image.open(source)).shape[:2]
+    assert len(np.unique(labels)) == 5
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

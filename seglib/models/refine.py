@@ -142,9 +142,10 @@ class LearnedRefiner(nn.Module):
         # parts, so the guide part is computed once, not once per cluster.
         self.from_cluster = nn.Conv2d(2, width, 3, padding=1)
         self.from_guide = nn.Conv2d(guide_channels, width, 3, padding=1, bias=False)
-        self.out = nn.Conv2d(width, 1, 3, padding=1)
+        # No bias: a constant added to every cluster's logit cancels in the softmax, so its
+        # gradient is rounding noise that Adam would amplify into a random walk.
+        self.out = nn.Conv2d(width, 1, 3, padding=1, bias=False)
         nn.init.zeros_(self.out.weight)  # starts as the identity on its input
-        nn.init.zeros_(self.out.bias)
 
     def forward(self, probs: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         """probs (B, K, H, W) at full resolution, rgb (B, 3, H, W) -> refined probs."""
