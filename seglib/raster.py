@@ -237,17 +237,21 @@ Source = ArraySource | RasterSource
 def axis_windows(size: int, tile: int, overlap: int, multiple: int) -> tuple[list[int], int]:
     """Window starts along one axis of ``size`` pixels, and the window length.
 
-    Windows are ``tile`` long (the whole axis when it is shorter), overlap by at least
-    ``overlap``, and start on multiples of ``multiple`` except the last, which ends at ``size``.
+    Windows are ``tile`` long (the whole axis when it is shorter) and overlap by at least
+    ``overlap``. Every start is a multiple of ``multiple`` (the model's input stride), so each
+    window sees the whole image's pixel grid and computes the same features: a window shifted
+    by a pixel off that grid changes the labels of a few percent of the pixels. The last window
+    therefore ends at or up to ``multiple - 1`` pixels past ``size``; readers clip it and the
+    model pads it the way it pads the whole image (``_pad``).
     """
     if size <= tile:
         return [0], size
-    # n windows of length L spaced (size - L) / (n - 1) apart; one ``multiple`` of slack keeps
-    # the overlap >= ``overlap`` after the starts are rounded down to the stride.
-    n = math.ceil((size - overlap - multiple) / (tile - overlap - multiple))
-    n = max(n, 2)
-    step = (size - tile) / (n - 1)
-    starts = sorted({int(i * step) // multiple * multiple for i in range(n - 1)} | {size - tile})
+    last = -(-(size - tile) // multiple) * multiple
+    # n windows spaced about (last / (n - 1)) apart; one ``multiple`` of slack keeps the overlap
+    # >= ``overlap`` after the starts are rounded down to the stride.
+    n = max(2, math.ceil(last / max(1, tile - overlap - multiple)) + 1)
+    step = last / (n - 1)
+    starts = sorted({int(i * step) // multiple * multiple for i in range(n - 1)} | {last})
     return starts, tile
 
 
@@ -256,23 +260,34 @@ def _ramp(n: int) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)
 
 
-def axis_weights(starts: list[int], length: int, size: int) -> list[np.ndarray]:
-    """Blend weights (length,) of each window along one axis; they sum to 1 at every pixel.
+def _taper(a: int) -> np.ndarray:
+    """Weights (a,) of a window across an overlap of ``a`` pixels, entering at index 0: zero
+    over the outer third (where the CNN's receptive field reaches the window's padding and
+    its features differ from the whole image's), a cosine rise over the middle third, one
+    over the inner third. ``_taper(a) + _taper(a)[::-1] == 1``."""
+    margin = a // 3
+    return np.concatenate([np.zeros(margin), _ramp(a - 2 * margin), np.ones(margin)])
 
-    Each window tapers over its overlap with each neighbour (at most half its length), so its
-    own border pixels, where a CNN sees padding, count least.
+
+def axis_weights(starts: list[int], length: int, size: int) -> list[np.ndarray]:
+    """Blend weights (length,) of each window along one axis; they sum to 1 at every pixel
+    below ``size`` (a last window reaching past ``size`` has weights there that are never used).
+
+    Each window tapers over its overlap with each neighbour (at most half its length) and
+    ignores the outer third of it, so a pixel's label comes from windows in which it sits away
+    from the border, where the CNN sees padding.
     """
     raw = []
     for i, s in enumerate(starts):
         w = np.ones(length)
         if i > 0:
             a = min(starts[i - 1] + length - s, length // 2)
-            w[:a] *= _ramp(a)
+            w[:a] *= _taper(a)
         if i < len(starts) - 1:
             a = min(s + length - starts[i + 1], length // 2)
-            w[length - a :] *= _ramp(a)[::-1]
+            w[length - a :] *= _taper(a)[::-1]
         raw.append(w)
-    total = np.zeros(size)
+    total = np.zeros(max(size, starts[-1] + length))
     for s, w in zip(starts, raw, strict=True):
         total[s : s + length] += w
     return [(w / total[s : s + length]).astype(np.float32) for s, w in zip(starts, raw, strict=True)]
@@ -341,7 +356,8 @@ def fit_prototypes(
     edges = np.linspace(0, len(grid), n + 1).astype(int)
     rng = np.random.default_rng(seed)
     pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    batch = torch.cat([_pad(to_tensor(source.read(*grid[i], lh, lw)), m) for i in pick])  # (N, 3, h, w)
+    reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in (grid[i] for i in pick)]
+    batch = torch.cat([_pad(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
     return model.fit_prototypes(batch.to(_device(model)), k)
 
 
@@ -369,8 +385,8 @@ def iter_blended(
     ys, lh = axis_windows(source.height, tile, overlap, m)
     xs, lw = axis_windows(source.width, tile, overlap, m)
     wy, wx = axis_weights(ys, lh, source.height), axis_weights(xs, lw, source.width)
-    cuts_y = sorted({*ys, *(y + lh for y in ys)})
-    cuts_x = sorted({*xs, *(x + lw for x in xs)})
+    cuts_y = sorted({*ys, *(min(y + lh, source.height) for y in ys)})
+    cuts_x = sorted({*xs, *(min(x + lw, source.width) for x in xs)})
 
     def cover(starts: list[int], length: int, cuts: list[int]) -> tuple[list[list[int]], list[int]]:
         # Cells inside each window, and the index of the last window covering each cell.
@@ -386,10 +402,11 @@ def iter_blended(
     with tqdm(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
         for r, y in enumerate(ys):
             for c, x in enumerate(xs):
-                rgb = _pad(to_tensor(source.read(y, x, lh, lw)), m).to(device)  # (1, 3, h, w)
-                out = model(rgb, k, lane=lane, prototypes=prototypes)["probs"]  # (1, K, h, w)
-                probs = out[0, :, :lh, :lw].float().cpu().numpy()  # (K, lh, lw), padding cropped
-                probs *= wy[r][:, None] * wx[c][None, :]
+                h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
+                rgb = _pad(to_tensor(source.read(y, x, h, w)), m).to(device)  # (1, 3, lh, lw)
+                out = model(rgb, k, lane=lane, prototypes=prototypes)["probs"]  # (1, K, lh, lw)
+                probs = out[0, :, :h, :w].float().cpu().numpy()  # (K, h, w), padding cropped
+                probs *= wy[r][:h, None] * wx[c][None, :w]
                 for i in rows_of[r]:
                     for j in cols_of[c]:
                         part = probs[:, cuts_y[i] - y : cuts_y[i + 1] - y, cuts_x[j] - x : cuts_x[j + 1] - x]

@@ -151,6 +151,7 @@ class Segmenter(nn.Module):
         smooth_iters: int | None = None,
         group: int = 1,
         prototypes: torch.Tensor | None = None,
+        full_resolution: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
@@ -158,6 +159,8 @@ class Segmenter(nn.Module):
         (1 or 2), ``iters`` and ``temperature`` of the head, ``smooth_iters`` of the fast lane.
         ``group=2`` shares prototypes between image i and image i + B/2 (training views).
         ``prototypes`` (1 or B, K, D) skips fitting and assigns to the given prototypes.
+        ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of the
+        result: training steps whose losses only read the stride-4 maps need nothing more.
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
@@ -165,9 +168,7 @@ class Segmenter(nn.Module):
             raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)}")
         emb, features = self.embed(self._downsampled(rgb, downsample))  # (B, D, h, w)
         head = self.head(emb, k, iters=iters, temperature=temperature, group=group, prototypes=prototypes)
-        probs = self.refine(head.probs, head.logits, rgb, lane, smooth_iters)  # (B, K, H, W)
-        return {
-            "probs": probs,
+        out = {
             "embeddings": emb,
             "prototypes": head.prototypes,
             "logits": head.logits,
@@ -175,3 +176,6 @@ class Segmenter(nn.Module):
             "features": features,
             "clustered": head.clustered,
         }
+        if full_resolution:
+            out["probs"] = self.refine(head.probs, head.logits, rgb, lane, smooth_iters)  # (B, K, H, W)
+        return out

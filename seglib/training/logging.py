@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..viz import colourize, soft_colour
 
@@ -62,12 +63,20 @@ class RunLogger:
         prefix: str = "",
         extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """rgb (B, 3, H, W) in [0, 1] and probs (B, K, H, W) at the same size; ``extra`` maps a
-        tag prefix to more probability maps (e.g. the teacher's next to the student's)."""
+        """rgb (B, 3, H, W) in [0, 1] and probs (B, K, h, w), upsampled to (H, W) if smaller;
+        ``extra`` maps a tag prefix to more probability maps (e.g. the teacher's next to the
+        student's)."""
         if self.writer is None:
             return
         rgb = rgb[:max_images].detach().float().cpu().clamp(0, 1)
-        probs = probs[:max_images].detach().float().cpu()
+
+        def full_size(maps: torch.Tensor) -> torch.Tensor:
+            maps = maps[:max_images].detach().float().cpu()
+            if maps.shape[-2:] != rgb.shape[-2:]:
+                maps = F.interpolate(maps, size=rgb.shape[-2:], mode="nearest")
+            return maps
+
+        probs = full_size(probs)
         self.writer.add_images(f"{prefix}input/rgb", rgb, step)
         self.writer.add_images(f"{prefix}probs/soft", soft_colour(probs), step)
         for k in range(min(probs.shape[1], 4)):
@@ -75,7 +84,7 @@ class RunLogger:
         labels = np.stack([colourize(p.argmax(0)) for p in probs])  # (B, H, W, 3)
         self.writer.add_images(f"{prefix}labels/argmax", labels, step, dataformats="NHWC")
         for tag, maps in (extra or {}).items():
-            maps = maps[:max_images].detach().float().cpu()
+            maps = full_size(maps)
             self.writer.add_images(f"{tag}_soft", soft_colour(maps), step)
             argmax = np.stack([colourize(p.argmax(0)) for p in maps])
             self.writer.add_images(f"{tag}_argmax", argmax, step, dataformats="NHWC")

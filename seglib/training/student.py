@@ -145,7 +145,7 @@ class StudentTask:
             rgb = torch.where(flips[:, None, None, None], rgb.flip(-1), rgb)
         view = photometric(rgb, rngs, cfg.augment)
         with torch.no_grad():
-            t_out = self.teacher(view, k, lane="none")
+            t_out = self.teacher(view, k, full_resolution=False)
         out = model(view)
         # The target is what the teacher's head clustered: its denoised learned channels.
         target = t_out["clustered"][:, : t_out["features"].shape[1]]
@@ -165,18 +165,13 @@ class StudentTask:
             terms["recon"] = recon
             terms["total"] = terms["total"] + ae.lambda_recon * recon / self.ae_ema["recon"]
         b = rgb.shape[0]
-        with torch.no_grad():
-            student_probs = torch.nn.functional.interpolate(probs["fine"], size=view.shape[-2:], mode="bilinear")
-            teacher_probs = torch.nn.functional.interpolate(
-                t_out["probs_coarse"], size=view.shape[-2:], mode="bilinear"
-            )
         return StepOutput(
             terms=terms,
             n_images=b,
             rgb=view,
-            probs=student_probs,
+            probs=probs["fine"].detach(),  # stride 4; TensorBoard upsamples
             scalars={"diag/k": float(k)},
-            extra_images={"teacher/probs": teacher_probs},
+            extra_images={"teacher/probs": t_out["probs_coarse"]},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -81,18 +81,17 @@ class TeacherTask:
             iters=knobs.iters,
             smooth_iters=knobs.smooth_iters,
             group=2,
+            # Only the learned lane has a loss at full resolution; the others are parameter-free,
+            # so their full-resolution output would be computed and thrown away.
+            full_resolution=knobs.lane == "learned",
         )
         terms = self.loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane)
         b = rgb.shape[0]
-        with torch.no_grad():
-            probs = out["probs"][:b]
-            scalars = {
-                "diag/k": float(knobs.k),
-                "diag/pixel_entropy_full": float(
-                    -(probs * probs.clamp_min(1e-6).log()).sum(1).mean() / np.log(knobs.k)
-                ),
-                "diag/feature_std": float(out["features"].float().std(dim=(0, 2, 3)).mean()),
-            }
+        probs = out.get("probs", out["probs_coarse"])[:b].detach()  # TensorBoard upsamples if needed
+        scalars = {
+            "diag/k": float(knobs.k),
+            "diag/feature_std": float(out["features"].detach().float().std(dim=(0, 2, 3)).mean()),
+        }
         return StepOutput(terms=terms, n_images=b, rgb=view_a, probs=probs, scalars=scalars)
 
     def state_dict(self) -> dict[str, Any]:
