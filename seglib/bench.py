@@ -7,7 +7,9 @@ Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` t
 
 * ``train_step_s`` / ``train_img_per_s``: the teacher's full training step: two augmented
   views per image, forward with shared prototypes, all losses, backward, clip, AdamW step
-  (knobs fixed: K, cluster iterations, fast lane, downsample 1);
+  (knobs fixed: K, cluster iterations, ``--lane``, downsample 1). The fast and none lanes are
+  parameter-free and no loss reads their full-resolution output, so a training step skips
+  them; the learned lane runs at full resolution with its refinement loss;
 * ``backbone_step_s``: forward + backward of the encoder alone on the same 2B views, so
   ``head_loss_overhead`` = train_step_s / backbone_step_s - 1 is what the head, the lanes and
   the losses add on top of the backbone;
@@ -46,9 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=16, help="clusters in the training step")
     p.add_argument("--cluster-iters", type=int, default=6, help="soft k-means iterations in the training step")
     p.add_argument("--amp", type=int, choices=[0, 1], default=0, help="1: bf16 autocast")
+    p.add_argument(
+        "--lane",
+        choices=["fast", "learned", "none"],
+        default="fast",
+        help="refinement lane of the training step (fast and none have no full-resolution loss)",
+    )
     p.add_argument("--infer-size", type=int, default=512, help="tile side for the inference latencies")
     p.add_argument("--infer-k", type=int, default=8, help="K for the inference latencies")
     p.add_argument("--student-size", default="base", help="student registry name for the student latency")
+    p.add_argument(
+        "--student-checkpoint",
+        default=None,
+        help="time this student.pt ('bundled': the default model) instead of a fresh --student-size student",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -96,6 +109,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         "size": args.size,
         "k": args.k,
         "cluster_iters": args.cluster_iters,
+        "lane": args.lane,
     }
     if not args.skip_train:
         task = TeacherTask(cfg, device)
@@ -105,7 +119,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
         batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
         knobs = Knobs(
-            k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane="fast"
+            k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane=args.lane
         )
 
         def train_step() -> None:
@@ -142,9 +156,16 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
 
     tile = torch.from_numpy(make_tile(args.infer_size, seed=99).rgb).permute(2, 0, 1)[None].to(device)
     teacher = MonolithicSegmenter(cfg.model).to(device).eval()
-    student_cfg = StudentModelConfig.from_config(cfg)
-    student_cfg.student = StudentConfig(size=args.student_size)
-    student = StudentSegmenter(student_cfg).to(device).eval()
+    if args.student_checkpoint:
+        from .api import load_model
+
+        student = load_model(None if args.student_checkpoint == "bundled" else args.student_checkpoint)
+        student = student.to(device).eval()
+        result["student_checkpoint"] = args.student_checkpoint
+    else:
+        student_cfg = StudentModelConfig.from_config(cfg)
+        student_cfg.student = StudentConfig(size=args.student_size)
+        student = StudentSegmenter(student_cfg).to(device).eval()
     with torch.no_grad():
         result["teacher_infer_ms"] = round(
             1000 * _median_time(lambda: teacher(tile, args.infer_k), device, args.warmup, args.repeats), 1
@@ -153,7 +174,8 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
             1000 * _median_time(lambda: student(tile, args.infer_k), device, args.warmup, args.repeats), 1
         )
     result["student_speedup"] = round(result["teacher_infer_ms"] / result["student_infer_ms"], 2)
-    result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=args.student_size)
+    student_size = student.config.student.size if args.student_checkpoint else args.student_size
+    result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=student_size)
     result["student_params"] = sum(p.numel() for p in student.parameters())
     result["teacher_params"] = sum(p.numel() for p in teacher.parameters())
     return result
