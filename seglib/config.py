@@ -159,6 +159,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
+    # > 0: also keep an exponential moving average of the weights (and float buffers) with this
+    # decay; teacher.pt / student.pt then hold the average, which smooths out the step-to-step
+    # noise of the last steps. Training checkpoints keep both (resume continues either).
+    ema_decay: float = 0.0
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The README's main job: train a teacher on synthetic tiles for a few minutes on CPU, evaluate
 it beside RGB k-means and random-init features on the seeded test set, print a table.
 
-    python -m seglib.demo                    # ~4 minutes on a 2-core CPU
+    python -m seglib.demo                    # ~3 minutes on a 2-core CPU
     python -m seglib.demo --steps 2000       # as long as the full CPU recipe (configs/teacher_synthetic_cpu.py)
 
 TensorBoard logs and checkpoints go to ``runs/demo/`` (``tensorboard --logdir runs``), the

@@ -356,7 +356,8 @@ def fit_prototypes(
     edges = np.linspace(0, len(grid), n + 1).astype(int)
     rng = np.random.default_rng(seed)
     pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in (grid[i] for i in pick)]
+    windows = [grid[i] for i in pick]
+    reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in windows]
     batch = torch.cat([_pad(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
     return model.fit_prototypes(batch.to(_device(model)), k)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["TEACHER_SYNTHETIC_CPU", "TEACHER_DUBAI_CPU", "STUDENT_SYNTHETIC_CPU", "STUDENT_DUBAI_CPU", "RECIPES"]
 
-# The teacher on procedural tiles, on a 2-core CPU in about 8 minutes (2000 steps of 4 crops
+# The teacher on procedural tiles, on a 2-core CPU in about 7 minutes (2000 steps of 4 crops
 # of 128 px, two views each). Model settings are the defaults of seglib.config.ModelConfig.
 TEACHER_SYNTHETIC_CPU: dict = {
     "stage": "teacher",

@@ -81,7 +81,19 @@ def _initial_weights(seed):
 def test_torchrun_acceptance_command(tmp_path):
     """The documented command, at the default config, on this CPU machine."""
     _train(
-        ["--synthetic", "--steps", "4", "--amp", "0", "--seed", "3", "--checkpoint_dir", str(tmp_path / "ck"), "--threads", "1"],
+        [
+            "--synthetic",
+            "--steps",
+            "4",
+            "--amp",
+            "0",
+            "--seed",
+            "3",
+            "--checkpoint_dir",
+            str(tmp_path / "ck"),
+            "--threads",
+            "1",
+        ],
         tmp_path,
         nproc=2,
     )
@@ -91,25 +103,32 @@ def test_torchrun_acceptance_command(tmp_path):
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     cfg = _config_file(tmp_path, train={"checkpoint_every": 1, "keep_checkpoints": 2})
-    args = ["--synthetic", "--steps", "14", "--amp", "0", "--seed", "5", "--config", str(cfg)]
+    args = ["--synthetic", "--steps", "40", "--amp", "0", "--seed", "5", "--config", str(cfg)]
     _train([*args, "--checkpoint_dir", str(tmp_path / "clean")], tmp_path)
-    clean = load_checkpoint(tmp_path / "clean" / "ckpt_00000014.pt")["history"]["loss/total"]
+    clean = load_checkpoint(tmp_path / "clean" / "ckpt_00000040.pt")["history"]["loss/total"]
 
     killed_dir = tmp_path / "killed"
+    rng = random.Random(os.getpid())
+    target = rng.randint(3, 15)  # kill once this step's checkpoint exists, a moment later
     cmd = [sys.executable, "-m", "seglib.train_distill", *args, "--checkpoint_dir", str(killed_dir)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list_checkpoints(killed_dir)) < 2 and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # a random moment, maybe mid-write
+
+    def latest() -> int:
+        found = list_checkpoints(killed_dir)
+        return found[-1][0] if found else 0
+
+    while time.time() < deadline and latest() < target and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.03))  # a random moment, maybe mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     survived = list_checkpoints(killed_dir)
-    assert survived and survived[-1][0] < 14  # killed before the end
+    assert survived and survived[-1][0] < 40  # killed before the end
 
     _train([*args, "--checkpoint_dir", str(killed_dir), "--resume"], tmp_path)
-    resumed = load_checkpoint(killed_dir / "ckpt_00000014.pt")["history"]["loss/total"]
+    resumed = load_checkpoint(killed_dir / "ckpt_00000040.pt")["history"]["loss/total"]
     assert resumed == clean  # step for step, bit for bit on CPU
     assert len(list_checkpoints(killed_dir)) == 2  # older ones pruned
     assert not list(killed_dir.glob("*.tmp"))

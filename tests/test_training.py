@@ -129,3 +129,37 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, capsys):
 def test_repeated_non_finite_steps_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         _train_with_nan(tmp_path, bad={0, 1, 2, 3}, steps=4, max_bad=3)
+
+
+def test_weight_average_is_the_ramped_exponential_average():
+    from seglib.training.loop import WeightAverage
+
+    model = torch.nn.BatchNorm1d(3)
+    ema = WeightAverage(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+            model.num_batches_tracked += 1
+        ema.update()
+        decay = min(0.9, (1 + ema.updates) / (10 + ema.updates))
+        expected = decay * expected + (1 - decay) * value
+    assert torch.allclose(ema.state["weight"], expected)
+    assert int(ema.state["num_batches_tracked"]) == 3  # integer buffers are copied
+
+
+def test_exported_model_is_the_average_and_survives_resume(tmp_path):
+    full = tmp_path / "full"
+    run(cfg_for(full, steps=6, checkpoint_every=3, ema_decay=0.8))
+    last = load_checkpoint(full / "ckpt_00000006.pt")
+    exported = load_checkpoint(full / "teacher.pt", kind="teacher")["model"]
+    for key, value in exported.items():
+        assert torch.equal(value, last["ema"]["state"][key]), key
+    assert any(not torch.equal(exported[k], last["model"][k]) for k in exported)  # not the raw weights
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(part, steps=6, checkpoint_every=3, ema_decay=0.8), callbacks=[_stop_after(4)])
+    run(cfg_for(part, steps=6, checkpoint_every=3, ema_decay=0.8), resume=True)
+    resumed = load_checkpoint(part / "teacher.pt", kind="teacher")["model"]
+    for key, value in exported.items():
+        assert torch.equal(value, resumed[key]), key

@@ -148,6 +148,7 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup))
     ckdir = default_checkpoint_dir(cfg)
 
+    ema = WeightAverage(model, t.ema_decay) if t.ema_decay > 0 else None
     start, history = 0, {}
     if resume:
         found = latest_checkpoint(ckdir)
@@ -161,6 +162,8 @@ def train_loop(
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             task.load_state_dict(state.get("task_state", {}))
+            if ema is not None and "ema" in state:
+                ema.load_state_dict(state["ema"])
             _set_rng_state(state["rng"])
             start, history = int(state["step"]), {k: list(v) for k, v in state["history"].items()}
             if main:
@@ -224,6 +227,8 @@ def train_loop(
                 )
         else:
             opt.step()
+            if ema is not None:
+                ema.update()
             bad_steps = 0
         sched.step()
 
@@ -253,15 +258,47 @@ def train_loop(
         ):
             logger.images(step + 1, last.rgb, last.probs, extra=last.extra_images)
         if main and ((step + 1) % max(1, t.checkpoint_every) == 0 or step + 1 == t.steps):
-            _save(task, cfg, opt, sched, step + 1, history, ckdir)
+            _save(task, cfg, opt, sched, step + 1, history, ckdir, ema)
         dist.barrier()
         for callback in callbacks:
             callback(step + 1, record)
 
+    if ema is not None:
+        model.load_state_dict(ema.state)  # what the run exports (and leaves in task.model)
     if main:
         task.export(ckdir)
         logger.close()
     return history
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    ``update()`` after every optimizer step; the effective decay ramps up as
+    min(decay, (1 + n) / (10 + n)) so the average is not dominated by the initial weights.
+    Integer buffers (BatchNorm's batch counter) are copied as they are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay, self.updates = model, float(decay), 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                self.state[key].lerp_(value.detach(), 1 - decay)
+            else:
+                self.state[key].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "updates": self.updates}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.state = {k: v.clone() for k, v in saved["state"].items()}
+        self.updates = int(saved["updates"])
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -272,7 +309,16 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _save(task: Task, cfg: Config, opt, sched, step: int, history: dict[str, list[float]], ckdir: Path) -> None:
+def _save(
+    task: Task,
+    cfg: Config,
+    opt,
+    sched,
+    step: int,
+    history: dict[str, list[float]],
+    ckdir: Path,
+    ema: WeightAverage | None = None,
+) -> None:
     state = {
         "format": FORMAT,
         "kind": "train-state",
@@ -286,6 +332,8 @@ def _save(task: Task, cfg: Config, opt, sched, step: int, history: dict[str, lis
         "rng": _rng_state(),
         "history": history,
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     save_atomic(state, checkpoint_path(ckdir, step))
     prune_checkpoints(ckdir, cfg.train.keep_checkpoints)
 
