@@ -31,3 +31,44 @@ def tiny_overrides(ckdir: Path, **train) -> dict:
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny convolutions spend more time synchronising two
+    threads than computing (badly so on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config():
+    """The default config with a narrow teacher (width 16, depth 1, 8 learned channels)."""
+    from seglib.config import Config
+
+    cfg = Config()
+    cfg.model.encoder.width, cfg.model.encoder.depth, cfg.model.encoder.embed_dim = 16, 1, 8
+    return cfg
+
+
+def save_teacher(path: Path, config, model) -> Path:
+    """Write ``model`` as a teacher.pt with its full ``config``."""
+    from seglib.checkpoint import FORMAT, save_atomic
+
+    save_atomic({"format": FORMAT, "kind": "teacher", "config": config.to_dict(), "model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_model():
+    """A random-init narrow teacher in eval mode (seed 0)."""
+    from seglib.models.teacher import MonolithicSegmenter
+
+    torch.manual_seed(0)
+    return MonolithicSegmenter(tiny_config().model).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_checkpoint(tmp_path_factory, tiny_teacher_model):
+    return save_teacher(tmp_path_factory.mktemp("ckpt") / "teacher.pt", tiny_config(), tiny_teacher_model)

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import save_teacher, tiny_overrides
 from PIL import Image
 
 from seglib.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
@@ -57,15 +57,7 @@ def test_plain_torch_file_is_not_a_seglib_checkpoint(tmp_path):
 
 def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "teacher.pt"
-    save_atomic(
-        {
-            "format": FORMAT,
-            "kind": "teacher",
-            "config": Config().to_dict(),
-            "model": MonolithicSegmenter().state_dict(),
-        },
-        path,
-    )
+    save_teacher(path, Config(), MonolithicSegmenter())
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -174,14 +166,6 @@ def test_nan_batch_from_data_is_caught_by_the_guard(tmp_path):
 def test_pickle_module_is_not_needed_for_our_checkpoints(tmp_path):
     """Our own checkpoints load with weights_only=True (tensors and plain values only)."""
     path = tmp_path / "teacher.pt"
-    save_atomic(
-        {
-            "format": FORMAT,
-            "kind": "teacher",
-            "config": Config().to_dict(),
-            "model": MonolithicSegmenter().state_dict(),
-        },
-        path,
-    )
+    save_teacher(path, Config(), MonolithicSegmenter())
     torch.load(path, weights_only=True)
     assert pickle  # imported for the evil class above

@@ -7,16 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT
 from PIL import Image
 
 import seglib
 from seglib import api
-from seglib.checkpoint import FORMAT, save_atomic
-from seglib.config import Config
 from seglib.data.synthetic import make_tile
-from seglib.models.teacher import MonolithicSegmenter
 
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
@@ -24,35 +20,17 @@ from affine import Affine  # noqa: E402
 TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 2700000.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions spend more time synchronising two threads than computing (badly so on
-    # a shared 2-core machine); one thread keeps these tests at a few seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_config() -> Config:
-    cfg = Config()
-    cfg.model.encoder.width, cfg.model.encoder.depth, cfg.model.encoder.embed_dim = 16, 1, 8
-    return cfg
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model() -> MonolithicSegmenter:
-    torch.manual_seed(0)
-    return MonolithicSegmenter(tiny_config().model).eval()
+def model(tiny_teacher_model):
+    return tiny_teacher_model
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, model):
-    path = tmp_path_factory.mktemp("ckpt") / "teacher.pt"
-    save_atomic(
-        {"format": FORMAT, "kind": "teacher", "config": tiny_config().to_dict(), "model": model.state_dict()}, path
-    )
-    return path
+def checkpoint(tiny_teacher_checkpoint):
+    return tiny_teacher_checkpoint
 
 
 def image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -38,14 +38,7 @@ CRS = "EPSG:32640"
 TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 2700000.0)  # UTM 40N, 0.5 m pixels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions spend more time synchronising two threads than computing, badly so
-    # when the 2-core machine is shared; one thread keeps these tests at a few seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_teacher(seed: int = 0, **encoder) -> MonolithicSegmenter:
