@@ -34,6 +34,7 @@ from seglib.notebook_utils import (
     slice_maps,
     teacher_overrides,
 )
+from seglib.recipes import FAST_STUDENT
 from seglib.train_distill import run
 from seglib.viz import match_labels
 
@@ -47,7 +48,7 @@ teacher_model = {"encoder": {"width": 32, "depth": 2}}  # that teacher's model o
 steps = 300  # student optimizer steps
 size = 64  # training tile side (multiple of 16), the teacher's too
 batch_size = 4  # tiles per step
-student_size = "small"  # a name from seglib.models.student.STUDENTS (small | base)
+student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
 eval_images = 8  # synthetic test tiles
 eval_size = 128  # their side
 eval_seed = 123  # the test set's seed
@@ -81,7 +82,7 @@ base = teacher_overrides(
 )
 student_stage = {
     "stage": "student",
-    "student": {"size": student_size},
+    "student": {**FAST_STUDENT, "size": student_size},  # the shipped students' head
     "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": teacher_steps},
 }
 cfg = Config.from_dict(merge(base, student_stage))
@@ -122,7 +123,7 @@ for_speed = {
     "default teacher": MonolithicSegmenter(Config().model),
     **{
         f"default student ({name})": StudentSegmenter(
-            StudentModelConfig.from_config(Config.from_dict({"student": {"size": name}}))
+            StudentModelConfig.from_config(Config.from_dict({"student": {**FAST_STUDENT, "size": name}}))
         )
         for name in STUDENTS
     },

@@ -33,6 +33,7 @@ from seglib.notebook_utils import (
     show_images,
     teacher_overrides,
 )
+from seglib.recipes import FAST_STUDENT
 from seglib.train_distill import run
 from seglib.viz import match_labels
 
@@ -46,7 +47,7 @@ teacher_model = {"encoder": {"width": 32, "depth": 2}}  # that teacher's model o
 steps = 200  # student optimizer steps, per variant
 size = 64  # training tile side (multiple of 16)
 batch_size = 4  # tiles per step
-student_size = "small"  # a name from seglib.models.student.STUDENTS
+student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
 eval_images = 8  # synthetic test tiles
 eval_size = 128  # their side
 eval_seed = 123  # the test set's seed
@@ -81,7 +82,7 @@ for variant, enabled in [("with_ae", True), ("without_ae", False)]:
     )
     stage = {
         "stage": "student",
-        "student": {"size": student_size},
+        "student": {**FAST_STUDENT, "size": student_size},  # the shipped students' head
         "autoencoder": {"enabled": enabled},
         "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": teacher_steps},
     }

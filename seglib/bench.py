@@ -14,7 +14,9 @@ Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` t
   ``head_loss_overhead`` = train_step_s / backbone_step_s - 1 is what the head, the lanes and
   the losses add on top of the backbone;
 * ``teacher_infer_ms`` / ``student_infer_ms``: one tile of ``--infer-size`` at ``--infer-k``
-  through the full segmenter (fast lane), batch 1, no gradient;
+  through the full segmenter (fast lane), batch 1, no gradient. The two are timed in turns
+  (teacher, student, teacher, ...), so a change of load on a shared machine hits both and
+  ``student_speedup`` stays honest;
 * ``peak_mem_mb``: CUDA max allocated during the training steps, or this process's peak RSS
   on CPU (which includes the Python runtime and the libraries).
 
@@ -24,6 +26,7 @@ Synchronises CUDA around every timed region. ``--json`` prints only the JSON obj
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -56,11 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--infer-size", type=int, default=512, help="tile side for the inference latencies")
     p.add_argument("--infer-k", type=int, default=8, help="K for the inference latencies")
-    p.add_argument("--student-size", default="base", help="student registry name for the student latency")
+    p.add_argument(
+        "--student-size",
+        default="tiny",
+        help="student registry name for the student latency (a fresh student with the shipped "
+        "inference settings, seglib.recipes.FAST_STUDENT, at this size)",
+    )
     p.add_argument(
         "--student-checkpoint",
         default=None,
         help="time this student.pt ('bundled': the default model) instead of a fresh --student-size student",
+    )
+    p.add_argument(
+        "--teacher-checkpoint",
+        default=None,
+        help="time this teacher.pt instead of a fresh teacher of --config (same cost, for the record)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=10)
@@ -89,11 +102,31 @@ def _median_time(fn: Callable[[], object], device: torch.device, warmup: int, re
     return statistics.median(times)
 
 
+def _paired_median_times(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds of each function, timed in turns (a, b, a, b, ...): a load change on a
+    shared machine then hits every function alike, so their ratio stays honest."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            tic = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     """Run the measurements of the module docstring; returns the result dict."""
     from .data.synthetic import make_tile
     from .models.student import StudentModelConfig, StudentSegmenter
     from .models.teacher import MonolithicSegmenter
+    from .recipes import FAST_STUDENT
     from .training.teacher import Knobs, TeacherTask
 
     device = resolve_device(args.device)
@@ -155,7 +188,11 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     tile = torch.from_numpy(make_tile(args.infer_size, seed=99).rgb).permute(2, 0, 1)[None].to(device)
-    teacher = MonolithicSegmenter(cfg.model).to(device).eval()
+    if args.teacher_checkpoint:
+        teacher = MonolithicSegmenter.from_checkpoint(args.teacher_checkpoint).to(device).eval()
+        result["teacher_checkpoint"] = args.teacher_checkpoint
+    else:
+        teacher = MonolithicSegmenter(cfg.model).to(device).eval()
     if args.student_checkpoint:
         from .api import load_model
 
@@ -163,16 +200,20 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         student = student.to(device).eval()
         result["student_checkpoint"] = args.student_checkpoint
     else:
-        student_cfg = StudentModelConfig.from_config(cfg)
-        student_cfg.student = StudentConfig(size=args.student_size)
+        # The student's head settings derive from cfg.student, so set it before deriving.
+        student_cfg = StudentModelConfig.from_config(
+            dataclasses.replace(cfg, student=StudentConfig(**{**FAST_STUDENT, "size": args.student_size}))
+        )
         student = StudentSegmenter(student_cfg).to(device).eval()
     with torch.no_grad():
-        result["teacher_infer_ms"] = round(
-            1000 * _median_time(lambda: teacher(tile, args.infer_k), device, args.warmup, args.repeats), 1
+        infer = _paired_median_times(
+            {"teacher": lambda: teacher(tile, args.infer_k), "student": lambda: student(tile, args.infer_k)},
+            device,
+            args.warmup,
+            args.repeats,
         )
-        result["student_infer_ms"] = round(
-            1000 * _median_time(lambda: student(tile, args.infer_k), device, args.warmup, args.repeats), 1
-        )
+    result["teacher_infer_ms"] = round(1000 * infer["teacher"], 1)
+    result["student_infer_ms"] = round(1000 * infer["student"], 1)
     result["student_speedup"] = round(result["teacher_infer_ms"] / result["student_infer_ms"], 2)
     student_size = student.config.student.size if args.student_checkpoint else args.student_size
     result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=student_size)

@@ -70,6 +70,7 @@ class HeadConfig:
     denoise_iters: int = 5  # feature-space bilateral filter passes before clustering (0: off)
     denoise_radius: int = 2  # its neighbourhood radius, in embedding cells
     denoise_bandwidth: float = 0.4  # its feature-distance bandwidth
+    denoise_dilations: tuple[int, ...] = (1,)  # neighbour spacing of pass i: dilations[i % len]
 
 
 @dataclass
@@ -133,6 +134,7 @@ class DataConfig:
     synthetic: bool = True  # procedural tiles with labels; False reads data_dir
     data_dir: str = "data/images"
     size: int = 128  # training crop side (multiple of 16)
+    downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
     extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
     batch_size: int = 4
     num_workers: int = 0
@@ -173,13 +175,18 @@ class StudentConfig:
     norm: str = "group"
     dropout: float = 0.0
     multires: bool = True
-    # Inference settings of the student (the rest of its head and lanes are the teacher's). Its
-    # fast lane filters at half resolution. Denoising passes trade speed for quality (seed-123
-    # synthetic test set, a small student of a 0.763 teacher: 0 passes 0.684 mIoU, 2 passes 0.710, 5 passes 0.733;
-    # about 5 ms per pass on a 512 px tile, 2 CPU threads): docs/models.md.
+    stem: str = "conv"  # conv (two strided 3x3 convs) | unshuffle (space-to-depth, then one conv)
+    # Inference settings of the student's head (the rest is the teacher's); stored in student.pt.
+    # These defaults: the teacher's denoising and clustering, the guided filter at half
+    # resolution. The recipes ship a cheaper head,
+    # seglib.recipes.FAST_STUDENT (radius-1 passes at spacings 1, 2, 4): docs/models.md.
     denoise_iters: int = 5
+    denoise_radius: int = 2
+    denoise_dilations: tuple[int, ...] = (1,)
+    head_iters: int = 6  # soft k-means iterations at inference
+    downsample: int = 0  # 1 or 2: the student reads the image shrunk by this factor; 0: the teacher's
     smooth_iters: int = 0
-    guide_scale: int = 2
+    guide_scale: int = 2  # the guided filter runs at 1/guide_scale of the input resolution
 
 
 @dataclass

@@ -306,6 +306,7 @@ def make_source(cfg: Config, info: dist.DistInfo) -> torch.utils.data.Dataset:
         seed=cfg.train.seed,
         rank=info.rank,
         world=info.world,
+        downscale=cfg.data.downscale,
     )
 
 

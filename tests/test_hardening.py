@@ -154,6 +154,25 @@ def test_training_folder_policies(tmp_path, caplog):
         FolderBatches(only_bad, size=32)
 
 
+def test_training_folder_downscale_averages_blocks(tmp_path):
+    """``data.downscale`` shrinks each tile by block means before cropping, so a model that
+    runs with ``downsample = 2`` trains at the scale it will see."""
+    from seglib.data.tiles import FolderBatches
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (70, 66, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "a.png")
+    source = FolderBatches(folder, size=16, batch_size=2, downscale=2)
+    (img,) = source.images
+    assert img.shape == (35, 33, 3)
+    expected = rgb.reshape(35, 2, 33, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    np.testing.assert_array_equal(img, expected)
+    assert source[0]["rgb"].shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="downscale"):
+        FolderBatches(folder, size=16, downscale=0)
+
+
 def test_nan_batch_from_data_is_caught_by_the_guard(tmp_path):
     """A NaN pixel reaching the model is reported by the input check, naming the fix."""
     model = MonolithicSegmenter()

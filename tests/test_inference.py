@@ -103,7 +103,7 @@ def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samp
     names, tiles = load_labelled_folder(SAMPLE_IMAGES, SAMPLE_MASKS)
     result = evaluate_tiles(model, tiles, k="present", ignore=(5, 255), names=names)
     assert result["model"]["n_images"] == 3
-    assert result["model"]["miou"] == pytest.approx(0.4349, abs=0.01)
+    assert result["model"]["miou"] == pytest.approx(0.4365, abs=0.01)
     assert result["rgb_kmeans"]["miou"] == pytest.approx(0.3989, abs=0.01)
 
 

@@ -121,6 +121,50 @@ def test_head_never_builds_b_k_d_n_tensor():
     assert 0 < largest < b * k * d * h * w * 4 / 8
 
 
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_box_means_equal_the_plain_2d_pool(radius):
+    """The separable box filters (lane: pools; high-pass input: convolutions) give the numbers
+    of one 2D average pool that divides by the in-image count at the borders."""
+    from seglib.models.layers import box_mean
+
+    x = torch.rand(2, 5, 13, 22)
+    plain = torch.nn.functional.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
+    assert torch.equal(box_filter(x, radius), plain)  # training: the plain pool itself
+    with torch.no_grad():  # inference: the separable pools
+        assert torch.allclose(box_filter(x, radius), plain, atol=1e-6)
+    assert torch.allclose(box_mean(x, radius), plain, atol=1e-6)
+
+
+def test_inference_numerics_match_training_numerics(model):
+    """Without gradient the segmenter uses faster formulations of the high-pass input, the
+    normalisation, the denoising distances and the guided filter: same numbers to rounding."""
+    torch.manual_seed(0)
+    rgb = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        fast = model(rgb, 5)
+    exact = model(rgb, 5)  # gradient recorded: the training formulations
+    for key in ("embeddings", "clustered", "probs_coarse", "probs"):
+        assert torch.allclose(fast[key], exact[key].detach(), atol=1e-4), key
+    assert not torch.equal(fast["probs"], exact["probs"].detach())  # the fast path did run
+
+
+def test_fast_lane_at_the_probability_grid_matches_explicit_pooling():
+    """guide_scale 4 on stride-4 probabilities filters at their own grid and upsamples."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 3, 8, 8), 1)
+    rgb = torch.rand(1, 3, 32, 32)
+    out = fast_lane(probs, rgb, guide_scale=4, smooth_iters=0)
+    assert out.shape == (1, 3, 32, 32)
+    assert torch.allclose(out.sum(1), torch.ones(1, 32, 32), atol=1e-5)
+    from seglib.models.refine import _apply, guided_filter_coefficients
+
+    small = torch.nn.functional.avg_pool2d(rgb, 4)
+    expected = _apply(guided_filter_coefficients(small, probs, 2, 1e-3), small)
+    expected = torch.nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_fast_lane_is_edge_aware_beats_box_filter():
     """Upsampling blocky probabilities of a step edge: the guided lane puts the boundary where
     the image edge is; a box filter of the same radius smears it."""
@@ -188,6 +232,26 @@ def test_denoise_gradient_matches_plain_autograd():
     (out_a * probe).sum().backward()
     (out_b * probe).sum().backward()
     assert torch.allclose(out_a, out_b) and torch.allclose(a.grad, b.grad)
+
+
+def test_dilated_denoise_reaches_neighbours_at_its_spacing():
+    """Dilation d samples neighbours d cells apart: with a huge bandwidth (plain averaging) an
+    impulse spreads to cells 2 apart, not to the cells next to it; the schedule cycles."""
+    from seglib.models.head import denoise
+
+    impulse = torch.zeros(1, 1, 9, 9)
+    impulse[0, 0, 4, 4] = 1.0
+    out = denoise(impulse, iters=1, radius=1, bandwidth=1e6, dilations=(2,))
+    assert out[0, 0, 4, 6] > 0.1 and out[0, 0, 6, 6] > 0.1
+    assert out[0, 0, 4, 5] == 0 and out[0, 0, 5, 5] == 0
+    # (1, 2): the first pass spreads to the 3x3 block, the second by 2 more cells: reach 3.
+    out = denoise(impulse, iters=2, radius=1, bandwidth=1e6, dilations=(1, 2))
+    assert out[0, 0, 4, 7] > 0 and out[0, 0, 4, 8] == 0
+    # dilations (1,) is the plain filter
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(
+        denoise(x, iters=2, radius=1, bandwidth=0.5), denoise(x, iters=2, radius=1, bandwidth=0.5, dilations=(1,))
+    )
 
 
 def test_full_resolution_false_skips_only_the_lane(model):

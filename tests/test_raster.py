@@ -204,7 +204,9 @@ def test_windowed_labels_match_whole_image_labels():
     assert (windowed == whole).mean() >= 0.99  # shared prototypes: the ids agree without matching
 
 
-@pytest.mark.parametrize("tile,overlap", [(256, 64), (512, 128)])
+# The bundled student runs at half resolution, so its windows need twice the overlap in pixels
+# of a full-resolution model for the same margin (docs/inference.md).
+@pytest.mark.parametrize("tile,overlap", [(256, 96), (512, 128)])
 def test_bundled_model_windowed_labels_match_whole_image_labels(tile, overlap):
     """The shipped student on a real sample tile: windows (off-grid last windows included, as
     the tile does not divide the image) agree with the one-piece result on >= 99 % of pixels."""

@@ -23,6 +23,19 @@ def test_student_slices_and_strides():
         net(torch.rand(1, 3, 40, 48))
 
 
+@pytest.mark.parametrize("size", [(64, 96), (32, 32), (112, 48)])
+def test_unshuffle_stem_slices_and_strides(size):
+    """The space-to-depth stem gives the same slice grid as the strided-conv stem."""
+    h, w = size
+    net = StudentCNN(dims=(32, 24, 16), depths=(1, 1, 0), stem="unshuffle")
+    out = net(torch.rand(2, 3, h, w))
+    for name, stride in (("coarse", 16), ("mid", 8), ("fine", 4)):
+        assert out[name].shape == (2, 32, h // stride, w // stride)
+    assert isinstance(net.stem[0], torch.nn.PixelUnshuffle)
+    with pytest.raises(ValueError, match="unknown student stem"):
+        StudentCNN(stem="patchify")
+
+
 @pytest.mark.parametrize("norm", ["group", "batch", "instance", "none"])
 def test_student_norms(norm):
     net = StudentCNN(dims=(32, 24, 16), depths=(1, 1, 1), norm=norm, dropout=0.1)
@@ -42,11 +55,26 @@ def test_fine_slice_sees_coarse_context():
 
 
 def test_registry_and_overrides():
-    assert set(STUDENTS) >= {"small", "base"}
+    assert set(STUDENTS) >= {"tiny", "small", "base"}
     assert student_shape(StudentConfig(size="small")) == (STUDENTS["small"]["dims"], STUDENTS["small"]["depths"])
     assert student_shape(StudentConfig(size="base", dims=(64, 32, 16)))[0] == (64, 32, 16)
     with pytest.raises(ValueError, match="unknown student size"):
         student_shape(StudentConfig(size="huge"))
+
+
+def test_student_downsample_setting_is_its_own():
+    """``student.downsample`` 2: the student reads the image at half resolution (embeddings at
+    stride 8 of the input) whatever the teacher's setting, and still returns full-size probs."""
+    from seglib.config import Config
+
+    cfg = Config.from_dict({"student": {"size": "tiny", "stem": "unshuffle", "downsample": 2}})
+    model = StudentSegmenter(StudentModelConfig.from_config(cfg)).eval()
+    assert cfg.model.downsample == 1 and model.config.downsample == 2
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 96), 3)
+    assert out["embeddings"].shape[-2:] == (8, 12) and out["probs"].shape == (1, 3, 64, 96)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model(torch.rand(1, 3, 48, 48), 3)
 
 
 @pytest.mark.parametrize("k", [2, 9, 16])

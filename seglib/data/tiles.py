@@ -99,6 +99,8 @@ class FolderBatches(Dataset):
       seed: run seed (permutations and crop positions).
       rank, world: this process's shard.
       max_side: downscale images whose longer side exceeds this (0: keep).
+      downscale: then shrink every image by this integer factor (block means), e.g. 2 for a
+        model that runs with ``downsample = 2``, so it trains at the scale it will see.
     """
 
     def __init__(
@@ -111,11 +113,18 @@ class FolderBatches(Dataset):
         rank: int = 0,
         world: int = 1,
         max_side: int = 0,
+        downscale: int = 1,
     ):
+        if downscale < 1:
+            raise ValueError(f"downscale must be a positive integer, got {downscale}")
         self.names, images = load_folder(folder)
         self.images = []
         for name, rgb in zip(self.names, images, strict=True):
             rgb, _ = _downscale(rgb, None, max_side)
+            if downscale > 1:  # the area average of each downscale x downscale block
+                h, w = rgb.shape[0] // downscale, rgb.shape[1] // downscale
+                blocks = rgb[: h * downscale, : w * downscale].reshape(h, downscale, w, downscale, 3)
+                rgb = blocks.mean((1, 3)).round().astype(np.uint8)
             h, w = rgb.shape[:2]
             if h < size or w < size:
                 log.info("%s: %dx%d is smaller than the %d px crop; reflect-padded", name, w, h, size)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import inference_numerics
+
 __all__ = ["SoftKMeans", "HeadOutput", "K_MIN", "K_MAX", "check_k", "farthest_point_init", "soft_kmeans", "denoise"]
 
 K_MIN, K_MAX = 2, 16
@@ -109,12 +111,46 @@ class _WeightedShifts(torch.autograd.Function):
         return grad_padded, None, None, None, None
 
 
-def denoise(emb: torch.Tensor, *, iters: int, radius: int, bandwidth: float) -> torch.Tensor:
+def denoise(
+    emb: torch.Tensor, *, iters: int, radius: int, bandwidth: float, dilations: tuple[int, ...] = (1,)
+) -> torch.Tensor:
     """Feature-space bilateral filtering of emb (B, D, h, w), ``iters`` times: every position
     becomes the average of its (2r+1)^2 neighbourhood, weighted by a softmax over minus squared
-    feature distances / bandwidth^2 (no gradient through the weights)."""
+    feature distances / bandwidth^2 (no gradient through the weights).
+
+    Pass i samples the neighbourhood with spacing ``dilations[i % len(dilations)]``: radius 1
+    with dilations (1, 2) reaches as far as radius 2 in the same number of passes at 9/25 of the
+    cost (the student's cheaper head, docs/models.md)."""
     if iters <= 0 or radius <= 0:
         return emb
+    h, w = emb.shape[-2:]
+    for i in range(iters):
+        d = dilations[i % len(dilations)]
+        reach = radius * d
+        offsets = [(dy * d, dx * d) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+        padded = F.pad(emb, (reach,) * 4, mode="replicate")  # (B, D, h+2rd, w+2rd)
+        fast = inference_numerics()
+        with torch.no_grad():
+            # (B, S, h, w): squared feature distance of every position to each of its S neighbours.
+            if fast:  # |a|^2 + |b|^2 - 2 a.b: one fused dot product per neighbour, a third faster
+                centre = torch.linalg.vecdot(emb, emb, dim=1)  # (B, h, w)
+                sq = F.pad(centre[:, None], (reach,) * 4, mode="replicate")[:, 0]  # (B, h+2rd, w+2rd)
+                dist2 = torch.stack(
+                    [
+                        sq[:, dy : dy + h, dx : dx + w]
+                        + centre
+                        - 2 * torch.linalg.vecdot(padded[:, :, dy : dy + h, dx : dx + w], emb, dim=1)
+                        for dy, dx in offsets
+                    ],
+                    1,
+                )
+            else:
+                dist2 = torch.stack(
+                    [(padded[:, :, dy : dy + h, dx : dx + w] - emb).square_().sum(1) for dy, dx in offsets], 1
+                )
+            weights = torch.softmax(dist2.mul_(-1.0 / bandwidth**2), dim=1)
+        emb = _WeightedShifts.apply(padded, weights, offsets, h, w)
+    return emb
     h, w = emb.shape[-2:]
     offsets = [(dy, dx) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
     for _ in range(iters):
@@ -170,7 +206,7 @@ class SoftKMeans(nn.Module):
       temperature: softmax temperature on squared distances (smaller = harder assignments).
       init_pool: farthest-point initialisation works on embeddings pooled by this factor,
         which keeps it cheap and away from single-pixel outliers.
-      denoise_iters, denoise_radius, denoise_bandwidth: the feature-space bilateral filter
+      denoise_iters, denoise_radius, denoise_bandwidth, denoise_dilations: the feature-space bilateral filter
         applied before clustering (0 iterations turns it off).
     """
 
@@ -183,6 +219,7 @@ class SoftKMeans(nn.Module):
         denoise_iters: int = 5,
         denoise_radius: int = 2,
         denoise_bandwidth: float = 0.4,
+        denoise_dilations: tuple[int, ...] = (1,),
     ):
         super().__init__()
         self.iters, self.temperature, self.init_pool = iters, temperature, init_pool
@@ -191,6 +228,9 @@ class SoftKMeans(nn.Module):
             denoise_radius,
             denoise_bandwidth,
         )
+        if not denoise_dilations or min(denoise_dilations) < 1:
+            raise ValueError(f"denoise_dilations must be positive integers, got {denoise_dilations!r}")
+        self.denoise_dilations = tuple(int(d) for d in denoise_dilations)
 
     def forward(
         self,
@@ -250,4 +290,10 @@ class SoftKMeans(nn.Module):
 
     def denoise(self, emb: torch.Tensor) -> torch.Tensor:
         """The head's feature-space bilateral filter with its configured strength."""
-        return denoise(emb, iters=self.denoise_iters, radius=self.denoise_radius, bandwidth=self.denoise_bandwidth)
+        return denoise(
+            emb,
+            iters=self.denoise_iters,
+            radius=self.denoise_radius,
+            bandwidth=self.denoise_bandwidth,
+            dilations=self.denoise_dilations,
+        )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import standardize
+from .layers import box_mean, inference_numerics, standardize
 
 __all__ = ["LANES", "box_filter", "guided_filter_coefficients", "fast_lane", "none_lane", "LearnedRefiner"]
 
@@ -31,11 +31,16 @@ LANES = ("fast", "learned", "none")
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a (2r+1)^2 window, normalised by the in-image count at the borders.
 
-    Pools in channels-last layout, several times faster on CPU for many channels."""
+    Pools in channels-last layout, several times faster on CPU for many channels; at inference
+    (``inference_numerics``) separably, a row pass then a column pass: the in-image count of a
+    2D window is the product of the two 1D counts, so that is the same mean, rounded
+    differently."""
     if radius <= 0:
         return x
     x = x.contiguous(memory_format=torch.channels_last)
-    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    if not inference_numerics():
+        return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    return box_mean(x, radius)
 
 
 _PAIRS = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]  # unique entries of a 3x3 covariance
@@ -74,14 +79,21 @@ def guided_filter_coefficients(guide: torch.Tensor, p: torch.Tensor, radius: int
 def _apply(coeffs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """q = sum_c a_c I_c + b for coefficients (B, 4K, H, W) and image (B, 3, H, W), then
     clamped at 0 and renormalised (the filter can overshoot): (B, K, H, W)."""
-    bsz, kk, hh, ww = coeffs.shape
-    k = kk // 4
-    # Per pixel a (1 x 4) @ (4 x K) product: [I_0, I_1, I_2, 1] times the coefficients.
-    coeffs = coeffs.permute(0, 2, 3, 1).reshape(-1, 4, k)  # (B*H*W, 4, K)
-    image = torch.cat([image, image.new_ones(bsz, 1, hh, ww)], 1).permute(0, 2, 3, 1).reshape(-1, 1, 4)
-    q = torch.bmm(image, coeffs).reshape(bsz, hh, ww, k).clamp_min(0)
-    q = q / q.sum(-1, keepdim=True).clamp_min(1e-6)
-    return q.permute(0, 3, 1, 2)  # (B, K, H, W), channels-last in memory
+    if not inference_numerics():
+        bsz, kk, hh, ww = coeffs.shape
+        k = kk // 4
+        # Per pixel a (1 x 4) @ (4 x K) product: [I_0, I_1, I_2, 1] times the coefficients.
+        coeffs = coeffs.permute(0, 2, 3, 1).reshape(-1, 4, k)  # (B*H*W, 4, K)
+        image = torch.cat([image, image.new_ones(bsz, 1, hh, ww)], 1).permute(0, 2, 3, 1).reshape(-1, 1, 4)
+        q = torch.bmm(image, coeffs).reshape(bsz, hh, ww, k).clamp_min(0)
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-6)
+        return q.permute(0, 3, 1, 2)  # (B, K, H, W), channels-last in memory
+    # At inference: three multiply-adds over (B, K, H, W) maps instead of a batched matmul.
+    k = coeffs.shape[1] // 4
+    a0, a1, a2, b = coeffs.split(k, 1)  # (B, K, H, W) each
+    q = b + a0 * image[:, 0:1] + a1 * image[:, 1:2] + a2 * image[:, 2:3]
+    q = q.clamp_min_(0)
+    return q / q.sum(1, keepdim=True).clamp_min(1e-6)
 
 
 def fast_lane(
@@ -104,8 +116,15 @@ def fast_lane(
         h, w = probs.shape[-2:]
         full = tuple(rgb.shape[-2:])
         coarser = guide_scale > 1 and full[0] // guide_scale >= h and full[1] // guide_scale >= w
-        image = F.avg_pool2d(rgb, guide_scale) if coarser else rgb
         guide = F.adaptive_avg_pool2d(rgb, (h, w)) if (h, w) != full else rgb
+        if (
+            coarser
+            and (full[0] // guide_scale, full[1] // guide_scale) == (h, w)
+            and full == (h * guide_scale, w * guide_scale)
+        ):
+            image = guide  # the filter runs at the probabilities' own grid
+        else:
+            image = F.avg_pool2d(rgb, guide_scale) if coarser else rgb
         p = probs
         for _ in range(smooth_iters):
             p = _apply(guided_filter_coefficients(guide, p, radius, eps), guide)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import HeadConfig, RefineConfig
 from .head import SoftKMeans, check_k
+from .layers import inference_numerics
 from .refine import LANES, LearnedRefiner, fast_lane, none_lane
 
 __all__ = ["Segmenter", "check_rgb", "colour_channels", "STRIDE"]
@@ -89,6 +90,7 @@ class Segmenter(nn.Module):
             denoise_iters=head.denoise_iters,
             denoise_radius=head.denoise_radius,
             denoise_bandwidth=head.denoise_bandwidth,
+            denoise_dilations=tuple(head.denoise_dilations),
         )
         self.refiner = LearnedRefiner(width=refine.learned_width)
 
@@ -102,7 +104,11 @@ class Segmenter(nn.Module):
         """
         features = self.features(rgb).float()
         colour = colour_channels(rgb, features.shape[-2:], self.colour_blur) * self.colour_weight
-        return torch.cat([F.normalize(features, dim=1), colour], 1), features
+        if inference_numerics():  # F.normalize written out: several times faster on CPU
+            unit = features * features.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+        else:
+            unit = F.normalize(features, dim=1)
+        return torch.cat([unit, colour], 1), features
 
     def refine(
         self,

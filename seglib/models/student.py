@@ -31,6 +31,7 @@ __all__ = ["STUDENTS", "StudentCNN", "StudentModelConfig", "StudentSegmenter", "
 
 # Named sizes: (coarse, mid, fine) widths and 3x3 blocks per slice.
 STUDENTS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "tiny": {"dims": (64, 48, 32), "depths": (1, 1, 0)},  # no 3x3 block at stride 4
     "small": {"dims": (96, 64, 48), "depths": (2, 1, 1)},
     "base": {"dims": (192, 128, 96), "depths": (3, 2, 1)},
 }
@@ -77,12 +78,20 @@ class StudentCNN(nn.Module):
         dropout: float = 0.0,
         input_mode: str = "highpass",
         highpass_clip: float = 2.0,
+        stem: str = "conv",
     ):
         super().__init__()
         dc, dm, df = dims
         self.dims, self.input_mode, self.highpass_clip = tuple(dims), input_mode, highpass_clip
         cin = INPUT_MODES[input_mode]
-        self.stem = nn.Sequential(ConvNormAct(cin, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm))
+        if stem == "conv":
+            self.stem = nn.Sequential(
+                ConvNormAct(cin, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm)
+            )
+        elif stem == "unshuffle":
+            self.stem = nn.Sequential(nn.PixelUnshuffle(4), ConvNormAct(16 * cin, df, norm=norm))
+        else:
+            raise ValueError(f"unknown student stem {stem!r}; choose conv or unshuffle")
         self.down_mid = ConvNormAct(df, dm, stride=2, norm=norm)  # stride 8
         self.down_coarse = ConvNormAct(dm, dc, stride=2, norm=norm)  # stride 16
         self.coarse = _blocks(dc, depths[0], norm)
@@ -137,12 +146,18 @@ class StudentModelConfig:
         st = cfg.student
         return cls(
             student=st,
-            head=dataclasses.replace(m.head, denoise_iters=st.denoise_iters),
+            head=dataclasses.replace(
+                m.head,
+                iters=st.head_iters,
+                denoise_iters=st.denoise_iters,
+                denoise_radius=st.denoise_radius,
+                denoise_dilations=tuple(st.denoise_dilations),
+            ),
             refine=dataclasses.replace(m.refine, smooth_iters=st.smooth_iters, guide_scale=st.guide_scale),
             embed_dim=m.encoder.embed_dim,
             colour_weight=m.encoder.colour_weight,
             colour_blur=m.encoder.colour_blur,
-            downsample=m.downsample,
+            downsample=st.downsample or m.downsample,
             input_mode=m.encoder.input_mode,
             highpass_clip=m.encoder.highpass_clip,
         )
@@ -169,6 +184,7 @@ class StudentSegmenter(Segmenter):
             dropout=config.student.dropout,
             input_mode=config.input_mode,
             highpass_clip=config.highpass_clip,
+            stem=config.student.stem,
         )
         self.init_head(config.head, config.refine, colour_weight=config.colour_weight, colour_blur=config.colour_blur)
 
