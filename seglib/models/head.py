@@ -124,12 +124,12 @@ def denoise(
     if iters <= 0 or radius <= 0:
         return emb
     h, w = emb.shape[-2:]
+    fast = inference_numerics()
     for i in range(iters):
         d = dilations[i % len(dilations)]
         reach = radius * d
         offsets = [(dy * d, dx * d) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
         padded = F.pad(emb, (reach,) * 4, mode="replicate")  # (B, D, h+2rd, w+2rd)
-        fast = inference_numerics()
         with torch.no_grad():
             # (B, S, h, w): squared feature distance of every position to each of its S neighbours.
             if fast:  # |a|^2 + |b|^2 - 2 a.b: one fused dot product per neighbour, a third faster
@@ -148,18 +148,6 @@ def denoise(
                 dist2 = torch.stack(
                     [(padded[:, :, dy : dy + h, dx : dx + w] - emb).square_().sum(1) for dy, dx in offsets], 1
                 )
-            weights = torch.softmax(dist2.mul_(-1.0 / bandwidth**2), dim=1)
-        emb = _WeightedShifts.apply(padded, weights, offsets, h, w)
-    return emb
-    h, w = emb.shape[-2:]
-    offsets = [(dy, dx) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
-    for _ in range(iters):
-        padded = F.pad(emb, (radius,) * 4, mode="replicate")  # (B, D, h+2r, w+2r)
-        with torch.no_grad():
-            # (B, S, h, w): squared feature distance of every position to each of its S neighbours.
-            dist2 = torch.stack(
-                [(padded[:, :, dy : dy + h, dx : dx + w] - emb).square_().sum(1) for dy, dx in offsets], 1
-            )
             weights = torch.softmax(dist2.mul_(-1.0 / bandwidth**2), dim=1)
         emb = _WeightedShifts.apply(padded, weights, offsets, h, w)
     return emb

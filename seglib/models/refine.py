@@ -117,11 +117,7 @@ def fast_lane(
         full = tuple(rgb.shape[-2:])
         coarser = guide_scale > 1 and full[0] // guide_scale >= h and full[1] // guide_scale >= w
         guide = F.adaptive_avg_pool2d(rgb, (h, w)) if (h, w) != full else rgb
-        if (
-            coarser
-            and (full[0] // guide_scale, full[1] // guide_scale) == (h, w)
-            and full == (h * guide_scale, w * guide_scale)
-        ):
+        if coarser and full == (h * guide_scale, w * guide_scale):
             image = guide  # the filter runs at the probabilities' own grid
         else:
             image = F.avg_pool2d(rgb, guide_scale) if coarser else rgb
