@@ -90,16 +90,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _median_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        tic = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
+    return _paired_median_times({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def _paired_median_times(
