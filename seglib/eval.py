@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refinement lane (default: the model's)",
     )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="soft k-means iterations of the head (default: the model's; the bundled model uses 1)",
+    )
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     p.add_argument("--proxies", action="store_true", help="also compute label-free proxy metrics for the model")
     p.add_argument("--per-image", action="store_true", help="include per-image rows in the printed JSON")
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model_file(args.checkpoint).to(device)
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
     kwargs = {"lane": args.lane} if args.lane else {}
+    if args.iters is not None:
+        if args.iters < 0:
+            raise SystemExit(f"--iters must be 0 or more, got {args.iters}")
+        kwargs["iters"] = args.iters
 
     tic = time.perf_counter()
     if args.synthetic:
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint or ("bundled default" if model is not None else None),
         "k": args.k,
         "ignore": ignore,
+        "head_iters": args.iters if args.iters is not None else getattr(getattr(model, "head", None), "iters", None),
         "n_images": len(result["per_image"]),
         "skipped": result["skipped"],
         "seconds": round(time.perf_counter() - tic, 1),

@@ -61,11 +61,27 @@ STUDENT_SYNTHETIC_CPU: dict = {
 # The bundled default student: distilled on the real development tiles (no labels), shrunk by 2
 # (block means), and it runs on images shrunk by 2: on the Dubai development tiles every model
 # tried scored higher at half resolution (docs/results.md). About 2 minutes on 1 CPU thread.
+# Two settings differ from the synthetic recipe, both measured over training seeds 0/1/2:
+# * its head runs 1 soft k-means iteration, not 3. In most real tiles one class (Land) covers
+#   half the image and the others are small; more iterations pull prototypes into the big class
+#   and split it. On the development tiles 1 iteration scored higher than 3 for 16 of the 17
+#   models tried (students and teachers; +0.002 to +0.011 mIoU, the other -0.003), but 0.04
+#   lower on the balanced synthetic test set, so only this recipe uses it;
+# * the exported weights are an average over the last steps (ema_decay 0.995): mean mIoU over
+#   the three seeds +0.0016, spread 0.003 instead of 0.006.
 STUDENT_DUBAI_CPU: dict = {
     "stage": "student",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
-    "student": {**FAST_STUDENT, "downsample": 2},
-    "train": {"steps": 1500, "lr": 2e-3, "warmup": 50, "checkpoint_every": 250, "image_every": 100, "seed": 0},
+    "student": {**FAST_STUDENT, "downsample": 2, "head_iters": 1},
+    "train": {
+        "steps": 1500,
+        "lr": 2e-3,
+        "warmup": 50,
+        "checkpoint_every": 250,
+        "image_every": 100,
+        "seed": 0,
+        "ema_decay": 0.995,
+    },
 }
 
 RECIPES = {
