@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint or ("bundled default" if model is not None else None),
         "k": args.k,
         "ignore": ignore,
-        "head_iters": args.iters if args.iters is not None else getattr(getattr(model, "head", None), "iters", None),
+        "head_iters": args.iters if args.iters is not None or model is None else model.head.iters,
         "n_images": len(result["per_image"]),
         "skipped": result["skipped"],
         "seconds": round(time.perf_counter() - tic, 1),

@@ -61,7 +61,7 @@ STUDENT_SYNTHETIC_CPU: dict = {
 # The bundled default student: distilled on the real development tiles (no labels), shrunk by 2
 # (block means), and it runs on images shrunk by 2: on the Dubai development tiles every model
 # tried scored higher at half resolution (docs/results.md). About 2 minutes on 1 CPU thread.
-# Two settings differ from the synthetic recipe, both measured over training seeds 0/1/2:
+# Two settings differ from the synthetic student recipe (measurements in docs/results.md):
 # * its head runs 1 soft k-means iteration, not 3. In most real tiles one class (Land) covers
 #   half the image and the others are small; more iterations pull prototypes into the big class
 #   and split it. On the development tiles 1 iteration scored higher than 3 for 16 of the 17
