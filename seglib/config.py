@@ -66,6 +66,7 @@ class EncoderConfig:
 class HeadConfig:
     iters: int = 6  # soft k-means EM iterations
     temperature: float = 0.1  # softmax temperature on squared distances
+    size_prior: float = 0.0  # weight of log(cluster share) added to the final logits (0: off)
     init_pool: int = 2  # farthest-point initialisation runs on embeddings pooled by this factor
     denoise_iters: int = 5  # feature-space bilateral filter passes before clustering (0: off)
     denoise_radius: int = 2  # its neighbourhood radius, in embedding cells
@@ -184,6 +185,7 @@ class StudentConfig:
     denoise_radius: int = 2
     denoise_dilations: tuple[int, ...] = (1,)
     head_iters: int = 6  # soft k-means iterations at inference
+    size_prior: float = 0.0  # the head's size prior at inference (HeadConfig.size_prior)
     downsample: int = 0  # 1 or 2: the student reads the image shrunk by this factor; 0: the teacher's
     smooth_iters: int = 0
     guide_scale: int = 2  # the guided filter runs at 1/guide_scale of the input resolution

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="soft k-means iterations of the head (default: the model's; the bundled model uses 1)",
     )
+    p.add_argument(
+        "--size-prior",
+        type=float,
+        default=None,
+        help="weight of log(cluster share) in the head's final assignment (default: the model's; "
+        "the bundled model uses 3, 0 turns it off)",
+    )
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init baseline")
     p.add_argument("--proxies", action="store_true", help="also compute label-free proxy metrics for the model")
     p.add_argument("--per-image", action="store_true", help="include per-image rows in the printed JSON")
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.iters < 0:
             raise SystemExit(f"--iters must be 0 or more, got {args.iters}")
         kwargs["iters"] = args.iters
+    if args.size_prior is not None:
+        if not args.size_prior >= 0:
+            raise SystemExit(f"--size-prior must be 0 or more, got {args.size_prior}")
+        kwargs["size_prior"] = args.size_prior
 
     tic = time.perf_counter()
     if args.synthetic:
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
         "ignore": ignore,
         "head_iters": args.iters if args.iters is not None or model is None else model.head.iters,
+        "size_prior": args.size_prior if args.size_prior is not None or model is None else model.head.size_prior,
         "n_images": len(result["per_image"]),
         "skipped": result["skipped"],
         "seconds": round(time.perf_counter() - tic, 1),

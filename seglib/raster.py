@@ -11,10 +11,10 @@ A 20000 x 20000 raster is never read whole. The algorithm:
    once, per band, from a decimated overview read (rasterio ``out_shape``, at most ~1 Mpx) and
    the same linear stretch is applied to every window (``BandStretch``). Band selection follows
    ``seglib.io``: 1 band is replicated, 4 bands use the first 3, 2 or more than 4 are rejected.
-2. **Global prototypes.** The window grid of step 3 is sampled (a seeded subset spread over the
-   raster, up to ``fit_windows`` windows and ``fit_pixels`` pixels) and ``model.fit_prototypes``
-   fits one set of K prototypes jointly over them. Every window is then assigned to those
-   prototypes, so cluster ``i`` means the same thing everywhere in the raster.
+2. **Global clusters.** The window grid of step 3 is sampled (a seeded subset spread over the
+   raster, up to ``fit_windows`` windows and ``fit_pixels`` pixels) and ``model.fit_clusters``
+   fits one set of K prototypes (and the head's size-prior offsets) jointly over them. Every
+   window is then assigned to those clusters, so cluster ``i`` means the same thing everywhere.
 3. **Overlapping windows, blended.** Windows of ``tile`` pixels (a multiple of the model's
    stride) overlap by at least ``overlap`` pixels; their starts are spread evenly and snapped to
    the stride so the model's pixel grid lines up with the whole-image grid. Each window's
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .inference import model_stride, to_tensor
 from .io import ImageReadError
-from .models.head import check_k
+from .models.head import Clusters, check_k
 
 __all__ = [
     "DEFAULT_TILE",
@@ -59,7 +59,7 @@ __all__ = [
     "check_tiling",
     "axis_windows",
     "axis_weights",
-    "fit_prototypes",
+    "fit_clusters",
     "iter_blended",
     "segment_source",
     "segment_raster",
@@ -71,7 +71,7 @@ LANES = ("fast", "learned", "none")
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
 OVERVIEW_PIXELS = 1 << 20  # the stretch's percentiles come from an overview of at most ~1 Mpx
-FIT_PIXELS = 4 << 20  # pixels of the sampled windows the prototypes are fitted on, at most
+FIT_PIXELS = 4 << 20  # pixels of the sampled windows the clusters are fitted on, at most
 GDAL_CACHE_MB = 64  # GDAL's block cache (default: 5% of RAM) while a raster is segmented
 
 
@@ -328,7 +328,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def fit_prototypes(
+def fit_clusters(
     model: torch.nn.Module,
     source: Source,
     k: int,
@@ -338,8 +338,9 @@ def fit_prototypes(
     fit_windows: int = 16,
     fit_pixels: int = FIT_PIXELS,
     seed: int = 0,
-) -> torch.Tensor:
-    """Prototypes (1, K, D) fitted jointly over a seeded, spread-out sample of the window grid.
+) -> Clusters:
+    """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over a seeded,
+    spread-out sample of the window grid.
 
     Up to ``fit_windows`` windows of the tile size, but no more than ``fit_pixels`` pixels in
     all: the fit holds every sampled window in the model at once, so this budget bounds its
@@ -359,7 +360,7 @@ def fit_prototypes(
     windows = [grid[i] for i in pick]
     reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in windows]
     batch = torch.cat([_pad(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
-    return model.fit_prototypes(batch.to(_device(model)), k)
+    return model.fit_clusters(batch.to(_device(model)), k)
 
 
 @torch.no_grad()
@@ -367,7 +368,7 @@ def iter_blended(
     model: torch.nn.Module,
     source: Source,
     k: int,
-    prototypes: torch.Tensor,
+    clusters: Clusters,
     *,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
@@ -398,14 +399,14 @@ def iter_blended(
     rows_of, last_row = cover(ys, lh, cuts_y)
     cols_of, last_col = cover(xs, lw, cuts_x)
     device = _device(model)
-    prototypes = prototypes.to(device)
+    clusters = Clusters(*(None if t is None else t.to(device) for t in clusters))
     pending: dict[tuple[int, int], np.ndarray] = {}  # cell -> blended probs so far (K, ch, cw)
     with tqdm(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
         for r, y in enumerate(ys):
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
                 rgb = _pad(to_tensor(source.read(y, x, h, w)), m).to(device)  # (1, 3, lh, lw)
-                out = model(rgb, k, lane=lane, prototypes=prototypes)["probs"]  # (1, K, lh, lw)
+                out = model(rgb, k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
                 probs = out[0, :, :h, :w].float().cpu().numpy()  # (K, h, w), padding cropped
                 probs *= wy[r][:h, None] * wx[c][None, :w]
                 for i in rows_of[r]:
@@ -430,32 +431,32 @@ def segment_source(
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     lane: str | None = None,
-    prototypes: torch.Tensor | None = None,
+    clusters: Clusters | None = None,
     fit_windows: int = 16,
     fit_pixels: int = FIT_PIXELS,
     seed: int = 0,
     probs_out: np.ndarray | None = None,
     progress: bool = False,
-) -> torch.Tensor:
-    """Segment ``source`` window by window; returns the prototypes (1, K, D) it used.
+) -> Clusters:
+    """Segment ``source`` window by window; returns the clusters it used.
 
     Arguments:
       write_rows: called as ``write_rows(y, labels)`` with uint8 labels (h, width) for rows
         y..y+h, top to bottom, as soon as they are final.
-      prototypes: (1, K, D); fitted with ``fit_prototypes`` from sampled windows when None.
+      clusters: fitted with ``fit_clusters`` from sampled windows when None.
       probs_out: optional (K, H, W) float32 array that receives the blended probabilities.
     """
     k = check_k(k)
     check_lane(lane)
     for note in source.stretch.notes:
         log.info("%s: %s", Path(source.name).name, note)
-    if prototypes is None:
-        prototypes = fit_prototypes(
+    if clusters is None:
+        clusters = fit_clusters(
             model, source, k, tile=tile, overlap=overlap, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed
         )
     rows: dict[int, list] = {}  # y -> [labels (h, width) uint8, columns filled]
     for y, x, probs in iter_blended(
-        model, source, k, prototypes, tile=tile, overlap=overlap, lane=lane, progress=progress
+        model, source, k, clusters, tile=tile, overlap=overlap, lane=lane, progress=progress
     ):
         h, w = probs.shape[1:]
         if probs_out is not None:
@@ -465,7 +466,7 @@ def segment_source(
         row[1] += w
         if row[1] == source.width:
             write_rows(y, rows.pop(y)[0])
-    return prototypes
+    return clusters
 
 
 def _label_profile(src_profile: dict, height: int, width: int) -> dict:
@@ -490,7 +491,7 @@ def segment_raster(
     fit_windows: int = 16,
     fit_pixels: int = FIT_PIXELS,
     seed: int = 0,
-    prototypes: torch.Tensor | None = None,
+    clusters: Clusters | None = None,
     progress: bool = True,
 ) -> Path:
     """Segment the raster at ``path`` into ``k`` clusters; write uint8 labels to ``output``.
@@ -523,7 +524,7 @@ def segment_raster(
                     tile=tile,
                     overlap=overlap,
                     lane=lane,
-                    prototypes=prototypes,
+                    clusters=clusters,
                     fit_windows=fit_windows,
                     fit_pixels=fit_pixels,
                     seed=seed,

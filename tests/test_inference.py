@@ -103,7 +103,7 @@ def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samp
     names, tiles = load_labelled_folder(SAMPLE_IMAGES, SAMPLE_MASKS)
     result = evaluate_tiles(model, tiles, k="present", ignore=(5, 255), names=names)
     assert result["model"]["n_images"] == 3
-    assert result["model"]["miou"] == pytest.approx(0.4382, abs=0.01)
+    assert result["model"]["miou"] == pytest.approx(0.4090, abs=0.01)
     assert result["rgb_kmeans"]["miou"] == pytest.approx(0.3989, abs=0.01)
 
 
@@ -121,37 +121,44 @@ def test_cli_without_checkpoint_uses_the_bundled_model(tmp_path):
     assert len(np.unique(labels)) == 5
 
 
-def test_eval_cli_scores_the_bundled_model_beside_rgb_kmeans_with_its_own_head_iterations(tmp_path):
+def test_eval_cli_scores_the_bundled_model_beside_rgb_kmeans_with_its_own_head_settings(tmp_path):
     """``python -m seglib.eval`` on the sample tiles by the data README's convention: the
-    bundled model with the head iterations stored in it (1), the same model with ``--iters 3``,
-    and RGB k-means in the same run; the JSON report says which head setting gave the number."""
+    bundled model with the head settings stored in it (1 iteration, size prior 3), the same
+    model with ``--iters 3`` and with ``--size-prior 0``, and RGB k-means in the same run; the
+    JSON report says which head settings gave the number."""
     import json
 
     from seglib.eval import main as eval_main
     from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
 
     reports = {}
-    for iters in (None, 3):
-        out = tmp_path / f"eval_{iters}.json"
+    for name, extra in (("stored", []), ("three", ["--iters", "3"]), ("no_prior", ["--size-prior", "0"])):
+        out = tmp_path / f"eval_{name}.json"
         argv = ["--images", str(SAMPLE_IMAGES), "--masks", str(SAMPLE_MASKS), "--k", "present"]
         argv += ["--ignore", "5,255", "--no-random-init", "--threads", "1", "--out", str(out)]
-        assert eval_main(argv + (["--iters", str(iters)] if iters else [])) == 0
-        reports[iters] = json.loads(out.read_text())
-    stored, three = reports[None], reports[3]
-    assert stored["head_iters"] == 1 and three["head_iters"] == 3
+        assert eval_main(argv + extra) == 0
+        reports[name] = json.loads(out.read_text())
+    stored, three, no_prior = reports["stored"], reports["three"], reports["no_prior"]
+    assert (stored["head_iters"], stored["size_prior"]) == (1, 3.0)
+    assert (three["head_iters"], three["size_prior"]) == (3, 3.0)
+    assert (no_prior["head_iters"], no_prior["size_prior"]) == (1, 0.0)
     assert stored["n_images"] == 3 and stored["skipped"] == []
-    assert stored["model"]["miou"] == pytest.approx(0.4382, abs=0.01)  # as the Python API test
-    assert stored["model"]["miou"] != three["model"]["miou"]  # the override reached the head
-    assert stored["rgb_kmeans"] == three["rgb_kmeans"]  # the baseline does not depend on it
+    assert stored["model"]["miou"] == pytest.approx(0.4090, abs=0.01)  # as the Python API test
+    # The same weights without the prior: the number this test pinned before the prior existed.
+    assert no_prior["model"]["miou"] == pytest.approx(0.4382, abs=0.01)
+    assert stored["model"]["miou"] != three["model"]["miou"]  # the overrides reached the head
+    assert stored["rgb_kmeans"] == three["rgb_kmeans"] == no_prior["rgb_kmeans"]  # the baseline ignores them
     gap = stored["model"]["miou"] - stored["rgb_kmeans"]["miou"]
     assert stored["model_minus_rgb_kmeans"] == pytest.approx(gap, abs=1e-4)
 
 
-def test_eval_cli_rejects_negative_iterations():
+def test_eval_cli_rejects_negative_head_settings():
     from seglib.eval import main as eval_main
 
     with pytest.raises(SystemExit, match="--iters must be 0 or more"):
         eval_main(["--synthetic", "--iters", "-1"])
+    with pytest.raises(SystemExit, match="--size-prior must be 0 or more"):
+        eval_main(["--synthetic", "--size-prior", "-1"])
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -101,6 +101,25 @@ def test_head_recovers_separated_clusters():
     assert pred.unique().numel() == 3
 
 
+def test_size_prior_gives_ambiguous_points_to_the_larger_cluster():
+    """Two fixed prototypes at 0 and 1 on a line, 90 points at 0, 10 at 1, one at 0.5: without
+    the prior the midpoint is a coin toss; with it, the offsets are size_prior * log(share) and
+    the midpoint goes to the big cluster. Points near a prototype stay where they were."""
+    x = torch.cat([torch.zeros(90), torch.ones(10), torch.tensor([0.5])])[None, None]  # (1, 1, 101)
+    init = torch.tensor([[[0.0], [1.0]]])
+    plain = soft_kmeans(x, 2, iters=0, temperature=0.1, init=init)
+    prior = soft_kmeans(x, 2, iters=0, temperature=0.1, init=init, size_prior=3.0)
+    assert plain.bias is None
+    torch.testing.assert_close(plain.probs[0, :, -1], torch.tensor([0.5, 0.5]))
+    share = plain.probs[0].mean(1)
+    torch.testing.assert_close(prior.bias[0], 3.0 * (share + 1e-6).log())
+    assert prior.probs[0, 0, -1] > 0.99  # 3 * log(0.9 / 0.1) = 6.6 nats for the big cluster
+    assert torch.equal(prior.probs[0, :, :100].argmax(0), plain.probs[0, :, :100].argmax(0))
+    # Given offsets are used as they are: the same assignment without measuring the shares.
+    again = soft_kmeans(x[..., -1:], 2, iters=0, temperature=0.1, init=init, bias=prior.bias)
+    torch.testing.assert_close(again.probs[0, :, 0], prior.probs[0, :, -1])
+
+
 def test_head_group_shares_prototypes():
     head = SoftKMeans(iters=3)
     emb = torch.randn(4, 8, 6, 6)

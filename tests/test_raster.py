@@ -24,7 +24,7 @@ from seglib.raster import (
     axis_weights,
     axis_windows,
     check_tiling,
-    fit_prototypes,
+    fit_clusters,
     segment_raster,
     segment_source,
 )
@@ -190,14 +190,18 @@ def test_geotiff_output_keeps_crs_transform_and_size(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))  # the temporary file was renamed
 
 
-def test_windowed_labels_match_whole_image_labels():
-    """With shared prototypes, a window-consistent model gives the same labels windowed (192 px
-    windows, at least 64 px overlap) as in one piece, up to a few boundary pixels."""
+@pytest.mark.parametrize("size_prior", [0.0, 3.0])
+def test_windowed_labels_match_whole_image_labels(size_prior):
+    """With shared clusters, a window-consistent model gives the same labels windowed (192 px
+    windows, at least 64 px overlap) as in one piece, up to a few boundary pixels; with a size
+    prior, its offsets are measured once on the fitting sample and shared too."""
     model, img, k = LocalTeacher(), smooth_image(448, seed=1), 5
+    model.head.size_prior = size_prior
     source = ArraySource(img)
-    protos = fit_prototypes(model, source, k, tile=192, overlap=64)
-    windowed, chunks = collect(model, source, k, tile=192, overlap=64, prototypes=protos)
-    whole = predict_probs(model, to_tensor(img), k, prototypes=protos)[0].argmax(0).numpy()
+    protos = fit_clusters(model, source, k, tile=192, overlap=64)
+    assert (protos.bias is None) == (size_prior == 0)
+    windowed, chunks = collect(model, source, k, tile=192, overlap=64, clusters=protos)
+    whole = predict_probs(model, to_tensor(img), k, clusters=protos)[0].argmax(0).numpy()
     assert len(axis_windows(448, 192, 64, 4)[0]) >= 3  # really a grid of windows
     agreement = (match_labels(windowed, whole) == whole).mean()
     assert agreement >= 0.99, agreement
@@ -218,9 +222,10 @@ def test_bundled_model_windowed_labels_match_whole_image_labels(tile, overlap):
     model = seglib.load_model()
     img, _ = read_image(sorted(SAMPLE_IMAGES.iterdir())[0])  # 797 x 644
     source, k = ArraySource(img), 6
-    protos = fit_prototypes(model, source, k, tile=tile, overlap=overlap)
-    windowed, _ = collect(model, source, k, tile=tile, overlap=overlap, prototypes=protos)
-    whole = predict_probs(model, to_tensor(img), k, prototypes=protos)[0].argmax(0).numpy()
+    protos = fit_clusters(model, source, k, tile=tile, overlap=overlap)
+    assert protos.bias is not None and protos.bias.shape == (1, k)  # the bundled size prior
+    windowed, _ = collect(model, source, k, tile=tile, overlap=overlap, clusters=protos)
+    whole = predict_probs(model, to_tensor(img), k, clusters=protos)[0].argmax(0).numpy()
     assert (windowed == whole).mean() >= 0.99
 
 
@@ -228,12 +233,12 @@ def test_single_window_equals_the_whole_image_path():
     """An image within one tile goes through the model exactly once: identical probabilities."""
     model, img = tiny_teacher(), smooth_image(96, seed=2)
     source = ArraySource(img)
-    protos = fit_prototypes(model, source, 3, tile=128, overlap=16)
+    protos = fit_clusters(model, source, 3, tile=128, overlap=16)
     probs = np.zeros((3, 96, 96), np.float32)
     segment_source(
-        model, source, 3, write_rows=lambda y, r: None, tile=128, overlap=16, prototypes=protos, probs_out=probs
+        model, source, 3, write_rows=lambda y, r: None, tile=128, overlap=16, clusters=protos, probs_out=probs
     )
-    whole = predict_probs(model, to_tensor(img), 3, prototypes=protos)[0].numpy()
+    whole = predict_probs(model, to_tensor(img), 3, clusters=protos)[0].numpy()
     np.testing.assert_allclose(probs, whole, atol=1e-5)
 
 
@@ -249,20 +254,20 @@ def test_rows_are_written_once_in_order_and_probabilities_sum_to_one():
     np.testing.assert_array_equal(labels, probs.argmax(0))
 
 
-def test_prototypes_come_from_a_seeded_bounded_sample():
+def test_clusters_come_from_a_seeded_bounded_sample():
     model, img = tiny_teacher(), smooth_image(256, seed=5)
     seen = []
-    fit = model.fit_prototypes
+    fit = model.fit_clusters
 
     def spy(rgb, k, **kw):
         seen.append(rgb.shape)
         return fit(rgb, k, **kw)
 
-    model.fit_prototypes = spy
-    a = fit_prototypes(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
-    b = fit_prototypes(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
+    model.fit_clusters = spy
+    a = fit_clusters(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
+    b = fit_clusters(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
     assert seen[0] == (5, 3, 64, 64)  # 5 of the 25 windows, at the tile size
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.prototypes, b.prototypes)
 
 
 def test_truncated_geotiff_fails_with_its_name_and_leaves_no_output(tmp_path):

@@ -9,6 +9,10 @@ repeated ``iters`` times. Squared distances use the matmul form
 ``||x||^2 - 2 x.mu + ||mu||^2`` so no (B, K, D, N) tensor ever exists: memory is
 O(B*K*N + B*D*N). Gradients flow through every iteration into the embeddings.
 
+Optionally (``size_prior`` > 0) the final assignment adds a per-cluster offset
+``size_prior * log(share_k)``, where ``share_k`` is the fraction of positions cluster k holds:
+positions between two clusters go to the larger one (docs/design.md).
+
 Before clustering, the embeddings can be denoised by a few iterations of an edge-preserving
 (bilateral) filter in feature space: every position moves to the mean of its neighbours within
 ``denoise_radius`` cells, weighted by exp(-||x_i - x_j||^2 / bandwidth^2). Positions of one
@@ -28,6 +32,7 @@ differences of O(1) numbers, which bf16's 8-bit mantissa would blur.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,17 @@ from torch import nn
 
 from .layers import inference_numerics
 
-__all__ = ["SoftKMeans", "HeadOutput", "K_MIN", "K_MAX", "check_k", "farthest_point_init", "soft_kmeans", "denoise"]
+__all__ = [
+    "SoftKMeans",
+    "HeadOutput",
+    "Clusters",
+    "K_MIN",
+    "K_MAX",
+    "check_k",
+    "farthest_point_init",
+    "soft_kmeans",
+    "denoise",
+]
 
 K_MIN, K_MAX = 2, 16
 
@@ -63,6 +78,14 @@ class HeadOutput:
     logits: torch.Tensor  # same shape as probs
     prototypes: torch.Tensor  # (B, K, D)
     clustered: torch.Tensor | None = None  # (B, D, h, w): the (denoised) embeddings clustered
+    bias: torch.Tensor | None = None  # (B, K): the size prior's logit offsets; None without one
+
+
+class Clusters(NamedTuple):
+    """K clusters fitted once and shared, e.g. by every window of a large raster."""
+
+    prototypes: torch.Tensor  # (1, K, D)
+    bias: torch.Tensor | None = None  # (1, K): per-cluster logit offsets of the size prior, or None
 
 
 def farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -160,9 +183,14 @@ def soft_kmeans(
     iters: int,
     temperature: float,
     init: torch.Tensor,
+    size_prior: float = 0.0,
+    bias: torch.Tensor | None = None,
 ) -> HeadOutput:
     """EM on ``x`` (B, D, N) from initial prototypes ``init`` (B, K, D).
 
+    ``size_prior`` > 0 adds ``size_prior * log(share)`` to the final logits, the share of
+    each cluster measured from the final assignment without it (no gradient: a constant
+    offset). ``bias`` (B or 1, K) gives those offsets directly instead (shared clusters).
     Returns probs and logits as (B, K, N). Positions are the last axis throughout: the
     distance matmul is then (K x D) @ (D x N) and the softmax runs over a short axis of
     contiguous rows, both several times faster on CPU than the (N, K) layout.
@@ -183,7 +211,12 @@ def soft_kmeans(
         # A cluster that lost all mass keeps its previous prototype instead of dividing by 0.
         mu = torch.where(mass > 1e-6, torch.bmm(r, x.transpose(1, 2)) / mass.clamp_min(1e-6), mu)
     logits, r = assign(mu)
-    return HeadOutput(probs=r, logits=logits, prototypes=mu)
+    if bias is None and size_prior:
+        bias = size_prior * (r.detach().mean(2) + 1e-6).log()  # (B, K)
+    if bias is not None:
+        logits = logits + bias.float()[..., None]
+        r = logits.softmax(1)
+    return HeadOutput(probs=r, logits=logits, prototypes=mu, bias=bias)
 
 
 class SoftKMeans(nn.Module):
@@ -192,6 +225,7 @@ class SoftKMeans(nn.Module):
     Arguments:
       iters: EM iterations after initialisation.
       temperature: softmax temperature on squared distances (smaller = harder assignments).
+      size_prior: weight of log(cluster share) added to the final logits (0: off).
       init_pool: farthest-point initialisation works on embeddings pooled by this factor,
         which keeps it cheap and away from single-pixel outliers.
       denoise_iters, denoise_radius, denoise_bandwidth, denoise_dilations: the feature-space bilateral filter
@@ -203,6 +237,7 @@ class SoftKMeans(nn.Module):
         *,
         iters: int = 6,
         temperature: float = 0.1,
+        size_prior: float = 0.0,
         init_pool: int = 2,
         denoise_iters: int = 5,
         denoise_radius: int = 2,
@@ -211,6 +246,7 @@ class SoftKMeans(nn.Module):
     ):
         super().__init__()
         self.iters, self.temperature, self.init_pool = iters, temperature, init_pool
+        self.size_prior = size_prior
         self.denoise_iters, self.denoise_radius, self.denoise_bandwidth = (
             denoise_iters,
             denoise_radius,
@@ -227,37 +263,42 @@ class SoftKMeans(nn.Module):
         *,
         iters: int | None = None,
         temperature: float | None = None,
+        size_prior: float | None = None,
         group: int = 1,
-        prototypes: torch.Tensor | None = None,
+        clusters: Clusters | None = None,
     ) -> HeadOutput:
         """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image.
 
         ``group`` > 1 fits one set of prototypes jointly over ``group`` images: images
         ``i, i + B/group, i + 2B/group, ...`` share prototypes (used for the two training
         views, so their assignments are comparable cluster by cluster).
-        ``prototypes`` (B or 1, K, D), when given, are used as they are: no fitting, one
-        assignment step (how windows of a large raster share one set of clusters).
-        Returns probs and logits as (B, K, h, w) and prototypes as (B, K, D).
+        ``clusters`` (prototypes (B or 1, K, D) and their size-prior offsets), when given, are
+        used as they are: no fitting, one assignment step (how windows of a large raster share
+        one set of clusters).
+        Returns probs and logits as (B, K, h, w), prototypes as (B, K, D) and bias as (B, K).
         """
         k = check_k(k)
         iters = self.iters if iters is None else iters
         temperature = self.temperature if temperature is None else temperature
+        size_prior = self.size_prior if size_prior is None else size_prior
         b, d, h, w = emb.shape
         if b % group:
             raise ValueError(f"batch {b} is not divisible by group {group}")
         bg = b // group
         with torch.autocast(device_type=emb.device.type, enabled=False):
             emb = self.denoise(emb.float())
-            if prototypes is not None:
-                if prototypes.shape[-2:] != (k, d):
-                    raise ValueError(f"prototypes must be (B, {k}, {d}), got {tuple(prototypes.shape)}")
-                protos = prototypes.float().expand(b, -1, -1)
-                out = soft_kmeans(emb.flatten(2), k, iters=0, temperature=temperature, init=protos)
+            if clusters is not None:
+                if clusters.prototypes.shape[-2:] != (k, d):
+                    raise ValueError(f"prototypes must be (B, {k}, {d}), got {tuple(clusters.prototypes.shape)}")
+                protos = clusters.prototypes.float().expand(b, -1, -1)
+                bias = None if clusters.bias is None else clusters.bias.expand(b, -1)
+                out = soft_kmeans(emb.flatten(2), k, iters=0, temperature=temperature, init=protos, bias=bias)
                 return HeadOutput(
                     probs=out.probs.reshape(b, k, h, w),
                     logits=out.logits.reshape(b, k, h, w),
                     prototypes=protos,
                     clustered=emb,
+                    bias=bias,
                 )
             # (G*Bg, D, h, w) -> (Bg, D, G*h*w): positions of grouped images side by side.
             x = emb.reshape(group, bg, d, h * w).permute(1, 2, 0, 3).reshape(bg, d, group * h * w)
@@ -268,13 +309,16 @@ class SoftKMeans(nn.Module):
             xp = pooled.reshape(group, bg, d, ph * pw).permute(1, 2, 0, 3).reshape(bg, d, group * ph * pw)
             idx = farthest_point_init(xp, k)  # (Bg, K)
             init = torch.gather(xp, 2, idx[:, None, :].expand(-1, d, -1)).transpose(1, 2)  # (Bg, K, D)
-            out = soft_kmeans(x, k, iters=iters, temperature=temperature, init=init)
+            out = soft_kmeans(x, k, iters=iters, temperature=temperature, init=init, size_prior=size_prior)
 
         def ungroup(t: torch.Tensor) -> torch.Tensor:  # (Bg, K, G*h*w) -> (B, K, h, w)
             return t.reshape(bg, k, group, h, w).permute(2, 0, 1, 3, 4).reshape(b, k, h, w)
 
         protos = out.prototypes[None].expand(group, -1, -1, -1).reshape(b, k, d)
-        return HeadOutput(probs=ungroup(out.probs), logits=ungroup(out.logits), prototypes=protos, clustered=emb)
+        bias = None if out.bias is None else out.bias[None].expand(group, -1, -1).reshape(b, k)
+        return HeadOutput(
+            probs=ungroup(out.probs), logits=ungroup(out.logits), prototypes=protos, clustered=emb, bias=bias
+        )
 
     def denoise(self, emb: torch.Tensor) -> torch.Tensor:
         """The head's feature-space bilateral filter with its configured strength."""

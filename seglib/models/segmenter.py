@@ -5,6 +5,7 @@ the refinement lanes and the forward contract. Subclasses only say how to embed 
     out["probs"]        # (B, K, H, W), sums to 1 over K; argmax gives the labels
     out["embeddings"]   # (B, D, H/4, W/4) for downsample 1 (H/8 for downsample 2)
     out["prototypes"]   # (B, K, D)
+    out["cluster_bias"] # (B, K) the size prior's logit offsets, or None without one
     out["logits"]       # (B, K, H/4, W/4) the head's logits (-squared distance / T)
     out["probs_coarse"] # (B, K, H/4, W/4) the head's probabilities before refinement
     out["features"]     # (B, F, H/4, W/4) the learned (unnormalised) features
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HeadConfig, RefineConfig
-from .head import SoftKMeans, check_k
+from .head import Clusters, SoftKMeans, check_k
 from .layers import inference_numerics
 from .refine import LANES, LearnedRefiner, fast_lane, none_lane
 
@@ -86,6 +87,7 @@ class Segmenter(nn.Module):
         self.head = SoftKMeans(
             iters=head.iters,
             temperature=head.temperature,
+            size_prior=head.size_prior,
             init_pool=head.init_pool,
             denoise_iters=head.denoise_iters,
             denoise_radius=head.denoise_radius,
@@ -138,12 +140,13 @@ class Segmenter(nn.Module):
         return F.avg_pool2d(rgb, ds) if ds > 1 else rgb
 
     @torch.no_grad()
-    def fit_prototypes(self, rgb: torch.Tensor, k: int, *, downsample: int | None = None) -> torch.Tensor:
-        """Prototypes (1, K, D) fitted jointly over all images of ``rgb`` (N, 3, H, W), e.g.
-        windows sampled from one large raster; pass them back as ``forward(..., prototypes=)``
-        so every window is labelled with the same clusters."""
+    def fit_clusters(self, rgb: torch.Tensor, k: int, *, downsample: int | None = None) -> Clusters:
+        """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over all images
+        of ``rgb`` (N, 3, H, W), e.g. windows sampled from one large raster; pass them back as
+        ``forward(..., clusters=)`` so every window is labelled with the same clusters."""
         emb, _ = self.embed(self._downsampled(rgb, downsample))
-        return self.head(emb, check_k(k), group=emb.shape[0]).prototypes[:1]
+        out = self.head(emb, check_k(k), group=emb.shape[0])
+        return Clusters(out.prototypes[:1], None if out.bias is None else out.bias[:1])
 
     def forward(
         self,
@@ -154,17 +157,18 @@ class Segmenter(nn.Module):
         downsample: int | None = None,
         iters: int | None = None,
         temperature: float | None = None,
+        size_prior: float | None = None,
         smooth_iters: int | None = None,
         group: int = 1,
-        prototypes: torch.Tensor | None = None,
+        clusters: Clusters | None = None,
         full_resolution: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
         Per-call overrides of the config: ``lane`` (fast | learned | none), ``downsample``
-        (1 or 2), ``iters`` and ``temperature`` of the head, ``smooth_iters`` of the fast lane.
-        ``group=2`` shares prototypes between image i and image i + B/2 (training views).
-        ``prototypes`` (1 or B, K, D) skips fitting and assigns to the given prototypes.
+        (1 or 2), ``iters``, ``temperature`` and ``size_prior`` of the head, ``smooth_iters`` of
+        the fast lane. ``group=2`` shares prototypes between image i and image i + B/2 (training
+        views). ``clusters`` (from ``fit_clusters``) skips fitting and assigns to them.
         ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of the
         result: training steps whose losses only read the stride-4 maps need nothing more.
         """
@@ -173,10 +177,13 @@ class Segmenter(nn.Module):
         if lane not in LANES:
             raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)}")
         emb, features = self.embed(self._downsampled(rgb, downsample))  # (B, D, h, w)
-        head = self.head(emb, k, iters=iters, temperature=temperature, group=group, prototypes=prototypes)
+        head = self.head(
+            emb, k, iters=iters, temperature=temperature, size_prior=size_prior, group=group, clusters=clusters
+        )
         out = {
             "embeddings": emb,
             "prototypes": head.prototypes,
+            "cluster_bias": head.bias,
             "logits": head.logits,
             "probs_coarse": head.probs,
             "features": features,

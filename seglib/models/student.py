@@ -149,6 +149,7 @@ class StudentModelConfig:
             head=dataclasses.replace(
                 m.head,
                 iters=st.head_iters,
+                size_prior=st.size_prior,
                 denoise_iters=st.denoise_iters,
                 denoise_radius=st.denoise_radius,
                 denoise_dilations=tuple(st.denoise_dilations),
