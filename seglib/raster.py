@@ -399,7 +399,7 @@ def iter_blended(
     rows_of, last_row = cover(ys, lh, cuts_y)
     cols_of, last_col = cover(xs, lw, cuts_x)
     device = _device(model)
-    clusters = Clusters(*(None if t is None else t.to(device) for t in clusters))
+    clusters = clusters.to(device)
     pending: dict[tuple[int, int], np.ndarray] = {}  # cell -> blended probs so far (K, ch, cw)
     with tqdm(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
         for r, y in enumerate(ys):

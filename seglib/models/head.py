@@ -87,6 +87,9 @@ class Clusters(NamedTuple):
     prototypes: torch.Tensor  # (1, K, D)
     bias: torch.Tensor | None = None  # (1, K): per-cluster logit offsets of the size prior, or None
 
+    def to(self, device: torch.device | str) -> Clusters:
+        return Clusters(self.prototypes.to(device), None if self.bias is None else self.bias.to(device))
+
 
 def farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (B, K) of K mutually far points of ``x`` (B, D, N); no gradient."""
