@@ -21,12 +21,12 @@ import torch
 from seglib.config import Config
 from seglib.data.synthetic import make_tile
 from seglib.device import set_threads
+from seglib.diagnostics import colour_embedding, head_objective
 from seglib.losses.teacher import entropy_terms
 from seglib.metrics import proxy_scores, segmentation_scores
 from seglib.models.head import SoftKMeans
 from seglib.models.refine import LearnedRefiner, fast_lane, none_lane
-from seglib.notebook_utils import colour_embedding, head_objective, label_image, show_images
-from seglib.viz import match_labels
+from seglib.viz import label_image, match_labels, show_images
 
 # %% tags=["parameters"]
 size = 128  # synthetic tile side in pixels (multiple of 4)

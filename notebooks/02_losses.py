@@ -28,8 +28,7 @@ from seglib.losses.teacher import (
     invariance_loss,
     variance_floor,
 )
-from seglib.notebook_utils import show_images
-from seglib.viz import soft_colour
+from seglib.viz import show_images, soft_colour
 
 # %% tags=["parameters"]
 size = 32  # side of the constructed maps and images (pixels)

@@ -26,14 +26,13 @@ from IPython import get_ipython
 from seglib.config import Config
 from seglib.data.synthetic import eval_set
 from seglib.device import resolve_device, set_threads
-from seglib.eval import evaluate_synthetic
-from seglib.evaluation import summarize
-from seglib.inference import predict_labels
+from seglib.evaluation import evaluate_synthetic, summarize
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
-from seglib.notebook_utils import label_image, plot_losses, run_folder, show_images, snapshots, teacher_overrides
-from seglib.train_distill import run
-from seglib.viz import match_labels
+from seglib.raster import predict_labels
+from seglib.runs import run_folder, snapshots, teacher_overrides
+from seglib.training.run import run
+from seglib.viz import label_image, match_labels, plot_losses, show_images
 
 # %% tags=["parameters"]
 run_name = "ci"  # runs/03_teacher_train/<run_name>/ holds the checkpoints, teacher.pt and the TensorBoard events
@@ -89,8 +88,8 @@ if show_tensorboard:
 # %% [markdown]
 # ## Training
 #
-# `seglib.train_distill.run` is the function the command line calls (`python -m seglib.train_distill`); it returns the
-# history, one value per step for every loss term.
+# `seglib.training.run.run` is the function the command line calls (`python -m seglib.train`); it returns the history,
+# one value per step for every loss term.
 
 # %%
 history = run(cfg, resume=resume)

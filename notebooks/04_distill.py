@@ -17,26 +17,19 @@
 import matplotlib.pyplot as plt
 import torch
 
+from seglib.bench import cpu_latency_ms
 from seglib.config import Config, merge
 from seglib.data.synthetic import eval_set, make_tile
 from seglib.device import resolve_device, set_threads
-from seglib.eval import evaluate_synthetic
-from seglib.inference import predict_labels
+from seglib.diagnostics import slice_maps
+from seglib.evaluation import evaluate_synthetic
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
-from seglib.notebook_utils import (
-    cpu_latency_ms,
-    label_image,
-    plot_losses,
-    resolve_teacher,
-    run_folder,
-    show_images,
-    slice_maps,
-    teacher_overrides,
-)
+from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
-from seglib.train_distill import run
-from seglib.viz import match_labels
+from seglib.runs import resolve_teacher, run_folder, teacher_overrides
+from seglib.training.run import run
+from seglib.viz import label_image, match_labels, plot_losses, show_images
 
 # %% tags=["parameters"]
 run_name = "ci"  # runs/04_distill/<run_name>/ holds student.pt, the checkpoints and the TensorBoard events
@@ -92,7 +85,7 @@ print(f"distillation: {cfg.distill}")
 # %% [markdown]
 # ## Training
 #
-# The same `run()` as the command line (`python -m seglib.train_distill --stage student ...`).
+# The same `run()` as the command line (`python -m seglib.train --stage student ...`).
 
 # %%
 history = run(cfg, resume=resume)

@@ -19,23 +19,15 @@ import numpy as np
 from seglib.config import Config, merge
 from seglib.data.synthetic import eval_set
 from seglib.device import resolve_device, set_threads
-from seglib.eval import evaluate_synthetic
-from seglib.inference import predict_labels
+from seglib.diagnostics import colour_probe_r2, reconstruct
+from seglib.evaluation import evaluate_synthetic
+from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
-from seglib.notebook_utils import (
-    colour_probe_r2,
-    label_image,
-    load_decoder,
-    plot_losses,
-    reconstruct,
-    resolve_teacher,
-    run_folder,
-    show_images,
-    teacher_overrides,
-)
+from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
-from seglib.train_distill import run
-from seglib.viz import match_labels
+from seglib.runs import resolve_teacher, run_folder, teacher_overrides
+from seglib.training.run import run
+from seglib.viz import label_image, match_labels, plot_losses, show_images
 
 # %% tags=["parameters"]
 run_name = "ci"  # runs/05_autoencoder/<run_name>/{with_ae,without_ae}/ hold the two students
@@ -102,8 +94,8 @@ for variant, enabled in [("with_ae", True), ("without_ae", False)]:
 # %%
 run_device = resolve_device(device)
 tiles = eval_set(eval_images, eval_size, eval_seed)
-decoder, ae = load_decoder(run_dir / "with_ae")
-recons = [reconstruct(students["with_ae"], decoder, ae, t.rgb) for t in tiles]
+decoder = ReconstructionDecoder.from_checkpoint(run_dir / "with_ae" / "decoder_training_only.pt")
+recons = [reconstruct(students["with_ae"], decoder, t.rgb) for t in tiles]
 scores = {}
 for variant, student in students.items():
     result = evaluate_synthetic(student.to(run_device), n=eval_images, size=eval_size, seed=eval_seed)

@@ -8,8 +8,8 @@
 #    cluster utilisation, speckle, boundary density) pick what ground truth picks?
 # 3. What does the model do on real aerial tiles (the three samples shipped with the package) beside their masks?
 #
-# and, at the end, an interactive explorer (tile, K, refinement lane, temperature) over `seglib.notebook_utils.explore`,
-# a pure function this notebook also calls directly.
+# and, at the end, an interactive explorer (tile, K, refinement lane, temperature) over `seglib.evaluation.explore`, a
+# pure function this notebook also calls directly.
 #
 # **Which model.** `checkpoint` when given (a teacher or student checkpoint, evaluated alone). Otherwise the snapshots
 # of notebook 03's run `teacher_run`; if that run is absent, the same teacher is trained here first with 03's recipe
@@ -23,28 +23,16 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
 from seglib.baselines import rgb_kmeans
-from seglib.config import Config
+from seglib.config import LANES, Config
 from seglib.data.synthetic import eval_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.device import resolve_device, set_threads
-from seglib.evaluation import evaluate_tiles, k_sweep, summarize
-from seglib.models import load_model_file
-from seglib.models.refine import LANES
-from seglib.notebook_utils import (
-    explore,
-    explorer,
-    label_image,
-    proxy_picks,
-    resolve_teacher,
-    run_folder,
-    scores_with_proxies,
-    show_images,
-    snapshots,
-    teacher_overrides,
-)
+from seglib.evaluation import evaluate_tiles, explore, explorer, k_sweep, proxy_picks, scores_with_proxies, summarize
+from seglib.models import load_model
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
-from seglib.train_distill import run
-from seglib.viz import match_labels
+from seglib.runs import resolve_teacher, run_folder, snapshots, teacher_overrides
+from seglib.training.run import run
+from seglib.viz import label_image, match_labels, show_images
 
 # %% tags=["parameters"]
 checkpoint = ""  # a teacher.pt / student.pt / ckpt_*.pt to evaluate alone; "": the snapshots of 03's run
@@ -72,7 +60,7 @@ threads = 1  # torch CPU threads (0: torch's default)
 set_threads(threads)
 run_device = resolve_device(device)
 if checkpoint:
-    snaps = [(0, load_model_file(checkpoint))]
+    snaps = [(0, load_model(checkpoint))]
     print(f"evaluating {checkpoint} alone: with one checkpoint there is no checkpoint to choose")
 else:
     teacher_path = resolve_teacher("", teacher_run)

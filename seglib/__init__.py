@@ -28,8 +28,12 @@ def __getattr__(name: str):
         from .models.student import StudentCNN
 
         return StudentCNN
-    if name in ("load_model", "segment"):
-        from . import api
+    if name == "load_model":
+        from .models import load_model
 
-        return getattr(api, name)
+        return load_model
+    if name == "segment":
+        from .api import segment
+
+        return segment
     raise AttributeError(f"module 'seglib' has no attribute {name!r}")

@@ -7,51 +7,26 @@
 
 ``image`` is a NumPy array (H, W, 3), uint8 or float in [0, 1], of any H and W. Anything else
 raises ``ValueError`` naming the problem and the fix (docs/bad-inputs.md lists every case).
-Images up to ``tile`` pixels on each side go through the model in one piece (reflect-padded to
-its stride, cropped back); larger ones through ``seglib.raster``'s windowed path (shared
-prototypes fitted on sampled windows, overlapping windows blended), so memory stays bounded.
+Both go to the inference engine, ``seglib.raster``: images up to ``tile`` pixels on each side go
+through the model in one piece (reflect-padded to its stride, cropped back), larger ones window
+by window (shared prototypes fitted on sampled windows, overlapping windows blended), so memory
+stays bounded. ``load_model`` is ``seglib.models.load_model``.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .inference import model_stride, predict_probs, to_tensor
-from .models.head import check_k
-from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, ArraySource, check_lane, check_tiling, segment_source
+from .config import check_k, check_lane
+from .models import load_model
+from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, model_stride, segment_array
 
-__all__ = ["BundledModelMissing", "bundled_model_path", "load_model", "check_image", "segment"]
+__all__ = ["load_model", "check_image", "segment"]
 
 _ROWS = 256  # rows per chunk when scanning float images for NaN and range (bounded memory)
-
-
-class BundledModelMissing(FileNotFoundError):
-    """The package was installed without its default model weights."""
-
-
-def bundled_model_path() -> Path:
-    """Where the default student ships inside the package (``seglib/weights/default_student.pt``)."""
-    import seglib
-
-    path = Path(seglib.__file__).resolve().parent / "weights" / "default_student.pt"
-    if not path.is_file():
-        raise BundledModelMissing(
-            f"the bundled default model is missing ({path}); pass a checkpoint instead: "
-            "seglib.load_model('teacher.pt') in Python, --checkpoint PATH on the command line"
-        )
-    return path
-
-
-def load_model(path: str | Path | None = None) -> torch.nn.Module:
-    """A segmenter (teacher or student, CPU, eval mode) from a checkpoint; ``None`` loads the
-    bundled default model. Raises ``CheckpointError`` (a ``ValueError``) for unusable files."""
-    from .models import load_model_file
-
-    return load_model_file(bundled_model_path() if path is None else path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,7 +104,7 @@ def segment(
       lane: refinement lane, fast | learned | none; None uses the model's default.
       return_probs: also return the probabilities (K, H, W) float32 (they sum to 1 over K).
       tile: images with a side above this (default 1024) are segmented in overlapping windows
-        of this size with prototypes shared across windows (``seglib.raster``).
+        of this size with prototypes shared across windows (``seglib.raster.segment_array``).
       overlap: minimum overlap of those windows, in pixels (0..tile/2).
 
     Returns labels (H, W) uint8 with values in 0..k-1, or ``(labels, probs)``.
@@ -139,20 +114,4 @@ def segment(
     check_lane(lane)
     model = _default_model() if model is None else model
     tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
-    h, w = image.shape[:2]
-    if max(h, w) <= tile:
-        probs = predict_probs(model, to_tensor(image), k, lane=lane)[0].float().cpu().numpy()  # (K, H, W)
-        labels = probs.argmax(0).astype(np.uint8)
-        return (labels, probs) if return_probs else labels
-
-    # Windowed: same path as a GeoTIFF, reading from the array.
-    labels = np.empty((h, w), np.uint8)
-    probs = np.empty((k, h, w), np.float32) if return_probs else None
-
-    def write_rows(y: int, rows: np.ndarray) -> None:
-        labels[y : y + rows.shape[0]] = rows
-
-    segment_source(
-        model, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, probs_out=probs
-    )
-    return (labels, probs) if return_probs else labels
+    return segment_array(model, image, k, lane=lane, tile=tile, overlap=overlap, return_probs=return_probs)

@@ -40,7 +40,7 @@ import torch
 from .config import Config, StudentConfig, apply_overrides, load_config_file
 from .device import autocast, resolve_device, set_threads
 
-__all__ = ["build_parser", "benchmark", "main"]
+__all__ = ["build_parser", "benchmark", "cpu_latency_ms", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +110,16 @@ def _paired_median_times(
             _sync(device)
             times[name].append(time.perf_counter() - tic)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: torch.nn.Module, rgb, k: int, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time (ms) of one forward pass of ``model`` over one (H, W, 3) image ``rgb`` at
+    ``k`` clusters, on the CPU (notebook 04)."""
+    from .raster import to_tensor
+
+    x = to_tensor(rgb)
+    return 1000 * _median_time(lambda: model(x, k), torch.device("cpu"), warmup, repeats)
 
 
 def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
@@ -185,7 +195,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     else:
         teacher = MonolithicSegmenter(cfg.model).to(device).eval()
     if args.student_checkpoint:
-        from .api import load_model
+        from .models import load_model
 
         student = load_model(None if args.student_checkpoint == "bundled" else args.student_checkpoint)
         student = student.to(device).eval()

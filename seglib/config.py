@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "K_MIN",
+    "K_MAX",
+    "LANES",
+    "check_k",
+    "check_lane",
     "ConfigError",
     "EncoderConfig",
     "HeadConfig",
@@ -46,8 +52,28 @@ __all__ = [
 ]
 
 
+K_MIN, K_MAX = 2, 16  # the numbers of segments a user may ask for
+LANES = ("fast", "learned", "none")  # refinement lanes (seglib.models.refine)
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
+
+
+def check_k(k: object) -> int:
+    """The number of clusters as an int; ``ValueError`` naming the allowed range otherwise."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # NumPy integers are Integral
+        raise ValueError(f"K must be an integer in {K_MIN}..{K_MAX}, got {type(k).__name__} {k!r}")
+    k = int(k)
+    if not K_MIN <= k <= K_MAX:
+        raise ValueError(f"K must be in {K_MIN}..{K_MAX} (got {k}); pick a number of segments in that range")
+    return k
+
+
+def check_lane(lane: object) -> None:
+    """``ValueError`` unless ``lane`` is None (the model's default) or a refinement lane name."""
+    if lane is not None and lane not in LANES:
+        raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)} (or None: the model's)")
 
 
 @dataclass
@@ -238,6 +264,24 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> Config:
+        """Check the values that types alone do not; ``ConfigError`` names the key. Every entry
+        point (the training CLI, ``seglib.training.run.run``, the demo) calls it."""
+        if self.stage not in ("teacher", "student"):
+            raise ConfigError(f"stage must be 'teacher' or 'student', got {self.stage!r}")
+        if self.data.size <= 0 or self.data.size % 16:
+            raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
+        if self.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
+        if self.train.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.train.grad_accum}")
+        if self.data.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        bad = [k for k in self.randomize.ks if not K_MIN <= k <= K_MAX]
+        if bad:
+            raise ConfigError(f"randomize.ks must lie in {K_MIN}..{K_MAX}, got {bad}")
+        return self
 
     @classmethod
     def from_dict(cls, overrides: dict[str, Any] | None = None) -> Config:

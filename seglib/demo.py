@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, apply_overrides, load_config_file
-from .train_distill import run
+from .training.run import run
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "teacher_synthetic_cpu.py"
 
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     run(cfg)
     train_s = time.perf_counter() - tic
 
-    from .eval import evaluate_synthetic
-    from .evaluation import summarize
+    from .evaluation import evaluate_synthetic, summarize
     from .models import random_init_like
     from .models.teacher import MonolithicSegmenter
 

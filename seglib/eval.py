@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .config import check_k
 from .device import resolve_device, set_threads
 
-__all__ = ["build_parser", "main", "evaluate_synthetic"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,20 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_synthetic(model, *, n: int = 32, size: int = 512, seed: int = 123, **kwargs) -> dict:
-    """``evaluate_tiles`` on the seeded synthetic test set."""
-    from .data.synthetic import eval_set
-    from .evaluation import evaluate_tiles
-
-    tiles = [(t.rgb, t.labels) for t in eval_set(n, size, seed)]
-    return evaluate_tiles(model, tiles, seed=seed, **kwargs)
-
-
 def _parse_k(text: str):
     if text == "present":
         return "present"
-    from .models.head import check_k
-
     try:
         return check_k(int(text))
     except ValueError as exc:
@@ -109,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     k = _parse_k(args.k)
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
 
-    from .evaluation import evaluate_tiles, k_sweep
-    from .models import load_model_file, random_init_like
+    from .evaluation import evaluate_tiles, k_sweep, synthetic_tiles
+    from .models import load_model, random_init_like
 
     model = None
     if not args.no_model:
-        model = load_model_file(args.checkpoint).to(device)
+        model = load_model(args.checkpoint).to(device)
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
     kwargs = {"lane": args.lane} if args.lane else {}
     if args.iters is not None:
@@ -128,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tic = time.perf_counter()
     if args.synthetic:
-        from .data.synthetic import eval_set
-
-        tiles = [(t.rgb, t.labels) for t in eval_set(args.n_images, args.size, args.seed)]
-        names = [f"synthetic_{args.seed}_{i:03d}" for i in range(len(tiles))]
+        names, tiles = synthetic_tiles(args.n_images, args.size, args.seed)
         source = f"synthetic_seed{args.seed}"
     else:
         from .data.tiles import load_labelled_folder

@@ -8,24 +8,43 @@ present (or a fixed K) with both matchings, and computes on the same images:
   same head; trained features have to beat this to mean anything.
 
 ``k_sweep`` reports both matchings for K = 2..16. Proxy metrics (utilisation, speckle,
-boundary density, two-view agreement under a horizontal flip) are computed per image too,
-so one can check whether label-free numbers track the ground truth.
+boundary density, two-view agreement under a horizontal flip) are computed per image too, so
+one can check whether label-free numbers track the ground truth: ``scores_with_proxies`` and
+``proxy_picks`` ask whether they pick the checkpoint and the K ground truth picks. ``explore``
+segments one image with given knobs (the function behind notebook 06's ``explorer`` panel).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .baselines import rgb_kmeans
-from .inference import predict_labels
+from .data.synthetic import eval_set
 from .metrics import aggregate, proxy_scores, segmentation_scores
+from .raster import predict_labels, predict_probs, to_tensor
+from .viz import match_labels
 
-__all__ = ["evaluate_tiles", "k_sweep", "summarize"]
+__all__ = [
+    "PROXIES",
+    "synthetic_tiles",
+    "evaluate_tiles",
+    "evaluate_synthetic",
+    "k_sweep",
+    "summarize",
+    "scores_with_proxies",
+    "proxy_picks",
+    "explore",
+    "explorer",
+]
 
 Labeler = Callable[[np.ndarray, int], np.ndarray]
+
+# Label-free proxies of ``seglib.metrics.proxy_scores`` and whether a larger value is better.
+PROXIES: dict[str, bool] = {"view_agreement": True, "utilization": True, "speckle": False, "boundary_density": False}
 
 
 def _model_labeler(model: torch.nn.Module, **kwargs) -> Labeler:
@@ -88,6 +107,23 @@ def evaluate_tiles(
     return out
 
 
+def synthetic_tiles(
+    n: int = 32, size: int = 512, seed: int = 123
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """(names, [(rgb, labels)]) of the seeded synthetic test set (``seglib.data.synthetic.eval_set``)."""
+    tiles = [(t.rgb, t.labels) for t in eval_set(n, size, seed)]
+    return [f"synthetic_{seed}_{i:03d}" for i in range(len(tiles))], tiles
+
+
+def evaluate_synthetic(
+    model: torch.nn.Module | None, *, n: int = 32, size: int = 512, seed: int = 123, **kwargs
+) -> dict:
+    """``evaluate_tiles`` on the seeded synthetic test set (``n`` tiles of ``size`` px); ``seed``
+    also seeds RGB k-means."""
+    names, tiles = synthetic_tiles(n, size, seed)
+    return evaluate_tiles(model, tiles, seed=seed, names=names, **kwargs)
+
+
 def k_sweep(
     model: torch.nn.Module | None,
     tiles: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -117,3 +153,110 @@ def summarize(result: dict, keys: Sequence[str] = ("miou", "pixel_acc", "m2o_mio
     for m in methods:
         lines.append(f"{m:<12}" + "".join(f"{result[m].get(k, float('nan')):>11.3f}" for k in keys))
     return "\n".join(lines)
+
+
+def scores_with_proxies(
+    model: torch.nn.Module,
+    tiles: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    k: int | str = "present",
+    ignore: Sequence[int] = (),
+    **tags: Any,
+) -> list[dict[str, Any]]:
+    """One row per image: the model's Hungarian and many-to-one scores and the label-free
+    proxies (``evaluate_tiles(..., proxies=True)``), with ``tags`` (e.g. ``step=100``) added."""
+    result = evaluate_tiles(model, tiles, k=k, ignore=ignore, proxies=True)
+    return [{**tags, "image": entry["image"], "k": entry["k"], **entry["model"]} for entry in result["per_image"]]
+
+
+def proxy_picks(rows: Sequence[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Which value of ``by`` (``"step"``: a checkpoint, ``"k"``) ground truth and each proxy pick.
+
+    ``rows`` come from ``scores_with_proxies``. Per criterion: ``pick``, the best value of the
+    criterion's mean over images; ``miou_at_pick``, the mean Hungarian mIoU there; and
+    ``per_image_hits``, the fraction of images whose own best value by the criterion is the one
+    ground truth picks for that image. The first row is ground truth itself.
+    """
+    values = sorted({row[by] for row in rows})
+    images = sorted({row["image"] for row in rows})
+    table = {(row[by], row["image"]): row for row in rows}
+
+    def best(key: str, image: str | None = None) -> Any:
+        """The value of ``by`` with the best ``key``: for one image, or on the mean over images."""
+        higher = key == "miou" or PROXIES[key]
+        scores = {}
+        for value in values:
+            cells = [table[value, im][key] for im in images if (value, im) in table and image in (None, im)]
+            if cells:
+                scores[value] = float(np.mean(cells))
+        return (max if higher else min)(scores, key=scores.get)
+
+    def mean_miou(value: Any) -> float:
+        return float(np.mean([table[value, im]["miou"] for im in images if (value, im) in table]))
+
+    truth = {im: best("miou", im) for im in images}
+    out = []
+    for key in ["miou", *PROXIES]:
+        if not all(key in row for row in rows):
+            continue
+        pick = best(key)
+        out.append(
+            {
+                "criterion": "mIoU (ground truth)" if key == "miou" else key,
+                "pick": pick,
+                "miou_at_pick": mean_miou(pick),
+                "per_image_hits": float(np.mean([best(key, im) == truth[im] for im in images])),
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def explore(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    gt: np.ndarray | None = None,
+    *,
+    k: int,
+    lane: str = "fast",
+    temperature: float | None = None,
+    ignore: Sequence[int] = (5, 255),
+) -> dict[str, Any]:
+    """Segment one image (H, W, 3) with the given knobs: the pure function behind notebook 06's
+    explorer (same inputs, same outputs, nothing drawn).
+
+    Returns ``labels`` (H, W), ``confidence`` (the top probability per pixel), the label-free
+    proxies and, with ground truth ``gt``, its scores (``miou``, ``m2o_miou``, ...) and
+    ``labels_matched`` (clusters renumbered to the classes they overlap most, for colours).
+    """
+    probs = predict_probs(model, to_tensor(rgb), k, lane=lane, temperature=temperature)[0].float().cpu()  # (K, H, W)
+    labels = probs.argmax(0).numpy()
+    out: dict[str, Any] = {"k": k, "lane": lane, "temperature": temperature, "labels": labels}
+    out["confidence"] = probs.max(0).values.numpy()
+    out.update(proxy_scores(labels, k))
+    if gt is not None:
+        out.update(segmentation_scores(labels, gt, ignore))
+        out["labels_matched"] = match_labels(labels, gt, ignore)
+    return out
+
+
+def explorer(render: Callable[..., None], controls: dict[str, Any]):
+    """An interactive panel: ``controls`` (name -> ipywidgets control) above an output area in
+    which ``render(**values)`` redraws on every change. Returns the panel; display it.
+
+    Nothing is drawn until a control changes: the notebook draws the first view with a plain
+    ``render(...)`` call, so headless runs (papermill, nbval) never execute inside the widget's
+    output area, whose capture protocol headless executors handle unreliably.
+    """
+    import ipywidgets as widgets
+
+    out = widgets.Output()
+
+    def redraw(_change: Any = None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            render(**{name: control.value for name, control in controls.items()})
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    return widgets.VBox([widgets.HBox(list(controls.values())), out])

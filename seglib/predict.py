@@ -4,10 +4,11 @@
     python -m seglib.predict --input tiles/ --k 4 --output out/ --preview       # every image
     python -m seglib.predict --input photo.jpg --k 5 --output out/ --checkpoint teacher.pt
 
-GeoTIFF inputs give ``<stem>.tif``: uint8 labels with the input's CRS, transform and size,
-segmented window by window (``seglib.raster``), so rasters of any size fit in memory. PNG and
-JPEG inputs give ``<stem>.png``, a uint8 label image (``seglib.segment``). ``--preview`` adds
-``<stem>_preview.png`` in the label colours of ``seglib.viz`` (decimated for large rasters).
+Every file takes one route, ``seglib.raster.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
+uint8 labels with the input's CRS, transform and size, read window by window so rasters of any
+size fit in memory; PNG and JPEG inputs give ``<stem>.png``, a uint8 label image. Images up to
+``--tile`` pixels go through the model in one piece, larger ones window by window. ``--preview``
+adds ``<stem>_preview.png`` in the label colours of ``seglib.viz`` (decimated for large rasters).
 
 A file that cannot be read is reported by name and skipped; the exit status is 1 if any file
 failed, 2 for unusable arguments (K out of range, empty folder, bad checkpoint) before any work.
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images
-from .models.head import K_MAX, K_MIN, check_k
+from .config import K_MAX, K_MIN, LANES, check_k
+from .io import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, write_png
 from .raster import DEFAULT_OVERLAP, DEFAULT_TILE
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lane",
         "--smooth",
         dest="lane",
-        choices=("fast", "learned", "none"),
+        choices=LANES,
         default=None,
         help="boundary refinement: fast (edge-aware guided filter), learned, or none (default: the model's)",
     )
@@ -109,26 +110,21 @@ def output_paths(inputs: list[Path], output: Path) -> dict[Path, Path]:
     return {path: target for target, path in seen.items()}
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def _raster_preview(labels_tif: Path, path: Path) -> None:
-    """Colour preview of a label GeoTIFF, read decimated so large rasters stay cheap."""
-    import rasterio
-    from rasterio.enums import Resampling
-
+def _preview(labels_file: Path, path: Path) -> None:
+    """Colour preview of a label file; a label GeoTIFF is read decimated so large rasters stay cheap."""
     from .viz import colourize
 
-    with rasterio.open(labels_tif) as src:
-        scale = max(1.0, max(src.height, src.width) / PREVIEW_MAX_SIDE)
-        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-        labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
-    _save_png(colourize(labels).astype(np.uint8), path)
+    if labels_file.suffix.lower() in GEOTIFF_SUFFIXES:
+        import rasterio
+        from rasterio.enums import Resampling
+
+        with rasterio.open(labels_file) as src:
+            scale = max(1.0, max(src.height, src.width) / PREVIEW_MAX_SIDE)
+            shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+            labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+    else:
+        labels = read_mask(labels_file)
+    write_png(colourize(labels).astype(np.uint8), path)
 
 
 def predict_file(
@@ -146,34 +142,23 @@ def predict_file(
     progress: bool = True,
 ) -> Path:
     """Segment one file into ``target`` (and ``<stem>_preview.png`` beside it); returns target."""
-    from .api import segment
-    from .io import read_image
     from .raster import segment_raster
-    from .viz import colourize
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     preview_path = target.with_name(target.stem + "_preview.png")
-    if path.suffix.lower() in GEOTIFF_SUFFIXES:
-        segment_raster(
-            path,
-            target,
-            k,
-            model,
-            tile=tile,
-            overlap=overlap,
-            lane=lane,
-            fit_windows=fit_windows,
-            seed=seed,
-            progress=progress,
-        )
-        if preview:
-            _raster_preview(target, preview_path)
-        return target
-    rgb, _ = read_image(path)  # conversions are logged by seglib.io
-    labels = segment(rgb, k, model, lane=lane, tile=tile, overlap=overlap)
-    _save_png(labels, target)
+    segment_raster(
+        path,
+        target,
+        k,
+        model,
+        tile=tile,
+        overlap=overlap,
+        lane=lane,
+        fit_windows=fit_windows,
+        seed=seed,
+        progress=progress,
+    )
     if preview:
-        _save_png(colourize(labels).astype(np.uint8), preview_path)
+        _preview(target, preview_path)
     return target
 
 
@@ -201,10 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from .api import load_model
     from .device import resolve_device, set_threads
-    from .inference import model_stride
-    from .raster import check_tiling
+    from .models import load_model
+    from .raster import check_tiling, model_stride
 
     set_threads(args.threads)
     try:

@@ -1,16 +1,18 @@
-"""Windowed segmentation of rasters of any size, with memory bounded by the tile size.
+"""The inference engine: a segmenter on images and rasters of any size, in one piece or window
+by window, with memory bounded by the tile size.
 
     from seglib.raster import segment_raster
     segment_raster("ortho.tif", "labels.tif", k=6, model=model)  # uint8 labels, same CRS/transform
+    segment_raster("photo.jpg", "labels.png", k=6, model=model)  # the same route for PNG/JPEG
 
-A 20000 x 20000 raster is never read whole. The algorithm:
+Every entry point lands here: ``seglib.segment`` (arrays), ``python -m seglib.predict`` and
+``segment_raster`` (files: GeoTIFF, PNG, JPEG), evaluation (``predict_probs``). An image whose
+sides are at most ``tile`` goes through the model in one piece (``predict_probs``: padded to the
+model's stride, cropped back). A larger one is never read whole:
 
-1. **Band policy, decided once.** ``seglib.io`` stretches 16-bit and float images per image from
-   the 2nd to the 98th percentile. Done per window, that would give every window its own
-   brightness and the clusters would jump at window borders. So the percentiles are computed
-   once, per band, from a decimated overview read (rasterio ``out_shape``, at most ~1 Mpx) and
-   the same linear stretch is applied to every window (``BandStretch``). Band selection follows
-   ``seglib.io``: 1 band is replicated, 4 bands use the first 3, 2 or more than 4 are rejected.
+1. **Band policy, decided once.** The window reader (``seglib.io``: ``RasterSource`` for files
+   GDAL reads, ``ArraySource`` for arrays) measures one ``BandStretch`` from a decimated overview
+   and applies it to every window, so windows do not get their own brightness.
 2. **Global clusters.** The window grid of step 3 is sampled (a seeded subset spread over the
    raster, up to ``fit_windows`` windows and ``fit_pixels`` pixels) and ``model.fit_clusters``
    fits one set of K prototypes (and the head's size-prior offsets) jointly over them. Every
@@ -37,198 +39,95 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import model_stride, to_tensor
-from .io import ImageReadError
-from .models.head import Clusters, check_k
+from .config import check_k, check_lane
+from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, write_png
+from .models.head import Clusters
 
 __all__ = [
     "DEFAULT_TILE",
     "DEFAULT_OVERLAP",
-    "BandStretch",
-    "ArraySource",
-    "RasterSource",
-    "LANES",
-    "check_lane",
+    "to_tensor",
+    "model_stride",
+    "pad_to_stride",
+    "predict_probs",
+    "predict_labels",
     "check_tiling",
     "axis_windows",
     "axis_weights",
     "fit_clusters",
     "iter_blended",
     "segment_source",
+    "segment_array",
     "segment_raster",
 ]
 
 log = logging.getLogger("seglib.raster")
 
-LANES = ("fast", "learned", "none")
+Source = ArraySource | RasterSource
+
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
-OVERVIEW_PIXELS = 1 << 20  # the stretch's percentiles come from an overview of at most ~1 Mpx
 FIT_PIXELS = 4 << 20  # pixels of the sampled windows the clusters are fitted on, at most
 GDAL_CACHE_MB = 64  # GDAL's block cache (default: 5% of RAM) while a raster is segmented
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- one piece
 
 
-@dataclass(frozen=True)
-class BandStretch:
-    """How every window of one raster becomes uint8 RGB; decided once, from an overview.
-
-    Arguments:
-      bands: source band indices (0-based) used as R, G and B.
-      lo, hi: per output channel, the values mapped to 0 and 255 (``None``: uint8, used as is).
-      notes: the conversions, in words (logged once per raster).
-    """
-
-    bands: tuple[int, int, int]
-    lo: np.ndarray | None
-    hi: np.ndarray | None
-    notes: tuple[str, ...]
-
-    @classmethod
-    def from_overview(cls, overview: np.ndarray, name: str = "image") -> BandStretch:
-        """The policy of ``seglib.io.to_uint8_rgb`` applied to a decimated (h, w, C) sample."""
-        c = overview.shape[-1]
-        notes = []
-        if c == 1:
-            bands, note = (0, 0, 0), "grayscale: replicated to 3 channels"
-        elif c == 2:
-            bands, note = (0, 0, 0), "grayscale + alpha: alpha dropped, grey replicated to 3 channels"
-        elif c == 3:
-            bands, note = (0, 1, 2), ""
-        elif c == 4:
-            bands, note = (0, 1, 2), "4 bands: used bands 1-3 as RGB, band 4 (alpha or NIR) ignored"
-        else:
-            raise ImageReadError(
-                f"{name}: {c} bands, but seglib needs RGB (3 bands); extract the red, green and blue bands "
-                "first, e.g. `gdal_translate -b 3 -b 2 -b 1 in.tif rgb.tif` (band numbers depend on the sensor)"
-            )
-        notes += [note] if note else []
-        if overview.dtype == np.uint8:
-            return cls(bands, None, None, tuple(notes))
-        data = overview[..., list(bands)].astype(np.float64)
-        bad = ~np.isfinite(data)
-        if bad.any():
-            notes.append("NaN/inf pixels: set to 0")
-            data[bad] = 0
-        if np.issubdtype(overview.dtype, np.floating) and data.min() >= 0 and data.max() <= 1:
-            notes.append("float in [0, 1]: scaled by 255")
-            return cls(bands, np.zeros(3), np.ones(3), tuple(notes))
-        lo = np.percentile(data, 2, axis=(0, 1))
-        hi = np.percentile(data, 98, axis=(0, 1))
-        notes.append(
-            f"{overview.dtype} data: stretched per band from the 2nd-98th percentile of an overview "
-            f"(lo {np.round(lo, 3).tolist()}, hi {np.round(hi, 3).tolist()}) to 0..255, the same for every window"
-        )
-        return cls(bands, lo, hi, tuple(notes))
-
-    def apply(self, window: np.ndarray) -> np.ndarray:
-        """(h, w, C) source window of any dtype -> uint8 (h, w, 3)."""
-        rgb = window[..., list(self.bands)]
-        if self.lo is None:
-            return np.ascontiguousarray(rgb)
-        data = np.nan_to_num(rgb.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        scaled = (data - self.lo.astype(np.float32)) / np.maximum(self.hi - self.lo, 1e-12).astype(np.float32)
-        return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+def model_stride(model: torch.nn.Module, downsample: int | None = None) -> int:
+    """The multiple H and W must have for ``model`` (4 for the teacher, 16 for the student),
+    times the downsample factor."""
+    base = getattr(model, "input_multiple", 4)
+    ds = downsample if downsample is not None else getattr(getattr(model, "config", None), "downsample", 1)
+    return base * (ds or 1)
 
 
-class ArraySource:
-    """An in-memory (H, W, C) array read window by window.
-
-    Arguments:
-      image: bands-last array of any dtype ``seglib.io`` accepts (uint8, 16-bit, float).
-      name: how messages refer to it.
-    """
-
-    def __init__(self, image: np.ndarray, *, name: str = "image"):
-        image = image[..., None] if image.ndim == 2 else image
-        self.image, self.name = image, name
-        self.height, self.width = image.shape[:2]
-        step = max(1, math.ceil(math.sqrt(self.height * self.width / OVERVIEW_PIXELS)))
-        self.stretch = BandStretch.from_overview(image[::step, ::step], name)
-
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """uint8 RGB (h, w, 3) of rows y..y+h and columns x..x+w."""
-        return self.stretch.apply(self.image[y : y + h, x : x + w])
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 or float in [0, 1] -> (1, 3, H, W) float32."""
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
-class RasterSource:
-    """A raster file (GeoTIFF or anything GDAL reads) read window by window with rasterio.
-
-    Arguments:
-      path: the raster; a missing, corrupt or non-RGB file raises ``ImageReadError``.
-
-    Use as a context manager (``with RasterSource(path) as src:``) so the file is closed.
-    """
-
-    def __init__(self, path: str | Path):
-        import rasterio
-        from rasterio.enums import Resampling
-
-        self.path = Path(path)
-        self.name = str(self.path)
-        if not self.path.is_file():
-            raise ImageReadError(f"image not found: {self.path}")
-        try:
-            self.dataset = rasterio.open(self.path)
-        except Exception as exc:  # rasterio raises its own error types for corrupt files
-            raise _decode_error(self.path, exc) from exc
-        try:
-            ds = self.dataset
-            self.height, self.width = ds.height, ds.width
-            if self.height < 1 or self.width < 1:
-                raise ImageReadError(f"{self.path}: empty image")
-            if ds.count == 2 or ds.count > 4:
-                raise ImageReadError(
-                    f"{self.path}: {ds.count} bands, but seglib needs RGB (3 bands); extract them first, e.g. "
-                    "`gdal_translate -b 3 -b 2 -b 1 in.tif rgb.tif` (band numbers depend on the sensor)"
-                )
-            step = max(1, math.ceil(math.sqrt(self.height * self.width / OVERVIEW_PIXELS)))
-            shape = (ds.count, math.ceil(self.height / step), math.ceil(self.width / step))
-            overview = ds.read(out_shape=shape, resampling=Resampling.nearest)  # (C, h, w), decimated
-            self.stretch = BandStretch.from_overview(np.moveaxis(overview, 0, -1), self.name)
-        except ImageReadError:
-            self.close()
-            raise
-        except Exception as exc:
-            self.close()
-            raise _decode_error(self.path, exc) from exc
-
-    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """uint8 RGB (h, w, 3) of rows y..y+h and columns x..x+w."""
-        from rasterio.windows import Window
-
-        try:
-            bands = self.dataset.read(window=Window(x, y, w, h))  # (C, h, w)
-        except Exception as exc:  # a truncated file can open fine and fail on a later block
-            raise _decode_error(self.path, exc) from exc
-        return self.stretch.apply(np.moveaxis(bands, 0, -1))
-
-    def close(self) -> None:
-        self.dataset.close()
-
-    def __enter__(self) -> RasterSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def pad_to_stride(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad (B, 3, h, w) at the bottom/right up to multiples of ``multiple`` (replicate
+    when a side is too short to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
 
 
-def _decode_error(path: Path, exc: Exception) -> ImageReadError:
-    return ImageReadError(
-        f"{path}: cannot decode ({type(exc).__name__}: {exc}); the file is corrupt or truncated, re-export it"
-    )
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
-Source = ArraySource | RasterSource
+@torch.no_grad()
+def _forward(model: torch.nn.Module, rgb: torch.Tensor, k: int, **kwargs) -> dict[str, torch.Tensor]:
+    h, w = rgb.shape[-2:]
+    x = pad_to_stride(rgb.to(_device(model)), model_stride(model, kwargs.get("downsample")))
+    out = model(x, k, **kwargs)
+    out["probs"] = out["probs"][..., :h, :w]
+    return out
+
+
+def predict_probs(model: torch.nn.Module, rgb: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
+    """Probabilities (B, K, H, W) for rgb (B, 3, H, W) of any size, in one piece: padded up to
+    the model's stride, cropped back. ``kwargs`` are the model's per-call overrides."""
+    return _forward(model, rgb, k, **kwargs)["probs"]
+
+
+def predict_labels(model: torch.nn.Module, image: np.ndarray, k: int, **kwargs) -> np.ndarray:
+    """Labels (H, W) int64 for one (H, W, 3) image, in one piece."""
+    return predict_probs(model, to_tensor(image), k, **kwargs)[0].argmax(0).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- window layout
@@ -242,7 +141,7 @@ def axis_windows(size: int, tile: int, overlap: int, multiple: int) -> tuple[lis
     window sees the whole image's pixel grid and computes the same features: a window shifted
     by a pixel off that grid changes the labels of a few percent of the pixels. The last window
     therefore ends at or up to ``multiple - 1`` pixels past ``size``; readers clip it and the
-    model pads it the way it pads the whole image (``_pad``).
+    model pads it the way it pads the whole image (``pad_to_stride``).
     """
     if size <= tile:
         return [0], size
@@ -293,12 +192,6 @@ def axis_weights(starts: list[int], length: int, size: int) -> list[np.ndarray]:
     return [(w / total[s : s + length]).astype(np.float32) for s, w in zip(starts, raw, strict=True)]
 
 
-def check_lane(lane: object) -> None:
-    """ValueError unless ``lane`` is None (the model's default) or a refinement lane name."""
-    if lane is not None and lane not in LANES:
-        raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)} (or None: the model's)")
-
-
 def check_tiling(tile: int, overlap: int, multiple: int) -> int:
     """The tile rounded up to the stride; ValueError for unusable tile/overlap."""
     if isinstance(tile, bool) or not isinstance(tile, int) or isinstance(overlap, bool) or not isinstance(overlap, int):
@@ -309,19 +202,6 @@ def check_tiling(tile: int, overlap: int, multiple: int) -> int:
     if not 0 <= overlap <= tile // 2:
         raise ValueError(f"overlap must be in 0..tile/2 = 0..{tile // 2}, got {overlap}; e.g. overlap={tile // 8}")
     return tile
-
-
-def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad (B, 3, h, w) at the bottom/right up to multiples of ``multiple``."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if not (ph or pw):
-        return x
-    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -359,7 +239,7 @@ def fit_clusters(
     pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     windows = [grid[i] for i in pick]
     reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in windows]
-    batch = torch.cat([_pad(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
+    batch = torch.cat([pad_to_stride(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
     return model.fit_clusters(batch.to(_device(model)), k)
 
 
@@ -405,7 +285,7 @@ def iter_blended(
         for r, y in enumerate(ys):
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
-                rgb = _pad(to_tensor(source.read(y, x, h, w)), m).to(device)  # (1, 3, lh, lw)
+                rgb = pad_to_stride(to_tensor(source.read(y, x, h, w)), m).to(device)  # (1, 3, lh, lw)
                 out = model(rgb, k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
                 probs = out[0, :, :h, :w].float().cpu().numpy()  # (K, h, w), padding cropped
                 probs *= wy[r][:h, None] * wx[c][None, :w]
@@ -438,18 +318,26 @@ def segment_source(
     probs_out: np.ndarray | None = None,
     progress: bool = False,
 ) -> Clusters:
-    """Segment ``source`` window by window; returns the clusters it used.
+    """Segment ``source``; returns the clusters it used. A source no larger than ``tile`` on
+    either side (and no ``clusters`` given) goes through the model in one piece, a larger one
+    window by window.
 
     Arguments:
       write_rows: called as ``write_rows(y, labels)`` with uint8 labels (h, width) for rows
         y..y+h, top to bottom, as soon as they are final.
       clusters: fitted with ``fit_clusters`` from sampled windows when None.
-      probs_out: optional (K, H, W) float32 array that receives the blended probabilities.
+      probs_out: optional (K, H, W) float32 array that receives the (blended) probabilities.
     """
-    k = check_k(k)
-    check_lane(lane)
     for note in source.stretch.notes:
         log.info("%s: %s", Path(source.name).name, note)
+    if clusters is None and max(source.height, source.width) <= check_tiling(tile, overlap, model_stride(model)):
+        out = _forward(model, to_tensor(source.read(0, 0, source.height, source.width)), k, lane=lane)
+        probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
+        if probs_out is not None:
+            probs_out[:] = probs
+        write_rows(0, probs.argmax(0).astype(np.uint8))
+        bias = out["cluster_bias"]
+        return Clusters(out["prototypes"][:1], None if bias is None else bias[:1])
     if clusters is None:
         clusters = fit_clusters(
             model, source, k, tile=tile, overlap=overlap, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed
@@ -467,6 +355,36 @@ def segment_source(
         if row[1] == source.width:
             write_rows(y, rows.pop(y)[0])
     return clusters
+
+
+def segment_array(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    k: int,
+    *,
+    lane: str | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    return_probs: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Labels (H, W) uint8 (and probabilities (K, H, W) float32) of an (H, W, 3) uint8 or
+    float [0, 1] image: in one piece up to ``tile`` (float pixels used as they are), else window
+    by window (``segment_source`` on an ``ArraySource``)."""
+    h, w = image.shape[:2]
+    if max(h, w) <= tile:
+        probs = predict_probs(model, to_tensor(image), k, lane=lane)[0].float().cpu().numpy()  # (K, H, W)
+        labels = probs.argmax(0).astype(np.uint8)
+        return (labels, probs) if return_probs else labels
+    labels = np.empty((h, w), np.uint8)
+    probs = np.empty((k, h, w), np.float32) if return_probs else None
+
+    def write_rows(y: int, rows: np.ndarray) -> None:
+        labels[y : y + rows.shape[0]] = rows
+
+    segment_source(
+        model, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, probs_out=probs
+    )
+    return (labels, probs) if return_probs else labels
 
 
 def _label_profile(src_profile: dict, height: int, width: int) -> dict:
@@ -494,42 +412,46 @@ def segment_raster(
     clusters: Clusters | None = None,
     progress: bool = True,
 ) -> Path:
-    """Segment the raster at ``path`` into ``k`` clusters; write uint8 labels to ``output``.
+    """Segment the image at ``path`` (GeoTIFF, PNG or JPEG) into ``k`` clusters; write uint8
+    labels to ``output`` and return it.
 
-    The output GeoTIFF has the input's CRS, transform, width and height, one uint8 band,
-    deflate compression and 256 px tiles; it is written block row by block row to a temporary
-    file that replaces ``output`` only when complete. Returns ``output``. The other arguments
-    are those of ``segment_source``; GDAL's block cache is capped at ``GDAL_CACHE_MB`` meanwhile.
+    A ``.tif`` output has the input's CRS and transform (when it has them), width and height,
+    one uint8 band, deflate compression and 256 px tiles, written block row by block row; any
+    other output is a label PNG. Either is written to a temporary file that replaces ``output``
+    only when complete. GeoTIFF inputs are read window by window, PNG/JPEG inputs whole. The
+    other arguments are those of ``segment_source``; GDAL's block cache is capped at
+    ``GDAL_CACHE_MB`` meanwhile.
     """
+    k = check_k(k)
+    check_lane(lane)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(tile=tile, overlap=overlap, lane=lane, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)
+    options.update(clusters=clusters, progress=progress)
+    geotiff = output.suffix.lower() in GEOTIFF_SUFFIXES
+    if not geotiff:
+        with open_source(path) as source:
+            labels = np.empty((source.height, source.width), np.uint8)
+
+            def fill_rows(y: int, rows: np.ndarray) -> None:
+                labels[y : y + rows.shape[0]] = rows
+
+            segment_source(model, source, k, write_rows=fill_rows, **options)
+        return write_png(labels, output)
+
     import rasterio
     from rasterio.windows import Window
 
-    k = check_k(k)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), RasterSource(path) as source:
-        profile = _label_profile(source.dataset.profile, source.height, source.width)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_source(path) as source:
+        profile = _label_profile(source.profile, source.height, source.width)
         try:
             with rasterio.open(tmp, "w", **profile) as dst:
 
-                def write_rows(y: int, labels: np.ndarray) -> None:
-                    dst.write(labels[None], window=Window(0, y, labels.shape[1], labels.shape[0]))
+                def write_rows(y: int, rows: np.ndarray) -> None:
+                    dst.write(rows[None], window=Window(0, y, rows.shape[1], rows.shape[0]))
 
-                segment_source(
-                    model,
-                    source,
-                    k,
-                    write_rows=write_rows,
-                    tile=tile,
-                    overlap=overlap,
-                    lane=lane,
-                    clusters=clusters,
-                    fit_windows=fit_windows,
-                    fit_pixels=fit_pixels,
-                    seed=seed,
-                    progress=progress,
-                )
+                segment_source(model, source, k, write_rows=write_rows, **options)
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)

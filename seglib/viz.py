@@ -1,13 +1,23 @@
-"""Colours for label maps and probability maps (TensorBoard, previews, notebooks)."""
+"""Pictures: colours for label and probability maps (TensorBoard, previews), and the figures
+the notebooks draw (matplotlib, imported lazily)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["PALETTE", "colourize", "soft_colour", "match_labels"]
+__all__ = [
+    "PALETTE",
+    "colourize",
+    "soft_colour",
+    "match_labels",
+    "label_image",
+    "pca_rgb",
+    "show_images",
+    "plot_losses",
+]
 
 # 16 distinguishable colours (uint8), one per possible cluster.
 PALETTE = np.array(
@@ -47,3 +57,81 @@ def match_labels(pred: np.ndarray, reference: np.ndarray, ignore: Iterable[int] 
     mapping = np.arange(matrix.shape[0]) + int(classes.max()) + 1  # unmatched: fresh ids
     mapping[rows] = classes[cols]
     return mapping[pred]
+
+
+def label_image(labels: np.ndarray, ignore: Sequence[int] = ()) -> np.ndarray:
+    """Label map (H, W) -> uint8 RGB (H, W, 3) in the cluster palette; ``ignore`` ids in black."""
+    out = colourize(labels)
+    if len(ignore):
+        out[np.isin(labels, list(ignore))] = 0
+    return out
+
+
+def pca_rgb(z: torch.Tensor) -> np.ndarray:
+    """An embedding (D, h, w) as a false-colour image (h, w, 3): its first three principal
+    components, each scaled to [0, 1]."""
+    d, h, w = z.shape
+    x = z.reshape(d, h * w).T.double()  # (N, D)
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    p = x @ v[:3].T  # (N, 3)
+    lo, hi = p.min(0).values, p.max(0).values
+    return ((p - lo) / (hi - lo).clamp_min(1e-12)).reshape(h, w, -1).float().numpy()
+
+
+def show_images(
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[Sequence[str]] | Sequence[str] = (),
+    *,
+    size: float = 2.2,
+    suptitle: str = "",
+):
+    """A grid of images (rows of (H, W, 3) arrays or (H, W) maps shown with a colour bar-free
+    grey scale); ``titles`` per image, or per column for the first row only. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j >= len(row):
+                continue
+            image = np.asarray(row[j])
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+            title = ""
+            if titles and isinstance(titles[0], str):
+                title = titles[j] if i == 0 and j < len(titles) else ""
+            elif titles and i < len(titles) and j < len(titles[i]):
+                title = titles[i][j]
+            ax.set_title(title, fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(history: dict[str, list[float]], keys: Sequence[str] | None = None, *, smooth: int = 10, ax=None):
+    """Loss curves of a training history (``run`` returns it): each ``loss/<term>`` (or ``keys``)
+    as a running mean over ``smooth`` steps, on a log scale when all values are positive."""
+    import matplotlib.pyplot as plt
+
+    steps = np.asarray(history["step"])
+    # Terms logged only on some steps (e.g. ``loss/refine``, drawn with the learned lane) have
+    # shorter lists without their steps: they are left out.
+    keys = keys or [k for k in history if k.startswith("loss/") and k.count("/") == 1 and len(history[k]) == len(steps)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    positive = True
+    for key in keys:
+        y = np.asarray(history[key], dtype=float)
+        w = max(1, min(smooth, len(y)))
+        y = np.convolve(y, np.ones(w) / w, mode="valid")
+        positive &= bool((y > 0).all())
+        ax.plot(steps[w - 1 :], y, label=key.removeprefix("loss/"), lw=2 if key == "loss/total" else 1)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7, ncol=2)
+    return ax

@@ -3,7 +3,7 @@
 import pytest
 
 from seglib.config import Config, ConfigError, apply_overrides, load_config_file, parse_set
-from seglib.train_distill import build_parser, config_from_args
+from seglib.train import build_parser, config_from_args
 
 
 def test_defaults_and_round_trip():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from seglib.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 from seglib.config import Config, ConfigError
-from seglib.models import load_model_file
+from seglib.models import load_model
 from seglib.models.teacher import MonolithicSegmenter
 
 
@@ -52,7 +52,7 @@ def test_plain_torch_file_is_not_a_seglib_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match="not a seglib checkpoint"):
-        load_model_file(path)
+        load_model(path)
 
 
 def test_truncated_checkpoint(tmp_path):
@@ -72,7 +72,7 @@ def test_checkpoint_of_another_model(tmp_path):
     decoder = tmp_path / "decoder_training_only.pt"
     save_atomic({"format": FORMAT, "kind": "decoder", "config": Config().to_dict(), "model": {}}, decoder)
     with pytest.raises(CheckpointError, match="expected a teacher or a student"):
-        load_model_file(decoder)
+        load_model(decoder)
 
 
 def test_checkpoint_of_another_size(tmp_path):
@@ -86,7 +86,7 @@ def test_checkpoint_of_another_size(tmp_path):
 
 
 def test_resume_with_another_model_size_is_refused(tmp_path):
-    from seglib.train_distill import run
+    from seglib.training.run import run
 
     run(Config.from_dict(tiny_overrides(tmp_path, steps=2)))
     bigger = tiny_overrides(tmp_path, steps=4)
@@ -96,7 +96,7 @@ def test_resume_with_another_model_size_is_refused(tmp_path):
 
 
 def test_resume_from_a_folder_of_another_stage(tmp_path):
-    from seglib.train_distill import run
+    from seglib.training.run import run
 
     run(Config.from_dict(tiny_overrides(tmp_path, steps=2)))
     student = tiny_overrides(tmp_path, steps=2)
@@ -114,7 +114,7 @@ def test_mistyped_config_key_and_value():
 
 
 def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
-    from seglib.train_distill import main
+    from seglib.train import main
 
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")

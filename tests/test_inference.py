@@ -11,7 +11,7 @@ from conftest import ROOT
 from PIL import Image
 
 import seglib
-from seglib import api
+from seglib import api, models, paths, raster
 from seglib.data.synthetic import make_tile
 
 rasterio = pytest.importorskip("rasterio")
@@ -57,8 +57,8 @@ def test_uint8_and_float_inputs_agree(model):
 
 def test_large_image_goes_through_the_windowed_path(model, monkeypatch):
     calls = []
-    original = api.segment_source
-    monkeypatch.setattr(api, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
+    original = raster.segment_source
+    monkeypatch.setattr(raster, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
     labels, probs = seglib.segment(image(150, 210, seed=2), 5, model, tile=64, overlap=16, return_probs=True)
     assert calls == [64]
     assert labels.shape == (150, 210) and labels.max() < 5
@@ -83,10 +83,10 @@ def test_load_model_restores_the_same_model(model, checkpoint):
 
 
 def test_missing_bundled_model_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr(seglib, "__file__", str(tmp_path / "__init__.py"))
+    monkeypatch.setattr(paths, "BUNDLED_MODEL", tmp_path / "default_student.pt")
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
         seglib.load_model()
-    assert seglib.segment is api.segment and seglib.load_model is api.load_model
+    assert seglib.segment is api.segment and seglib.load_model is api.load_model is models.load_model
 
 
 def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samples():
@@ -99,7 +99,7 @@ def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samp
 
     model = seglib.load_model()
     assert isinstance(model, StudentSegmenter) and not model.training
-    assert api.bundled_model_path().stat().st_size < 5e6  # "a few MB"
+    assert paths.bundled_model_path().stat().st_size < 5e6  # "a few MB"
     names, tiles = load_labelled_folder(SAMPLE_IMAGES, SAMPLE_MASKS)
     result = evaluate_tiles(model, tiles, k="present", ignore=(5, 255), names=names)
     assert result["model"]["n_images"] == 3

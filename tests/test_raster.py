@@ -15,18 +15,17 @@ from torch import nn
 
 from seglib.config import ModelConfig
 from seglib.data.synthetic import make_tile
-from seglib.inference import predict_probs, to_tensor
-from seglib.io import ImageReadError
+from seglib.io import ArraySource, ImageReadError, RasterSource
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.raster import (
-    ArraySource,
-    RasterSource,
     axis_weights,
     axis_windows,
     check_tiling,
     fit_clusters,
+    predict_probs,
     segment_raster,
     segment_source,
+    to_tensor,
 )
 from seglib.viz import match_labels
 

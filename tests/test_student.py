@@ -164,7 +164,7 @@ def _student_cfg(tmp_path, **extra):
 
 def test_student_stage_trains_teacher_first_and_writes_artifacts(tmp_path):
     from seglib.checkpoint import load_checkpoint
-    from seglib.train_distill import run
+    from seglib.training.run import run
 
     history = run(_student_cfg(tmp_path))
     assert (tmp_path / "teacher" / "teacher.pt").is_file()
@@ -178,7 +178,7 @@ def test_student_stage_trains_teacher_first_and_writes_artifacts(tmp_path):
 
 
 def test_student_stage_resumes_same_trajectory(tmp_path):
-    from seglib.train_distill import run
+    from seglib.training.run import run
 
     teacher_dir = tmp_path / "shared_teacher"
     run(_student_cfg(teacher_dir))  # trains a teacher into shared_teacher/teacher
@@ -198,7 +198,7 @@ def test_student_stage_resumes_same_trajectory(tmp_path):
 
 
 def test_disable_autoencoder_and_multires(tmp_path):
-    from seglib.train_distill import run
+    from seglib.training.run import run
 
     cfg = _student_cfg(tmp_path, autoencoder={"enabled": False}, student={"multires": False})
     history = run(cfg)

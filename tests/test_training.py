@@ -8,8 +8,8 @@ from conftest import tiny_overrides
 
 from seglib.checkpoint import list_checkpoints, load_checkpoint
 from seglib.config import Config
-from seglib.train_distill import run
 from seglib.training.loop import NonFiniteLossError
+from seglib.training.run import run
 
 
 def cfg_for(tmp_path, **train):

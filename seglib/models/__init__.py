@@ -1,43 +1,54 @@
-"""Model pieces: encoder + soft k-means head + refinement lanes (teacher), the student CNN."""
+"""Model pieces: encoder + soft k-means head + refinement lanes (teacher), the student CNN.
+
+``load_model`` is the one loader: a checkpoint's ``kind`` picks the class from ``MODELS``
+(the registry, as in segment-anything's ``sam_model_registry``); no path loads the bundled
+default student (``seglib.paths.BUNDLED_MODEL``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .head import K_MAX, K_MIN, SoftKMeans, check_k
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..paths import bundled_model_path
+from .head import SoftKMeans
 from .teacher import MonolithicSegmenter
 
 __all__ = [
+    "MODELS",
     "MonolithicSegmenter",
     "SoftKMeans",
-    "check_k",
-    "K_MIN",
-    "K_MAX",
-    "load_model_file",
+    "load_model",
     "random_init_like",
 ]
 
 
-def load_model_file(path: str | Path | None) -> torch.nn.Module:
-    """A segmenter (teacher or student, eval mode, CPU) from a checkpoint file; ``None`` loads
-    the bundled default model. Dispatches on the checkpoint's ``kind``."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+def _student(path: str | Path) -> torch.nn.Module:
+    from .student import StudentSegmenter  # the student's module is only imported when needed
 
-    if path is None:
-        from ..api import bundled_model_path
+    return StudentSegmenter.from_checkpoint(path)
 
-        path = bundled_model_path()
+
+# Checkpoint kind -> loader (a checkpoint file -> the model it describes, CPU, eval mode).
+MODELS: dict[str, Callable[[str | Path], torch.nn.Module]] = {
+    "teacher": MonolithicSegmenter.from_checkpoint,
+    "student": _student,
+}
+
+
+def load_model(path: str | Path | None = None) -> torch.nn.Module:
+    """A segmenter (teacher or student, CPU, eval mode) from a checkpoint file (``teacher.pt``,
+    ``student.pt`` or a training ``ckpt_*.pt``); ``None`` loads the bundled default model.
+    Raises ``CheckpointError`` (a ``ValueError``) for unusable files."""
+    path = bundled_model_path() if path is None else path
     state = load_checkpoint(path)
     kind = state.get("task") if state.get("kind") == "train-state" else state.get("kind")
-    if kind == "teacher":
-        return MonolithicSegmenter.from_checkpoint(path)
-    if kind == "student":
-        from .student import StudentSegmenter
-
-        return StudentSegmenter.from_checkpoint(path)
-    raise CheckpointError(f"{path} holds a '{kind}' checkpoint; expected a teacher or a student")
+    if kind not in MODELS:
+        raise CheckpointError(f"{path} holds a '{kind}' checkpoint; expected a teacher or a student")
+    return MODELS[kind](path)
 
 
 def random_init_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -8,10 +8,15 @@ features (photometric invariance alone would throw colour away); it is saved apa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..checkpoint import load_checkpoint
+from ..config import AutoencoderConfig, Config
 from .layers import ConvNormAct
+from .student import student_shape
 
 __all__ = ["ReconstructionDecoder"]
 
@@ -21,10 +26,20 @@ class ReconstructionDecoder(nn.Module):
     in_channels: width of the student's fine features.
     hidden_channels: width of the decoder.
     num_blocks: 3x3 conv blocks before the RGB projection.
+    config: the autoencoder settings it was trained with (its target's blur, the loss's gradient
+      weight); ``from_checkpoint`` sets it.
     """
 
-    def __init__(self, *, in_channels: int, hidden_channels: int = 32, num_blocks: int = 2):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        hidden_channels: int = 32,
+        num_blocks: int = 2,
+        config: AutoencoderConfig | None = None,
+    ):
         super().__init__()
+        self.config = config or AutoencoderConfig(hidden_channels=hidden_channels, num_blocks=num_blocks)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 1), nn.ReLU(inplace=True)]
         layers += [ConvNormAct(hidden_channels, hidden_channels, norm="none") for _ in range(num_blocks)]
         layers.append(nn.Conv2d(hidden_channels, 3, 1))
@@ -33,3 +48,15 @@ class ReconstructionDecoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (B, C, H/4, W/4) -> RGB prediction (B, 3, H/4, W/4) in [0, 1]."""
         return torch.sigmoid(self.net(features))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> ReconstructionDecoder:
+        """The decoder of ``decoder_training_only.pt`` (a student run trained with the autoencoder
+        loss), with the settings it was trained with; CPU, eval mode."""
+        state = load_checkpoint(path, kind="decoder")
+        cfg = Config.from_dict(state["config"])
+        dims, _ = student_shape(cfg.student)
+        ae = cfg.autoencoder
+        decoder = cls(in_channels=dims[2], hidden_channels=ae.hidden_channels, num_blocks=ae.num_blocks, config=ae)
+        decoder.load_state_dict(state["model"])
+        return decoder.eval()

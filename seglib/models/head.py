@@ -38,38 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_k
 from .layers import inference_numerics
 
 __all__ = [
     "SoftKMeans",
     "HeadOutput",
     "Clusters",
-    "K_MIN",
-    "K_MAX",
-    "check_k",
     "farthest_point_init",
     "soft_kmeans",
     "denoise",
 ]
-
-K_MIN, K_MAX = 2, 16
-
-
-def check_k(k: object) -> int:
-    """Validate the number of clusters; raises ``ValueError`` naming the allowed range."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        try:
-            import numpy as np
-
-            if isinstance(k, np.integer):
-                k = int(k)
-        except ImportError:  # pragma: no cover
-            pass
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"K must be an integer in {K_MIN}..{K_MAX}, got {type(k).__name__} {k!r}")
-    if not K_MIN <= k <= K_MAX:
-        raise ValueError(f"K must be in {K_MIN}..{K_MAX} (got {k}); pick a number of segments in that range")
-    return k
 
 
 @dataclass

@@ -23,9 +23,7 @@ from torch import nn
 
 from .layers import box_mean, inference_numerics, standardize
 
-__all__ = ["LANES", "box_filter", "guided_filter_coefficients", "fast_lane", "none_lane", "LearnedRefiner"]
-
-LANES = ("fast", "learned", "none")
+__all__ = ["box_filter", "guided_filter_coefficients", "fast_lane", "none_lane", "LearnedRefiner"]
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:

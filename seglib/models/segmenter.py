@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import HeadConfig, RefineConfig
-from .head import Clusters, SoftKMeans, check_k
+from ..config import LANES, HeadConfig, RefineConfig, check_k
+from .head import Clusters, SoftKMeans
 from .layers import inference_numerics
-from .refine import LANES, LearnedRefiner, fast_lane, none_lane
+from .refine import LearnedRefiner, fast_lane, none_lane
 
 __all__ = ["Segmenter", "check_rgb", "colour_channels", "STRIDE"]
 

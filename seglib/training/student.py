@@ -5,9 +5,8 @@ the teacher without gradient (its learned features and its cluster assignments a
 runs the student and the training-only decoder, and combines ``DistillLoss`` with the
 EMA-normalised autoencoder loss.
 
-Without ``distill.teacher_checkpoint`` the stage first trains a teacher with the same config
-for ``distill.teacher_steps`` steps into ``<checkpoint_dir>/teacher/`` (resumable like any
-teacher run) and distils from its ``teacher.pt``; pass a checkpoint to skip that.
+The teacher comes as a checkpoint path; ``seglib.training.run`` trains one first when the
+config names none.
 
 Artifacts: ``student.pt`` (student weights + config: everything inference needs, no decoder)
 and ``decoder_training_only.pt``; the step checkpoints hold both and resume like the teacher's.
@@ -32,9 +31,9 @@ from ..losses.recon import reconstruction_loss, reconstruction_target
 from ..models.autoencoder import ReconstructionDecoder
 from ..models.student import SLICES, StudentModelConfig, StudentSegmenter
 from ..models.teacher import MonolithicSegmenter
-from .loop import StepOutput, default_checkpoint_dir, train_loop
+from .loop import StepOutput
 
-__all__ = ["DistillModule", "StudentTask", "ensure_teacher", "train_loop"]
+__all__ = ["DistillModule", "StudentTask"]
 
 _KNOBS, _AUGMENT, _AFFINITY = 21, 23, 29
 
@@ -58,49 +57,20 @@ class DistillModule(nn.Module):
         return out
 
 
-def ensure_teacher(cfg: Config, device: torch.device) -> Path:
-    """The teacher checkpoint to distil from; trains one first when none is configured."""
-    if cfg.distill.teacher_checkpoint:
-        path = Path(cfg.distill.teacher_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher checkpoint not found: {path}; train one with `python -m seglib.train_distill "
-                "--stage teacher` or leave --teacher-checkpoint empty to train one first"
-            )
-        return path
-    teacher_dir = default_checkpoint_dir(cfg) / "teacher"
-    if (teacher_dir / "teacher.pt").is_file():
-        return teacher_dir / "teacher.pt"
-    from ..train_distill import make_source
-    from .teacher import TeacherTask
-
-    tcfg = copy.deepcopy(cfg)
-    tcfg.stage, tcfg.train.steps = "teacher", cfg.distill.teacher_steps
-    tcfg.train.checkpoint_dir = str(teacher_dir)
-    from .. import distributed as dist
-
-    print(f"no --teacher-checkpoint: training a teacher for {tcfg.train.steps} steps into {teacher_dir}")
-    torch.manual_seed(cfg.train.seed)
-    task = TeacherTask(tcfg, device)
-    info = dist.DistInfo(rank=dist.rank(), world=dist.world_size())
-    train_loop(task, tcfg, make_source(tcfg, info), device=device, resume=True)
-    dist.barrier()
-    return teacher_dir / "teacher.pt"
-
-
 class StudentTask:
     """Trains ``DistillModule`` against a frozen teacher.
 
     Arguments:
       cfg: the full config (stage "student").
       device: where both models live.
-      teacher: the frozen teacher (eval mode).
+      teacher_path: the teacher checkpoint to distil from (loaded and frozen).
     """
 
     kind = "student"
 
-    def __init__(self, cfg: Config, device: torch.device, teacher: MonolithicSegmenter):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: Config, device: torch.device, teacher_path: str | Path):
+        self.cfg, self.device, self.teacher_path = cfg, device, str(teacher_path)
+        teacher = MonolithicSegmenter.from_checkpoint(teacher_path)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         # The student clusters like the teacher: same head, lanes and colour channels.
         student_cfg = copy.deepcopy(cfg)
@@ -125,14 +95,6 @@ class StudentTask:
         ).to(device)
         self.ae_ema = EmaNormalizer(["recon"], ae.ema_decay).to(device)
         self._teacher_config = teacher.config
-
-    @classmethod
-    def create(cls, cfg: Config, device: torch.device) -> StudentTask:
-        path = ensure_teacher(cfg, device)
-        teacher = MonolithicSegmenter.from_checkpoint(path)
-        task = cls(cfg, device, teacher)
-        task.teacher_path = str(path)
-        return task
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
         cfg = self.cfg
