@@ -26,7 +26,7 @@ Synchronises CUDA around every timed region. ``--json`` prints only the JSON obj
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import json
 import platform
 import resource
@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import Config, StudentConfig, apply_overrides, load_config_file
+from .config import LANES, Config, ConfigError, apply_overrides, load_config_file
 from .device import autocast, resolve_device, set_threads
 
 __all__ = ["build_parser", "benchmark", "cpu_latency_ms", "main"]
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", type=int, choices=[0, 1], default=0, help="1: bf16 autocast")
     p.add_argument(
         "--lane",
-        choices=["fast", "learned", "none"],
+        choices=LANES,
         default="fast",
         help="refinement lane of the training step (fast and none have no full-resolution loss)",
     )
@@ -202,9 +202,8 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         result["student_checkpoint"] = args.student_checkpoint
     else:
         # The student's head settings derive from cfg.student, so set it before deriving.
-        student_cfg = StudentModelConfig.from_config(
-            dataclasses.replace(cfg, student=StudentConfig(**{**FAST_STUDENT, "size": args.student_size}))
-        )
+        with_student = apply_overrides(copy.deepcopy(cfg), {"student": {**FAST_STUDENT, "size": args.student_size}})
+        student_cfg = StudentModelConfig.from_config(with_student)
         student = StudentSegmenter(student_cfg).to(device).eval()
     with torch.no_grad():
         infer = _paired_median_times(
@@ -224,11 +223,16 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     set_threads(args.threads)
     cfg = Config()
-    if args.config:
-        apply_overrides(cfg, load_config_file(args.config))
+    try:
+        if args.config:
+            apply_overrides(cfg, load_config_file(args.config))
+        cfg.validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
     result = benchmark(cfg, args)
     if not args.json:
         print(

@@ -2,7 +2,10 @@
 
 A checkpoint is a dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``: loading never executes pickled code. It always carries
-``format``, ``kind`` (teacher | student | student-train | ...) and the full ``config`` dict.
+``format``, ``kind`` (``teacher``, ``student``, ``decoder`` or ``train-state``; a train-state
+names its stage in ``task``) and the full ``config`` dict (``model_checkpoint`` builds one).
+Loading upgrades a config dict written by an older seglib to the current layout
+(``seglib.config.upgrade_config``), so old checkpoints keep loading.
 
 Writes go to ``<name>.tmp`` in the same folder, are flushed and fsync'ed, then renamed over
 the final name (``os.replace`` is atomic on POSIX and Windows), so a killed process leaves
@@ -19,9 +22,12 @@ from typing import Any
 
 import torch
 
+from .config import upgrade_config
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
+    "model_checkpoint",
     "save_atomic",
     "load_checkpoint",
     "checkpoint_path",
@@ -36,6 +42,12 @@ _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 class CheckpointError(ValueError):
     """A file that is not a usable seglib checkpoint; the message says why and what to do."""
+
+
+def model_checkpoint(kind: str, config: dict[str, Any], weights: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of one kind: ``config`` is ``Config.to_dict()``, ``weights`` a
+    ``state_dict``; ``extra`` adds keys (a training state's optimizer, step, ...)."""
+    return {"format": FORMAT, "kind": kind, "config": config, "model": weights, **extra}
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
@@ -82,6 +94,8 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
             f"{path} is a PyTorch file but not a seglib checkpoint (no format tag '{FORMAT}'); "
             "pass a file written by seglib training (ckpt_*.pt, teacher.pt or student.pt)"
         )
+    if isinstance(obj.get("config"), dict):
+        obj["config"] = upgrade_config(obj["config"])
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else kind
         if obj.get("kind") not in kinds:

@@ -49,6 +49,9 @@ __all__ = [
     "apply_overrides",
     "load_config_file",
     "parse_set",
+    "nest",
+    "merge",
+    "upgrade_config",
 ]
 
 
@@ -149,100 +152,92 @@ class AugmentConfig:
 class RandomizeConfig:
     """Knobs drawn afresh for every batch so that one model serves every setting."""
 
-    ks: tuple[int, ...] = (2, 4, 8, 16)
-    downsample: tuple[int, ...] = (1, 2)
-    cluster_iters: tuple[int, int] = (3, 8)  # inclusive range
-    smooth_iters: tuple[int, int] = (0, 2)  # inclusive range
-    lanes: tuple[str, ...] = ("fast", "learned", "none")
+    ks: tuple[int, ...] = (2, 4, 8, 16)  # numbers of clusters
+    downsample: tuple[int, ...] = (1, 2)  # model.downsample values
+    cluster_iters: tuple[int, int] = (3, 8)  # soft k-means iterations, inclusive range
+    smooth_iters: tuple[int, int] = (0, 2)  # guided-filter passes of the fast lane, inclusive range
+    lanes: tuple[str, ...] = LANES  # refinement lanes
 
 
 @dataclass
 class DataConfig:
     synthetic: bool = True  # procedural tiles with labels; False reads data_dir
-    data_dir: str = "data/images"
+    data_dir: str = "data/images"  # folder of RGB tiles (PNG, JPEG, GeoTIFF) when not synthetic
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
     extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
-    batch_size: int = 4
-    num_workers: int = 0
-    eval_images: int = 8  # synthetic evaluation tiles
-    eval_size: int = 256
+    batch_size: int = 4  # images per micro-batch and process
+    num_workers: int = 0  # DataLoader worker processes
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup: int = 5
-    grad_accum: int = 1
-    clip: float = 1.0
+    steps: int = 20  # optimizer steps
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup: int = 5  # steps of linear warm-up before the cosine decay
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip: float = 1.0  # gradient-norm clip (0: off)
     amp: bool = False  # bf16 autocast where supported
-    seed: int = 0
+    seed: int = 0  # run seed: data, augmentations, initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    checkpoint_dir: str = ""  # empty: runs/train
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    image_every: int = 50
+    checkpoint_dir: str = ""  # checkpoints, teacher.pt / student.pt and TensorBoard logs; empty: runs/train
+    checkpoint_every: int = 50  # steps between checkpoints
+    keep_checkpoints: int = 3  # newest step checkpoints kept (0: all)
+    log_every: int = 1  # steps between TensorBoard scalars
+    image_every: int = 50  # steps between TensorBoard images
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
-    # > 0: also keep an exponential moving average of the weights (and float buffers) with this
-    # decay; teacher.pt / student.pt then hold the average, which smooths out the step-to-step
-    # noise of the last steps. Training checkpoints keep both (resume continues either).
-    ema_decay: float = 0.0
+    weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
+
+
+def _overrides(of: type, **defaults: Any) -> Any:
+    """A field holding overrides of the dataclass ``of`` (a dict of some of its fields, checked
+    like the dataclass's own; ``apply_overrides`` merges into it)."""
+    return field(default_factory=lambda: dict(defaults), metadata={"overrides": of})
 
 
 @dataclass
 class StudentConfig:
     size: str = "base"  # a name from seglib.models.student.STUDENTS; dims/depths override it
-    dims: tuple[int, ...] = ()
-    depths: tuple[int, ...] = ()
-    norm: str = "group"
-    dropout: float = 0.0
-    multires: bool = True
+    dims: tuple[int, ...] = ()  # (coarse, mid, fine) widths; empty: the size's
+    depths: tuple[int, ...] = ()  # 3x3 blocks per slice; empty: the size's
+    norm: str = "group"  # group | batch | instance | none
+    dropout: float = 0.0  # channel dropout before the embedding projections (training only)
+    multires: bool = True  # distil the coarse and mid slices too, not only the fine one
     stem: str = "conv"  # conv (two strided 3x3 convs) | unshuffle (space-to-depth, then one conv)
-    # Inference settings of the student's head (the rest is the teacher's); stored in student.pt.
-    # These defaults: the teacher's denoising and clustering, the guided filter at half
-    # resolution. The recipes ship a cheaper head,
-    # seglib.recipes.FAST_STUDENT (radius-1 passes at spacings 1, 2, 4): docs/models.md.
-    denoise_iters: int = 5
-    denoise_radius: int = 2
-    denoise_dilations: tuple[int, ...] = (1,)
-    head_iters: int = 6  # soft k-means iterations at inference
-    size_prior: float = 0.0  # the head's size prior at inference (HeadConfig.size_prior)
+    head: dict[str, Any] = _overrides(HeadConfig)  # inference: the teacher's model.head with these changed
+    refine: dict[str, Any] = _overrides(RefineConfig, smooth_iters=0, guide_scale=2)  # ... its model.refine
     downsample: int = 0  # 1 or 2: the student reads the image shrunk by this factor; 0: the teacher's
-    smooth_iters: int = 0
-    guide_scale: int = 2  # the guided filter runs at 1/guide_scale of the input resolution
 
 
 @dataclass
 class DistillConfig:
-    teacher_checkpoint: str = ""
-    feature: float = 1.0
-    affinity: float = 1.0
-    affinity_samples: int = 256
-    pseudo_label: float = 1.0
-    agreement: float = 1.0
-    tv: float = 0.5
-    consistency_weight: float = 0.5
-    ema_decay: float = 0.99
-    cluster_iters: int = 5
-    teacher_steps: int = 300  # teacher trained first when no checkpoint is given
+    teacher_checkpoint: str = ""  # teacher.pt to distil from; empty: one is trained first
+    feature: float = 1.0  # weight of 1 - cosine(student, teacher features)
+    affinity: float = 1.0  # weight of the similarity-matrix term
+    affinity_samples: int = 256  # positions sampled for the similarity matrices
+    pseudo_label: float = 1.0  # weight of the sharpened self-labels term
+    agreement: float = 1.0  # weight of KL(teacher assignments || student assignments)
+    tv: float = 0.5  # weight of the edge-aware total variation
+    consistency_weight: float = 0.5  # weight of the cross-resolution consistency
+    loss_norm_decay: float = 0.99  # decay of the running means that normalise each slice's loss
+    cluster_iters: int = 5  # soft k-means iterations on the student's embeddings
+    teacher_steps: int = 300  # steps of the teacher trained first when no checkpoint is given
 
 
 @dataclass
 class AutoencoderConfig:
-    enabled: bool = True
-    lambda_recon: float = 0.01
-    ema_decay: float = 0.99
-    blur_sigma: float = 1.0
-    blur_kernel: int = 5
-    grad_weight: float = 0.5
-    detach_backbone: bool = False
-    hidden_channels: int = 32
-    num_blocks: int = 2
+    enabled: bool = True  # train the reconstruction decoder beside the student
+    lambda_recon: float = 0.01  # weight of the normalised reconstruction loss
+    loss_norm_decay: float = 0.99  # decay of the running mean that normalises the reconstruction loss
+    blur_sigma: float = 1.0  # Gaussian blur of the stride-4 target
+    blur_kernel: int = 5  # its kernel size (odd)
+    grad_weight: float = 0.5  # weight of the Sobel-gradient term
+    detach_backbone: bool = False  # True: the decoder's gradient does not reach the student
+    hidden_channels: int = 32  # decoder width
+    num_blocks: int = 2  # decoder 3x3 blocks
 
 
 @dataclass
@@ -281,6 +276,13 @@ class Config:
         bad = [k for k in self.randomize.ks if not K_MIN <= k <= K_MAX]
         if bad:
             raise ConfigError(f"randomize.ks must lie in {K_MIN}..{K_MAX}, got {bad}")
+        lanes = [*self.randomize.lanes, self.model.refine.lane, self.student.refine.get("lane", "fast")]
+        if bad := [lane for lane in lanes if lane not in LANES]:
+            raise ConfigError(f"unknown refinement lane(s) {bad} in the config; choose from {', '.join(LANES)}")
+        if bad := [d for d in (*self.randomize.downsample, self.model.downsample) if d not in (1, 2)]:
+            raise ConfigError(f"model.downsample and randomize.downsample take 1 or 2, got {bad}")
+        if self.student.downsample not in (0, 1, 2):
+            raise ConfigError(f"student.downsample must be 0 (the teacher's), 1 or 2, got {self.student.downsample}")
         return self
 
     @classmethod
@@ -304,20 +306,62 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> An
     """Set nested ``overrides`` on the dataclass ``obj`` in place, validating keys and types."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"overrides for '{prefix or 'config'}' must be a dict, got {type(overrides).__name__}")
+    if isinstance(obj, Config) and not prefix:
+        overrides = upgrade_config(overrides)
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in overrides.items():
         path = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(names)}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{path}'{hint}")
         current = getattr(obj, key)
+        target = fields[key].metadata.get("overrides")
         if dataclasses.is_dataclass(current):
             apply_overrides(current, value, prefix=f"{path}.")
+        elif target is not None:  # checked against the dataclass it overrides, merged into the dict
+            checked = apply_overrides(target(), value, prefix=f"{path}.")
+            setattr(obj, key, {**current, **{name: getattr(checked, name) for name in value}})
         else:
             setattr(obj, key, _coerce(path, value, hints[key]))
     return obj
+
+
+# Config keys that moved: old path -> new path. Checkpoints store the config they were made with,
+# so ``upgrade_config`` rewrites an old dict (or old overrides) into the current layout.
+_MOVED = {
+    ("train", "ema_decay"): ("train", "weight_average_decay"),
+    ("distill", "ema_decay"): ("distill", "loss_norm_decay"),
+    ("autoencoder", "ema_decay"): ("autoencoder", "loss_norm_decay"),
+    ("student", "head_iters"): ("student", "head", "iters"),
+    ("student", "size_prior"): ("student", "head", "size_prior"),
+    ("student", "denoise_iters"): ("student", "head", "denoise_iters"),
+    ("student", "denoise_radius"): ("student", "head", "denoise_radius"),
+    ("student", "denoise_dilations"): ("student", "head", "denoise_dilations"),
+    ("student", "smooth_iters"): ("student", "refine", "smooth_iters"),
+    ("student", "guide_scale"): ("student", "refine", "guide_scale"),
+}
+_REMOVED = {("data", "eval_images"), ("data", "eval_size")}  # settings nothing read
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (a checkpoint's, or overrides) in the current layout: keys that moved
+    (``_MOVED``) are moved, settings that were removed are dropped. A current dict comes back
+    unchanged; ``config`` itself is never modified."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for section, key in _REMOVED:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    for (section, key), new in _MOVED.items():
+        if not isinstance(out.get(section), dict) or key not in out[section]:
+            continue
+        value = out[section].pop(key)
+        node = out
+        for part in new[:-1]:
+            node[part] = node = dict(node.get(part) or {})
+        node.setdefault(new[-1], value)  # a value given under the new name wins
+    return out
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
@@ -388,12 +432,15 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        out = merge(out, nest(key.strip(), value))
     return out
+
+
+def nest(path: str, value: Any) -> dict[str, Any]:
+    """``nest("train.lr", 0.1)`` -> ``{"train": {"lr": 0.1}}``."""
+    for part in reversed(path.split(".")):
+        value = {part: value}
+    return value
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

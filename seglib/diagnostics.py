@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .losses.recon import reconstruction_loss, reconstruction_target
 from .models.autoencoder import ReconstructionDecoder
+from .models.segmenter import head_embedding
 from .raster import to_tensor
 from .viz import pca_rgb
 
@@ -44,13 +45,10 @@ def slice_maps(student: torch.nn.Module, rgb: np.ndarray, k: int) -> dict[str, d
     as a false-colour image (``pca``, at the slice's resolution) and the K clusters the head finds
     on that slice alone (``labels``, nearest-upsampled to the image). Only ``fine`` is used at
     inference."""
-    from .models.segmenter import colour_channels
-
     x = to_tensor(rgb)
     out = {}
     for name, z in student.cnn(x).items():  # (1, E, H/s, W/s)
-        colour = colour_channels(x, z.shape[-2:], student.colour_blur) * student.colour_weight
-        emb = torch.cat([F.normalize(z, dim=1), colour], 1)  # what the head clusters
+        emb = head_embedding(z, x, colour_weight=student.colour_weight, colour_blur=student.colour_blur)
         probs = F.interpolate(student.head(emb, k).probs, size=x.shape[-2:], mode="nearest")  # (1, K, H, W)
         out[name] = {"pca": pca_rgb(z[0]), "labels": probs[0].argmax(0).numpy()}
     return out

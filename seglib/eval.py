@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import check_k
+from .config import LANES, check_k
 from .device import resolve_device, set_threads
 
 __all__ = ["build_parser", "main"]
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", default="", help="comma-separated label ids to ignore, e.g. 5,255")
     p.add_argument(
         "--lane",
-        choices=["fast", "learned", "none"],
+        choices=LANES,
         default=None,
         help="refinement lane (default: the model's)",
     )
@@ -79,52 +79,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_k(text: str):
-    if text == "present":
-        return "present"
-    try:
-        return check_k(int(text))
-    except ValueError as exc:
-        raise SystemExit(f"--k: {exc}") from None
+def _parse_k(text: str) -> int | str:
+    return "present" if text == "present" else check_k(int(text))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if bool(args.synthetic) == bool(args.images):
-        raise SystemExit("choose the data: --synthetic, or --images DIR --masks DIR")
+        parser.error("choose the data: --synthetic, or --images DIR --masks DIR")
     if args.images and not args.masks:
-        raise SystemExit("--images needs --masks DIR with the ground-truth label PNGs")
-    set_threads(args.threads)
-    device = resolve_device(args.device)
-    k = _parse_k(args.k)
+        parser.error("--images needs --masks DIR with the ground-truth label PNGs")
+    if args.iters is not None and args.iters < 0:
+        parser.error(f"--iters must be 0 or more, got {args.iters}")
+    if args.size_prior is not None and not args.size_prior >= 0:
+        parser.error(f"--size-prior must be 0 or more, got {args.size_prior}")
+    try:
+        k = _parse_k(args.k)
+    except ValueError as exc:
+        parser.error(f"--k: {exc}")
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
+    kwargs = {"lane": args.lane} if args.lane else {}
+    if args.iters is not None:
+        kwargs["iters"] = args.iters
+    if args.size_prior is not None:
+        kwargs["size_prior"] = args.size_prior
+    set_threads(args.threads)
 
+    from .data.tiles import load_labelled_folder
     from .evaluation import evaluate_tiles, k_sweep, synthetic_tiles
     from .models import load_model, random_init_like
 
-    model = None
-    if not args.no_model:
-        model = load_model(args.checkpoint).to(device)
+    # Everything that can fail on a path or a checkpoint fails here, in one line.
+    try:
+        device = resolve_device(args.device)
+        model = None if args.no_model else load_model(args.checkpoint).to(device)
+        if args.synthetic:
+            names, tiles = synthetic_tiles(args.n_images, args.size, args.seed)
+            source = f"synthetic_seed{args.seed}"
+        else:
+            names, tiles = load_labelled_folder(args.images, args.masks, max_side=args.max_side)
+            source = Path(args.images).resolve().parent.name or "images"
+    except (ValueError, FileNotFoundError) as exc:  # ImageReadError and CheckpointError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
-    kwargs = {"lane": args.lane} if args.lane else {}
-    if args.iters is not None:
-        if args.iters < 0:
-            raise SystemExit(f"--iters must be 0 or more, got {args.iters}")
-        kwargs["iters"] = args.iters
-    if args.size_prior is not None:
-        if not args.size_prior >= 0:
-            raise SystemExit(f"--size-prior must be 0 or more, got {args.size_prior}")
-        kwargs["size_prior"] = args.size_prior
 
     tic = time.perf_counter()
-    if args.synthetic:
-        names, tiles = synthetic_tiles(args.n_images, args.size, args.seed)
-        source = f"synthetic_seed{args.seed}"
-    else:
-        from .data.tiles import load_labelled_folder
-
-        names, tiles = load_labelled_folder(args.images, args.masks, max_side=args.max_side)
-        source = Path(args.images).resolve().parent.name or "images"
     result = evaluate_tiles(
         model,
         tiles,

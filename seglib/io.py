@@ -163,7 +163,20 @@ def _overview_step(height: int, width: int) -> int:
     return max(1, math.ceil(math.sqrt(height * width / OVERVIEW_PIXELS)))
 
 
-class ArraySource:
+class _WindowReader:
+    """What the window readers share: ``with reader:`` closes it."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArraySource(_WindowReader):
     """An in-memory (H, W, C) array read window by window.
 
     Arguments:
@@ -182,17 +195,8 @@ class ArraySource:
         """uint8 RGB (h, w, 3) of rows y..y+h and columns x..x+w."""
         return self.stretch.apply(self.image[y : y + h, x : x + w])
 
-    def close(self) -> None:
-        pass
 
-    def __enter__(self) -> ArraySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RasterSource:
+class RasterSource(_WindowReader):
     """A raster file (GeoTIFF or anything GDAL reads) read window by window with rasterio.
 
     Arguments:
@@ -244,12 +248,6 @@ class RasterSource:
 
     def close(self) -> None:
         self.dataset.close()
-
-    def __enter__(self) -> RasterSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_source(path: str | Path) -> ArraySource | RasterSource:

@@ -225,11 +225,9 @@ def fit_clusters(
     Up to ``fit_windows`` windows of the tile size, but no more than ``fit_pixels`` pixels in
     all: the fit holds every sampled window in the model at once, so this budget bounds its
     memory. The grid is split into that many equal runs (row-major) and one window is drawn
-    from each, so the sample covers the whole raster.
+    from each, so the sample covers the whole raster. ``tile`` as ``check_tiling`` returns it.
     """
-    k = check_k(k)
     m = model_stride(model)
-    tile = check_tiling(tile, overlap, m)
     ys, lh = axis_windows(source.height, tile, overlap, m)
     xs, lw = axis_windows(source.width, tile, overlap, m)
     grid = [(y, x) for y in ys for x in xs]
@@ -258,12 +256,11 @@ def iter_blended(
     """Yield ``(y, x, probs (K, h, w))`` for every finished cell of the blended probabilities.
 
     Cells are cut by all window edges; rows of cells finish top to bottom. Only cells still
-    waiting for a later window are held in memory.
+    waiting for a later window are held in memory. ``tile`` as ``check_tiling`` returns it.
     """
     from tqdm.auto import tqdm
 
     m = model_stride(model)
-    tile = check_tiling(tile, overlap, m)
     ys, lh = axis_windows(source.height, tile, overlap, m)
     xs, lw = axis_windows(source.width, tile, overlap, m)
     wy, wx = axis_weights(ys, lh, source.height), axis_weights(xs, lw, source.width)
@@ -328,9 +325,10 @@ def segment_source(
       clusters: fitted with ``fit_clusters`` from sampled windows when None.
       probs_out: optional (K, H, W) float32 array that receives the (blended) probabilities.
     """
+    tile = check_tiling(tile, overlap, model_stride(model))
     for note in source.stretch.notes:
         log.info("%s: %s", Path(source.name).name, note)
-    if clusters is None and max(source.height, source.width) <= check_tiling(tile, overlap, model_stride(model)):
+    if clusters is None and max(source.height, source.width) <= tile:
         out = _forward(model, to_tensor(source.read(0, 0, source.height, source.width)), k, lane=lane)
         probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
         if probs_out is not None:
@@ -424,6 +422,7 @@ def segment_raster(
     """
     k = check_k(k)
     check_lane(lane)
+    check_tiling(tile, overlap, model_stride(model))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     options = dict(tile=tile, overlap=overlap, lane=lane, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)

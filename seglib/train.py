@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from .config import Config, ConfigError, apply_overrides, load_config_file, merge, parse_set
+from .config import Config, ConfigError, apply_overrides, load_config_file, merge, nest, parse_set
 from .training.loop import default_checkpoint_dir
 from .training.run import run
 
@@ -167,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cross-resolution consistency weight (config: distill.consistency_weight)",
     )
     g.add_argument(
+        "--loss-norm-decay",
         "--ema-decay",
+        dest="loss_norm_decay",
         type=float,
         default=None,
-        help="EMA decay of the per-slice loss normalisers (config: distill.ema_decay)",
+        help="decay of the running means that normalise each slice's loss (config: distill.loss_norm_decay)",
     )
     g.add_argument(
         "--cluster-iters",
@@ -185,7 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn the reconstruction loss off (config: autoencoder.enabled=false)",
     )
     g.add_argument("--ae-lambda", type=float, default=None, help="config: autoencoder.lambda_recon")
-    g.add_argument("--ae-ema-decay", type=float, default=None, help="config: autoencoder.ema_decay")
+    g.add_argument(
+        "--ae-loss-norm-decay",
+        "--ae-ema-decay",
+        dest="ae_loss_norm_decay",
+        type=float,
+        default=None,
+        help="config: autoencoder.loss_norm_decay",
+    )
     g.add_argument("--ae-blur-sigma", type=float, default=None, help="config: autoencoder.blur_sigma")
     g.add_argument("--ae-grad-weight", type=float, default=None, help="config: autoencoder.grad_weight")
     g.add_argument(
@@ -221,24 +230,14 @@ _FLAG_PATHS = {
     "student_depths": "student.depths",
     "student_norm": "student.norm",
     "consistency_weight": "distill.consistency_weight",
-    "ema_decay": "distill.ema_decay",
+    "loss_norm_decay": "distill.loss_norm_decay",
     "cluster_iters": "distill.cluster_iters",
     "ae_lambda": "autoencoder.lambda_recon",
-    "ae_ema_decay": "autoencoder.ema_decay",
+    "ae_loss_norm_decay": "autoencoder.loss_norm_decay",
     "ae_blur_sigma": "autoencoder.blur_sigma",
     "ae_grad_weight": "autoencoder.grad_weight",
     "ae_detach_backbone": "autoencoder.detach_backbone",
 }
-
-
-def _nest(path: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    node = out
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -250,7 +249,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for flag, path in _FLAG_PATHS.items():
         value = getattr(args, flag, None)
         if value is not None:
-            overrides = merge(overrides, _nest(path, value))
+            overrides = merge(overrides, nest(path, value))
     if args.data_dir is not None and args.synthetic is None:
         overrides = merge(overrides, {"data": {"synthetic": False}})
     if args.disable_multires:

@@ -54,9 +54,9 @@ def tiny_config():
 
 def save_teacher(path: Path, config, model) -> Path:
     """Write ``model`` as a teacher.pt with its full ``config``."""
-    from seglib.checkpoint import FORMAT, save_atomic
+    from seglib.checkpoint import model_checkpoint, save_atomic
 
-    save_atomic({"format": FORMAT, "kind": "teacher", "config": config.to_dict(), "model": model.state_dict()}, path)
+    save_atomic(model_checkpoint("teacher", config.to_dict(), model.state_dict()), path)
     return path
 
 

@@ -1,5 +1,7 @@
 """Config overrides are validated; config files and CLI flags land in the right keys."""
 
+import json
+
 import pytest
 
 from seglib.config import Config, ConfigError, apply_overrides, load_config_file, parse_set
@@ -80,3 +82,90 @@ def test_config_file_that_raises(tmp_path):
     f.write_text("def get_config():\n    return {'train': {'steps': undefined_name}}\nCONFIG = get_config()\n")
     with pytest.raises(ConfigError, match="failed to run: NameError"):
         load_config_file(f)
+
+
+def old_layout(cfg: Config) -> dict:
+    """``cfg.to_dict()`` as seglib wrote it before the config pass (the layout of the first
+    bundled student.pt): flat student inference settings, three ``ema_decay`` and two settings
+    nothing read."""
+    d = cfg.to_dict()
+    st = d["student"]
+    head, refine = st.pop("head"), st.pop("refine")
+    st.update(head_iters=head["iters"], size_prior=head["size_prior"], denoise_iters=head["denoise_iters"])
+    st.update(denoise_radius=head["denoise_radius"], denoise_dilations=head["denoise_dilations"])
+    st.update(smooth_iters=refine["smooth_iters"], guide_scale=refine["guide_scale"])
+    for section, key in [("train", "weight_average_decay"), ("distill", "loss_norm_decay")]:
+        d[section]["ema_decay"] = d[section].pop(key)
+    d["autoencoder"]["ema_decay"] = d["autoencoder"].pop("loss_norm_decay")
+    d["data"].update(eval_images=8, eval_size=256)
+    return d
+
+
+def recipe_student_config() -> Config:
+    from seglib.recipes import STUDENT_DUBAI_CPU
+
+    return Config.from_dict(STUDENT_DUBAI_CPU)
+
+
+def test_upgrade_config_rewrites_the_old_layout_and_leaves_the_current_one_alone():
+    from seglib.config import upgrade_config
+
+    cfg = recipe_student_config()
+    old = old_layout(cfg)
+    frozen = json.dumps(old, sort_keys=True)
+    new = upgrade_config(old)
+    assert json.dumps(old, sort_keys=True) == frozen  # the input is not modified
+    assert new["student"]["head"]["iters"] == 1 and new["student"]["refine"] == {"smooth_iters": 0, "guide_scale": 4}
+    assert new["train"]["weight_average_decay"] == 0.995 and "ema_decay" not in new["train"]
+    assert "eval_images" not in new["data"]
+    assert Config.from_dict(new) == Config.from_dict(old) == cfg
+    assert upgrade_config(cfg.to_dict()) == cfg.to_dict()
+
+
+def test_old_names_in_overrides_still_work():
+    args = build_parser().parse_args(["--set", "student.head_iters=2", "--set", "train.ema_decay=0.9"])
+    cfg = config_from_args(args)
+    assert cfg.student.head["iters"] == 2 and cfg.train.weight_average_decay == 0.9
+    args = build_parser().parse_args(["--ema-decay", "0.5", "--ae-ema-decay", "0.7"])  # the old flags
+    cfg = config_from_args(args)
+    assert (cfg.distill.loss_norm_decay, cfg.autoencoder.loss_norm_decay) == (0.5, 0.7)
+
+
+def test_a_checkpoint_in_the_old_layout_loads_the_same_student(tmp_path):
+    import torch
+
+    from seglib.checkpoint import model_checkpoint, save_atomic
+    from seglib.models import load_model
+    from seglib.models.student import StudentModelConfig, StudentSegmenter
+
+    cfg = recipe_student_config()
+    torch.manual_seed(0)
+    student = StudentSegmenter(StudentModelConfig.from_config(cfg)).eval()
+    save_atomic(model_checkpoint("student", old_layout(cfg), student.state_dict()), tmp_path / "student.pt")
+    loaded = load_model(tmp_path / "student.pt")
+    assert loaded.config == student.config
+    assert (loaded.head.iters, loaded.head.size_prior, loaded.head.denoise_dilations) == (1, 3.0, (1, 2, 4))
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x, 4)["probs"], student(x, 4)["probs"])
+
+
+def test_student_overrides_are_checked_against_the_config_they_override():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'student.head.itres'.*did you mean 'student.head.iters'"
+    ):
+        Config.from_dict({"student": {"head": {"itres": 2}}})
+    with pytest.raises(ConfigError, match="'student.refine.guide_scale' expects int"):
+        Config.from_dict({"student": {"refine": {"guide_scale": "two"}}})
+    cfg = Config.from_dict({"student": {"refine": {"guide_scale": 4}, "head": {"denoise_dilations": [1, 2]}}})
+    assert cfg.student.refine == {"smooth_iters": 0, "guide_scale": 4}  # merged into the defaults
+    assert cfg.student.head == {"denoise_dilations": (1, 2)}
+
+
+def test_validate_names_the_bad_value():
+    with pytest.raises(ConfigError, match="data.size must be a positive multiple of 16"):
+        Config.from_dict({"data": {"size": 100}}).validate()
+    with pytest.raises(ConfigError, match="unknown refinement lane"):
+        Config.from_dict({"randomize": {"lanes": ["fast", "blur"]}}).validate()
+    with pytest.raises(ConfigError, match=r"randomize.ks must lie in 2..16"):
+        Config.from_dict({"randomize": {"ks": [1, 4]}}).validate()
+    assert Config().validate() == Config()

@@ -1,14 +1,12 @@
 """Bad checkpoints, bad configs and bad training folders get clear errors (docs/bad-inputs.md)."""
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
 from conftest import save_teacher, tiny_overrides
 from PIL import Image
 
-from seglib.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+from seglib.checkpoint import FORMAT, CheckpointError, load_checkpoint, model_checkpoint, save_atomic
 from seglib.config import Config, ConfigError
 from seglib.models import load_model
 from seglib.models.teacher import MonolithicSegmenter
@@ -66,11 +64,11 @@ def test_truncated_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_model(tmp_path):
     path = tmp_path / "student.pt"
-    save_atomic({"format": FORMAT, "kind": "student", "config": Config().to_dict(), "model": {}}, path)
+    save_atomic(model_checkpoint("student", Config().to_dict(), {}), path)
     with pytest.raises(CheckpointError, match="'student' checkpoint, but a teacher or train-state"):
         MonolithicSegmenter.from_checkpoint(path)
     decoder = tmp_path / "decoder_training_only.pt"
-    save_atomic({"format": FORMAT, "kind": "decoder", "config": Config().to_dict(), "model": {}}, decoder)
+    save_atomic(model_checkpoint("decoder", Config().to_dict(), {}), decoder)
     with pytest.raises(CheckpointError, match="expected a teacher or a student"):
         load_model(decoder)
 
@@ -80,7 +78,7 @@ def test_checkpoint_of_another_size(tmp_path):
     small = Config.from_dict({"model": {"encoder": {"width": 16}}})
     path = tmp_path / "teacher.pt"
     weights = MonolithicSegmenter().state_dict()  # width 64
-    save_atomic({"format": FORMAT, "kind": "teacher", "config": small.to_dict(), "model": weights}, path)
+    save_atomic(model_checkpoint("teacher", small.to_dict(), weights), path)
     with pytest.raises(CheckpointError, match="do not fit"):
         MonolithicSegmenter.from_checkpoint(path)
 
@@ -182,9 +180,20 @@ def test_nan_batch_from_data_is_caught_by_the_guard(tmp_path):
         model(x, 3)
 
 
-def test_pickle_module_is_not_needed_for_our_checkpoints(tmp_path):
-    """Our own checkpoints load with weights_only=True (tensors and plain values only)."""
-    path = tmp_path / "teacher.pt"
-    save_teacher(path, Config(), MonolithicSegmenter())
-    torch.load(path, weights_only=True)
-    assert pickle  # imported for the evil class above
+def test_our_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
+    """What seglib writes (a training state, teacher.pt, the bundled student) loads with
+    weights_only=True and holds nothing but tensors and plain Python values."""
+    from seglib.paths import BUNDLED_MODEL
+    from seglib.training.run import run
+
+    run(Config.from_dict(tiny_overrides(tmp_path, steps=1)))
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+    for path in (tmp_path / "ckpt_00000001.pt", tmp_path / "teacher.pt", BUNDLED_MODEL):
+        assert plain(torch.load(path, weights_only=True)), path

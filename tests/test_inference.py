@@ -152,13 +152,24 @@ def test_eval_cli_scores_the_bundled_model_beside_rgb_kmeans_with_its_own_head_s
     assert stored["model_minus_rgb_kmeans"] == pytest.approx(gap, abs=1e-4)
 
 
-def test_eval_cli_rejects_negative_head_settings():
+def test_eval_cli_rejects_bad_arguments_and_paths_in_one_line(tmp_path, capsys):
     from seglib.eval import main as eval_main
+    from seglib.paths import SAMPLE_IMAGES
 
-    with pytest.raises(SystemExit, match="--iters must be 0 or more"):
-        eval_main(["--synthetic", "--iters", "-1"])
-    with pytest.raises(SystemExit, match="--size-prior must be 0 or more"):
-        eval_main(["--synthetic", "--size-prior", "-1"])
+    for argv, message in [
+        (["--synthetic", "--iters", "-1"], "--iters must be 0 or more"),
+        (["--synthetic", "--size-prior", "-1"], "--size-prior must be 0 or more"),
+        (["--synthetic", "--k", "17"], "--k: K must be in 2..16"),
+        (["--images", str(SAMPLE_IMAGES)], "--images needs --masks"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            eval_main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    missing = tmp_path / "no_masks"
+    assert eval_main(["--images", str(SAMPLE_IMAGES), "--masks", str(missing), "--no-model"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: mask folder not found: {missing}"
+    assert eval_main(["--synthetic", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: checkpoint not found")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

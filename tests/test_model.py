@@ -225,29 +225,33 @@ def test_denoise_smooths_within_regions_and_keeps_the_edge_between_them():
     assert torch.allclose(denoise(constant, iters=2, radius=1, bandwidth=0.4), constant)
 
 
-def test_denoise_gradient_matches_plain_autograd():
-    """The hand-written backward of the weighted shifts equals autograd through slices."""
+def plain_bilateral(emb, spacings, radius, bandwidth):
+    """The feature-space bilateral filter written plainly: pass i averages the (2r+1)^2
+    neighbours ``spacings[i]`` cells apart (replicate padding), weighted by a softmax over minus
+    squared feature distances / bandwidth^2, the weights without gradient."""
     import torch.nn.functional as F
 
-    from seglib.models.head import denoise
+    h, w = emb.shape[-2:]
+    for d in spacings:
+        offsets = [(dy * d, dx * d) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+        padded = F.pad(emb, (radius * d,) * 4, mode="replicate")
+        shifted = [padded[:, :, dy : dy + h, dx : dx + w] for dy, dx in offsets]
+        with torch.no_grad():
+            d2 = torch.stack([(n - emb).square().sum(1) for n in shifted], 1)
+            weights = torch.softmax(-d2 / bandwidth**2, 1)
+        emb = sum(weights[:, i : i + 1] * n for i, n in enumerate(shifted))
+    return emb
 
-    def reference(emb, iters, radius, bandwidth):
-        h, w = emb.shape[-2:]
-        offsets = [(dy, dx) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
-        for _ in range(iters):
-            padded = F.pad(emb, (radius,) * 4, mode="replicate")
-            shifted = [padded[:, :, dy : dy + h, dx : dx + w] for dy, dx in offsets]
-            with torch.no_grad():
-                d2 = torch.stack([(n - emb).square().sum(1) for n in shifted], 1)
-                weights = torch.softmax(-d2 / bandwidth**2, 1)
-            emb = sum(weights[:, i : i + 1] * n for i, n in enumerate(shifted))
-        return emb
+
+def test_denoise_gradient_matches_plain_autograd():
+    """The hand-written backward of the weighted shifts equals autograd through slices."""
+    from seglib.models.head import denoise
 
     torch.manual_seed(1)
     x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
     probe = torch.randn(2, 5, 9, 11, dtype=torch.float64)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_a, out_b = denoise(a, iters=2, radius=2, bandwidth=0.7), reference(b, 2, 2, 0.7)
+    out_a, out_b = denoise(a, iters=2, radius=2, bandwidth=0.7), plain_bilateral(b, [1, 1], 2, 0.7)
     (out_a * probe).sum().backward()
     (out_b * probe).sum().backward()
     assert torch.allclose(out_a, out_b) and torch.allclose(a.grad, b.grad)
@@ -266,11 +270,11 @@ def test_dilated_denoise_reaches_neighbours_at_its_spacing():
     # (1, 2): the first pass spreads to the 3x3 block, the second by 2 more cells: reach 3.
     out = denoise(impulse, iters=2, radius=1, bandwidth=1e6, dilations=(1, 2))
     assert out[0, 0, 4, 7] > 0 and out[0, 0, 4, 8] == 0
-    # dilations (1,) is the plain filter
-    x = torch.randn(1, 3, 8, 8)
-    assert torch.equal(
-        denoise(x, iters=2, radius=1, bandwidth=0.5), denoise(x, iters=2, radius=1, bandwidth=0.5, dilations=(1,))
-    )
+    # Each pass is the plain bilateral filter at its spacing, the spacings cycling.
+    x = torch.randn(1, 3, 11, 9, dtype=torch.float64)
+    for dilations, spacings in [((1,), [1, 1, 1]), ((2,), [2, 2, 2]), ((1, 2), [1, 2, 1]), ((1, 2, 4), [1, 2, 4])]:
+        out = denoise(x, iters=3, radius=1, bandwidth=0.8, dilations=dilations)
+        assert torch.allclose(out, plain_bilateral(x, spacings, 1, 0.8)), dilations
 
 
 def test_full_resolution_false_skips_only_the_lane(model):

@@ -32,8 +32,8 @@ from torch import nn
 from .. import distributed as dist
 from ..config import DistillConfig
 from ..models.head import soft_kmeans
-from ..models.segmenter import colour_channels
-from .teacher import edge_aware_smoothness
+from ..models.segmenter import head_embedding
+from .teacher import edge_aware_smoothness, kl_divergence
 
 __all__ = ["EmaNormalizer", "aligned_assignments", "affinity_loss", "DistillLoss"]
 
@@ -85,16 +85,11 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, index: torch.Ten
     return (torch.bmm(s.transpose(1, 2), s) - torch.bmm(t.transpose(1, 2), t)).pow(2).mean()
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Mean over pixels of KL(p || q), both (B, K, h, w)."""
-    return (p * (p.clamp_min(_EPS).log() - q.clamp_min(_EPS).log())).sum(1).mean()
-
-
 class DistillLoss(nn.Module):
     """Per-slice distillation terms, merged scale-neutrally.
 
     Arguments:
-      config: ``DistillConfig`` (weights, EMA decay, soft k-means iterations).
+      config: ``DistillConfig`` (weights, loss-normaliser decay, soft k-means iterations).
       slices: slice names, coarse to fine.
       temperature: soft k-means temperature (the head's).
       colour_weight, colour_blur: the colour channels appended to student embeddings (the teacher's).
@@ -112,7 +107,7 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.config, self.slices = config, tuple(slices)
         self.temperature, self.colour_weight, self.colour_blur = temperature, colour_weight, colour_blur
-        self.ema = EmaNormalizer([*self.slices, "consistency"], config.ema_decay)
+        self.ema = EmaNormalizer([*self.slices, "consistency"], config.loss_norm_decay)
 
     def slice_terms(
         self,
@@ -134,10 +129,9 @@ class DistillLoss(nn.Module):
         index = torch.from_numpy(np.stack([rng.choice(n, samples, replace=False) for _ in range(z.shape[0])]))
         terms["affinity"] = affinity_loss(z, t_feat, index.to(z.device))
         rgb_small = F.adaptive_avg_pool2d(rgb.float(), (h, w))
-        colour = colour_channels(rgb, (h, w), self.colour_blur) * self.colour_weight
-        emb = torch.cat([F.normalize(z, dim=1), colour], 1)  # what the head would cluster
+        emb = head_embedding(z, rgb, colour_weight=self.colour_weight, colour_blur=self.colour_blur)
         probs = aligned_assignments(emb, t_probs, iters=c.cluster_iters, temperature=self.temperature)
-        terms["agreement"] = _kl(t_probs, probs)
+        terms["agreement"] = kl_divergence(t_probs, probs)
         with torch.no_grad():
             sharp = probs.pow(2)
             sharp = sharp / sharp.sum(1, keepdim=True)
@@ -176,7 +170,9 @@ class DistillLoss(nn.Module):
         consistency = torch.zeros((), device=rgb.device)
         for coarser, finer in zip(self.slices[:-1], self.slices[1:], strict=True):
             up = F.interpolate(probs[coarser], size=probs[finer].shape[-2:], mode="bilinear", align_corners=False)
-            consistency = consistency + 0.5 * (_kl(up, probs[finer]) + _kl(probs[finer], up))
+            # Symmetric KL as the sum of the two KLs: the quantity of ``symmetric_kl``, rounded
+            # differently, and the student recipes' weights depend on this rounding.
+            consistency = consistency + 0.5 * (kl_divergence(up, probs[finer]) + kl_divergence(probs[finer], up))
         slice_loss["consistency"] = consistency
         if self.training:
             self.ema.update(slice_loss)

@@ -31,6 +31,7 @@ from ..augment import ViewTransform
 from ..config import LossConfig
 
 __all__ = [
+    "kl_divergence",
     "symmetric_kl",
     "consistency_loss",
     "entropy_terms",
@@ -40,6 +41,11 @@ __all__ = [
 ]
 
 _EPS = 1e-6
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of KL(p || q), both (B, K, h, w) probabilities."""
+    return (p * (p.clamp_min(_EPS).log() - q.clamp_min(_EPS).log())).sum(1).mean()
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,7 +186,7 @@ class TeacherLoss(nn.Module):
         """Full-resolution terms for the learned lane: confident, edge-aligned, and faithful
         to the head (KL to the upsampled coarse map) so it cannot drift to another clustering."""
         up = F.interpolate(coarse, size=probs.shape[-2:], mode="bilinear", align_corners=False)
-        fidelity = (probs * (probs.clamp_min(_EPS).log() - up.clamp_min(_EPS).log())).sum(1).mean()
+        fidelity = kl_divergence(probs, up)
         pixel, _ = entropy_terms(probs)
         smooth = edge_aware_smoothness(probs, rgb.float(), self.config.edge_sigma)
         return pixel + smooth + 0.1 * fidelity

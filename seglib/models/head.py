@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_k
 from .layers import inference_numerics
 
 __all__ = [
@@ -249,7 +248,8 @@ class SoftKMeans(nn.Module):
         group: int = 1,
         clusters: Clusters | None = None,
     ) -> HeadOutput:
-        """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image.
+        """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image (``k`` is checked by the
+        segmenter that calls the head).
 
         ``group`` > 1 fits one set of prototypes jointly over ``group`` images: images
         ``i, i + B/group, i + 2B/group, ...`` share prototypes (used for the two training
@@ -259,7 +259,6 @@ class SoftKMeans(nn.Module):
         one set of clusters).
         Returns probs and logits as (B, K, h, w), prototypes as (B, K, D) and bias as (B, K).
         """
-        k = check_k(k)
         iters = self.iters if iters is None else iters
         temperature = self.temperature if temperature is None else temperature
         size_prior = self.size_prior if size_prior is None else size_prior

@@ -19,16 +19,18 @@ channels only have to add what colour cannot tell (texture, context).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LANES, HeadConfig, RefineConfig, check_k
+from ..config import HeadConfig, RefineConfig, check_k, check_lane
 from .head import Clusters, SoftKMeans
 from .layers import inference_numerics
 from .refine import LearnedRefiner, fast_lane, none_lane
 
-__all__ = ["Segmenter", "check_rgb", "colour_channels", "STRIDE"]
+__all__ = ["Segmenter", "check_rgb", "colour_channels", "head_embedding", "STRIDE"]
 
 STRIDE = 4  # embeddings are at stride 4 of the (downsampled) input
 
@@ -76,6 +78,20 @@ def colour_channels(rgb: torch.Tensor, size: tuple[int, int], blur: int = 0) -> 
     return pooled - 0.5
 
 
+def head_embedding(
+    features: torch.Tensor, rgb: torch.Tensor, *, colour_weight: float, colour_blur: int = 0
+) -> torch.Tensor:
+    """What the head clusters: learned features (B, F, h, w), unit-normalised per position,
+    followed by the weighted colour channels of ``rgb`` (B, 3, H, W) -> (B, F + 3, h, w)."""
+    features = features.float()
+    colour = colour_channels(rgb, features.shape[-2:], colour_blur) * colour_weight
+    if inference_numerics():  # F.normalize written out: several times faster on CPU
+        unit = features * features.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+    else:
+        unit = F.normalize(features, dim=1)
+    return torch.cat([unit, colour], 1)
+
+
 class Segmenter(nn.Module):
     """Base class: subclasses set ``self.config`` (with ``head``, ``refine`` and ``downsample``
     fields), call ``init_head(...)`` and implement ``features(rgb) -> (B, F, H/4, W/4)``."""
@@ -84,16 +100,7 @@ class Segmenter(nn.Module):
 
     def init_head(self, head: HeadConfig, refine: RefineConfig, *, colour_weight: float, colour_blur: int) -> None:
         self.colour_weight, self.colour_blur = colour_weight, colour_blur
-        self.head = SoftKMeans(
-            iters=head.iters,
-            temperature=head.temperature,
-            size_prior=head.size_prior,
-            init_pool=head.init_pool,
-            denoise_iters=head.denoise_iters,
-            denoise_radius=head.denoise_radius,
-            denoise_bandwidth=head.denoise_bandwidth,
-            denoise_dilations=tuple(head.denoise_dilations),
-        )
+        self.head = SoftKMeans(**dataclasses.asdict(head))  # HeadConfig's fields are its arguments
         self.refiner = LearnedRefiner(width=refine.learned_width)
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -105,12 +112,7 @@ class Segmenter(nn.Module):
         Embeddings are the unit-normalised features followed by the weighted colour channels.
         """
         features = self.features(rgb).float()
-        colour = colour_channels(rgb, features.shape[-2:], self.colour_blur) * self.colour_weight
-        if inference_numerics():  # F.normalize written out: several times faster on CPU
-            unit = features * features.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
-        else:
-            unit = F.normalize(features, dim=1)
-        return torch.cat([unit, colour], 1), features
+        return head_embedding(features, rgb, colour_weight=self.colour_weight, colour_blur=self.colour_blur), features
 
     def refine(
         self,
@@ -126,11 +128,7 @@ class Segmenter(nn.Module):
         if lane == "none":
             return none_lane(logits, rgb.shape[-2:])
         fast = fast_lane(probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters, guide_scale=r.guide_scale)
-        if lane == "fast":
-            return fast
-        if lane == "learned":
-            return self.refiner(fast, rgb)
-        raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)}")
+        return fast if lane == "fast" else self.refiner(fast, rgb)  # the learned lane
 
     def _downsampled(self, rgb: torch.Tensor, downsample: int | None) -> torch.Tensor:
         ds = self.config.downsample if downsample is None else downsample
@@ -174,8 +172,7 @@ class Segmenter(nn.Module):
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
-        if lane not in LANES:
-            raise ValueError(f"unknown refinement lane {lane!r}; choose one of {', '.join(LANES)}")
+        check_lane(lane)
         emb, features = self.embed(self._downsampled(rgb, downsample))  # (B, D, h, w)
         head = self.head(
             emb, k, iters=iters, temperature=temperature, size_prior=size_prior, group=group, clusters=clusters

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, HeadConfig, RefineConfig, StudentConfig
+from ..config import Config, HeadConfig, ModelConfig, RefineConfig, StudentConfig
 from .layers import INPUT_MODES, ConvNormAct, encoder_input
 from .segmenter import Segmenter
 
@@ -35,8 +35,7 @@ STUDENTS: dict[str, dict[str, tuple[int, int, int]]] = {
     "small": {"dims": (96, 64, 48), "depths": (2, 1, 1)},
     "base": {"dims": (192, 128, 96), "depths": (3, 2, 1)},
 }
-SLICES = ("coarse", "mid", "fine")
-STRIDES = {"coarse": 16, "mid": 8, "fine": 4}
+SLICES = ("coarse", "mid", "fine")  # strides 16, 8 and 4
 
 
 def student_shape(cfg: StudentConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -126,42 +125,38 @@ class StudentCNN(nn.Module):
 
 @dataclass
 class StudentModelConfig:
-    """Everything a ``StudentSegmenter`` needs; built from a full ``Config`` by ``from_config``."""
+    """Everything a ``StudentSegmenter`` needs: its CNN (``student``) and the model settings it
+    shares with its teacher (``model``: the teacher's encoder input and colour channels, and the
+    head, lanes and downsample the student runs at inference). ``from_config`` builds it."""
 
     student: StudentConfig = field(default_factory=StudentConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    embed_dim: int = 32
-    colour_weight: float = 3.0
-    colour_blur: int = 0
-    downsample: int = 1
-    input_mode: str = "highpass"
-    highpass_clip: float = 2.0
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod
     def from_config(cls, cfg: Config) -> StudentModelConfig:
-        """The student takes the teacher's head, lanes and colour channels, so the two cluster
-        the same kind of embedding; the inference-cost knobs come from ``cfg.student``."""
-        m = cfg.model
-        st = cfg.student
-        return cls(
-            student=st,
-            head=dataclasses.replace(
-                m.head,
-                iters=st.head_iters,
-                size_prior=st.size_prior,
-                denoise_iters=st.denoise_iters,
-                denoise_radius=st.denoise_radius,
-                denoise_dilations=tuple(st.denoise_dilations),
-            ),
-            refine=dataclasses.replace(m.refine, smooth_iters=st.smooth_iters, guide_scale=st.guide_scale),
-            embed_dim=m.encoder.embed_dim,
-            colour_weight=m.encoder.colour_weight,
-            colour_blur=m.encoder.colour_blur,
+        """The student clusters the kind of embedding its teacher (``cfg.model``) clusters; the
+        inference-cost settings are the teacher's with ``cfg.student``'s overrides."""
+        m, st = cfg.model, cfg.student
+        model = dataclasses.replace(
+            m,
+            head=dataclasses.replace(m.head, **st.head),
+            refine=dataclasses.replace(m.refine, **st.refine),
             downsample=st.downsample or m.downsample,
-            input_mode=m.encoder.input_mode,
-            highpass_clip=m.encoder.highpass_clip,
         )
+        return cls(student=st, model=model)
+
+    # What ``Segmenter`` reads from every model's config.
+    @property
+    def head(self) -> HeadConfig:
+        return self.model.head
+
+    @property
+    def refine(self) -> RefineConfig:
+        return self.model.refine
+
+    @property
+    def downsample(self) -> int:
+        return self.model.downsample
 
 
 class StudentSegmenter(Segmenter):
@@ -177,21 +172,22 @@ class StudentSegmenter(Segmenter):
         super().__init__()
         self.config = config = config or StudentModelConfig()
         dims, depths = student_shape(config.student)
+        enc = config.model.encoder
         self.cnn = StudentCNN(
             dims=dims,
             depths=depths,
-            embed_dim=config.embed_dim,
+            embed_dim=enc.embed_dim,
             norm=config.student.norm,
             dropout=config.student.dropout,
-            input_mode=config.input_mode,
-            highpass_clip=config.highpass_clip,
+            input_mode=enc.input_mode,
+            highpass_clip=enc.highpass_clip,
             stem=config.student.stem,
         )
-        self.init_head(config.head, config.refine, colour_weight=config.colour_weight, colour_blur=config.colour_blur)
+        self.init_head(config.head, config.refine, colour_weight=enc.colour_weight, colour_blur=enc.colour_blur)
 
     @property
     def embed_dim(self) -> int:
-        return self.config.embed_dim + 3
+        return self.config.model.encoder.embed_dim + 3
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.cnn(rgb)["fine"]

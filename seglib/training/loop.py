@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
-from ..checkpoint import FORMAT, checkpoint_path, latest_checkpoint, prune_checkpoints, save_atomic
+from ..checkpoint import checkpoint_path, latest_checkpoint, model_checkpoint, prune_checkpoints, save_atomic
 from ..config import Config
 from ..data.batches import batch_loader
 from ..device import autocast
@@ -148,7 +148,7 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup))
     ckdir = default_checkpoint_dir(cfg)
 
-    ema = WeightAverage(model, t.ema_decay) if t.ema_decay > 0 else None
+    ema = WeightAverage(model, t.weight_average_decay) if t.weight_average_decay > 0 else None
     start, history = 0, {}
     if resume:
         found = latest_checkpoint(ckdir)
@@ -319,19 +319,18 @@ def _save(
     ckdir: Path,
     ema: WeightAverage | None = None,
 ) -> None:
-    state = {
-        "format": FORMAT,
-        "kind": "train-state",
-        "task": task.kind,
-        "config": cfg.to_dict(),
-        "model": task.model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "task_state": task.state_dict(),
-        "step": step,
-        "rng": _rng_state(),
-        "history": history,
-    }
+    state = model_checkpoint(
+        "train-state",
+        cfg.to_dict(),
+        task.model.state_dict(),
+        task=task.kind,
+        optimizer=opt.state_dict(),
+        scheduler=sched.state_dict(),
+        task_state=task.state_dict(),
+        step=step,
+        rng=_rng_state(),
+        history=history,
+    )
     if ema is not None:
         state["ema"] = ema.state_dict()
     save_atomic(state, checkpoint_path(ckdir, step))

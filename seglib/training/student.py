@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..augment import photometric
-from ..checkpoint import FORMAT, save_atomic
+from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config
 from ..data.batches import sample_rngs
 from ..losses.distill import DistillLoss, EmaNormalizer
@@ -93,7 +93,7 @@ class StudentTask:
             colour_weight=teacher.colour_weight,
             colour_blur=teacher.colour_blur,
         ).to(device)
-        self.ae_ema = EmaNormalizer(["recon"], ae.ema_decay).to(device)
+        self.ae_ema = EmaNormalizer(["recon"], ae.loss_norm_decay).to(device)
         self._teacher_config = teacher.config
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
@@ -150,16 +150,8 @@ class StudentTask:
         cfg.model = self._teacher_config
         directory = Path(directory)
         save_atomic(
-            {"format": FORMAT, "kind": "student", "config": cfg.to_dict(), "model": self.model.student.state_dict()},
-            directory / "student.pt",
+            model_checkpoint("student", cfg.to_dict(), self.model.student.state_dict()), directory / "student.pt"
         )
         if self.model.decoder is not None:
-            save_atomic(
-                {
-                    "format": FORMAT,
-                    "kind": "decoder",
-                    "config": cfg.to_dict(),
-                    "model": self.model.decoder.state_dict(),
-                },
-                directory / "decoder_training_only.pt",
-            )
+            decoder = model_checkpoint("decoder", cfg.to_dict(), self.model.decoder.state_dict())
+            save_atomic(decoder, directory / "decoder_training_only.pt")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..augment import make_views
-from ..checkpoint import FORMAT, save_atomic
+from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config, RandomizeConfig
 from ..data.batches import sample_rngs
 from ..losses.teacher import TeacherLoss
@@ -103,11 +103,5 @@ class TeacherTask:
     def export(self, directory: Path) -> None:
         """Write ``teacher.pt``: the weights and config, all inference needs."""
         save_atomic(
-            {
-                "format": FORMAT,
-                "kind": "teacher",
-                "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(),
-            },
-            Path(directory) / "teacher.pt",
+            model_checkpoint("teacher", self.cfg.to_dict(), self.model.state_dict()), Path(directory) / "teacher.pt"
         )
