@@ -2,7 +2,9 @@
 
 ``rgb_kmeans`` is the QGIS plugin's free mode: k-means on the RGB values of the pixels, at full
 resolution. Hard k-means here is plain Lloyd with k-means++ seeding, fitted on a pixel sample
-and then assigned to every pixel, seeded so a run is repeatable.
+and then assigned to every pixel, seeded so a run is repeatable. ``shared_rgb_kmeans`` fits one
+set of colour centres on pixels sampled from every image of a set (one legend for all, the
+baseline of shared clusters).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kmeans", "rgb_kmeans"]
+__all__ = ["kmeans", "rgb_kmeans", "shared_rgb_kmeans"]
 
 
 def kmeans(
@@ -62,3 +64,25 @@ def rgb_kmeans(rgb: np.ndarray | torch.Tensor, k: int, *, seed: int = 0) -> np.n
     h, w, _ = rgb_t.shape
     labels, _ = kmeans(rgb_t.reshape(-1, 3), k, seed=seed)
     return labels.reshape(h, w).numpy()
+
+
+def shared_rgb_kmeans(
+    images: list[np.ndarray], k: int, *, seed: int = 0, per_image: int = 4096
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """K-means on RGB pixels sampled from every image (``per_image`` each, seeded), then every
+    pixel of every image assigned to those centres: (labels (H, W) int64 per image, centres (K, 3))."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sample = []
+    for rgb in images:
+        flat = torch.as_tensor(np.asarray(rgb, dtype=np.float32)).reshape(-1, 3)  # (N, 3)
+        pick = torch.randperm(flat.shape[0], generator=gen)[:per_image]
+        sample.append(flat[pick])
+    points = torch.cat(sample)
+    _, centres = kmeans(points, k, seed=seed, sample=points.shape[0])
+    labels = [
+        _nearest(torch.as_tensor(np.asarray(rgb, dtype=np.float32)).reshape(-1, 3), centres)
+        .reshape(rgb.shape[:2])
+        .numpy()
+        for rgb in images
+    ]
+    return labels, centres

@@ -4,6 +4,8 @@
     python -m seglib.eval --synthetic --checkpoint runs/train/teacher.pt
     python -m seglib.eval --synthetic --checkpoint ckpt.pt --k-sweep
     python -m seglib.eval --images DIR --masks DIR --k present --ignore 5,255 --checkpoint student.pt
+    python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-clusters   # one legend
+    python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --k-auto-study            # --k auto's rule
 
 Prints one JSON summary (aggregated numbers per method; ``--per-image`` adds the rows) and
 writes it to ``--out`` (default ``runs/eval/<source>_seed<seed>.json``), then exits.
@@ -44,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="evaluate the baselines only")
     p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer 2..16")
     p.add_argument("--k-sweep", action="store_true", help="also report both matchings for K = 2..16")
+    p.add_argument(
+        "--shared-clusters",
+        action="store_true",
+        help="score one set of clusters fitted on all images (dataset-level Hungarian mIoU) beside per-image "
+        "fitting, for the model, random-init features and RGB k-means; needs an integer --k",
+    )
+    p.add_argument(
+        "--k-auto-study",
+        action="store_true",
+        help="score every label-free K criterion against the classes present, chosen in leave-one-tile-out "
+        "folds (tile = the name's part after the last 't'), beside the naive K = 6",
+    )
+    p.add_argument("--k-range", default="2..8", help="K range of --k-auto-study")
     p.add_argument("--ignore", default="", help="comma-separated label ids to ignore, e.g. 5,255")
     p.add_argument(
         "--lane",
@@ -126,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
 
     tic = time.perf_counter()
+    if args.shared_clusters or args.k_auto_study:
+        return _gis_study(args, model, random_init, names, tiles, ignore, source, device)
     result = evaluate_tiles(
         model,
         tiles,
@@ -165,6 +182,49 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2))
     print(json.dumps(full if args.per_image else summary, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _gis_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
+    """--shared-clusters and --k-auto-study: print the summary, write everything to --out."""
+    from .kselect import check_k_range, k_auto_study
+    from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+
+    tic = time.perf_counter()
+    geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
+    head = {"checkpoint": args.checkpoint or "bundled default", "device": str(device), "torch": torch.__version__}
+    if args.shared_clusters:
+        if not isinstance(_parse_k(args.k), int):
+            raise SystemExit("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
+        from .evaluation import evaluate_shared
+
+        full = evaluate_shared(
+            model,
+            tiles,
+            _parse_k(args.k),
+            ignore=ignore,
+            random_init=random_init,
+            seed=args.seed,
+            names=names,
+            **geometry,
+        )
+        summary = {key: v for key, v in full.items() if key != "images"}
+        out = Path(args.out or f"runs/eval/{source}_shared_k{args.k}.json")
+    else:
+        if model is None:
+            raise SystemExit("--k-auto-study needs a model (drop --no-model)")
+        try:
+            k_range = check_k_range(args.k_range)
+        except ValueError as exc:
+            raise SystemExit(f"--k-range: {exc}") from None
+        full = k_auto_study(model, names, tiles, ignore=ignore, k_range=k_range, seed=0, **geometry)
+        summary = {key: v for key, v in full.items() if key not in ("per_image", "all_rules_all_images")}
+        out = Path(args.out or f"runs/eval/{source}_k_auto.json")
+    full = dict(head, **full, seconds=round(time.perf_counter() - tic, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(full, indent=1, default=float))
+    print(json.dumps(dict(head, **summary), indent=1, default=float))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

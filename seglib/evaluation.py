@@ -12,6 +12,9 @@ boundary density, two-view agreement under a horizontal flip) are computed per i
 one can check whether label-free numbers track the ground truth: ``scores_with_proxies`` and
 ``proxy_picks`` ask whether they pick the checkpoint and the K ground truth picks. ``explore``
 segments one image with given knobs (the function behind notebook 06's ``explorer`` panel).
+``evaluate_shared`` scores one legend for a whole set (clusters fitted once on all images,
+``seglib.clusters``) beside per-image fitting, with a dataset-level Hungarian matching (one
+mapping of clusters to classes for all images).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ __all__ = [
     "proxy_picks",
     "explore",
     "explorer",
+    "dataset_confusion",
+    "evaluate_shared",
 ]
 
 Labeler = Callable[[np.ndarray, int], np.ndarray]
@@ -260,3 +265,106 @@ def explorer(render: Callable[..., None], controls: dict[str, Any]):
     for control in controls.values():
         control.observe(redraw, names="value")
     return widgets.VBox([widgets.HBox(list(controls.values())), out])
+
+
+def dataset_confusion(
+    preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], k: int, classes: np.ndarray
+) -> np.ndarray:
+    """Confusion matrix (K, C) summed over images; pixels whose label is not in ``classes``
+    (e.g. ignored ids) take no part."""
+    matrix = np.zeros((k, len(classes)), np.int64)
+    for pred, gt in zip(preds, gts, strict=True):
+        col = np.searchsorted(classes, gt.ravel())
+        keep = np.isin(gt.ravel(), classes)
+        matrix += np.bincount(
+            pred.ravel()[keep].astype(np.int64) * len(classes) + col[keep], minlength=k * len(classes)
+        ).reshape(k, len(classes))
+    return matrix
+
+
+@torch.no_grad()
+def evaluate_shared(
+    model: torch.nn.Module | None,
+    tiles: Sequence[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    *,
+    ignore: Sequence[int] = (),
+    random_init: torch.nn.Module | None = None,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    tile: int,
+    overlap: int,
+    fit_pixels: int,
+    fit_windows: int = 16,
+) -> dict:
+    """One legend for all ``tiles`` against per-image fitting, at one K, in one run.
+
+    For the model (and ``random_init``): ``per_image`` fits clusters on each image alone
+    (``seglib.segment``); ``shared`` fits one set on windows sampled from every image
+    (``seglib.clusters.fit_shared``) and assigns every image to it. RGB k-means likewise:
+    per image, and once on pixels sampled from every image (``shared_rgb_kmeans``).
+    Each gets ``dataset_miou`` (one Hungarian matching of clusters to classes over all images
+    together: what a shared legend is for) and ``mean_image_miou`` (matched per image).
+    Images with fewer than 2 classes after ``ignore`` are scored too (one legend covers them).
+    """
+    from .api import segment
+    from .baselines import shared_rgb_kmeans
+    from .clusters import fit_shared
+    from .metrics import hungarian_scores
+    from .raster import ArraySource, segment_source
+
+    images = [np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb for rgb, _ in tiles]
+    gts = [gt for _, gt in tiles]
+    classes = np.setdiff1d(np.unique(np.concatenate([np.unique(g) for g in gts])), np.asarray(list(ignore)))
+
+    def assign(m: torch.nn.Module, fitted) -> list[np.ndarray]:
+        out = []
+        clusters = fitted.head_clusters(next(m.parameters()).device)
+        for image in images:
+            labels = np.empty(image.shape[:2], np.uint8)
+
+            def write_rows(y: int, rows: np.ndarray, labels=labels) -> None:
+                labels[y : y + rows.shape[0]] = rows
+
+            segment_source(
+                m, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, clusters=clusters
+            )
+            out.append(labels)
+        return out
+
+    preds: dict[str, list[np.ndarray]] = {}
+    for name, m in (("model", model), ("random_init", random_init)):
+        if m is None:
+            continue
+        preds[f"{name}/per_image"] = [segment(image, k, m, tile=tile, overlap=overlap) for image in images]
+        fitted = fit_shared(
+            m,
+            [ArraySource(i) for i in images],
+            k,
+            tile=tile,
+            overlap=overlap,
+            fit_windows=fit_windows,
+            fit_pixels=fit_pixels,
+            seed=seed,
+        )
+        preds[f"{name}/shared"] = assign(m, fitted)
+    preds["rgb_kmeans/per_image"] = [rgb_kmeans(image.astype(np.float32) / 255, k, seed=seed) for image in images]
+    preds["rgb_kmeans/shared"] = shared_rgb_kmeans([i.astype(np.float32) / 255 for i in images], k, seed=seed)[0]
+
+    result: dict = {"k": k, "n_images": len(images), "classes": classes.tolist()}
+    for key, labels in preds.items():
+        matrix = dataset_confusion(labels, gts, k, classes)
+        per_image = []
+        for pred, gt in zip(labels, gts, strict=True):
+            present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore)))
+            if len(present) >= 2:
+                per_image.append(segmentation_scores(pred, gt, ignore)["miou"])
+        method, mode = key.split("/")
+        result.setdefault(method, {})[mode] = {
+            "dataset_miou": hungarian_scores(matrix)["miou"],
+            "dataset_pixel_acc": hungarian_scores(matrix)["pixel_acc"],
+            "mean_image_miou": float(np.mean(per_image)) if per_image else float("nan"),
+        }
+    if names is not None:
+        result["images"] = list(names)
+    return result

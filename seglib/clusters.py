@@ -1,0 +1,410 @@
+"""One legend for many images: clusters fitted once, in a stable order, saved to a safe file.
+
+    import seglib
+    model = seglib.load_model()
+    legend = seglib.fit_clusters(["a.tif", "b.tif", "c.png"], 6, model=model)  # one fit for all
+    legend.save("legend.json")                                                # reuse later
+    labels = seglib.segment(image, clusters=seglib.load_clusters("legend.json", model=model))
+
+**Fitting.** Every input contributes the same seeded, spread-out sample of windows that a
+single-file fit draws from it (``sample_windows``: up to ``fit_windows`` windows and
+``fit_pixels`` pixels per file). The windows are embedded one at a time (so memory is one
+window's forward pass plus the embeddings kept), denoised by the head's filter, and the head's
+soft k-means runs once over all their positions together: farthest-point initialisation on
+pooled positions, ``iters`` EM steps, the size prior's offsets measured on the same sample.
+For windows of one size this is exactly what ``model.fit_clusters(batch)`` computes.
+
+**Stable ids.** After fitting, clusters are renumbered by the brightness of their mean colour
+(the colour channels of the prototypes), darkest first: label 0 is the darkest cluster (water,
+shadow), label K-1 the brightest (sand, bright roofs). Ties, which need two identical mean
+colours, fall back to the other prototype values. The order is a function of the prototypes
+alone, so windows, files and runs agree, and a legend or colour table can be written once.
+
+**The clusters file** is JSON (no pickle, nothing executable), documented in
+docs/inference.md: format tag and version, K, the prototypes (K x D floats) and size-prior
+offsets, each cluster's share of the fit sample and mean RGB colour, and the model's
+fingerprint: a SHA-256 of its weights and of the head settings that shape the embedding and the
+assignment. Loading it with another model or another K is refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.head import Clusters, HeadOutput, check_k, farthest_point_init, soft_kmeans
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "ClustersFileError",
+    "FittedClusters",
+    "model_fingerprint",
+    "head_settings",
+    "sample_windows",
+    "embed_windows",
+    "fit_embeddings",
+    "brightness_order",
+    "fit_shared",
+    "load_clusters",
+]
+
+FORMAT = "seglib-clusters"
+VERSION = 1
+MAX_POSITIONS = 1 << 18  # k-means positions of a shared fit, at most (more are subsampled, seeded)
+
+
+class ClustersFileError(ValueError):
+    """A clusters file that cannot be used: unreadable, not ours, or made for another model or K."""
+
+
+# ----------------------------------------------------------------------------- model identity
+
+
+def head_settings(model: torch.nn.Module) -> dict:
+    """The settings besides the weights that decide what an embedding is and how it is assigned."""
+    head = model.head
+    return {
+        "model": type(model).__name__,
+        "downsample": int(getattr(model.config, "downsample", 1) or 1),
+        "colour_weight": float(model.colour_weight),
+        "colour_blur": int(model.colour_blur),
+        "temperature": float(head.temperature),
+        "size_prior": float(head.size_prior),
+        "denoise_iters": int(head.denoise_iters),
+        "denoise_radius": int(head.denoise_radius),
+        "denoise_bandwidth": float(head.denoise_bandwidth),
+        "denoise_dilations": list(head.denoise_dilations),
+    }
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of the model's weights and buffers (names, dtypes, shapes, bytes) and of
+    ``head_settings``; the same on CPU and GPU."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(head_settings(model), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the fitted clusters
+
+
+@dataclass
+class FittedClusters:
+    """K clusters shared by every window and file they are applied to, in the stable order.
+
+    Arguments:
+      prototypes: (K, D) float32, label i is row i.
+      bias: (K,) float32 size-prior logit offsets, or None for a model without a size prior.
+      fingerprint: ``model_fingerprint`` of the model they were fitted with.
+      shares: (K,) fraction of the fit sample's positions each cluster holds.
+      colours: (K, 3) mean RGB (0..255) of each cluster's positions in the fit sample.
+      meta: what they were fitted on (files, windows, positions, seed, head settings).
+    """
+
+    prototypes: np.ndarray
+    bias: np.ndarray | None
+    fingerprint: str
+    shares: np.ndarray
+    colours: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def head_clusters(self, device: torch.device | str = "cpu") -> Clusters:
+        """The ``(1, K, D)`` / ``(1, K)`` tensors the model's head takes as ``clusters=``."""
+        bias = None if self.bias is None else torch.from_numpy(self.bias)[None].to(device)
+        return Clusters(torch.from_numpy(self.prototypes)[None].to(device), bias)
+
+    def check_model(self, model: torch.nn.Module, *, name: str = "these clusters") -> None:
+        """``ClustersFileError`` unless the clusters were fitted with ``model``."""
+        mine = model_fingerprint(model)
+        if mine != self.fingerprint:
+            made = self.meta.get("head", {}).get("model", "another model")
+            raise ClustersFileError(
+                f"{name} were fitted with another model or head settings ({made}, fingerprint "
+                f"{self.fingerprint[:12]}; this model: {mine[:12]}); use the checkpoint they were fitted with, "
+                "or fit new ones with this model (--save-clusters FILE / seglib.fit_clusters)"
+            )
+
+    def check_k(self, k: int | None, *, name: str = "these clusters") -> int:
+        """The clusters' K; ``ClustersFileError`` when another K is asked for."""
+        if k is not None and k != self.k:
+            raise ClustersFileError(
+                f"{name} hold K = {self.k} clusters, but K = {k} was asked for; drop --k (the file's K is used) "
+                f"or fit new clusters with K = {k}"
+            )
+        return self.k
+
+    def to_dict(self) -> dict:
+        as_list = lambda a: None if a is None else np.asarray(a, np.float64).tolist()  # noqa: E731
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "k": self.k,
+            "dim": int(self.prototypes.shape[1]),
+            "order": "brightness of the cluster's mean colour, darkest first",
+            "model_fingerprint": self.fingerprint,
+            "prototypes": as_list(self.prototypes),
+            "bias": as_list(self.bias),
+            "shares": as_list(self.shares),
+            "colours": as_list(self.colours),
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON clusters file atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+def _array(data: dict, key: str, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    try:
+        array = np.asarray(data[key], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ClustersFileError(
+            f"{path}: field {key!r} is missing or not numeric ({exc}); fit the clusters again"
+        ) from None
+    if array.shape != shape or not np.isfinite(array).all():
+        raise ClustersFileError(f"{path}: field {key!r} must be finite numbers of shape {shape}, got {array.shape}")
+    return array.astype(np.float32)
+
+
+def load_clusters(path: str | Path, *, model: torch.nn.Module | None = None, k: int | None = None) -> FittedClusters:
+    """Read a clusters file; with ``model`` (and ``k``) also check it was made for them.
+
+    Raises ``ClustersFileError`` (a ``ValueError``) with the reason and the fix for a missing,
+    unreadable or foreign file, a file of another model, or of another K.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClustersFileError(f"clusters file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClustersFileError(
+            f"{path} is not a seglib clusters file (not JSON: {exc}); write one with --save-clusters"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ClustersFileError(f"{path} is not a seglib clusters file (no {FORMAT!r} format tag)")
+    if data.get("version") != VERSION:
+        raise ClustersFileError(
+            f"{path}: clusters file version {data.get('version')!r}, this seglib reads version {VERSION}; refit them"
+        )
+    try:
+        kk, dim = check_k(data.get("k")), int(data.get("dim"))
+    except (TypeError, ValueError) as exc:
+        raise ClustersFileError(f"{path}: bad K or dimension ({exc})") from None
+    fitted = FittedClusters(
+        prototypes=_array(data, "prototypes", (kk, dim), path),
+        bias=None if data.get("bias") is None else _array(data, "bias", (kk,), path),
+        fingerprint=str(data.get("model_fingerprint", "")),
+        shares=_array(data, "shares", (kk,), path),
+        colours=_array(data, "colours", (kk, 3), path),
+        meta=data.get("meta") or {},
+    )
+    name = path.name
+    if k is not None:
+        fitted.check_k(k, name=name)
+    if model is not None:
+        if dim != model.embed_dim:
+            raise ClustersFileError(
+                f"{name} holds {dim}-dimensional prototypes, this model embeds in {model.embed_dim}: it was fitted "
+                "with another model; use that checkpoint or fit new clusters with this one"
+            )
+        fitted.check_model(model, name=name)
+    return fitted
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def sample_windows(
+    height: int, width: int, *, tile: int, overlap: int, multiple: int, fit_windows: int, fit_pixels: int, seed: int
+) -> list[tuple[int, int, int, int]]:
+    """``(y, x, h, w)`` of a seeded sample of the window grid, spread over the raster: the grid is
+    split row-major into ``n`` equal runs and one window is drawn from each, ``n`` being at most
+    ``fit_windows`` and at most ``fit_pixels`` pixels' worth of windows (at least one)."""
+    from .raster import axis_windows
+
+    ys, lh = axis_windows(height, tile, overlap, multiple)
+    xs, lw = axis_windows(width, tile, overlap, multiple)
+    grid = [(y, x) for y in ys for x in xs]
+    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
+    edges = np.linspace(0, len(grid), n + 1).astype(int)
+    rng = np.random.default_rng(seed)
+    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(y, x, min(lh, height - y), min(lw, width - x)) for y, x in (grid[i] for i in pick)]
+
+
+@torch.no_grad()
+def embed_windows(
+    model: torch.nn.Module, source, windows: Iterable[tuple[int, int, int, int]], *, flip: bool = False
+) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """The head's denoised embeddings (1, D, h, w) of each window of ``source``, one window
+    through the model at a time, and the windows' uint8 RGB (for cluster colours).
+
+    ``flip`` embeds the horizontally flipped window and flips the embedding back, so its cells
+    line up with the unflipped ones (a second view for agreement scores)."""
+    from .inference import model_stride, to_tensor
+    from .raster import _pad
+
+    m = model_stride(model)
+    device = next(model.parameters()).device
+    embs, reads = [], []
+    for y, x, h, w in windows:
+        rgb = source.read(y, x, h, w)
+        x_in = _pad(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
+        if flip:
+            x_in = x_in.flip(-1)
+        emb, _ = model.embed(model._downsampled(x_in, None))  # (1, D, h'/s, w'/s)
+        emb = model.head.denoise(emb.float())
+        embs.append(emb.flip(-1) if flip else emb)
+        reads.append(rgb)
+    return embs, reads
+
+
+def fit_embeddings(
+    head: torch.nn.Module,
+    embs: Sequence[torch.Tensor],
+    k: int,
+    *,
+    max_positions: int | None = None,
+    seed: int = 0,
+) -> HeadOutput:
+    """The head's soft k-means over the positions of all ``embs`` (each (1, D, h, w), already
+    denoised), jointly: what ``SoftKMeans.forward(..., group=len(embs))`` does for windows of
+    one size, for windows of any sizes.
+
+    Returns prototypes (1, K, D), bias (1, K) and probs (1, K, N) over the concatenated positions
+    (of the subsample when there are more than ``max_positions``).
+    """
+    k = check_k(k)
+    x = torch.cat([e.flatten(2) for e in embs], 2)  # (1, D, N): the windows' positions side by side
+    pool = head.init_pool
+    pooled = [F.avg_pool2d(e, pool) if pool > 1 and min(e.shape[-2:]) >= 2 * pool else e for e in embs]
+    xp = torch.cat([p.flatten(2) for p in pooled], 2)  # (1, D, Np)
+    if max_positions is not None and x.shape[2] > max_positions:
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(x.shape[2], generator=gen)[:max_positions].sort().values
+        x = x[:, :, keep.to(x.device)]
+        keep_p = torch.randperm(xp.shape[2], generator=gen)[: max(k, max_positions // pool**2)].sort().values
+        xp = xp[:, :, keep_p.to(xp.device)]
+    idx = farthest_point_init(xp, k)  # (1, K)
+    init = torch.gather(xp, 2, idx[:, None, :].expand(-1, xp.shape[1], -1)).transpose(1, 2)  # (1, K, D)
+    return soft_kmeans(x, k, iters=head.iters, temperature=head.temperature, init=init, size_prior=head.size_prior)
+
+
+def brightness_order(prototypes: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Permutation (K,) putting clusters in the stable order: by the brightness of the
+    prototype's colour channels (its last three values, the cell's mean colour), darkest
+    first; exact ties by the remaining values. ``labels_new = argsort(order)[labels_old]``."""
+    p = prototypes.detach().cpu().numpy() if isinstance(prototypes, torch.Tensor) else np.asarray(prototypes)
+    p = p.reshape(p.shape[-2], p.shape[-1]).astype(np.float64)  # (K, D)
+    keys = [p[:, j] for j in range(p.shape[1] - 4, -1, -1)] + [p[:, -3:].sum(1)]  # lexsort: last key first
+    return np.lexsort(keys)
+
+
+def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> FittedClusters:
+    """FittedClusters from a fit, renumbered into the stable order."""
+    protos = out.prototypes[0].float().cpu().numpy()  # (K, D)
+    order = brightness_order(protos)
+    labels = out.probs[0].argmax(0).cpu().numpy()  # (N,)
+    k = protos.shape[0]
+    shares = np.bincount(labels, minlength=k) / max(labels.size, 1)
+    colours = np.zeros((k, 3))
+    if x_rgb is not None:  # (N, 3) mean colours of the positions, same order as the probs
+        for c in range(k):
+            if (labels == c).any():
+                colours[c] = x_rgb[labels == c].mean(0)
+    bias = None if out.bias is None else out.bias[0].float().cpu().numpy()
+    return FittedClusters(
+        prototypes=np.ascontiguousarray(protos[order], np.float32),
+        bias=None if bias is None else np.ascontiguousarray(bias[order], np.float32),
+        fingerprint=fingerprint,
+        shares=shares[order].astype(np.float32),
+        colours=colours[order].astype(np.float32),
+        meta=meta,
+    )
+
+
+def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.ndarray:
+    """(N, 3) mean RGB (0..255) of every embedding cell, read back from the colour channels."""
+    x = torch.cat([e.flatten(2) for e in embs], 2)[0, -3:].T  # (N, 3): (colour - 0.5) * weight
+    weight = float(model.colour_weight) or 1.0
+    return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
+
+
+@torch.no_grad()
+def fit_shared(
+    model: torch.nn.Module,
+    sources: Sequence,
+    k: int,
+    *,
+    tile: int,
+    overlap: int,
+    fit_windows: int = 16,
+    fit_pixels: int,
+    seed: int = 0,
+    max_positions: int = MAX_POSITIONS,
+) -> FittedClusters:
+    """One set of K clusters fitted on windows sampled from every source (``ArraySource`` /
+    ``RasterSource``), in the stable order."""
+    from .inference import model_stride
+    from .raster import check_tiling
+
+    k = check_k(k)
+    m = model_stride(model)
+    tile = check_tiling(tile, overlap, m)
+    embs: list[torch.Tensor] = []
+    n_windows = 0
+    for source in sources:
+        windows = sample_windows(
+            source.height,
+            source.width,
+            tile=tile,
+            overlap=overlap,
+            multiple=m,
+            fit_windows=fit_windows,
+            fit_pixels=fit_pixels,
+            seed=seed,
+        )
+        e, _ = embed_windows(model, source, windows)
+        embs += e
+        n_windows += len(windows)
+    out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
+    colours = _cell_colours(model, embs)
+    n = sum(e.shape[-1] * e.shape[-2] for e in embs)
+    if n > max_positions:  # the probs cover the subsample: colour the same subsample
+        gen = torch.Generator().manual_seed(seed)
+        colours = colours[torch.randperm(n, generator=gen)[:max_positions].sort().values.numpy()]
+    meta = {
+        "files": [Path(getattr(s, "name", "image")).name for s in sources],
+        "windows": n_windows,
+        "positions": min(n, max_positions),
+        "tile": tile,
+        "overlap": overlap,
+        "fit_windows": fit_windows,
+        "fit_pixels": fit_pixels,
+        "seed": seed,
+        "head": head_settings(model) | {"iters": int(model.head.iters)},
+    }
+    return _ordered(out, colours, model_fingerprint(model), meta)

@@ -1,0 +1,455 @@
+"""Choosing K without labels: label-free criteria over the embeddings the head clusters.
+
+    k, scores = choose_k(model, [source], ks=range(2, 9))   # what --k auto / k="auto" runs
+
+For each K in a range, the head's soft k-means is fitted on the same window sample a fit uses
+(``seglib.clusters``), and label-free numbers are computed from that fit:
+
+* ``silhouette``: mean simplified silhouette ``(b - a) / max(a, b)``, ``a`` the distance of a
+  position to its cluster's centroid, ``b`` to the nearest other centroid (highest wins);
+* ``calinski_harabasz`` (highest wins) and ``davies_bouldin`` (lowest wins) on hard labels;
+* ``elbow``: the smallest K after which one more cluster removes less than ``1 - theta`` of
+  the within-cluster squared distance (``W(K+1) / W(K) >= theta``);
+* ``jump`` (Sugar & James 2003): the K with the largest jump of ``W(K) ** -theta``;
+* ``gap`` (Tibshirani, Walther & Hastie 2001): the smallest K whose gap to uniform reference data
+  (in the data's principal axes) is within one standard error of the next K's;
+* ``flip_agreement``: the largest K whose clusters agree (one-to-one matched) at least ``theta``
+  with the clusters fitted on the horizontally flipped windows, flipped back (notebook 06's
+  two-view proxy);
+* ``min_share`` / ``utilization``: the largest K whose smallest cluster holds at least
+  ``theta`` of the positions / whose cluster-size entropy over log K is at least ``theta``;
+* ``boundary_density``: the largest K whose label maps change between neighbouring cells at
+  most ``theta`` of the time.
+
+``k_auto_study`` scores every criterion and threshold against the number of ground-truth
+classes present on labelled images and picks one inside leave-one-tile-out folds (``python -m
+seglib.eval --k-auto-study``); docs/inference.md has the result and the rule ``--k auto`` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .clusters import embed_windows, fit_embeddings, sample_windows
+from .models.head import K_MAX, K_MIN
+
+__all__ = [
+    "DEFAULT_RANGE",
+    "AUTO_RULE",
+    "RULES",
+    "check_k_range",
+    "k_statistics",
+    "pick_k",
+    "choose_k",
+    "k_auto_study",
+]
+
+log = logging.getLogger("seglib.kselect")
+
+DEFAULT_RANGE = (2, 8)  # --k auto searches K in this range unless told otherwise
+STAT_POSITIONS = 1 << 15  # positions the silhouette and the other statistics are computed on
+GAP_POSITIONS = 1 << 13  # positions of the gap statistic's data and reference sets
+GAP_REFERENCES = 5
+
+# criterion -> thresholds tried by the study (None: the criterion has no threshold)
+RULES: dict[str, tuple[float | None, ...]] = {
+    "silhouette": (None,),
+    "calinski_harabasz": (None,),
+    "davies_bouldin": (None,),
+    "gap": (None,),
+    "elbow": (0.70, 0.75, 0.80, 0.85, 0.90, 0.95),
+    "jump": (0.25, 0.5, 1.0, 2.0, 4.0),
+    "flip_agreement": (0.80, 0.85, 0.90, 0.95, 0.98),
+    "min_share": (0.005, 0.01, 0.02, 0.05, 0.10),
+    "utilization": (0.6, 0.7, 0.8, 0.9),
+    "boundary_density": (0.05, 0.10, 0.15, 0.20, 0.30),
+}
+
+# The rule --k auto uses: picked inside the leave-one-tile-out folds of the dev split
+# (docs/inference.md, "Choosing K"); set from k_auto_study's output.
+AUTO_RULE: tuple[str, float | None] = ("min_share", 0.02)
+
+
+def check_k_range(ks: object) -> tuple[int, int]:
+    """``(lo, hi)`` from ``(lo, hi)`` or ``"lo..hi"`` / ``"lo-hi"``; ``ValueError`` naming the fix."""
+    text = ks
+    if isinstance(ks, str):
+        for sep in ("..", "-", ":", ","):
+            if sep in ks:
+                ks = ks.split(sep, 1)
+                break
+    try:
+        lo, hi = (int(v) for v in ks)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"K range must be two integers like 2..8, got {text!r}") from None
+    if not (K_MIN <= lo < hi <= K_MAX):
+        raise ValueError(
+            f"K range for auto must satisfy {K_MIN} <= lo < hi <= {K_MAX}, got {lo}..{hi}; e.g. "
+            f"{DEFAULT_RANGE[0]}..{DEFAULT_RANGE[1]}"
+        )
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _subsample(n: int, size: int, seed: int) -> torch.Tensor | None:
+    if n <= size:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+def _hard_stats(x: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, float]:
+    """Distortion, silhouette, Calinski-Harabasz, Davies-Bouldin, shares of hard labels.
+    ``x`` (N, D) float64, ``labels`` (N,)."""
+    n = x.shape[0]
+    counts = torch.bincount(labels, minlength=k).double()
+    used = counts > 0
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, labels, x)
+    centroids = sums[used] / counts[used, None]  # (K', D)
+    remap = torch.cumsum(used.long(), 0) - 1
+    own = remap[labels]
+    d = torch.cdist(x, centroids)  # (N, K')
+    a = d.gather(1, own[:, None])[:, 0]
+    within = a.square()
+    mean = x.mean(0)
+    between = (counts[used] * (centroids - mean).square().sum(1)).sum()
+    kk = int(used.sum())
+    out = {"distortion": float(within.mean())}
+    if kk > 1:
+        b = d.scatter(1, own[:, None], float("inf")).min(1).values
+        out["silhouette"] = float(((b - a) / torch.maximum(a, b).clamp_min(1e-12)).mean())
+        out["calinski_harabasz"] = float((between / (kk - 1)) / (within.sum() / max(n - kk, 1)).clamp_min(1e-12))
+        scatter = torch.zeros(kk, dtype=x.dtype).index_add_(0, own, a) / counts[used]
+        sep = torch.cdist(centroids, centroids).fill_diagonal_(float("inf"))
+        out["davies_bouldin"] = float(((scatter[:, None] + scatter[None]) / sep).max(1).values.mean())
+    else:
+        out.update(silhouette=-1.0, calinski_harabasz=0.0, davies_bouldin=float("inf"))
+    shares = counts / n
+    nz = shares[shares > 0]
+    out["min_share"] = float(shares.min())
+    out["utilization"] = float(-(nz * nz.log()).sum() / np.log(k))
+    return out
+
+
+def _agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Best one-to-one agreement of two label vectors with ids 0..k-1."""
+    from scipy.optimize import linear_sum_assignment
+
+    matrix = np.bincount(a * k + b, minlength=k * k).reshape(k, k)
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    return float(matrix[rows, cols].sum() / max(matrix.sum(), 1))
+
+
+def _boundary_density(labels: np.ndarray, shapes: Sequence[tuple[int, int]]) -> float:
+    changes = pairs = 0
+    start = 0
+    for h, w in shapes:
+        grid = labels[start : start + h * w].reshape(h, w)
+        start += h * w
+        changes += int((grid[:, 1:] != grid[:, :-1]).sum() + (grid[1:] != grid[:-1]).sum())
+        pairs += h * (w - 1) + (h - 1) * w
+    return changes / max(pairs, 1)
+
+
+def _log_w(x: torch.Tensor, head, k: int) -> float:
+    """log of the mean within-cluster squared distance of the head's fit on points x (N, D)."""
+    out = fit_embeddings(head, [x.T[None, :, None, :].float()], k)
+    labels = out.probs[0].argmax(0)
+    return float(np.log(max(_hard_stats(x.double(), labels, k)["distortion"], 1e-12)))
+
+
+@torch.no_grad()
+def k_statistics(
+    head: torch.nn.Module,
+    embs: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    *,
+    flipped: Sequence[torch.Tensor] | None = None,
+    seed: int = 0,
+    max_positions: int | None = None,
+) -> dict[int, dict]:
+    """Per K: the head's fit on ``embs`` (denoised (1, D, h, w) embeddings) and its label-free
+    statistics; ``flipped`` (the same windows' flipped-view embeddings, aligned) adds
+    ``flip_agreement``. Returns ``{k: {"fit": HeadOutput, <statistic>: value}}``."""
+    shapes = [tuple(e.shape[-2:]) for e in embs]
+    x_all = torch.cat([e.flatten(2) for e in embs], 2)[0].T.double().cpu()  # (N, D)
+    pick = _subsample(x_all.shape[0], STAT_POSITIONS, seed)
+    x = x_all if pick is None else x_all[pick]
+    # Gap statistic reference: uniform in the box of the data's principal axes (Tibshirani's
+    # method b), GAP_REFERENCES sets, each clustered by the head like the data.
+    gpick = _subsample(x_all.shape[0], GAP_POSITIONS, seed + 1)
+    xg = x_all if gpick is None else x_all[gpick]
+    centre = xg.mean(0)
+    _, _, vt = torch.linalg.svd(xg - centre, full_matrices=False)
+    proj = (xg - centre) @ vt.T
+    lo, hi = proj.min(0).values, proj.max(0).values
+    gen = torch.Generator().manual_seed(seed + 2)
+    refs = [
+        (lo + (hi - lo) * torch.rand(xg.shape[0], xg.shape[1], generator=gen, dtype=torch.float64)) @ vt + centre
+        for _ in range(GAP_REFERENCES)
+    ]
+    out: dict[int, dict] = {}
+    k_list = sorted(set(ks))
+    for k in k_list:
+        fit = fit_embeddings(head, embs, k, max_positions=max_positions, seed=seed)
+        labels_all = fit.probs[0].argmax(0).cpu()
+        labels = labels_all if pick is None else labels_all[pick]
+        row: dict = {"fit": fit, **_hard_stats(x, labels, k)}
+        row["boundary_density"] = _boundary_density(labels_all.numpy(), shapes)
+        if flipped is not None:
+            other = fit_embeddings(head, flipped, k, max_positions=max_positions, seed=seed).probs[0].argmax(0)
+            row["flip_agreement"] = _agreement(labels_all.numpy(), other.cpu().numpy(), k)
+        ref_logs = np.array([_log_w(r, head, k) for r in refs])
+        row["gap"] = float(ref_logs.mean() - _log_w(xg, head, k))
+        row["gap_sd"] = float(ref_logs.std() * np.sqrt(1 + 1 / GAP_REFERENCES))
+        out[k] = row
+    # W(K - 1) for the jump of the smallest K (K = 1: the data's variance).
+    k0 = k_list[0] - 1
+    if k0 == 1:
+        below = float((x - x.mean(0)).square().sum(1).mean())
+    else:
+        labels = fit_embeddings(head, embs, k0, max_positions=max_positions, seed=seed).probs[0].argmax(0).cpu()
+        below = _hard_stats(x, labels if pick is None else labels[pick], k0)["distortion"]
+    out[k_list[0]]["distortion_below"] = below
+    return out
+
+
+def pick_k(stats: dict[int, dict], rule: str, theta: float | None = None) -> int:
+    """The K a criterion picks from ``k_statistics`` output (see the module docstring)."""
+    ks = sorted(stats)
+    get = lambda key: np.array([stats[k][key] for k in ks], dtype=np.float64)  # noqa: E731
+    if rule in ("silhouette", "calinski_harabasz"):
+        return ks[int(np.argmax(get(rule)))]
+    if rule == "davies_bouldin":
+        return ks[int(np.argmin(get(rule)))]
+    if rule == "gap":
+        gap, sd = get("gap"), get("gap_sd")
+        for i in range(len(ks) - 1):
+            if gap[i] >= gap[i + 1] - sd[i + 1]:
+                return ks[i]
+        return ks[-1]
+    if theta is None:
+        raise ValueError(f"rule {rule!r} needs a threshold")
+    if rule == "elbow":
+        w = get("distortion")
+        for i in range(len(ks) - 1):
+            if w[i + 1] / max(w[i], 1e-12) >= theta:
+                return ks[i]
+        return ks[-1]
+    if rule == "jump":
+        w = get("distortion")
+        below = stats[ks[0]].get("distortion_below")
+        prev = np.concatenate([[below if below is not None else np.nan], w[:-1]])
+        jumps = w**-theta - np.where(np.isfinite(prev), prev**-theta, 0.0)
+        return ks[int(np.nanargmax(jumps))]
+    if rule in ("flip_agreement", "min_share", "utilization"):
+        ok = [k for k, v in zip(ks, get(rule), strict=True) if v >= theta]
+        return max(ok) if ok else ks[0]
+    if rule == "boundary_density":
+        ok = [k for k, v in zip(ks, get(rule), strict=True) if v <= theta]
+        return max(ok) if ok else ks[0]
+    raise ValueError(f"unknown K rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def _needs_flip(rule: str) -> bool:
+    return rule == "flip_agreement"
+
+
+@torch.no_grad()
+def choose_k(
+    model: torch.nn.Module,
+    sources: Sequence,
+    *,
+    k_range: tuple[int, int] = DEFAULT_RANGE,
+    rule: tuple[str, float | None] = AUTO_RULE,
+    tile: int,
+    overlap: int,
+    fit_windows: int = 16,
+    fit_pixels: int,
+    seed: int = 0,
+    max_positions: int | None = None,
+) -> tuple[int, dict[int, dict]]:
+    """The K ``rule`` picks in ``k_range`` on the fit sample of ``sources`` (one source: its own
+    K; several: one K for the shared clusters), and the statistics per K (each with its fit)."""
+    from .inference import model_stride
+
+    lo, hi = check_k_range(k_range)
+    m = model_stride(model)
+    embs, flipped = [], []
+    for source in sources:
+        windows = sample_windows(
+            source.height,
+            source.width,
+            tile=tile,
+            overlap=overlap,
+            multiple=m,
+            fit_windows=fit_windows,
+            fit_pixels=fit_pixels,
+            seed=seed,
+        )
+        embs += embed_windows(model, source, windows)[0]
+        if _needs_flip(rule[0]):
+            flipped += embed_windows(model, source, windows, flip=True)[0]
+    stats = k_statistics(
+        model.head, embs, range(lo, hi + 1), flipped=flipped or None, seed=seed, max_positions=max_positions
+    )
+    return pick_k(stats, *rule), stats
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def _rules() -> list[tuple[str, float | None]]:
+    return [(rule, theta) for rule, thetas in RULES.items() for theta in thetas]
+
+
+def _rule_name(rule: tuple[str, float | None]) -> str:
+    return rule[0] if rule[1] is None else f"{rule[0]}@{rule[1]:g}"
+
+
+def _summary(rows: Sequence[dict], pick: Callable[[dict], int]) -> dict:
+    picks = [pick(r) for r in rows]
+    truth = [r["n_classes"] for r in rows]
+    miou = [r["miou_by_k"][str(k)] for r, k in zip(rows, picks, strict=True)]
+    return {
+        "exact": float(np.mean([p == t for p, t in zip(picks, truth, strict=True)])) if rows else float("nan"),
+        "within_one": float(np.mean([abs(p - t) <= 1 for p, t in zip(picks, truth, strict=True)]))
+        if rows
+        else float("nan"),
+        "miou": float(np.mean(miou)) if rows else float("nan"),
+        "picks": picks,
+    }
+
+
+def _best(rows: Sequence[dict], candidates: Sequence, pick_of: Callable) -> tuple:
+    """The candidate with the most exact hits on ``rows``; ties: within one, then mean mIoU."""
+    scored = []
+    for i, cand in enumerate(candidates):
+        s = _summary(rows, lambda r, c=cand: pick_of(r, c))
+        scored.append((s["exact"], s["within_one"], s["miou"], -i, cand))
+    return max(scored, key=lambda t: t[:4])[4]
+
+
+@torch.no_grad()
+def k_auto_study(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    tiles: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    ignore: Sequence[int] = (5, 255),
+    k_range: tuple[int, int] = DEFAULT_RANGE,
+    naive_k: int = 6,
+    tile: int,
+    overlap: int,
+    fit_pixels: int,
+    fit_windows: int = 16,
+    seed: int = 0,
+    group_of: Callable[[str], str] = lambda name: name.rsplit("t", 1)[-1],
+    progress: bool = True,
+) -> dict:
+    """Every criterion and threshold against the number of ground-truth classes present,
+    chosen inside leave-one-group-out folds (the group of ``image_part_003t4`` is ``4``: its
+    source tile), beside the naive rule K = ``naive_k`` and the best constant K of the same folds.
+
+    Per image it records the statistics per K, each rule's pick and the image's Hungarian mIoU
+    at every K in the range (labels from ``seglib.segment``, the same per-image fit), so a pick
+    can also be judged by the mIoU it gives.
+    """
+    from tqdm.auto import tqdm
+
+    from .api import segment
+    from .inference import model_stride
+    from .metrics import segmentation_scores
+    from .raster import ArraySource
+
+    lo, hi = check_k_range(k_range)
+    ks = list(range(lo, hi + 1))
+    m = model_stride(model)
+    rules = _rules()
+    rows = []
+    for name, (rgb, gt) in tqdm(list(zip(names, tiles, strict=True)), desc="images", disable=not progress):
+        present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
+        if len(present) < 2:
+            continue
+        image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
+        source = ArraySource(image, name=name)
+        windows = sample_windows(
+            source.height,
+            source.width,
+            tile=tile,
+            overlap=overlap,
+            multiple=m,
+            fit_windows=fit_windows,
+            fit_pixels=fit_pixels,
+            seed=seed,
+        )
+        embs = embed_windows(model, source, windows)[0]
+        flipped = embed_windows(model, source, windows, flip=True)[0]
+        stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=seed)
+        miou = {
+            str(k): segmentation_scores(segment(image, k, model, tile=tile, overlap=overlap), gt, ignore)["miou"]
+            for k in sorted({*ks, naive_k})
+        }
+        rows.append(
+            {
+                "image": name,
+                "group": group_of(name),
+                "n_classes": len(present),
+                "picks": {_rule_name(r): pick_k(stats, *r) for r in rules},
+                "stats": {
+                    str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, float)}
+                    for k, s in stats.items()
+                },
+                "miou_by_k": miou,
+            }
+        )
+    names_r = [_rule_name(r) for r in rules]
+    by_rule = lambda r, rule: r["picks"][rule]  # noqa: E731
+    constant = lambda r, k: k  # noqa: E731
+    folds = []
+    for group in sorted({r["group"] for r in rows}):
+        train = [r for r in rows if r["group"] != group]
+        test = [r for r in rows if r["group"] == group]
+        rule = _best(train, names_r, by_rule)
+        const = _best(train, ks, constant)
+        folds.append(
+            {
+                "held_out": group,
+                "n_images": len(test),
+                "rule": rule,
+                "rule_train": _summary(train, lambda r, c=rule: by_rule(r, c)),
+                "rule_test": _summary(test, lambda r, c=rule: by_rule(r, c)),
+                "constant_k": const,
+                "constant_test": _summary(test, lambda r, c=const: c),
+                "naive_test": _summary(test, lambda r: naive_k),
+                "oracle_test": _summary(test, lambda r: min(max(r["n_classes"], lo), hi)),
+            }
+        )
+    n = sum(f["n_images"] for f in folds)
+
+    def pooled(key: str) -> dict:
+        return {
+            metric: sum(f[key][metric] * f["n_images"] for f in folds) / max(n, 1)
+            for metric in ("exact", "within_one", "miou")
+        }
+
+    chosen = [f["rule"] for f in folds]
+    return {
+        "k_range": [lo, hi],
+        "naive_k": naive_k,
+        "n_images": n,
+        "classes_present": {
+            str(c): sum(r["n_classes"] == c for r in rows) for c in sorted({r["n_classes"] for r in rows})
+        },
+        "folds": folds,
+        "held_out": {key: pooled(f"{key}_test") for key in ("rule", "constant", "naive", "oracle")},
+        "fold_rules": chosen,
+        "majority_rule": max(set(chosen), key=chosen.count) if chosen else None,
+        "all_rules_all_images": {name: _summary(rows, lambda r, c=name: by_rule(r, c)) for name in names_r},
+        "per_image": rows,
+    }
