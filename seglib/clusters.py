@@ -53,7 +53,8 @@ __all__ = [
     "embed_windows",
     "fit_embeddings",
     "brightness_order",
-    "fit_shared",
+    "sample_embeddings",
+    "fit_sources",
     "load_clusters",
 ]
 
@@ -353,25 +354,22 @@ def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.nd
     return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
 
 
-@torch.no_grad()
-def fit_shared(
+def sample_embeddings(
     model: torch.nn.Module,
     sources: Sequence,
-    k: int,
     *,
     tile: int,
     overlap: int,
     fit_windows: int = 16,
     fit_pixels: int,
     seed: int = 0,
-    max_positions: int = MAX_POSITIONS,
-) -> FittedClusters:
-    """One set of K clusters fitted on windows sampled from every source (``ArraySource`` /
-    ``RasterSource``), in the stable order."""
+    flip: bool = False,
+) -> tuple[list[torch.Tensor], int]:
+    """The denoised embeddings of every source's fit sample (``sample_windows``), and how many
+    windows that is; ``flip``: of the flipped windows, aligned (``embed_windows``)."""
     from .inference import model_stride
     from .raster import check_tiling
 
-    k = check_k(k)
     m = model_stride(model)
     tile = check_tiling(tile, overlap, m)
     embs: list[torch.Tensor] = []
@@ -387,24 +385,56 @@ def fit_shared(
             fit_pixels=fit_pixels,
             seed=seed,
         )
-        e, _ = embed_windows(model, source, windows)
-        embs += e
+        embs += embed_windows(model, source, windows, flip=flip)[0]
         n_windows += len(windows)
-    out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
+    return embs, n_windows
+
+
+@torch.no_grad()
+def fit_sources(
+    model: torch.nn.Module,
+    sources: Sequence,
+    k: int | str,
+    *,
+    tile: int,
+    overlap: int,
+    fit_windows: int = 16,
+    fit_pixels: int,
+    seed: int = 0,
+    k_range: tuple[int, int] | None = None,
+    max_positions: int = MAX_POSITIONS,
+) -> FittedClusters:
+    """One set of K clusters fitted on windows sampled from every source (``ArraySource`` /
+    ``RasterSource``), in the stable order. ``k="auto"`` picks K in ``k_range`` with the rule
+    of ``seglib.kselect.AUTO_RULE`` on the same sample (recorded in ``meta["k_auto"]``)."""
+    kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    embs, n_windows = sample_embeddings(model, sources, **kw)
+    meta: dict = {}
+    if k == "auto":
+        from .kselect import AUTO_RULE, DEFAULT_RANGE, check_k_range, k_statistics, pick_k
+
+        lo, hi = check_k_range(k_range or DEFAULT_RANGE)
+        flipped = sample_embeddings(model, sources, flip=True, **kw)[0] if AUTO_RULE[0] == "flip_agreement" else None
+        stats = k_statistics(
+            model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions
+        )
+        k = pick_k(stats, *AUTO_RULE)
+        out = stats[k]["fit"]
+        meta["k_auto"] = {"rule": list(AUTO_RULE), "range": [lo, hi], "k": k}
+    else:
+        k = check_k(k)
+        out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
     colours = _cell_colours(model, embs)
     n = sum(e.shape[-1] * e.shape[-2] for e in embs)
     if n > max_positions:  # the probs cover the subsample: colour the same subsample
         gen = torch.Generator().manual_seed(seed)
         colours = colours[torch.randperm(n, generator=gen)[:max_positions].sort().values.numpy()]
-    meta = {
-        "files": [Path(getattr(s, "name", "image")).name for s in sources],
-        "windows": n_windows,
-        "positions": min(n, max_positions),
-        "tile": tile,
-        "overlap": overlap,
-        "fit_windows": fit_windows,
-        "fit_pixels": fit_pixels,
-        "seed": seed,
-        "head": head_settings(model) | {"iters": int(model.head.iters)},
-    }
+    meta.update(
+        files=[Path(getattr(s, "name", "image")).name for s in sources],
+        windows=n_windows,
+        positions=min(n, max_positions),
+        max_positions=max_positions,
+        head=head_settings(model) | {"iters": int(model.head.iters)},
+        **kw,
+    )
     return _ordered(out, colours, model_fingerprint(model), meta)

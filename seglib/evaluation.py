@@ -301,7 +301,7 @@ def evaluate_shared(
 
     For the model (and ``random_init``): ``per_image`` fits clusters on each image alone
     (``seglib.segment``); ``shared`` fits one set on windows sampled from every image
-    (``seglib.clusters.fit_shared``) and assigns every image to it. RGB k-means likewise:
+    (``seglib.clusters.fit_sources``) and assigns every image to it. RGB k-means likewise:
     per image, and once on pixels sampled from every image (``shared_rgb_kmeans``).
     Each gets ``dataset_miou`` (one Hungarian matching of clusters to classes over all images
     together: what a shared legend is for) and ``mean_image_miou`` (matched per image).
@@ -309,7 +309,7 @@ def evaluate_shared(
     """
     from .api import segment
     from .baselines import shared_rgb_kmeans
-    from .clusters import fit_shared
+    from .clusters import fit_sources
     from .metrics import hungarian_scores
     from .raster import ArraySource, segment_source
 
@@ -337,7 +337,7 @@ def evaluate_shared(
         if m is None:
             continue
         preds[f"{name}/per_image"] = [segment(image, k, m, tile=tile, overlap=overlap) for image in images]
-        fitted = fit_shared(
+        fitted = fit_sources(
             m,
             [ArraySource(i) for i in images],
             k,

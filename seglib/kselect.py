@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .clusters import embed_windows, fit_embeddings, sample_windows
+from .clusters import embed_windows, fit_embeddings, sample_embeddings, sample_windows
 from .models.head import K_MAX, K_MIN
 
 __all__ = [
@@ -238,7 +238,7 @@ def pick_k(stats: dict[int, dict], rule: str, theta: float | None = None) -> int
     if rule == "elbow":
         w = get("distortion")
         for i in range(len(ks) - 1):
-            if w[i + 1] / max(w[i], 1e-12) >= theta:
+            if (w[i + 1] / w[i] if w[i] > 1e-12 else 1.0) >= theta:  # nothing left to explain: stop
                 return ks[i]
         return ks[-1]
     if rule == "jump":
@@ -276,28 +276,11 @@ def choose_k(
 ) -> tuple[int, dict[int, dict]]:
     """The K ``rule`` picks in ``k_range`` on the fit sample of ``sources`` (one source: its own
     K; several: one K for the shared clusters), and the statistics per K (each with its fit)."""
-    from .inference import model_stride
-
     lo, hi = check_k_range(k_range)
-    m = model_stride(model)
-    embs, flipped = [], []
-    for source in sources:
-        windows = sample_windows(
-            source.height,
-            source.width,
-            tile=tile,
-            overlap=overlap,
-            multiple=m,
-            fit_windows=fit_windows,
-            fit_pixels=fit_pixels,
-            seed=seed,
-        )
-        embs += embed_windows(model, source, windows)[0]
-        if _needs_flip(rule[0]):
-            flipped += embed_windows(model, source, windows, flip=True)[0]
-    stats = k_statistics(
-        model.head, embs, range(lo, hi + 1), flipped=flipped or None, seed=seed, max_positions=max_positions
-    )
+    kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    embs = sample_embeddings(model, sources, **kw)[0]
+    flipped = sample_embeddings(model, sources, flip=True, **kw)[0] if _needs_flip(rule[0]) else None
+    stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
     return pick_k(stats, *rule), stats
 
 
