@@ -19,7 +19,12 @@ For each K in a range, the head's soft k-means is fitted on the same window samp
 * ``min_share`` / ``utilization``: the largest K whose smallest cluster holds at least
   ``theta`` of the positions / whose cluster-size entropy over log K is at least ``theta``;
 * ``boundary_density``: the largest K whose label maps change between neighbouring cells at
-  most ``theta`` of the time.
+  most ``theta`` of the time;
+* ``occupied``: fitted at the largest K of the range, the number of clusters holding at least
+  ``theta`` of the positions (clusters the data does not need stay small, more so with the
+  head's size prior);
+* ``effective``: ``theta`` times the effective number of clusters ``exp(entropy of the shares)``
+  at the largest K, rounded.
 
 ``k_auto_study`` scores every criterion and threshold against the number of ground-truth
 classes present on labelled images and picks one inside leave-one-tile-out folds (``python -m
@@ -67,11 +72,13 @@ RULES: dict[str, tuple[float | None, ...]] = {
     "min_share": (0.005, 0.01, 0.02, 0.05, 0.10),
     "utilization": (0.6, 0.7, 0.8, 0.9),
     "boundary_density": (0.05, 0.10, 0.15, 0.20, 0.30),
+    "occupied": (0.01, 0.02, 0.05, 0.10),
+    "effective": (0.8, 1.0, 1.2, 1.5),
 }
 
 # The rule --k auto uses: picked inside the leave-one-tile-out folds of the dev split
 # (docs/inference.md, "Choosing K"); set from k_auto_study's output.
-AUTO_RULE: tuple[str, float | None] = ("min_share", 0.02)
+AUTO_RULE: tuple[str, float | None] = ("effective", 0.8)
 
 
 def check_k_range(ks: object) -> tuple[int, int]:
@@ -131,6 +138,7 @@ def _hard_stats(x: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, floa
         out.update(silhouette=-1.0, calinski_harabasz=0.0, davies_bouldin=float("inf"))
     shares = counts / n
     nz = shares[shares > 0]
+    out["shares"] = sorted(shares.tolist(), reverse=True)
     out["min_share"] = float(shares.min())
     out["utilization"] = float(-(nz * nz.log()).sum() / np.log(k))
     return out
@@ -250,6 +258,14 @@ def pick_k(stats: dict[int, dict], rule: str, theta: float | None = None) -> int
     if rule in ("flip_agreement", "min_share", "utilization"):
         ok = [k for k, v in zip(ks, get(rule), strict=True) if v >= theta]
         return max(ok) if ok else ks[0]
+    if rule in ("occupied", "effective"):
+        shares = np.asarray(stats[ks[-1]]["shares"], dtype=np.float64)
+        if rule == "occupied":
+            k = int((shares >= theta).sum())
+        else:
+            nz = shares[shares > 0]
+            k = round(theta * float(np.exp(-(nz * np.log(nz)).sum())))
+        return min(max(k, ks[0]), ks[-1])
     if rule == "boundary_density":
         ok = [k for k, v in zip(ks, get(rule), strict=True) if v <= theta]
         return max(ok) if ok else ks[0]
@@ -385,7 +401,7 @@ def k_auto_study(
                 "n_classes": len(present),
                 "picks": {_rule_name(r): pick_k(stats, *r) for r in rules},
                 "stats": {
-                    str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, float)}
+                    str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, (float, list))}
                     for k, s in stats.items()
                 },
                 "miou_by_k": miou,

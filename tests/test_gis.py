@@ -172,15 +172,21 @@ def test_k_rules_on_known_statistics():
         pick_k(stats, "astrology", 0.5)
 
 
-def test_auto_k_finds_three_colours():
-    """Three flat, well-separated colours: the default rule picks K = 3 in 2..8, and the
-    statistics it used are there for every K."""
+def test_auto_k_follows_the_number_of_colours():
+    """Flat squares of 2..6 well-separated colours: the shipped rule picks K within one of the
+    number of colours, more colours never fewer clusters than two; the statistics of every K
+    of the range are returned."""
     model = LocalTeacher()
-    img = blocks([(30, 40, 120), (60, 170, 60), (230, 220, 200)], size=256, seed=4)
-    k, stats = choose_k(model, [ArraySource(img)], k_range=(2, 8), **FIT)
-    assert sorted(stats) == list(range(2, 9))
-    assert k == 3
-    assert stats[3]["silhouette"] > stats[2]["silhouette"]
+    colours = [(30, 40, 120), (60, 170, 60), (230, 220, 200), (200, 60, 50), (120, 120, 120), (250, 200, 40)]
+    picks = {}
+    for n in range(2, 7):
+        grid = np.random.default_rng(4).integers(n, size=(3, 3))
+        grid.flat[:n] = np.arange(n)  # every colour present
+        img = np.asarray(colours[:n], np.uint8)[np.kron(grid, np.ones((128, 128), int))]  # (384, 384, 3)
+        picks[n], stats = choose_k(model, [ArraySource(img)], k_range=(2, 8), **(FIT | {"tile": 384}))
+        assert sorted(stats) == list(range(2, 9))
+    assert all(abs(k - n) <= 1 for n, k in picks.items()), picks
+    assert picks[2] == 2 and min(picks[n] for n in range(3, 7)) > 2, picks
 
 
 def test_k_statistics_flip_agreement_is_one_on_a_symmetric_image():
