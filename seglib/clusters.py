@@ -40,7 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models.head import Clusters, HeadOutput, check_k, farthest_point_init, soft_kmeans
+from .config import check_k
+from .models.head import Clusters, HeadOutput, brightness_order, farthest_point_init, soft_kmeans
+from .raster import axis_windows, check_tiling, model_stride, pad_to_stride, to_tensor
 
 __all__ = [
     "FORMAT",
@@ -52,9 +54,9 @@ __all__ = [
     "sample_windows",
     "embed_windows",
     "fit_embeddings",
-    "brightness_order",
     "sample_embeddings",
     "fit_sources",
+    "clusters_from_fit",
     "load_clusters",
 ]
 
@@ -244,8 +246,6 @@ def sample_windows(
     """``(y, x, h, w)`` of a seeded sample of the window grid, spread over the raster: the grid is
     split row-major into ``n`` equal runs and one window is drawn from each, ``n`` being at most
     ``fit_windows`` and at most ``fit_pixels`` pixels' worth of windows (at least one)."""
-    from .raster import axis_windows
-
     ys, lh = axis_windows(height, tile, overlap, multiple)
     xs, lw = axis_windows(width, tile, overlap, multiple)
     grid = [(y, x) for y in ys for x in xs]
@@ -265,15 +265,12 @@ def embed_windows(
 
     ``flip`` embeds the horizontally flipped window and flips the embedding back, so its cells
     line up with the unflipped ones (a second view for agreement scores)."""
-    from .inference import model_stride, to_tensor
-    from .raster import _pad
-
     m = model_stride(model)
     device = next(model.parameters()).device
     embs, reads = [], []
     for y, x, h, w in windows:
         rgb = source.read(y, x, h, w)
-        x_in = _pad(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
+        x_in = pad_to_stride(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
         if flip:
             x_in = x_in.flip(-1)
         emb, _ = model.embed(model._downsampled(x_in, None))  # (1, D, h'/s, w'/s)
@@ -314,20 +311,10 @@ def fit_embeddings(
     return soft_kmeans(x, k, iters=head.iters, temperature=head.temperature, init=init, size_prior=head.size_prior)
 
 
-def brightness_order(prototypes: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Permutation (K,) putting clusters in the stable order: by the brightness of the
-    prototype's colour channels (its last three values, the cell's mean colour), darkest
-    first; exact ties by the remaining values. ``labels_new = argsort(order)[labels_old]``."""
-    p = prototypes.detach().cpu().numpy() if isinstance(prototypes, torch.Tensor) else np.asarray(prototypes)
-    p = p.reshape(p.shape[-2], p.shape[-1]).astype(np.float64)  # (K, D)
-    keys = [p[:, j] for j in range(p.shape[1] - 4, -1, -1)] + [p[:, -3:].sum(1)]  # lexsort: last key first
-    return np.lexsort(keys)
-
-
 def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> FittedClusters:
     """FittedClusters from a fit, renumbered into the stable order."""
     protos = out.prototypes[0].float().cpu().numpy()  # (K, D)
-    order = brightness_order(protos)
+    order = brightness_order(out.prototypes[0])
     labels = out.probs[0].argmax(0).cpu().numpy()  # (N,)
     k = protos.shape[0]
     shares = np.bincount(labels, minlength=k) / max(labels.size, 1)
@@ -367,9 +354,6 @@ def sample_embeddings(
 ) -> tuple[list[torch.Tensor], int]:
     """The denoised embeddings of every source's fit sample (``sample_windows``), and how many
     windows that is; ``flip``: of the flipped windows, aligned (``embed_windows``)."""
-    from .inference import model_stride
-    from .raster import check_tiling
-
     m = model_stride(model)
     tile = check_tiling(tile, overlap, m)
     embs: list[torch.Tensor] = []
@@ -394,47 +378,46 @@ def sample_embeddings(
 def fit_sources(
     model: torch.nn.Module,
     sources: Sequence,
-    k: int | str,
+    k: int,
     *,
     tile: int,
     overlap: int,
     fit_windows: int = 16,
     fit_pixels: int,
     seed: int = 0,
-    k_range: tuple[int, int] | None = None,
     max_positions: int = MAX_POSITIONS,
 ) -> FittedClusters:
     """One set of K clusters fitted on windows sampled from every source (``ArraySource`` /
-    ``RasterSource``), in the stable order. ``k="auto"`` picks K in ``k_range`` with the rule
-    of ``seglib.kselect.AUTO_RULE`` on the same sample (recorded in ``meta["k_auto"]``)."""
-    kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs, n_windows = sample_embeddings(model, sources, **kw)
-    meta: dict = {}
-    if k == "auto":
-        from .kselect import AUTO_RULE, DEFAULT_RANGE, check_k_range, k_statistics, pick_k
+    ``RasterSource``), in the stable order (``seglib.kselect.fit_sources_auto`` picks K too)."""
+    k = check_k(k)
+    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    embs, n_windows = sample_embeddings(model, sources, **sample)
+    out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
+    return clusters_from_fit(model, sources, embs, out, windows=n_windows, max_positions=max_positions, **sample)
 
-        lo, hi = check_k_range(k_range or DEFAULT_RANGE)
-        flipped = sample_embeddings(model, sources, flip=True, **kw)[0] if AUTO_RULE[0] == "flip_agreement" else None
-        stats = k_statistics(
-            model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions
-        )
-        k = pick_k(stats, *AUTO_RULE)
-        out = stats[k]["fit"]
-        meta["k_auto"] = {"rule": list(AUTO_RULE), "range": [lo, hi], "k": k}
-    else:
-        k = check_k(k)
-        out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
+
+def clusters_from_fit(
+    model: torch.nn.Module,
+    sources: Sequence,
+    embs: Sequence[torch.Tensor],
+    out: HeadOutput,
+    *,
+    max_positions: int,
+    seed: int,
+    **meta,
+) -> FittedClusters:
+    """``FittedClusters`` (stable order, shares, colours, fingerprint) from a fit on ``embs``."""
     colours = _cell_colours(model, embs)
     n = sum(e.shape[-1] * e.shape[-2] for e in embs)
-    if n > max_positions:  # the probs cover the subsample: colour the same subsample
+    if n > max_positions:  # the probs cover fit_embeddings' subsample: colour the same subsample
         gen = torch.Generator().manual_seed(seed)
         colours = colours[torch.randperm(n, generator=gen)[:max_positions].sort().values.numpy()]
-    meta.update(
-        files=[Path(getattr(s, "name", "image")).name for s in sources],
-        windows=n_windows,
-        positions=min(n, max_positions),
-        max_positions=max_positions,
-        head=head_settings(model) | {"iters": int(model.head.iters)},
-        **kw,
-    )
+    meta = {
+        "files": [Path(getattr(s, "name", "image")).name for s in sources],
+        "positions": min(n, max_positions),
+        "max_positions": max_positions,
+        "seed": seed,
+        "head": head_settings(model) | {"iters": int(model.head.iters)},
+        **meta,
+    }
     return _ordered(out, colours, model_fingerprint(model), meta)

@@ -307,11 +307,11 @@ def evaluate_shared(
     together: what a shared legend is for) and ``mean_image_miou`` (matched per image).
     Images with fewer than 2 classes after ``ignore`` are scored too (one legend covers them).
     """
-    from .api import segment
     from .baselines import shared_rgb_kmeans
     from .clusters import fit_sources
+    from .io import ArraySource
     from .metrics import hungarian_scores
-    from .raster import ArraySource, segment_source
+    from .raster import segment_array, segment_source
 
     images = [np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb for rgb, _ in tiles]
     gts = [gt for _, gt in tiles]
@@ -336,7 +336,7 @@ def evaluate_shared(
     for name, m in (("model", model), ("random_init", random_init)):
         if m is None:
             continue
-        preds[f"{name}/per_image"] = [segment(image, k, m, tile=tile, overlap=overlap) for image in images]
+        preds[f"{name}/per_image"] = [segment_array(m, image, k, tile=tile, overlap=overlap) for image in images]
         fitted = fit_sources(
             m,
             [ArraySource(i) for i in images],

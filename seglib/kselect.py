@@ -39,8 +39,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .clusters import embed_windows, fit_embeddings, sample_embeddings, sample_windows
-from .models.head import K_MAX, K_MIN
+from .clusters import (
+    MAX_POSITIONS,
+    FittedClusters,
+    clusters_from_fit,
+    embed_windows,
+    fit_embeddings,
+    sample_embeddings,
+    sample_windows,
+)
+from .config import K_MAX, K_MIN
+from .io import ArraySource
+from .raster import model_stride, segment_array
 
 __all__ = [
     "DEFAULT_RANGE",
@@ -50,6 +60,7 @@ __all__ = [
     "k_statistics",
     "pick_k",
     "choose_k",
+    "fit_sources_auto",
     "k_auto_study",
 ]
 
@@ -300,6 +311,36 @@ def choose_k(
     return pick_k(stats, *rule), stats
 
 
+@torch.no_grad()
+def fit_sources_auto(
+    model: torch.nn.Module,
+    sources: Sequence,
+    *,
+    k_range: tuple[int, int] = DEFAULT_RANGE,
+    rule: tuple[str, float | None] = AUTO_RULE,
+    tile: int,
+    overlap: int,
+    fit_windows: int = 16,
+    fit_pixels: int,
+    seed: int = 0,
+    max_positions: int = MAX_POSITIONS,
+) -> FittedClusters:
+    """``seglib.clusters.fit_sources`` with K picked by ``rule`` in ``k_range`` on the same
+    sample (``choose_k``); the clusters are that K's fit, and ``meta["k_auto"]`` records the
+    rule, the range and each K's statistic."""
+    lo, hi = check_k_range(k_range)
+    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    embs, n_windows = sample_embeddings(model, sources, **sample)
+    flipped = sample_embeddings(model, sources, flip=True, **sample)[0] if _needs_flip(rule[0]) else None
+    stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
+    k = pick_k(stats, *rule)
+    key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
+    auto = {"rule": _rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
+    return clusters_from_fit(
+        model, sources, embs, stats[k]["fit"], windows=n_windows, max_positions=max_positions, k_auto=auto, **sample
+    )
+
+
 # ----------------------------------------------------------------------------- the study
 
 
@@ -361,10 +402,7 @@ def k_auto_study(
     """
     from tqdm.auto import tqdm
 
-    from .api import segment
-    from .inference import model_stride
     from .metrics import segmentation_scores
-    from .raster import ArraySource
 
     lo, hi = check_k_range(k_range)
     ks = list(range(lo, hi + 1))
@@ -391,7 +429,7 @@ def k_auto_study(
         flipped = embed_windows(model, source, windows, flip=True)[0]
         stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=seed)
         miou = {
-            str(k): segmentation_scores(segment(image, k, model, tile=tile, overlap=overlap), gt, ignore)["miou"]
+            str(k): segmentation_scores(segment_array(model, image, k, tile=tile, overlap=overlap), gt, ignore)["miou"]
             for k in sorted({*ks, naive_k})
         }
         rows.append(

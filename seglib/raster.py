@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from .config import check_k, check_lane
 from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, write_png
-from .models.head import Clusters
+from .models.head import Clusters, brightness_order
+from .viz import PALETTE
 
 __all__ = [
     "DEFAULT_TILE",
@@ -116,7 +117,21 @@ def _forward(model: torch.nn.Module, rgb: torch.Tensor, k: int, **kwargs) -> dic
     x = pad_to_stride(rgb.to(_device(model)), model_stride(model, kwargs.get("downsample")))
     out = model(x, k, **kwargs)
     out["probs"] = out["probs"][..., :h, :w]
+    if kwargs.get("clusters") is None:  # clusters fitted here, per image: stable ids
+        _renumber(out)
     return out
+
+
+def _renumber(out: dict[str, torch.Tensor]) -> None:
+    """Put each image's clusters in the stable order (``brightness_order``), in place."""
+    orders = [brightness_order(p) for p in out["prototypes"]]
+    if all(order == sorted(order) for order in orders):
+        return
+    index = torch.as_tensor(orders, device=out["prototypes"].device)  # (B, K)
+    for key in ("probs", "logits", "probs_coarse", "prototypes", "cluster_bias"):
+        t = out.get(key)
+        if t is not None:
+            out[key] = t.gather(1, index.view(*index.shape, *[1] * (t.ndim - 2)).expand_as(t))
 
 
 def predict_probs(model: torch.nn.Module, rgb: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
@@ -220,7 +235,7 @@ def fit_clusters(
     seed: int = 0,
 ) -> Clusters:
     """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over a seeded,
-    spread-out sample of the window grid.
+    spread-out sample of the window grid, in the stable order (``Clusters.ordered``).
 
     Up to ``fit_windows`` windows of the tile size, but no more than ``fit_pixels`` pixels in
     all: the fit holds every sampled window in the model at once, so this budget bounds its
@@ -238,7 +253,7 @@ def fit_clusters(
     windows = [grid[i] for i in pick]
     reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in windows]
     batch = torch.cat([pad_to_stride(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
-    return model.fit_clusters(batch.to(_device(model)), k)
+    return model.fit_clusters(batch.to(_device(model)), k).ordered()
 
 
 @torch.no_grad()
@@ -364,13 +379,15 @@ def segment_array(
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     return_probs: bool = False,
+    clusters: Clusters | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Labels (H, W) uint8 (and probabilities (K, H, W) float32) of an (H, W, 3) uint8 or
     float [0, 1] image: in one piece up to ``tile`` (float pixels used as they are), else window
-    by window (``segment_source`` on an ``ArraySource``)."""
+    by window (``segment_source`` on an ``ArraySource``). ``clusters``: assign to these (fitted
+    once, e.g. on many images) instead of fitting the image's own."""
     h, w = image.shape[:2]
     if max(h, w) <= tile:
-        probs = predict_probs(model, to_tensor(image), k, lane=lane)[0].float().cpu().numpy()  # (K, H, W)
+        probs = predict_probs(model, to_tensor(image), k, lane=lane, clusters=clusters)[0].float().cpu().numpy()
         labels = probs.argmax(0).astype(np.uint8)
         return (labels, probs) if return_probs else labels
     labels = np.empty((h, w), np.uint8)
@@ -380,7 +397,15 @@ def segment_array(
         labels[y : y + rows.shape[0]] = rows
 
     segment_source(
-        model, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, probs_out=probs
+        model,
+        ArraySource(image),
+        k,
+        write_rows=write_rows,
+        tile=tile,
+        overlap=overlap,
+        lane=lane,
+        clusters=clusters,
+        probs_out=probs,
     )
     return (labels, probs) if return_probs else labels
 
@@ -446,6 +471,11 @@ def segment_raster(
         profile = _label_profile(source.profile, source.height, source.width)
         try:
             with rasterio.open(tmp, "w", **profile) as dst:
+                # The legend: label i in colour PALETTE[i] (the previews'), ids in the stable order.
+                dst.write_colormap(1, {i: (*PALETTE[i % len(PALETTE)].tolist(), 255) for i in range(k)})
+                dst.update_tags(
+                    1, seglib_k=str(k), seglib_label_order="brightness of the cluster colour, darkest first"
+                )
 
                 def write_rows(y: int, rows: np.ndarray) -> None:
                     dst.write(rows[None], window=Window(0, y, rows.shape[1], rows.shape[0]))

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +45,7 @@ __all__ = [
     "SoftKMeans",
     "HeadOutput",
     "Clusters",
+    "brightness_order",
     "farthest_point_init",
     "soft_kmeans",
     "denoise",
@@ -67,6 +69,23 @@ class Clusters(NamedTuple):
 
     def to(self, device: torch.device | str) -> Clusters:
         return Clusters(self.prototypes.to(device), None if self.bias is None else self.bias.to(device))
+
+    def ordered(self) -> Clusters:
+        """The same clusters renumbered in the stable order (``brightness_order``)."""
+        order = torch.as_tensor(brightness_order(self.prototypes[0]), device=self.prototypes.device)
+        return Clusters(self.prototypes[:, order], None if self.bias is None else self.bias[:, order])
+
+
+def brightness_order(prototypes: torch.Tensor) -> list[int]:
+    """Stable label ids: the permutation (K,) that sorts prototypes (K, D) by the brightness of
+    their colour channels (the embedding's last three: the cells' mean colour, ``Segmenter.embed``),
+    darkest first, exact ties by the other values. Cluster ``order[i]`` becomes label ``i``.
+
+    A function of the prototypes alone, so every window, file and run that shares the clusters
+    shares the ids, and fitting twice on the same input gives the same ids."""
+    p = prototypes.detach().reshape(prototypes.shape[-2], prototypes.shape[-1]).double().cpu().numpy()  # (K, D)
+    keys = [p[:, j] for j in range(p.shape[1] - 4, -1, -1)] + [p[:, -3:].sum(1)]  # np.lexsort: last key first
+    return np.lexsort(keys).tolist()
 
 
 def farthest_point_init(x: torch.Tensor, k: int) -> torch.Tensor:
