@@ -2,6 +2,7 @@
 
 from seglib import MonolithicSegmenter, StudentCNN, segment, load_model
 labels = segment(image_uint8_hxwx3, k=5)     # bundled default model, any H and W
+legend = fit_clusters([a, b, "c.tif"], 6)     # one legend for many images: segment(x, clusters=legend)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ __all__ = [
     "StudentCNN",
     "load_model",
     "segment",
+    "fit_clusters",
+    "load_clusters",
     "__version__",
 ]
 
@@ -32,8 +35,8 @@ def __getattr__(name: str):
         from .models import load_model
 
         return load_model
-    if name == "segment":
-        from .api import segment
+    if name in ("segment", "fit_clusters", "load_clusters"):
+        from . import api
 
-        return segment
+        return getattr(api, name)
     raise AttributeError(f"module 'seglib' has no attribute {name!r}")

@@ -1,30 +1,41 @@
-"""The two-call Python API: ``load_model`` and ``segment``.
+"""The Python API: ``load_model`` and ``segment``, and ``fit_clusters`` for one legend.
 
     import seglib
     labels = seglib.segment(image, k=5)                        # (H, W) uint8, bundled model
     model = seglib.load_model("runs/teacher/teacher.pt")       # a teacher or student checkpoint
     labels, probs = seglib.segment(image, 5, model, return_probs=True)  # probs (K, H, W) float32
+    labels = seglib.segment(image, "auto")                     # K picked without labels (2..8)
+
+    legend = seglib.fit_clusters(["a.tif", b_array], 6, model=model)  # one legend for a set
+    labels = seglib.segment(c_array, model=model, clusters=legend)    # label i means the same in all
+    legend.save("legend.json"); legend = seglib.load_clusters("legend.json", model=model)
 
 ``image`` is a NumPy array (H, W, 3), uint8 or float in [0, 1], of any H and W. Anything else
 raises ``ValueError`` naming the problem and the fix (docs/bad-inputs.md lists every case).
 Both go to the inference engine, ``seglib.raster``: images up to ``tile`` pixels on each side go
 through the model in one piece (reflect-padded to its stride, cropped back), larger ones window
 by window (shared prototypes fitted on sampled windows, overlapping windows blended), so memory
-stays bounded. ``load_model`` is ``seglib.models.load_model``.
+stays bounded. ``load_model`` is ``seglib.models.load_model``. Label ids follow a documented
+order (the brightness of each cluster's mean colour, darkest first; ``seglib.clusters``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .clusters import FittedClusters, fit_sources, load_clusters
 from .config import check_k, check_lane
+from .io import ArraySource, open_source
+from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
 from .models import load_model
-from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, model_stride, segment_array
+from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling, model_stride, segment_array
 
-__all__ = ["load_model", "check_image", "segment"]
+__all__ = ["load_model", "check_image", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
 
 _ROWS = 256  # rows per chunk when scanning float images for NaN and range (bounded memory)
 
@@ -85,11 +96,83 @@ def check_image(image: object) -> np.ndarray:
     return image
 
 
-def segment(
-    image: np.ndarray,
-    k: int,
+def _check_k_or_auto(k: object) -> int | str:
+    if isinstance(k, str) and k.strip().lower() == "auto":
+        return "auto"
+    return check_k(k)
+
+
+def fit_clusters(
+    images: Sequence[np.ndarray | str | Path] | np.ndarray | str | Path,
+    k: int | str,
     model: torch.nn.Module | None = None,
     *,
+    k_range: tuple[int, int] | str = DEFAULT_RANGE,
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+    fit_windows: int = 16,
+    fit_pixels: int = FIT_PIXELS,
+    seed: int = 0,
+) -> FittedClusters:
+    """One set of ``k`` clusters for a set of images (arrays and/or file paths, GeoTIFFs read
+    window by window), fitted on windows sampled from every one of them, in the stable order.
+
+    Arguments:
+      images: the images, or one image; arrays as ``segment`` takes them, files as ``predict``.
+      k: 2..16, or ``"auto"``: picked in ``k_range`` by ``seglib.kselect.AUTO_RULE`` (the
+        chosen K is ``.k``, the evidence ``.meta["k_auto"]``).
+      model: a segmenter; None: the bundled default.
+      tile, overlap, fit_windows, fit_pixels, seed: the window sample of each image (as a
+        single-image fit draws it).
+
+    Pass the result to ``segment(..., clusters=)`` (or save it with ``.save(path)``).
+    """
+    k = _check_k_or_auto(k)
+    model = _default_model() if model is None else model
+    tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    if isinstance(images, (np.ndarray, str, Path)):
+        images = [images]
+    if not images:
+        raise ValueError("fit_clusters needs at least one image")
+    sources = []
+    try:
+        for i, image in enumerate(images):
+            if isinstance(image, np.ndarray):
+                sources.append(ArraySource(check_image(image), name=f"image {i}"))
+            else:
+                sources.append(open_source(image))
+        sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+        if k == "auto":
+            return fit_sources_auto(model, sources, k_range=check_k_range(k_range), **sample)
+        return fit_sources(model, sources, k, **sample)
+    finally:
+        for source in sources:
+            getattr(source, "close", lambda: None)()
+
+
+def resolve_clusters(
+    clusters: FittedClusters | str | Path, model: torch.nn.Module, k: int | None = None
+) -> FittedClusters:
+    """``clusters`` (fitted, or a clusters file) checked against ``model`` and ``k``: a
+    ``ClustersFileError`` says when they were made with another model or K."""
+    if isinstance(clusters, (str, Path)):
+        return load_clusters(clusters, model=model, k=k)
+    if not isinstance(clusters, FittedClusters):
+        raise ValueError(
+            f"clusters must come from seglib.fit_clusters or a clusters file, got {type(clusters).__name__}"
+        )
+    clusters.check_k(k)
+    clusters.check_model(model)
+    return clusters
+
+
+def segment(
+    image: np.ndarray,
+    k: int | str | None = None,
+    model: torch.nn.Module | None = None,
+    *,
+    clusters: FittedClusters | str | Path | None = None,
+    k_range: tuple[int, int] | str = DEFAULT_RANGE,
     lane: str | None = None,
     return_probs: bool = False,
     tile: int | None = None,
@@ -99,19 +182,40 @@ def segment(
 
     Arguments:
       image: (H, W, 3) uint8, or float in [0, 1]; any H and W.
-      k: number of segments, an integer in 2..16.
+      k: number of segments, an integer in 2..16; ``"auto"``: picked in ``k_range`` without
+        labels (``fit_clusters(image, "auto")``, whose ``.k`` reports it); None with ``clusters``.
       model: a segmenter (``load_model(...)``, a teacher or a student); None: the bundled default.
+      clusters: clusters shared with other images (``fit_clusters`` or a clusters file made
+        with the same model): every pixel is assigned to them instead of the image's own fit.
       lane: refinement lane, fast | learned | none; None uses the model's default.
       return_probs: also return the probabilities (K, H, W) float32 (they sum to 1 over K).
       tile: images with a side above this (default 1024) are segmented in overlapping windows
         of this size with prototypes shared across windows (``seglib.raster.segment_array``).
       overlap: minimum overlap of those windows, in pixels (0..tile/2).
 
-    Returns labels (H, W) uint8 with values in 0..k-1, or ``(labels, probs)``.
+    Returns labels (H, W) uint8 with values in 0..k-1 in the stable order (label 0 the darkest
+    cluster), or ``(labels, probs)``.
     """
     image = check_image(image)
-    k = check_k(k)
+    k = None if k is None and clusters is not None else _check_k_or_auto(k)  # None alone: check_k says so
+    if clusters is not None and k == "auto":
+        raise ValueError("k='auto' picks K for a new fit; with clusters= the clusters' K is used (pass k=None)")
     check_lane(lane)
     model = _default_model() if model is None else model
     tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    if k == "auto":
+        clusters = fit_clusters(image, "auto", model, k_range=k_range, tile=tile, overlap=overlap)
+    if clusters is not None:
+        fitted = resolve_clusters(clusters, model, k)
+        device = next(model.parameters()).device
+        return segment_array(
+            model,
+            image,
+            fitted.k,
+            lane=lane,
+            tile=tile,
+            overlap=overlap,
+            return_probs=return_probs,
+            clusters=fitted.head_clusters(device),
+        )
     return segment_array(model, image, k, lane=lane, tile=tile, overlap=overlap, return_probs=return_probs)

@@ -139,7 +139,7 @@ class FittedClusters:
         if mine != self.fingerprint:
             made = self.meta.get("head", {}).get("model", "another model")
             raise ClustersFileError(
-                f"{name} were fitted with another model or head settings ({made}, fingerprint "
+                f"{name}: fitted with another model or head settings ({made}, fingerprint "
                 f"{self.fingerprint[:12]}; this model: {mine[:12]}); use the checkpoint they were fitted with, "
                 "or fit new ones with this model (--save-clusters FILE / seglib.fit_clusters)"
             )
@@ -148,7 +148,7 @@ class FittedClusters:
         """The clusters' K; ``ClustersFileError`` when another K is asked for."""
         if k is not None and k != self.k:
             raise ClustersFileError(
-                f"{name} hold K = {self.k} clusters, but K = {k} was asked for; drop --k (the file's K is used) "
+                f"{name}: K = {self.k} clusters, but K = {k} was asked for; drop --k (the file's K is used) "
                 f"or fit new clusters with K = {k}"
             )
         return self.k
@@ -230,8 +230,8 @@ def load_clusters(path: str | Path, *, model: torch.nn.Module | None = None, k: 
     if model is not None:
         if dim != model.embed_dim:
             raise ClustersFileError(
-                f"{name} holds {dim}-dimensional prototypes, this model embeds in {model.embed_dim}: it was fitted "
-                "with another model; use that checkpoint or fit new clusters with this one"
+                f"{name}: {dim}-dimensional prototypes, this model embeds in {model.embed_dim}: fitted with "
+                "another model; use that checkpoint or fit new clusters with this one"
             )
         fitted.check_model(model, name=name)
     return fitted

@@ -3,12 +3,24 @@
     python -m seglib.predict --input ortho.tif --k 6 --output out/              # out/ortho.tif
     python -m seglib.predict --input tiles/ --k 4 --output out/ --preview       # every image
     python -m seglib.predict --input photo.jpg --k 5 --output out/ --checkpoint teacher.pt
+    python -m seglib.predict --input tiles/ --k 6 --output out/ --shared-clusters --save-clusters legend.json
+    python -m seglib.predict --input new/ --clusters legend.json --output out2/  # the same legend later
+    python -m seglib.predict --input ortho.tif --k auto --output out/ --vector gpkg --min-area 50
 
 Every file takes one route, ``seglib.raster.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
 uint8 labels with the input's CRS, transform and size, read window by window so rasters of any
 size fit in memory; PNG and JPEG inputs give ``<stem>.png``, a uint8 label image. Images up to
 ``--tile`` pixels go through the model in one piece, larger ones window by window. ``--preview``
 adds ``<stem>_preview.png`` in the label colours of ``seglib.viz`` (decimated for large rasters).
+Label ids follow the brightness of each cluster's colour, darkest first; label GeoTIFFs carry
+that palette as their colour table.
+
+``--shared-clusters`` fits one set of clusters on windows sampled from every input before any
+file is written, so a label means the same land cover in every output; ``--clusters FILE`` reuses
+a set saved with ``--save-clusters FILE`` (refused for another model or K). ``--k auto`` picks K
+in ``--k-range`` without labels (per file, or once for the set with ``--shared-clusters``) and
+prints it. ``--vector gpkg`` also writes ``<stem>.gpkg``: one polygon per segment, with its label
+and area, traced from the finished label raster after an optional ``--min-area`` sieve.
 
 A file that cannot be read is reported by name and skipped; the exit status is 1 if any file
 failed, 2 for unusable arguments (K out of range, empty folder, bad checkpoint) before any work.
@@ -24,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .clusters import FittedClusters
 from .config import K_MAX, K_MIN, LANES, check_k
 from .io import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, write_png
-from .raster import DEFAULT_OVERLAP, DEFAULT_TILE
+from .kselect import DEFAULT_RANGE, check_k_range
+from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+from .vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
@@ -35,15 +50,30 @@ log = logging.getLogger("seglib.predict")
 PREVIEW_MAX_SIDE = 2048  # previews of large rasters are decimated to at most this many pixels
 
 
-def _k_arg(text: str) -> int:
+def _k_arg(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"K must be an integer in {K_MIN}..{K_MAX}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"K must be an integer in {K_MIN}..{K_MAX}, got {text!r} (or auto)") from None
     try:
         return check_k(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _arg(check):
+    """An argparse type from a checker that raises ValueError with the message to show."""
+
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         "GeoTIFF in -> uint8 label GeoTIFF (same CRS, transform and size); PNG/JPEG in -> uint8 label PNG.",
     )
     p.add_argument("--input", required=True, type=Path, help="an image (GeoTIFF, PNG, JPEG) or a folder of them")
-    p.add_argument("--k", required=True, type=_k_arg, help=f"number of segments, an integer in {K_MIN}..{K_MAX}")
+    p.add_argument(
+        "--k",
+        type=_k_arg,
+        default=None,
+        help=f"number of segments, an integer in {K_MIN}..{K_MAX}, or auto (picked in --k-range without labels); "
+        "may be left out with --clusters",
+    )
     p.add_argument("--output", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument(
         "--checkpoint",
@@ -88,6 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="windows sampled to fit the clusters shared by all windows of a large image (default 16)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of that window sample (default 0)")
+    p.add_argument(
+        "--k-range",
+        type=_arg(check_k_range),
+        default=DEFAULT_RANGE,
+        help=f"range searched by --k auto, e.g. 3..10 (default {DEFAULT_RANGE[0]}..{DEFAULT_RANGE[1]})",
+    )
+    p.add_argument(
+        "--shared-clusters",
+        action="store_true",
+        help="fit one set of clusters on windows sampled from every input, so a label means the same in every output",
+    )
+    p.add_argument("--clusters", type=Path, default=None, help="use the clusters saved in FILE (--save-clusters)")
+    p.add_argument(
+        "--save-clusters",
+        type=Path,
+        default=None,
+        help="write the clusters used to FILE (JSON): with --shared-clusters, or for a single input",
+    )
+    p.add_argument(
+        "--vector",
+        type=_arg(check_vector_format),
+        default=None,
+        help=f"also write the segments as polygons: {', '.join(VECTOR_FORMATS)} (<stem>.gpkg, ...)",
+    )
+    p.add_argument(
+        "--min-area",
+        type=_arg(parse_min_area),
+        default=None,
+        help="with --vector: merge segments smaller than this into a neighbour first; square map units of the "
+        "input's CRS (e.g. 50 = 50 m2 in UTM) or pixels (e.g. 12px)",
+    )
     p.add_argument("--preview", action="store_true", help="also write <stem>_preview.png in label colours")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -131,20 +198,45 @@ def predict_file(
     path: Path,
     target: Path,
     model,
-    k: int,
+    k: int | str | None,
     *,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     lane: str | None = None,
     fit_windows: int = 16,
     seed: int = 0,
+    clusters: FittedClusters | None = None,
+    k_range: tuple[int, int] = DEFAULT_RANGE,
+    vector: str | None = None,
+    min_area: MinArea | None = None,
     preview: bool = False,
     progress: bool = True,
-) -> Path:
-    """Segment one file into ``target`` (and ``<stem>_preview.png`` beside it); returns target."""
+) -> dict:
+    """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
+
+    ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
+    ``"auto"`` picks the file's K first. Returns ``{"target", "k", "auto", "vector", "features"}``.
+    """
     from .raster import segment_raster
 
-    preview_path = target.with_name(target.stem + "_preview.png")
+    fitted = clusters
+    if fitted is None and k == "auto":
+        from .io import open_source
+        from .kselect import fit_sources_auto
+
+        with open_source(path) as source:
+            fitted = fit_sources_auto(
+                model,
+                [source],
+                k_range=k_range,
+                tile=tile,
+                overlap=overlap,
+                fit_windows=fit_windows,
+                fit_pixels=FIT_PIXELS,
+                seed=seed,
+            )
+    k = fitted.k if fitted is not None else k
+    device = next(model.parameters()).device
     segment_raster(
         path,
         target,
@@ -155,11 +247,67 @@ def predict_file(
         lane=lane,
         fit_windows=fit_windows,
         seed=seed,
+        clusters=None if fitted is None else fitted.head_clusters(device),
         progress=progress,
     )
+    result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
+    if vector is not None:
+        from .vector import polygonize
+
+        result["vector"] = target.with_suffix(VECTOR_FORMATS[vector][1])
+        result["features"] = polygonize(target, result["vector"], vector_format=vector, min_area=min_area)["features"]
     if preview:
-        _preview(target, preview_path)
-    return target
+        _preview(target, target.with_name(target.stem + "_preview.png"))
+    return result
+
+
+def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
+    """ValueError for option combinations that cannot work, before any work."""
+    if args.k is None and args.clusters is None:
+        raise ValueError("give --k K (2..16 or auto), or --clusters FILE")
+    if args.clusters is not None and args.k == "auto":
+        raise ValueError("--k auto picks K for a new fit; with --clusters the file's K is used (drop --k)")
+    if args.clusters is not None and args.shared_clusters:
+        raise ValueError("--clusters already gives every file the same clusters; drop --shared-clusters")
+    if args.save_clusters is not None and n_inputs > 1 and not args.shared_clusters:
+        raise ValueError(
+            "--save-clusters with several inputs needs --shared-clusters (otherwise every file has its own clusters)"
+        )
+    if args.save_clusters is not None and args.save_clusters.suffix.lower() != ".json":
+        raise ValueError(f"--save-clusters writes JSON: name the file *.json, got {args.save_clusters}")
+    if args.min_area is not None and args.vector is None:
+        raise ValueError("--min-area sieves the polygons of --vector; add --vector gpkg")
+
+
+def _shared(args: argparse.Namespace, model, paths: list[Path]) -> tuple[FittedClusters, list[Path]]:
+    """Clusters fitted once on every readable input; the inputs that could not be read."""
+    from .clusters import fit_sources
+    from .io import open_source
+    from .kselect import fit_sources_auto
+
+    sources, failed = [], []
+    try:
+        for path in paths:
+            try:
+                sources.append(open_source(path))
+            except (ValueError, OSError) as exc:
+                failed.append(path)
+                print(f"FAILED {path}: {exc}", file=sys.stderr)
+        if not sources:
+            raise ImageReadError("no readable input to fit the shared clusters on")
+        sample = {
+            "tile": args.tile,
+            "overlap": args.overlap,
+            "fit_windows": args.fit_windows,
+            "fit_pixels": FIT_PIXELS,
+            "seed": args.seed,
+        }
+        if args.k == "auto":
+            return fit_sources_auto(model, sources, k_range=args.k_range, **sample), failed
+        return fit_sources(model, sources, args.k, **sample), failed
+    finally:
+        for source in sources:
+            source.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise ImageReadError(f"input not found: {args.input}")
         targets = output_paths(inputs, args.output)
+        _check_options(args, len(targets))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from .clusters import load_clusters
     from .device import resolve_device, set_threads
     from .models import load_model
     from .raster import check_tiling, model_stride
@@ -195,15 +345,44 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint).to(device)
         check_tiling(args.tile, args.overlap, model_stride(model))
+        clusters = None if args.clusters is None else load_clusters(args.clusters, model=model, k=args.k)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     failed: list[Path] = []
-    for path, target in targets.items():
+    if args.shared_clusters:
         start = time.perf_counter()
         try:
-            predict_file(
+            clusters, failed = _shared(args, model, list(targets))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if not args.quiet or args.k == "auto":
+            how = f"K={clusters.k}" + (f" (auto, {clusters.meta['k_auto']['rule']})" if args.k == "auto" else "")
+            print(
+                f"shared clusters: {how}, fitted on {clusters.meta['windows']} windows of "
+                f"{len(clusters.meta['files'])} file(s) ({time.perf_counter() - start:.1f} s)"
+            )
+    saved = clusters
+    for path, target in targets.items():
+        if path in failed:
+            continue
+        start = time.perf_counter()
+        try:
+            if args.save_clusters is not None and clusters is None:  # one input: fit it here to save it
+                from .io import open_source
+                from .kselect import fit_sources_auto
+
+                with open_source(path) as source:
+                    sample = dict(tile=args.tile, overlap=args.overlap, fit_windows=args.fit_windows, seed=args.seed)
+                    if args.k == "auto":
+                        saved = fit_sources_auto(model, [source], k_range=args.k_range, fit_pixels=FIT_PIXELS, **sample)
+                    else:
+                        from .clusters import fit_sources
+
+                        saved = fit_sources(model, [source], args.k, fit_pixels=FIT_PIXELS, **sample)
+            result = predict_file(
                 path,
                 target,
                 model,
@@ -213,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                 lane=args.lane,
                 fit_windows=args.fit_windows,
                 seed=args.seed,
+                clusters=clusters if clusters is not None else saved,
+                k_range=args.k_range,
+                vector=args.vector,
+                min_area=args.min_area,
                 preview=args.preview,
                 progress=not args.quiet,
             )
@@ -220,8 +403,17 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(path)
             print(f"FAILED {path}: {exc}", file=sys.stderr)
             continue
+        auto = args.k == "auto" and not args.shared_clusters
+        if not args.quiet or auto:
+            extra = f", {result['features']} polygons -> {result['vector']}" if result["vector"] else ""
+            print(
+                f"{path} -> {target} (K={result['k']}{' auto' if auto else ''}{extra}; "
+                f"{time.perf_counter() - start:.1f} s)"
+            )
+    if args.save_clusters is not None and saved is not None:
+        saved.save(args.save_clusters)
         if not args.quiet:
-            print(f"{path} -> {target} ({time.perf_counter() - start:.1f} s)")
+            print(f"clusters (K={saved.k}) -> {args.save_clusters}")
     if failed:
         print(
             f"{len(failed)} of {len(targets)} file(s) failed: {', '.join(p.name for p in failed)}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,13 +104,17 @@ def polygonize(
     """
     import fiona
     import rasterio
+    import rasterio.errors
     from rasterio.features import shapes, sieve
 
     driver, _ = VECTOR_FORMATS[check_vector_format(vector_format)]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    with rasterio.open(labels) as src:
+    with warnings.catch_warnings():  # a label PNG has no georeferencing: pixel coordinates, on purpose
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        src = rasterio.open(labels)
+    with src:
         transform, crs = src.transform, src.crs
         pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
         min_pixels = 0 if min_area is None else min_area.to_pixels(pixel_area)
