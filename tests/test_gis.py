@@ -275,3 +275,85 @@ def test_min_area_parsing():
     for bad in ("-1", "ten", "nan"):
         with pytest.raises(ValueError, match="min-area"):
             parse_min_area(bad)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _sample_geotiffs(folder, n: int = 2) -> list:
+    """The first ``n`` shipped sample tiles as UTM GeoTIFFs (0.5 m pixels)."""
+    from seglib.io import read_image
+    from seglib.paths import SAMPLE_IMAGES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src in sorted(SAMPLE_IMAGES.iterdir())[:n]:
+        paths.append(folder / f"{src.stem}.tif")
+        write_geotiff(paths[-1], read_image(src)[0])
+    return paths
+
+
+def _predict(capsys, *args) -> tuple[int, str]:
+    from seglib.predict import main
+
+    code = main(["--threads", "1", "--quiet", *map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def test_predict_twice_gives_byte_identical_labels_with_a_colour_table(tmp_path, capsys):
+    """The bundled model, a GeoTIFF predicted in 256 px windows: two runs write the same bytes;
+    the label GeoTIFF carries the preview palette as its colour table and K as a tag."""
+    from seglib.viz import PALETTE
+
+    (tif,) = _sample_geotiffs(tmp_path / "in", 1)
+    for run in ("a", "b"):
+        assert _predict(capsys, "--input", tif, "--k", 6, "--output", tmp_path / run, "--tile", 256)[0] == 0
+    a, b = (tmp_path / run / tif.name for run in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    with rasterio.open(a) as src:
+        colormap, tags = src.colormap(1), src.tags(1)
+        assert src.read(1).max() < 6
+    assert [colormap[i][:3] for i in range(6)] == [tuple(c) for c in PALETTE[:6].tolist()]
+    assert tags["seglib_k"] == "6"
+
+
+def test_shared_legend_saved_reused_and_polygonised(tmp_path, capsys):
+    """--shared-clusters over a folder saves one legend; --clusters gives a later run the same
+    labels; --vector gpkg writes polygons in the input's CRS that tile the raster."""
+    tifs = _sample_geotiffs(tmp_path / "in", 2)
+    code, _ = _predict(capsys, "--input", tmp_path / "in", "--k", 5, "--output", tmp_path / "shared",
+                       "--shared-clusters", "--save-clusters", tmp_path / "legend.json",
+                       "--vector", "gpkg", "--min-area", "2")  # fmt: skip
+    assert code == 0
+    legend = json.loads((tmp_path / "legend.json").read_text())
+    assert legend["k"] == 5 and legend["meta"]["files"] == [t.name for t in tifs]
+    code, _ = _predict(
+        capsys, "--input", tifs[1], "--clusters", tmp_path / "legend.json", "--output", tmp_path / "later"
+    )
+    assert code == 0
+    assert (tmp_path / "later" / tifs[1].name).read_bytes() == (tmp_path / "shared" / tifs[1].name).read_bytes()
+    for tif in tifs:
+        with rasterio.open(tmp_path / "shared" / tif.name) as src:
+            labels, pixel_area = src.read(1), abs(src.transform.a * src.transform.e)
+        features, crs = _features(tmp_path / "shared" / f"{tif.stem}.gpkg")
+        assert crs.to_epsg() == 32640
+        sieved = rasterio.features.sieve(labels, 8, connectivity=4)  # 2 m2 of 0.25 m2 pixels
+        assert len(features) == _components(sieved)
+        assert abs(sum(f["properties"]["area"] for f in features) - labels.size * pixel_area) <= pixel_area * len(
+            features
+        )
+
+
+def test_k_auto_reports_the_k_of_every_file(tmp_path, capsys):
+    tifs = _sample_geotiffs(tmp_path / "in", 2)
+    code, out = _predict(capsys, "--input", tmp_path / "in", "--k", "auto", "--output", tmp_path / "out")
+    assert code == 0
+    for tif in tifs:
+        (line,) = [x for x in out.splitlines() if x.startswith(str(tif))]
+        k = int(line.split("(K=")[1].split(" ")[0])
+        assert 2 <= k <= 8 and "auto" in line
+        with rasterio.open(tmp_path / "out" / tif.name) as src:
+            assert src.read(1).max() < k and src.tags(1)["seglib_k"] == str(k)
+    code, out = _predict(capsys, "--input", tmp_path / "in", "--k", "auto", "--shared-clusters",
+                         "--output", tmp_path / "one")  # fmt: skip
+    assert code == 0 and "shared clusters: K=" in out and "(auto, effective@0.8)" in out
