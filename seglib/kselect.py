@@ -28,7 +28,8 @@ For each K in a range, the head's soft k-means is fitted on the same window samp
 
 ``k_auto_study`` scores every criterion and threshold against the number of ground-truth
 classes present on labelled images and picks one inside leave-one-tile-out folds (``python -m
-seglib.eval --k-auto-study``); docs/inference.md has the result and the rule ``--k auto`` uses.
+seglib.eval --k-auto-study``); docs/inference.md ("GIS workflows") has the result and the rule
+``--k auto`` uses.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ RULES: dict[str, tuple[float | None, ...]] = {
 }
 
 # The rule --k auto uses: picked inside the leave-one-tile-out folds of the dev split
-# (docs/inference.md, "Choosing K"); set from k_auto_study's output.
+# (docs/inference.md, "GIS workflows"): 4 of the 5 folds chose it; k_auto_study's output.
 AUTO_RULE: tuple[str, float | None] = ("effective", 0.8)
 
 
