@@ -30,7 +30,6 @@ import torch
 
 from .clusters import FittedClusters, fit_sources, load_clusters
 from .config import check_k, check_lane
-from .io import ArraySource, open_source
 from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
 from .models import load_model
 from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling, model_stride, segment_array
@@ -134,20 +133,11 @@ def fit_clusters(
         images = [images]
     if not images:
         raise ValueError("fit_clusters needs at least one image")
-    sources = []
-    try:
-        for i, image in enumerate(images):
-            if isinstance(image, np.ndarray):
-                sources.append(ArraySource(check_image(image), name=f"image {i}"))
-            else:
-                sources.append(open_source(image))
-        sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-        if k == "auto":
-            return fit_sources_auto(model, sources, k_range=check_k_range(k_range), **sample)
-        return fit_sources(model, sources, k, **sample)
-    finally:
-        for source in sources:
-            getattr(source, "close", lambda: None)()
+    items = [check_image(i) if isinstance(i, np.ndarray) else Path(i) for i in images]  # files: opened one by one
+    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    if k == "auto":
+        return fit_sources_auto(model, items, k_range=check_k_range(k_range), **sample)
+    return fit_sources(model, items, k, **sample)
 
 
 def resolve_clusters(

@@ -29,10 +29,11 @@ assignment. Loading it with another model or another K is refused with a message
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_k
+from .io import ArraySource, open_source
 from .models.head import Clusters, HeadOutput, brightness_order, farthest_point_init, soft_kmeans
 from .raster import axis_windows, check_tiling, model_stride, pad_to_stride, to_tensor
 
@@ -341,9 +343,22 @@ def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.nd
     return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
 
 
+@contextlib.contextmanager
+def _opened(item) -> Iterator:
+    """A window reader for ``item``: a source as it is, an array wrapped, a path opened (and
+    closed after use, so a set of files is never held in memory at once)."""
+    if isinstance(item, np.ndarray):
+        yield ArraySource(item)
+    elif isinstance(item, (str, Path)):
+        with open_source(item) as source:
+            yield source
+    else:
+        yield item
+
+
 def sample_embeddings(
     model: torch.nn.Module,
-    sources: Sequence,
+    items: Sequence,
     *,
     tile: int,
     overlap: int,
@@ -351,33 +366,50 @@ def sample_embeddings(
     fit_pixels: int,
     seed: int = 0,
     flip: bool = False,
-) -> tuple[list[torch.Tensor], int]:
-    """The denoised embeddings of every source's fit sample (``sample_windows``), and how many
-    windows that is; ``flip``: of the flipped windows, aligned (``embed_windows``)."""
+    skip_unreadable: bool = False,
+) -> tuple[list[torch.Tensor], dict]:
+    """The denoised embeddings of every item's fit sample (``sample_windows``), one window
+    through the model at a time; ``flip``: of the flipped windows, aligned (``embed_windows``).
+
+    ``items`` are window readers (``ArraySource``/``RasterSource``), arrays or file paths (opened
+    one at a time). Returns the embeddings and ``{"windows", "files", "skipped"}``;
+    ``skip_unreadable`` records an unreadable file in ``skipped`` (name, reason) instead of raising.
+    """
+    from .io import ImageReadError
+
     m = model_stride(model)
     tile = check_tiling(tile, overlap, m)
     embs: list[torch.Tensor] = []
-    n_windows = 0
-    for source in sources:
-        windows = sample_windows(
-            source.height,
-            source.width,
-            tile=tile,
-            overlap=overlap,
-            multiple=m,
-            fit_windows=fit_windows,
-            fit_pixels=fit_pixels,
-            seed=seed,
-        )
-        embs += embed_windows(model, source, windows, flip=flip)[0]
-        n_windows += len(windows)
-    return embs, n_windows
+    info: dict = {"windows": 0, "files": [], "skipped": []}
+    for item in items:
+        try:
+            with _opened(item) as source:
+                windows = sample_windows(
+                    source.height,
+                    source.width,
+                    tile=tile,
+                    overlap=overlap,
+                    multiple=m,
+                    fit_windows=fit_windows,
+                    fit_pixels=fit_pixels,
+                    seed=seed,
+                )
+                embs += embed_windows(model, source, windows, flip=flip)[0]
+                info["windows"] += len(windows)
+                info["files"].append(Path(getattr(source, "name", "image")).name)
+        except (ImageReadError, OSError) as exc:
+            if not skip_unreadable:
+                raise
+            info["skipped"].append((str(item), str(exc)))
+    if not embs:
+        raise ImageReadError("no readable image to fit the clusters on")
+    return embs, info
 
 
 @torch.no_grad()
 def fit_sources(
     model: torch.nn.Module,
-    sources: Sequence,
+    items: Sequence,
     k: int,
     *,
     tile: int,
@@ -386,19 +418,20 @@ def fit_sources(
     fit_pixels: int,
     seed: int = 0,
     max_positions: int = MAX_POSITIONS,
+    skip_unreadable: bool = False,
 ) -> FittedClusters:
-    """One set of K clusters fitted on windows sampled from every source (``ArraySource`` /
-    ``RasterSource``), in the stable order (``seglib.kselect.fit_sources_auto`` picks K too)."""
+    """One set of K clusters fitted on windows sampled from every item (window readers, arrays
+    or file paths; ``sample_embeddings``), in the stable order (``seglib.kselect.fit_sources_auto``
+    picks K too). ``meta["skipped"]`` lists unreadable files when ``skip_unreadable``."""
     k = check_k(k)
     sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs, n_windows = sample_embeddings(model, sources, **sample)
+    embs, info = sample_embeddings(model, items, skip_unreadable=skip_unreadable, **sample)
     out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
-    return clusters_from_fit(model, sources, embs, out, windows=n_windows, max_positions=max_positions, **sample)
+    return clusters_from_fit(model, embs, out, max_positions=max_positions, **info, **sample)
 
 
 def clusters_from_fit(
     model: torch.nn.Module,
-    sources: Sequence,
     embs: Sequence[torch.Tensor],
     out: HeadOutput,
     *,
@@ -406,14 +439,14 @@ def clusters_from_fit(
     seed: int,
     **meta,
 ) -> FittedClusters:
-    """``FittedClusters`` (stable order, shares, colours, fingerprint) from a fit on ``embs``."""
+    """``FittedClusters`` (stable order, shares, colours, fingerprint) from a fit on ``embs``;
+    ``meta`` (files, windows, sample settings, ...) is kept with them."""
     colours = _cell_colours(model, embs)
     n = sum(e.shape[-1] * e.shape[-2] for e in embs)
     if n > max_positions:  # the probs cover fit_embeddings' subsample: colour the same subsample
         gen = torch.Generator().manual_seed(seed)
         colours = colours[torch.randperm(n, generator=gen)[:max_positions].sort().values.numpy()]
     meta = {
-        "files": [Path(getattr(s, "name", "image")).name for s in sources],
         "positions": min(n, max_positions),
         "max_positions": max_positions,
         "seed": seed,

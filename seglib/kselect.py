@@ -325,21 +325,22 @@ def fit_sources_auto(
     fit_pixels: int,
     seed: int = 0,
     max_positions: int = MAX_POSITIONS,
+    skip_unreadable: bool = False,
 ) -> FittedClusters:
     """``seglib.clusters.fit_sources`` with K picked by ``rule`` in ``k_range`` on the same
     sample (``choose_k``); the clusters are that K's fit, and ``meta["k_auto"]`` records the
     rule, the range and each K's statistic."""
     lo, hi = check_k_range(k_range)
     sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs, n_windows = sample_embeddings(model, sources, **sample)
-    flipped = sample_embeddings(model, sources, flip=True, **sample)[0] if _needs_flip(rule[0]) else None
+    embs, info = sample_embeddings(model, sources, skip_unreadable=skip_unreadable, **sample)
+    flipped = None
+    if _needs_flip(rule[0]):
+        flipped = sample_embeddings(model, sources, flip=True, skip_unreadable=skip_unreadable, **sample)[0]
     stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
     k = pick_k(stats, *rule)
     key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
     auto = {"rule": _rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
-    return clusters_from_fit(
-        model, sources, embs, stats[k]["fit"], windows=n_windows, max_positions=max_positions, k_auto=auto, **sample
-    )
+    return clusters_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, k_auto=auto, **info, **sample)
 
 
 # ----------------------------------------------------------------------------- the study

@@ -279,35 +279,22 @@ def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
         raise ValueError("--min-area sieves the polygons of --vector; add --vector gpkg")
 
 
-def _shared(args: argparse.Namespace, model, paths: list[Path]) -> tuple[FittedClusters, list[Path]]:
-    """Clusters fitted once on every readable input; the inputs that could not be read."""
+def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable: bool = False) -> FittedClusters:
+    """Clusters fitted once on windows sampled from ``paths`` (K or auto, as the arguments say)."""
     from .clusters import fit_sources
-    from .io import open_source
     from .kselect import fit_sources_auto
 
-    sources, failed = [], []
-    try:
-        for path in paths:
-            try:
-                sources.append(open_source(path))
-            except (ValueError, OSError) as exc:
-                failed.append(path)
-                print(f"FAILED {path}: {exc}", file=sys.stderr)
-        if not sources:
-            raise ImageReadError("no readable input to fit the shared clusters on")
-        sample = {
-            "tile": args.tile,
-            "overlap": args.overlap,
-            "fit_windows": args.fit_windows,
-            "fit_pixels": FIT_PIXELS,
-            "seed": args.seed,
-        }
-        if args.k == "auto":
-            return fit_sources_auto(model, sources, k_range=args.k_range, **sample), failed
-        return fit_sources(model, sources, args.k, **sample), failed
-    finally:
-        for source in sources:
-            source.close()
+    sample = {
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "fit_windows": args.fit_windows,
+        "fit_pixels": FIT_PIXELS,
+        "seed": args.seed,
+        "skip_unreadable": skip_unreadable,
+    }
+    if args.k == "auto":
+        return fit_sources_auto(model, paths, k_range=args.k_range, **sample)
+    return fit_sources(model, paths, args.k, **sample)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,10 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.shared_clusters:
         start = time.perf_counter()
         try:
-            clusters, failed = _shared(args, model, list(targets))
+            clusters = _fit(args, model, list(targets), skip_unreadable=True)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        for name, reason in clusters.meta["skipped"]:  # unreadable files: reported, not written
+            failed.append(Path(name))
+            print(f"FAILED {name}: {reason}", file=sys.stderr)
         if not args.quiet or args.k == "auto":
             how = f"K={clusters.k}" + (f" (auto, {clusters.meta['k_auto']['rule']})" if args.k == "auto" else "")
             print(
@@ -371,17 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             if args.save_clusters is not None and clusters is None:  # one input: fit it here to save it
-                from .io import open_source
-                from .kselect import fit_sources_auto
-
-                with open_source(path) as source:
-                    sample = dict(tile=args.tile, overlap=args.overlap, fit_windows=args.fit_windows, seed=args.seed)
-                    if args.k == "auto":
-                        saved = fit_sources_auto(model, [source], k_range=args.k_range, fit_pixels=FIT_PIXELS, **sample)
-                    else:
-                        from .clusters import fit_sources
-
-                        saved = fit_sources(model, [source], args.k, fit_pixels=FIT_PIXELS, **sample)
+                saved = _fit(args, model, [path])
             result = predict_file(
                 path,
                 target,
