@@ -114,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--k: {exc}")
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
+    if args.shared_clusters and not isinstance(k, int):
+        parser.error("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
+    if args.k_auto_study and args.no_model:
+        parser.error("--k-auto-study needs a model (drop --no-model)")
+    if args.k_auto_study:
+        from .kselect import check_k_range
+
+        try:
+            args.k_range = check_k_range(args.k_range)
+        except ValueError as exc:
+            parser.error(f"--k-range: {exc}")
     kwargs = {"lane": args.lane} if args.lane else {}
     if args.iters is not None:
         kwargs["iters"] = args.iters
@@ -188,15 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gis_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
     """--shared-clusters and --k-auto-study: print the summary, write everything to --out."""
-    from .kselect import check_k_range, k_auto_study
+    from .kselect import k_auto_study
     from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 
     tic = time.perf_counter()
     geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
     head = {"checkpoint": args.checkpoint or "bundled default", "device": str(device), "torch": torch.__version__}
     if args.shared_clusters:
-        if not isinstance(_parse_k(args.k), int):
-            raise SystemExit("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
         from .evaluation import evaluate_shared
 
         full = evaluate_shared(
@@ -212,13 +221,7 @@ def _gis_study(args, model, random_init, names, tiles, ignore, source, device) -
         summary = {key: v for key, v in full.items() if key != "images"}
         out = Path(args.out or f"runs/eval/{source}_shared_k{args.k}.json")
     else:
-        if model is None:
-            raise SystemExit("--k-auto-study needs a model (drop --no-model)")
-        try:
-            k_range = check_k_range(args.k_range)
-        except ValueError as exc:
-            raise SystemExit(f"--k-range: {exc}") from None
-        full = k_auto_study(model, names, tiles, ignore=ignore, k_range=k_range, seed=0, **geometry)
+        full = k_auto_study(model, names, tiles, ignore=ignore, k_range=args.k_range, seed=0, **geometry)
         summary = {key: v for key, v in full.items() if key not in ("per_image", "all_rules_all_images")}
         out = Path(args.out or f"runs/eval/{source}_k_auto.json")
     full = dict(head, **full, seconds=round(time.perf_counter() - tic, 1))
