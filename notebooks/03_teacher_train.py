@@ -53,23 +53,24 @@ show_tensorboard = False  # True: open TensorBoard inside the notebook (needs a 
 # %% [markdown]
 # ## The configuration
 #
-# The run is the package's default recipe with this notebook's parameters on top (`teacher_overrides`, shared with
-# notebooks 04-06, which train this very teacher themselves when this run is absent). The full config is stored in
-# every checkpoint and in the TensorBoard run.
+# The run is the package's default recipe with this notebook's parameters on top (`seglib.runs.teacher_overrides`).
+# Notebooks 04-06 read the parameters of a run of this notebook from `params/03_teacher_train/<run_name>.yaml`
+# (`seglib.runs.teacher_recipe`) and train this very teacher themselves when the run is absent. The full config is
+# stored in every checkpoint and in the TensorBoard run.
 
 # %%
 set_threads(threads)
 run_dir = run_folder("03_teacher_train", run_name, resume=resume)
 overrides = teacher_overrides(
     run_dir,
-    model=teacher_model,
+    teacher_model=teacher_model,
     size=size,
     batch_size=batch_size,
     steps=steps,
     seed=seed,
     device=device,
     threads=threads,
-    checkpoint_every=snapshot_every,
+    snapshot_every=snapshot_every,
 )
 cfg = Config.from_dict(overrides)
 print(f"run folder: {run_dir}")

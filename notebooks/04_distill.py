@@ -7,10 +7,11 @@
 # clustered at inference.
 #
 # **Which teacher.** `teacher_checkpoint` when given; otherwise the `teacher.pt` of notebook 03's run `teacher_run`
-# (`runs/03_teacher_train/<teacher_run>/`) if it has finished; otherwise `run()` trains a teacher first, with
-# notebook 03's recipe for `teacher_steps` steps, into `runs/04_distill/<run_name>/teacher/`. With the committed
-# parameters the last two give the same teacher, weight for weight (same recipe, seed and thread count), so this
-# notebook's numbers do not depend on whether 03 ran before it. The cell after the parameters says which happened.
+# (`runs/03_teacher_train/<teacher_run>/`) if it has finished; otherwise `run()` trains a teacher first, with the
+# parameters of notebook 03's run `teacher_run` (`params/03_teacher_train/<teacher_run>.yaml`), into
+# `runs/04_distill/<run_name>/teacher/`. The last two give the same teacher, weight for weight (same recipe, seed and
+# thread count), so this notebook's numbers do not depend on whether 03 ran before it. The student trains on that
+# run's data (tile size, batch, seed). The cell after the parameters says which teacher it is.
 
 # %%
 # %matplotlib inline
@@ -27,7 +28,7 @@ from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
-from seglib.runs import resolve_teacher, run_folder, teacher_overrides
+from seglib.runs import resolve_teacher, run_folder, teacher_recipe
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images
 
@@ -36,11 +37,7 @@ run_name = "ci"  # runs/04_distill/<run_name>/ holds student.pt, the checkpoints
 resume = False  # True: continue that run from its latest checkpoint; False: start it afresh
 teacher_checkpoint = ""  # a teacher.pt to distil from; "": notebook 03's run, else a teacher trained first
 teacher_run = "ci"  # the run of notebook 03 to take the teacher from
-teacher_steps = 150  # steps of the teacher trained here when there is none (03's `steps`)
-teacher_model = {"encoder": {"width": 32, "depth": 2}}  # that teacher's model overrides (03's `teacher_model`)
 steps = 300  # student optimizer steps
-size = 64  # training tile side (multiple of 16), the teacher's too
-batch_size = 4  # tiles per step
 student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
 eval_images = 8  # synthetic test tiles
 eval_size = 128  # their side
@@ -48,37 +45,27 @@ eval_seed = 123  # the test set's seed
 bench_size = 256  # tile side of the CPU latency measurement
 bench_k = 8  # K of the latency measurement
 bench_repeats = 5  # timed runs (the median is reported)
-seed = 0  # run seed
 device = "cpu"  # cpu | cuda | auto (training and evaluation; the latency is always measured on CPU)
 threads = 1  # torch CPU threads (0: torch's default)
 
 # %% [markdown]
 # ## The configuration
 #
-# Notebook 03's teacher recipe (`teacher_overrides`) with the student stage on top; everything else is the package
-# default (`Config().distill`, `Config().autoencoder`, ...).
+# Notebook 03's teacher recipe for its run `teacher_run` (`teacher_recipe`) with the student stage on top; everything
+# else is the package default (`Config().distill`, `Config().autoencoder`, ...).
 
 # %%
 set_threads(threads)
 run_dir = run_folder("04_distill", run_name, resume=resume)
 teacher_path = resolve_teacher(teacher_checkpoint, teacher_run)
-base = teacher_overrides(
-    run_dir,
-    model=teacher_model,
-    size=size,
-    batch_size=batch_size,
-    steps=steps,
-    seed=seed,
-    device=device,
-    threads=threads,
-    checkpoint_every=steps,
-)
+recipe = teacher_recipe(teacher_run, run_dir)
 student_stage = {
     "stage": "student",
+    "train": {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads},
     "student": {**FAST_STUDENT, "size": student_size},  # the shipped students' head
-    "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": teacher_steps},
+    "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": recipe["train"]["steps"]},
 }
-cfg = Config.from_dict(merge(base, student_stage))
+cfg = Config.from_dict(merge(recipe, student_stage))
 print(f"student: {cfg.student}")
 print(f"distillation: {cfg.distill}")
 

@@ -25,7 +25,7 @@ from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
 from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
-from seglib.runs import resolve_teacher, run_folder, teacher_overrides
+from seglib.runs import resolve_teacher, run_folder, teacher_recipe
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images
 
@@ -34,24 +34,20 @@ run_name = "ci"  # runs/05_autoencoder/<run_name>/{with_ae,without_ae}/ hold the
 resume = False  # True: continue those runs from their latest checkpoints; False: start them afresh
 teacher_checkpoint = ""  # a teacher.pt to distil from; "": notebook 03's run, else a teacher trained first
 teacher_run = "ci"  # the run of notebook 03 to take the teacher from
-teacher_steps = 150  # steps of the teacher trained here when there is none (03's `steps`)
-teacher_model = {"encoder": {"width": 32, "depth": 2}}  # that teacher's model overrides (03's `teacher_model`)
 steps = 200  # student optimizer steps, per variant
-size = 64  # training tile side (multiple of 16)
-batch_size = 4  # tiles per step
 student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
 eval_images = 8  # synthetic test tiles
 eval_size = 128  # their side
 eval_seed = 123  # the test set's seed
-seed = 0  # run seed (the same for both variants)
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
 
 # %% [markdown]
 # ## Two students, one switch
 #
-# Both configs are notebook 03's recipe with the student stage on top; the autoencoder's other settings (weight,
-# target blur, gradient term) are the package defaults and are printed below.
+# Both configs are notebook 03's recipe for its run `teacher_run` (`teacher_recipe`: its data, seed and teacher) with
+# the student stage on top; the autoencoder's other settings (weight, target blur, gradient term) are the package
+# defaults and are printed below.
 
 # %%
 set_threads(threads)
@@ -61,24 +57,16 @@ print(f"autoencoder settings: {Config().autoencoder}")
 histories, students = {}, {}
 for variant, enabled in [("with_ae", True), ("without_ae", False)]:
     variant_dir = run_dir / variant
-    base = teacher_overrides(
-        variant_dir,
-        model=teacher_model,
-        size=size,
-        batch_size=batch_size,
-        steps=steps,
-        seed=seed,
-        device=device,
-        threads=threads,
-        checkpoint_every=steps,
-    )
+    recipe = teacher_recipe(teacher_run, variant_dir)
+    train = {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads}
     stage = {
         "stage": "student",
+        "train": train,
         "student": {**FAST_STUDENT, "size": student_size},  # the shipped students' head
         "autoencoder": {"enabled": enabled},
-        "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": teacher_steps},
+        "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": recipe["train"]["steps"]},
     }
-    histories[variant] = run(Config.from_dict(merge(base, stage)), resume=resume)
+    histories[variant] = run(Config.from_dict(merge(recipe, stage)), resume=resume)
     teacher_path = teacher_path or str(variant_dir / "teacher" / "teacher.pt")  # the second variant reuses it
     students[variant] = StudentSegmenter.from_checkpoint(variant_dir / "student.pt")
 

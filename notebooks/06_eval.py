@@ -23,14 +23,14 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
 from seglib.baselines import rgb_kmeans
-from seglib.config import LANES, Config
+from seglib.config import LANES, Config, merge
 from seglib.data.synthetic import eval_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.device import resolve_device, set_threads
 from seglib.evaluation import evaluate_tiles, explore, explorer, k_sweep, proxy_picks, scores_with_proxies, summarize
 from seglib.models import load_model
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
-from seglib.runs import resolve_teacher, run_folder, snapshots, teacher_overrides
+from seglib.runs import resolve_teacher, run_folder, snapshots, teacher_recipe
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, show_images
 
@@ -38,18 +38,12 @@ from seglib.viz import label_image, match_labels, show_images
 checkpoint = ""  # a teacher.pt / student.pt / ckpt_*.pt to evaluate alone; "": the snapshots of 03's run
 teacher_run = "ci"  # the run of notebook 03 whose snapshots are evaluated
 run_name = "ci"  # runs/06_eval/<run_name>/teacher/ when that run is absent and a teacher is trained here
-teacher_steps = 150  # that teacher's steps (03's `steps`)
-teacher_model = {"encoder": {"width": 32, "depth": 2}}  # its model overrides (03's `teacher_model`)
-snapshot_every = 50  # its steps between snapshots (03's `snapshot_every`)
-size = 64  # its training tile side (03's `size`)
-batch_size = 4  # its tiles per step (03's `batch_size`)
 ks = [2, 3, 4, 5, 6, 8, 10, 12, 16]  # the K sweep
 eval_images = 6  # synthetic test tiles
 eval_size = 128  # their side
 eval_seed = 123  # the test set's seed
 real_max_side = 256  # the real tiles are downscaled to this longer side (0: full size, about 800 px)
 ignore = [5, 255]  # mask ids left out of the scores (unlabelled, not annotated)
-seed = 0  # seed of that teacher
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
 
@@ -68,18 +62,8 @@ else:
         snapshot_dir = Path(teacher_path).parent
     else:
         snapshot_dir = run_folder("06_eval", run_name) / "teacher"
-        overrides = teacher_overrides(
-            snapshot_dir,
-            model=teacher_model,
-            size=size,
-            batch_size=batch_size,
-            steps=teacher_steps,
-            seed=seed,
-            device=device,
-            threads=threads,
-            checkpoint_every=snapshot_every,
-        )
-        run(Config.from_dict(overrides))
+        recipe = teacher_recipe(teacher_run, snapshot_dir)  # notebook 03's run `teacher_run`
+        run(Config.from_dict(merge(recipe, {"train": {"device": device, "threads": threads}})))
     snaps = snapshots(snapshot_dir)
 snaps = [(step, model.to(run_device)) for step, model in snaps]
 model = snaps[-1][1]

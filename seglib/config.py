@@ -138,14 +138,14 @@ class LossConfig:
 
 @dataclass
 class AugmentConfig:
-    flip: bool = True
-    rot90: bool = True
+    flip: bool = True  # view B may be mirrored (and the student's batches flipped)
+    rot90: bool = True  # view B may be turned by a multiple of 90 degrees
     scale_min: float = 0.7  # view B is a crop of this fraction of the side (up to 1), resized back
     brightness: float = 0.08  # additive, per image
     contrast: float = 0.15  # multiplicative around the mean, +-
-    saturation: float = 0.15
+    saturation: float = 0.15  # multiplicative around the grey value, +-
     hue: float = 0.03  # rotation of the chroma plane, in turns
-    noise: float = 0.01
+    noise: float = 0.01  # std of additive Gaussian pixel noise
 
 
 @dataclass
@@ -200,6 +200,9 @@ def _overrides(of: type, **defaults: Any) -> Any:
 
 @dataclass
 class StudentConfig:
+    """The student's CNN, and how it runs at inference: with its teacher's head and lanes, changed
+    by ``head`` and ``refine`` (e.g. ``{"iters": 1}``; stored in student.pt, docs/models.md)."""
+
     size: str = "base"  # a name from seglib.models.student.STUDENTS; dims/depths override it
     dims: tuple[int, ...] = ()  # (coarse, mid, fine) widths; empty: the size's
     depths: tuple[int, ...] = ()  # 3x3 blocks per slice; empty: the size's
@@ -207,8 +210,8 @@ class StudentConfig:
     dropout: float = 0.0  # channel dropout before the embedding projections (training only)
     multires: bool = True  # distil the coarse and mid slices too, not only the fine one
     stem: str = "conv"  # conv (two strided 3x3 convs) | unshuffle (space-to-depth, then one conv)
-    head: dict[str, Any] = _overrides(HeadConfig)  # inference: the teacher's model.head with these changed
-    refine: dict[str, Any] = _overrides(RefineConfig, smooth_iters=0, guide_scale=2)  # ... its model.refine
+    head: dict[str, Any] = _overrides(HeadConfig)  # changes to the teacher's model.head at inference
+    refine: dict[str, Any] = _overrides(RefineConfig, smooth_iters=0, guide_scale=2)  # changes to its model.refine
     downsample: int = 0  # 1 or 2: the student reads the image shrunk by this factor; 0: the teacher's
 
 

@@ -1,14 +1,15 @@
 """Evaluate a model against ground truth beside RGB k-means, computed in the same run.
 
-    python -m seglib.eval --synthetic --seed 123                      # baselines on the test set
-    python -m seglib.eval --synthetic --checkpoint runs/train/teacher.pt
+    python -m seglib.eval --synthetic --no-model                      # baselines on the test set
+    python -m seglib.eval --synthetic --checkpoint runs/demo/teacher.pt
     python -m seglib.eval --synthetic --checkpoint ckpt.pt --k-sweep
     python -m seglib.eval --images DIR --masks DIR --k present --ignore 5,255 --checkpoint student.pt
     python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-clusters   # one legend
     python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --k-auto-study            # --k auto's rule
 
 Prints one JSON summary (aggregated numbers per method; ``--per-image`` adds the rows) and
-writes it to ``--out`` (default ``runs/eval/<source>_seed<seed>.json``), then exits.
+writes it to ``--out`` (default ``runs/eval/<source>.json``: ``synthetic_seed<seed>``, or the
+name of the folder that holds ``--images``), then exits.
 Without ``--checkpoint`` the bundled default model is evaluated when the package ships one;
 ``--no-model`` evaluates the baselines alone.
 """

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .config import check_k, check_lane
 from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, write_png
 from .models.head import Clusters, brightness_order
-from .viz import PALETTE
+from .viz import PALETTE, progress_bar
 
 __all__ = [
     "DEFAULT_TILE",
@@ -273,8 +273,6 @@ def iter_blended(
     Cells are cut by all window edges; rows of cells finish top to bottom. Only cells still
     waiting for a later window are held in memory. ``tile`` as ``check_tiling`` returns it.
     """
-    from tqdm.auto import tqdm
-
     m = model_stride(model)
     ys, lh = axis_windows(source.height, tile, overlap, m)
     xs, lw = axis_windows(source.width, tile, overlap, m)
@@ -293,7 +291,7 @@ def iter_blended(
     device = _device(model)
     clusters = clusters.to(device)
     pending: dict[tuple[int, int], np.ndarray] = {}  # cell -> blended probs so far (K, ch, cw)
-    with tqdm(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
+    with progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
         for r, y in enumerate(ys):
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out

@@ -2,15 +2,18 @@
 later notebook starts from.
 
 * ``run_folder``: ``runs/<notebook>/<run>/``, fresh unless resumed.
-* ``teacher_overrides``: notebook 03's teacher recipe as config overrides; 04-06 use it when they
-  have to train their own teacher, so their numbers are the same whether or not 03 ran first.
+* ``teacher_overrides``: notebook 03's teacher recipe as config overrides, from its parameters;
+  ``teacher_recipe`` reads them for one of its runs (``params/03_teacher_train/<run>.yaml``), so
+  04-06 train 03's very teacher when they have to train their own.
 * ``resolve_teacher``: an explicit checkpoint, else 03's finished run, else none.
 * ``snapshots``: a teacher run's models over training, step 0 included.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,15 @@ from .models import random_init_like
 from .models.teacher import MonolithicSegmenter
 from .paths import REPO_ROOT, runs_dir
 
-__all__ = ["TEACHER_NOTEBOOK", "run_folder", "teacher_overrides", "resolve_teacher", "snapshots"]
+__all__ = [
+    "TEACHER_NOTEBOOK",
+    "run_folder",
+    "teacher_overrides",
+    "teacher_params",
+    "teacher_recipe",
+    "resolve_teacher",
+    "snapshots",
+]
 
 TEACHER_NOTEBOOK = "03_teacher_train"
 
@@ -42,21 +53,19 @@ def run_folder(notebook: str, run_name: str, *, resume: bool = False) -> Path:
 def teacher_overrides(
     checkpoint_dir: str | Path,
     *,
-    model: dict[str, Any],
+    teacher_model: dict[str, Any],
     size: int,
     batch_size: int,
     steps: int,
     seed: int,
     device: str,
     threads: int,
-    checkpoint_every: int,
+    snapshot_every: int,
 ) -> dict[str, Any]:
-    """Config overrides of notebook 03's teacher run (``Config.from_dict`` takes them): the
-    notebook's parameters on top of the package defaults, every checkpoint kept (they are the
-    snapshots over training). 04-06 build their configs from the same function, so a teacher
-    they train themselves is the one 03 trains, weight for weight."""
+    """Config overrides of notebook 03's teacher run from its parameters (the same names), on top
+    of the package defaults; every checkpoint is kept (they are the snapshots over training)."""
     return {
-        "model": copy.deepcopy(model),
+        "model": copy.deepcopy(teacher_model),
         "data": {"synthetic": True, "size": size, "batch_size": batch_size},
         "train": {
             "steps": steps,
@@ -64,11 +73,43 @@ def teacher_overrides(
             "device": device,
             "threads": threads,
             "checkpoint_dir": str(checkpoint_dir),
-            "checkpoint_every": checkpoint_every,
-            "image_every": checkpoint_every,
+            "checkpoint_every": snapshot_every,
+            "image_every": snapshot_every,
             "keep_checkpoints": 0,
         },
     }
+
+
+def teacher_params(run_name: str) -> dict[str, Any]:
+    """Notebook 03's parameters for its run ``run_name``: the defaults of its parameter cell with
+    ``params/03_teacher_train/<run_name>.yaml`` on top, as papermill runs it."""
+    import yaml
+
+    path = REPO_ROOT / "params" / TEACHER_NOTEBOOK / f"{run_name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no parameters for notebook 03's run {run_name!r} ({path}); run notebook 03 with that run "
+            "name first, or pass teacher_checkpoint"
+        )
+    params = {**_parameter_cell(REPO_ROOT / "notebooks" / f"{TEACHER_NOTEBOOK}.py"), **yaml.safe_load(path.read_text())}
+    if params["run_name"] != run_name:
+        raise ValueError(f"{path} names the run {params['run_name']!r}, not {run_name!r}")
+    return params
+
+
+def teacher_recipe(run_name: str, checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``teacher_overrides`` of notebook 03's run ``run_name`` (``teacher_params``), writing to
+    ``checkpoint_dir``: notebooks 04-06 train this teacher when 03's run is absent, so their
+    numbers are the same whether or not 03 ran first."""
+    params = teacher_params(run_name)
+    names = inspect.signature(teacher_overrides).parameters
+    return teacher_overrides(checkpoint_dir, **{k: params[k] for k in names if k != "checkpoint_dir"})
+
+
+def _parameter_cell(twin: Path) -> dict[str, Any]:
+    """``name = literal`` lines of the cell tagged ``parameters`` in a notebook's .py twin."""
+    cell = twin.read_text().split('# %% tags=["parameters"]\n', 1)[1].split("\n# %%", 1)[0]
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell).body}
 
 
 def resolve_teacher(teacher_checkpoint: str = "", teacher_run: str = "") -> str:

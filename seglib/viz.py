@@ -3,12 +3,15 @@ the notebooks draw (matplotlib, imported lazily)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
+    "progress_bar",
     "PALETTE",
     "colourize",
     "soft_colour",
@@ -135,3 +138,16 @@ def plot_losses(history: dict[str, list[float]], keys: Sequence[str] | None = No
     ax.set_xlabel("step")
     ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+def progress_bar(iterable: Iterable | None = None, **kwargs: Any):
+    """A tqdm progress bar. In a Jupyter kernel it is tqdm's text bar on stdout: its last state
+    stays readable in an executed copy of the notebook (papermill, nbval), where the widget of
+    ``tqdm.auto`` would be saved at 0 %. Elsewhere ``tqdm.auto``."""
+    if "ipykernel" in sys.modules:
+        from tqdm.std import tqdm
+
+        kwargs = {"file": sys.stdout, "mininterval": 1.0, **kwargs}
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)

@@ -131,3 +131,34 @@ def test_the_checker_sees_circles_root_and_cli_imports(tmp_path):
     (pkg / "sub" / "b.py").write_text("X = 1\n")
     (pkg / "c.py").write_text("from .sub.b import X\n")
     assert problems(pkg) == []
+
+
+def package_map() -> dict[str, str]:
+    """Module -> layer, from the table that opens docs/design.md."""
+    layers, layer = {}, ""
+    text = (ROOT / "docs" / "design.md").read_text()
+    for line in text.split("## The package on one screen", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1].startswith("`seglib/"):
+            continue
+        layer = cells[0] or layer
+        path = cells[1].strip("`")
+        layers[".".join(Path(path).with_suffix("").parts).removesuffix(".__init__")] = layer
+    return layers
+
+
+def test_the_package_map_in_the_design_doc_lists_every_module_and_the_imports_keep_to_its_layers():
+    modules = module_names(PACKAGE)
+    layers = package_map()
+    undocumented = sorted(set(modules) - set(layers) - {m for m in modules if modules[m].stat().st_size == 0})
+    assert not undocumented, f"modules missing from the map in docs/design.md: {undocumented}"
+    assert not set(layers) - set(modules), (
+        f"the map names modules that do not exist: {sorted(set(layers) - set(modules))}"
+    )
+    order = list(dict.fromkeys(layers.values()))
+    upward = []
+    for name, path in modules.items():
+        for target in imports_of(name, path, modules):
+            if name in layers and target in layers and order.index(layers[target]) > order.index(layers[name]):
+                upward.append(f"{name} ({layers[name]}) imports {target} ({layers[target]})")
+    assert not upward, "imports against the layers of docs/design.md:\n" + "\n".join(sorted(upward))

@@ -1,5 +1,6 @@
 """Config overrides are validated; config files and CLI flags land in the right keys."""
 
+import dataclasses
 import json
 
 import pytest
@@ -169,3 +170,28 @@ def test_validate_names_the_bad_value():
     with pytest.raises(ConfigError, match=r"randomize.ks must lie in 2..16"):
         Config.from_dict({"randomize": {"ks": [1, 4]}}).validate()
     assert Config().validate() == Config()
+
+
+def test_the_settings_page_is_generated_from_the_dataclasses(tmp_path):
+    """docs/settings.md lists every setting with its default and comment; a setting added,
+    removed or changed in seglib/config.py without regenerating the page fails here."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("docs_settings", ROOT / "docs" / "settings.py")
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    page = (ROOT / "docs" / "settings.md").read_text()
+    assert page == settings.render(), "docs/settings.md is out of date; run `python docs/settings.py`"
+
+    def leaves(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    flat = list(leaves(Config()))
+    assert all(f"| `{key}` |" in page for key in flat) and page.count("\n| `") == len(flat)
+    settings.OUT = tmp_path / "settings.md"  # the check notices a stale page
+    settings.OUT.write_text(page.replace("| `train.lr` | `0.002` |", "| `train.lr` | `0.001` |"))
+    assert settings.main(["--check"]) == 1

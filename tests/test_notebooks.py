@@ -141,17 +141,27 @@ def test_ci_params_are_the_committed_defaults():
 
 
 @pytest.mark.parametrize("params_file", [None, "full.yaml"])
-def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file):
-    """When 03's run is absent, 04-06 train a teacher themselves; with the same recipe it is 03's
-    teacher weight for weight, so their regression numbers do not depend on the order of runs."""
+def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_path):
+    """When 03's run is absent, 04-06 train a teacher themselves from 03's parameters for that run
+    (``seglib.runs.teacher_recipe`` reads params/03_teacher_train/<run>.yaml): exactly 03's teacher,
+    so their regression numbers do not depend on the order of runs. They do not re-declare 03's
+    recipe parameters, and run on the same device and thread count (threads change the rounding)."""
+    from seglib.runs import teacher_overrides, teacher_recipe
+
     teacher = effective("03_teacher_train", params_file)
-    same = {"teacher_model": "teacher_model", "teacher_steps": "steps", "size": "size", "batch_size": "batch_size"}
-    same |= {"seed": "seed", "threads": "threads", "teacher_run": "run_name"}
+    recipe_names = {"teacher_model", "teacher_steps", "snapshot_every", "size", "batch_size", "seed"}
     for stem in ("04_distill", "05_autoencoder", "06_eval"):
         params = effective(stem, params_file)
-        differ = {k: (params[k], teacher[t]) for k, t in same.items() if params[k] != teacher[t]}
-        assert not differ, f"{stem} ({params_file or 'defaults'}) vs 03_teacher_train: {differ}"
-    assert effective("06_eval", params_file)["snapshot_every"] == teacher["snapshot_every"]
+        assert not recipe_names & set(params), f"{stem} re-declares 03's parameters {recipe_names & set(params)}"
+        same = {
+            k: (params[k], teacher[t])
+            for k, t in [("teacher_run", "run_name"), ("device", "device"), ("threads", "threads")]
+        }
+        assert all(a == b for a, b in same.values()), f"{stem} ({params_file or 'defaults'}) vs 03: {same}"
+    names = ("teacher_model", "size", "batch_size", "steps", "seed", "device", "threads", "snapshot_every")
+    assert teacher_recipe(teacher["run_name"], tmp_path) == teacher_overrides(
+        tmp_path, **{k: teacher[k] for k in names}
+    )
 
 
 # ------------------------------------------------------------------ committed form

@@ -32,7 +32,10 @@ from ..config import LossConfig
 
 __all__ = [
     "kl_divergence",
+    "symmetric_kl_map",
     "symmetric_kl",
+    "entropy_map",
+    "smoothness_maps",
     "consistency_loss",
     "entropy_terms",
     "edge_aware_smoothness",
@@ -48,10 +51,15 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.clamp_min(_EPS).log() - q.clamp_min(_EPS).log())).sum(1).mean()
 
 
-def symmetric_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """0.5 * (KL(p||q) + KL(q||p)) per pixel, averaged; p and q are (B, K, H, W) probabilities."""
+def symmetric_kl_map(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """0.5 * (KL(p||q) + KL(q||p)) at every pixel (B, H, W) of (B, K, H, W) probabilities."""
     logp, logq = p.clamp_min(_EPS).log(), q.clamp_min(_EPS).log()
-    per_pixel = 0.5 * ((p - q) * (logp - logq)).sum(1)  # (B, H, W); the two KLs combined
+    return 0.5 * ((p - q) * (logp - logq)).sum(1)  # the two KLs combined
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``symmetric_kl_map`` averaged over the pixels (those where ``mask`` is 1)."""
+    per_pixel = symmetric_kl_map(p, q)  # (B, H, W)
     if mask is None:
         return per_pixel.mean()
     mask = mask.reshape(per_pixel.shape)
@@ -63,29 +71,39 @@ def consistency_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, transform: Vi
     return symmetric_kl(transform.to_view(probs_a), probs_b)
 
 
+def entropy_map(probs: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of every pixel's distribution: (B, ...) for probs (B, K, ...)."""
+    return -(probs * probs.clamp_min(_EPS).log()).sum(1)
+
+
 def entropy_terms(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel entropy / log K, 1 - marginal entropy / log K) for probs (B, K, ...)."""
     k = probs.shape[1]
     log_k = math.log(k)
     p = probs.flatten(2)  # (B, K, N)
-    pixel = -(p * p.clamp_min(_EPS).log()).sum(1).mean() / log_k
+    pixel = entropy_map(p).mean() / log_k
     marginal = p.mean(2)  # (B, K): cluster sizes per image
     marginal_entropy = -(marginal * marginal.clamp_min(_EPS).log()).sum(1).mean() / log_k
     return pixel, 1 - marginal_entropy
 
 
-def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
-    """Mean over neighbour pairs of 0.5 * |p(x) - p(x')|_1 * exp(-|I(x) - I(x')|_1 / sigma).
-
-    probs (B, K, H, W); rgb (B, 3, H, W) at the same resolution.
-    """
-    terms = []
+def smoothness_maps(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> list[torch.Tensor]:
+    """0.5 * |p(x) - p(x')|_1 * exp(-|I(x) - I(x')|_1 / sigma) for every pair of vertical
+    neighbours (B, H-1, W), then of horizontal ones (B, H, W-1); probs (B, K, H, W), rgb
+    (B, 3, H, W) at the same resolution."""
+    maps = []
     for dim in (2, 3):
         dp = (probs.narrow(dim, 1, probs.shape[dim] - 1) - probs.narrow(dim, 0, probs.shape[dim] - 1)).abs()
         di = (rgb.narrow(dim, 1, rgb.shape[dim] - 1) - rgb.narrow(dim, 0, rgb.shape[dim] - 1)).abs()
         weight = torch.exp(-di.sum(1) / sigma)  # (B, H', W'): ~0 across strong colour edges
-        terms.append((0.5 * dp.sum(1) * weight).mean())
-    return 0.5 * (terms[0] + terms[1])
+        maps.append(0.5 * dp.sum(1) * weight)
+    return maps
+
+
+def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
+    """Mean over neighbour pairs of ``smoothness_maps``, the two directions weighted equally."""
+    vertical, horizontal = smoothness_maps(probs, rgb, sigma)
+    return 0.5 * (vertical.mean() + horizontal.mean())
 
 
 def _positions(emb: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,7 @@ Scalars use one ``add_scalar`` per tag: ``loss/total``, ``loss/<term>``, ``train
 ``train/img_per_s``, ... Images: ``input/rgb`` (the first view), ``probs/soft`` (probability
 maps as float images, each pixel the probability-weighted mix of the cluster colours, no
 argmax), ``probs/cluster<k>`` (single clusters' probability maps for the first image) and
-``labels/argmax`` (argmax labels in colour). The full config is stored as text
-(``config``) and as hyper-parameters.
+``labels/argmax`` (argmax labels in colour). The full config is stored as text (``config``).
 """
 
 from __future__ import annotations
@@ -89,26 +88,6 @@ class RunLogger:
             argmax = np.stack([colourize(p.argmax(0)) for p in maps])
             self.writer.add_images(f"{tag}_argmax", argmax, step, dataformats="NHWC")
 
-    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()}
-        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..checkpoint import checkpoint_path, latest_checkpoint, model_checkpoint, prune_checkpoints, save_atomic
 from ..config import Config
 from ..data.batches import batch_loader
 from ..device import autocast
+from ..viz import progress_bar
 from .logging import RunLogger
 
 __all__ = [
@@ -174,7 +174,7 @@ def train_loop(
     batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers))
     bad_steps = 0
     model.train()
-    bar = tqdm(
+    bar = progress_bar(
         range(start, t.steps),
         initial=start,
         total=t.steps,
@@ -214,7 +214,7 @@ def train_loop(
             opt.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
             bad_steps += 1
             if main:
-                tqdm.write(
+                bar.write(
                     f"step {step + 1}: non-finite {', '.join(bad_terms)}; step skipped ({bad_steps} in a row)",
                     file=sys.stderr,
                 )
