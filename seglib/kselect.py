@@ -44,14 +44,12 @@ from .clusters import (
     MAX_POSITIONS,
     FittedClusters,
     clusters_from_fit,
-    embed_windows,
     fit_embeddings,
     sample_embeddings,
-    sample_windows,
 )
 from .config import K_MAX, K_MIN
 from .io import ArraySource
-from .raster import model_stride, segment_array
+from .raster import segment_array
 
 __all__ = [
     "DEFAULT_RANGE",
@@ -408,7 +406,6 @@ def k_auto_study(
 
     lo, hi = check_k_range(k_range)
     ks = list(range(lo, hi + 1))
-    m = model_stride(model)
     rules = _rules()
     rows = []
     for name, (rgb, gt) in tqdm(list(zip(names, tiles, strict=True)), desc="images", disable=not progress):
@@ -417,18 +414,9 @@ def k_auto_study(
             continue
         image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
         source = ArraySource(image, name=name)
-        windows = sample_windows(
-            source.height,
-            source.width,
-            tile=tile,
-            overlap=overlap,
-            multiple=m,
-            fit_windows=fit_windows,
-            fit_pixels=fit_pixels,
-            seed=seed,
-        )
-        embs = embed_windows(model, source, windows)[0]
-        flipped = embed_windows(model, source, windows, flip=True)[0]
+        kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+        embs = sample_embeddings(model, [source], **kw)[0]
+        flipped = sample_embeddings(model, [source], flip=True, **kw)[0]
         stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=seed)
         miou = {
             str(k): segmentation_scores(segment_array(model, image, k, tile=tile, overlap=overlap), gt, ignore)["miou"]
