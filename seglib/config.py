@@ -45,6 +45,7 @@ __all__ = [
     "StudentConfig",
     "DistillConfig",
     "AutoencoderConfig",
+    "ClusterConfig",
     "Config",
     "apply_overrides",
     "load_config_file",
@@ -163,6 +164,11 @@ class RandomizeConfig:
 class DataConfig:
     synthetic: bool = True  # procedural tiles with labels; False reads data_dir
     data_dir: str = "data/images"  # folder of RGB tiles (PNG, JPEG, GeoTIFF) when not synthetic
+    # Glob patterns on file names (or stems) choosing images of data_dir: include keeps the
+    # matches (empty: all), exclude then drops its matches; a pattern matching nothing is an
+    # error. E.g. include ["*t1", "*t2"] trains on two source tiles (seglib.loto's folds).
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
     extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
@@ -244,8 +250,21 @@ class AutoencoderConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Stage "cluster": dataset-level clustering on real imagery (seglib.losses.cluster)."""
+
+    arch: str = "student"  # which segmenter is trained: student (config student.*) | teacher (model.*)
+    prototypes: int = 32  # C, shared by every image; several times the classes one expects
+    temperature: float = 0.1  # softmax temperature of the cosine similarity to the prototypes
+    sinkhorn_eps: float = 0.05  # entropic regularisation of the balanced codes
+    sinkhorn_iters: int = 3
+    window: int = 0  # codes averaged over (2w+1)^2 cells before they become targets
+    freeze_prototypes: int = 0  # steps at the start during which the prototypes do not move
+
+
+@dataclass
 class Config:
-    stage: str = "teacher"  # teacher | student
+    stage: str = "teacher"  # teacher | student | cluster
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -255,6 +274,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON- and ``weights_only``-safe)."""
@@ -266,8 +286,10 @@ class Config:
     def validate(self) -> Config:
         """Check the values that types alone do not; ``ConfigError`` names the key. Every entry
         point (the training CLI, ``seglib.training.run.run``, the demo) calls it."""
-        if self.stage not in ("teacher", "student"):
-            raise ConfigError(f"stage must be 'teacher' or 'student', got {self.stage!r}")
+        if self.stage not in ("teacher", "student", "cluster"):
+            raise ConfigError(f"stage must be 'teacher', 'student' or 'cluster', got {self.stage!r}")
+        if self.stage == "cluster" and self.cluster.arch not in ("student", "teacher"):
+            raise ConfigError(f"cluster.arch must be 'student' or 'teacher', got {self.cluster.arch!r}")
         if self.data.size <= 0 or self.data.size % 16:
             raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
         if self.train.steps < 1:
@@ -286,6 +308,15 @@ class Config:
             raise ConfigError(f"model.downsample and randomize.downsample take 1 or 2, got {bad}")
         if self.student.downsample not in (0, 1, 2):
             raise ConfigError(f"student.downsample must be 0 (the teacher's), 1 or 2, got {self.student.downsample}")
+        from .data.select import check_patterns
+
+        for key in ("include", "exclude"):
+            try:
+                check_patterns(getattr(self.data, key), f"data.{key}")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if (self.data.include or self.data.exclude) and self.data.synthetic:
+            raise ConfigError("data.include / data.exclude choose images of data.data_dir; set --data-dir, not --synthetic")
         return self
 
     @classmethod

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument(
         "--stage",
-        choices=["teacher", "student"],
+        choices=["teacher", "student", "cluster"],
         default=None,
         help="training stage (config: stage; default teacher)",
     )
@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=None,
         help="folder of RGB tiles (PNG/JPEG/GeoTIFF); implies not --synthetic (config: data.data_dir)",
+    )
+    g.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="train only on images of --data-dir whose name matches this glob, e.g. '*t1' (repeatable; "
+        "config: data.include)",
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="leave out images whose name matches this glob (repeatable; config: data.exclude)",
     )
     g.add_argument("--size", type=int, default=None, help="training crop side, multiple of 16 (config: data.size)")
     g.add_argument(
@@ -221,6 +236,8 @@ _FLAG_PATHS = {
     "keep_checkpoints": "train.keep_checkpoints",
     "synthetic": "data.synthetic",
     "data_dir": "data.data_dir",
+    "include": "data.include",
+    "exclude": "data.exclude",
     "size": "data.size",
     "batch_size": "data.batch_size",
     "num_workers": "data.num_workers",

@@ -27,4 +27,6 @@ def make_source(cfg: Config, *, rank: int = 0, world: int = 1) -> Dataset:
         rank=rank,
         world=world,
         downscale=d.downscale,
+        include=tuple(d.include),
+        exclude=tuple(d.exclude),
     )

@@ -19,17 +19,21 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..io import ImageReadError, list_images, read_image, read_mask
+from .select import select_images
 
 __all__ = ["FolderBatches", "load_folder", "load_labelled_folder"]
 
 log = logging.getLogger("seglib.data")
 
 
-def load_folder(folder: str | Path, *, min_side: int = 1) -> tuple[list[str], list[np.ndarray]]:
-    """(names, uint8 RGB arrays) of every readable image in ``folder``; unreadable files are
+def load_folder(
+    folder: str | Path, *, min_side: int = 1, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+) -> tuple[list[str], list[np.ndarray]]:
+    """(names, uint8 RGB arrays) of every readable image in ``folder`` (optionally only those
+    kept by the ``include`` / ``exclude`` globs, ``seglib.data.select``); unreadable files are
     skipped with a warning. Raises ``ImageReadError`` when no image is usable."""
     names, images, skipped = [], [], []
-    for path in list_images(folder):
+    for path in select_images(list_images(folder), include=include, exclude=exclude, folder=folder):
         try:
             rgb, _ = read_image(path)
         except ImageReadError as exc:
@@ -62,15 +66,21 @@ def _downscale(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple
 
 
 def load_labelled_folder(
-    images: str | Path, masks: str | Path, *, max_side: int = 0
+    images: str | Path,
+    masks: str | Path,
+    *,
+    max_side: int = 0,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
 ) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
     """(names, [(rgb float32 (H, W, 3) in [0, 1], labels (H, W))]) for every image with a mask
-    of the same stem (``<stem>.png``) in ``masks``; optional downscale to ``max_side``."""
+    of the same stem (``<stem>.png``) in ``masks`` (optionally only those kept by the
+    ``include`` / ``exclude`` globs); optional downscale to ``max_side``."""
     masks = Path(masks)
     if not masks.is_dir():
         raise ImageReadError(f"mask folder not found: {masks}")
     names, pairs = [], []
-    for path in list_images(images):
+    for path in select_images(list_images(images), include=include, exclude=exclude, folder=images):
         mask_path = masks / f"{path.stem}.png"
         if not mask_path.is_file():
             log.warning("skipping %s: no mask %s", path.name, mask_path.name)
@@ -101,6 +111,8 @@ class FolderBatches(Dataset):
       max_side: downscale images whose longer side exceeds this (0: keep).
       downscale: then shrink every image by this integer factor (block means), e.g. 2 for a
         model that runs with ``downsample = 2``, so it trains at the scale it will see.
+      include, exclude: glob patterns choosing the folder's images by name
+        (``seglib.data.select``), e.g. the tiles of one leave-one-tile-out fold.
     """
 
     def __init__(
@@ -114,10 +126,12 @@ class FolderBatches(Dataset):
         world: int = 1,
         max_side: int = 0,
         downscale: int = 1,
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
     ):
         if downscale < 1:
             raise ValueError(f"downscale must be a positive integer, got {downscale}")
-        self.names, images = load_folder(folder)
+        self.names, images = load_folder(folder, include=include, exclude=exclude)
         self.images = []
         for name, rgb in zip(self.names, images, strict=True):
             rgb, _ = _downscale(rgb, None, max_side)

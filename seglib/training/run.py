@@ -24,6 +24,7 @@ from .. import distributed as dist
 from ..config import Config
 from ..data.source import make_source
 from ..device import resolve_device, set_threads
+from .cluster import ClusterTask
 from .loop import default_checkpoint_dir, train_loop
 from .student import StudentTask
 from .teacher import TeacherTask
@@ -71,6 +72,8 @@ def run(
         source = make_source(cfg, rank=info.rank, world=info.world)
         if cfg.stage == "teacher":
             task = TeacherTask(cfg, device)
+        elif cfg.stage == "cluster":
+            task = ClusterTask(cfg, device)
         else:
             task = StudentTask(cfg, device, teacher_first(cfg, device, info))
         return train_loop(task, cfg, source, device=device, resume=resume, callbacks=callbacks)

@@ -1,0 +1,278 @@
+"""The methods a leave-one-tile-out run compares, and how their fold models are trained and cached.
+
+A ``Method`` is one of three kinds:
+
+* ``kmeans``: RGB k-means per image (no model);
+* ``trained``: a training recipe (``seglib.recipes`` name or override dict) run on the images of
+  the fold's training tiles (``data.exclude`` names the held-out tile's images, nothing is
+  copied), or, with ``per_fold=False``, once on data outside the labelled folder (the synthetic
+  teacher); a student recipe names the method whose model of the same fold it distils;
+* ``random``: the architecture of another method at random weights (seed 0), same head.
+
+``infer`` holds inference overrides (``iters``, ``size_prior``, ``downsample``...); an
+``eval_of`` method reuses another method's trained models with other inference settings.
+
+Fold models live under ``<runs>/<train name>/<fold>/`` with ``loto.json``, which records the
+resolved config and the exact training images. A finished folder is reused; an unfinished
+one resumes from its last checkpoint; a folder whose recorded config differs from the one
+asked for is an error (delete the folder or name the method differently), so a changed
+recipe is never scored with a stale model.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, merge
+from ..recipes import RECIPES
+
+__all__ = ["Method", "METHODS", "DEFAULT_METHODS", "LotoError", "get_method", "FoldContext", "fold_model"]
+
+SHARED = "shared"  # the fold folder of a model trained once, without the labelled folder's images
+
+
+class LotoError(RuntimeError):
+    """A protocol run that cannot continue; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the leave-one-tile-out table.
+
+    Arguments:
+      name: the row's name (and, for trained methods, the folder under the runs directory).
+      kind: kmeans | trained | random.
+      recipe: a ``seglib.recipes`` name or a dict of config overrides (trained methods).
+      teacher: for a student recipe, the method whose model of the same fold it distils.
+      per_fold: False: trained once, on data outside the labelled folder (synthetic tiles).
+      random_of: for ``random``: the method whose architecture is evaluated at random weights.
+      eval_of: reuse this method's trained models (only ``infer`` differs).
+      infer: inference overrides passed to the model (iters, size_prior, downsample, ...).
+      attrs: model attributes set before scoring, dotted paths allowed (``colour_weight``,
+        ``head.denoise_iters``): settings of the head that are not arguments of a forward call.
+      about: one line for the table's legend.
+    """
+
+    name: str
+    kind: str = "trained"
+    recipe: str | dict | None = None
+    teacher: str | None = None
+    per_fold: bool = True
+    random_of: str | None = None
+    eval_of: str | None = None
+    infer: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    about: str = ""
+
+    def overrides(self) -> dict:
+        if isinstance(self.recipe, str):
+            if self.recipe not in RECIPES:
+                known = ", ".join(RECIPES)
+                raise LotoError(f"method {self.name}: unknown recipe {self.recipe!r}; choose one of {known}")
+            return copy.deepcopy(RECIPES[self.recipe])
+        return copy.deepcopy(self.recipe or {})
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("rgb_kmeans", kind="kmeans", about="k-means on the RGB pixels of each image (full resolution)"))
+register(
+    Method(
+        "teacher_synthetic",
+        recipe="teacher_synthetic_cpu",
+        per_fold=False,
+        about="teacher of configs/teacher_synthetic_cpu.py, trained once on synthetic tiles (no real data)",
+    )
+)
+register(Method("teacher_random", kind="random", random_of="teacher_synthetic", about="the teacher at random weights"))
+register(
+    Method(
+        "student_dubai",
+        recipe="student_dubai_cpu",
+        teacher="teacher_synthetic",
+        about="the bundled recipe (configs/student_dubai_cpu.py): distilled from the synthetic teacher on the fold",
+    )
+)
+register(
+    Method(
+        "student_random", kind="random", random_of="student_dubai", about="the bundled architecture at random weights"
+    )
+)
+
+DEFAULT_METHODS = ("rgb_kmeans", "teacher_random", "teacher_synthetic", "student_random", "student_dubai")
+
+
+def get_method(name: str) -> Method:
+    """A registered method, or a variant ``NAME@x<scale>s<seed>`` of one: its training (and
+    that of a per-fold teacher) runs ``scale`` times the steps with training seed ``seed``."""
+    if name in METHODS:
+        return METHODS[name]
+    base, _, tag = name.partition("@")
+    if not tag or base not in METHODS:
+        raise LotoError(f"unknown method {name!r}; registered: {', '.join(METHODS)} (variants: NAME@x4s1)")
+    scale, seed = _parse_tag(tag, name)
+    m = METHODS[base]
+    if m.kind == "kmeans":
+        raise LotoError(f"{name}: rgb_kmeans has no training to scale or seed")
+    if m.kind == "random":
+        return replace(m, name=name, random_of=f"{m.random_of}@{tag}")
+    if m.eval_of:
+        return replace(m, name=name, eval_of=f"{m.eval_of}@{tag}")
+    over = m.overrides()
+    train = over.setdefault("train", {})
+    steps = int(train.get("steps", Config().train.steps))
+    train["steps"] = steps * scale
+    train["seed"] = seed
+    if "checkpoint_every" in train:
+        train["checkpoint_every"] = int(train["checkpoint_every"]) * scale
+    teacher = m.teacher
+    if teacher and METHODS[teacher].per_fold:
+        teacher = f"{teacher}@{tag}"
+    return replace(m, name=name, recipe=over, teacher=teacher)
+
+
+def _parse_tag(tag: str, name: str) -> tuple[int, int]:
+    import re
+
+    match = re.fullmatch(r"x(\d+)s(\d+)", tag)
+    if not match or int(match.group(1)) < 1:
+        raise LotoError(f"{name}: a variant tag is x<steps scale>s<seed>, e.g. x4s1; got {tag!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass
+class FoldContext:
+    """Where the protocol reads and writes.
+
+    Arguments:
+      images: folder of the labelled images (training reads it too, minus the held-out tile).
+      runs: root of the fold model folders.
+      tiles: {tile: image stems} of every tile in ``images``.
+      threads, device: for training and evaluation.
+      train: False: a missing fold model is an error instead of being trained.
+    """
+
+    images: Path
+    runs: Path
+    tiles: dict[str, list[str]]
+    threads: int = 1
+    device: str = "cpu"
+    train: bool = True
+    log: Any = print
+
+
+def train_images(ctx: FoldContext, fold: str) -> list[str]:
+    """Stems of the images a model of ``fold`` trains on: every image of ``images`` except the
+    held-out tile's (images without a tile id are kept: they are never scored)."""
+    from ..io import list_images
+
+    held = set(ctx.tiles.get(fold, []))
+    return [p.stem for p in list_images(ctx.images) if p.stem not in held]
+
+
+def _resolved(method: Method, ctx: FoldContext, fold: str, teacher_path: Path | None) -> Config:
+    over = method.overrides()
+    if method.per_fold:
+        held = ctx.tiles[fold]
+        exclude = [glob.escape(s) for s in held]
+        data = {"synthetic": False, "data_dir": str(ctx.images), "include": [], "exclude": exclude}
+        over = merge(over, {"data": data})
+    over = merge(over, {"train": {"threads": ctx.threads, "device": ctx.device}})
+    if teacher_path is not None:
+        over = merge(over, {"distill": {"teacher_checkpoint": str(teacher_path)}})
+    return Config.from_dict(over)
+
+
+def _fingerprint(cfg: Config) -> dict:
+    """The parts of a config that decide the trained model (not where it is written, nor threads)."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir")}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir", "num_workers")}
+    d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
+    return d
+
+
+def fold_model(method: Method, ctx: FoldContext, fold: str) -> torch.nn.Module:
+    """The model of ``method`` for ``fold`` (trained now if not cached), CPU, eval mode."""
+    from ..models import load_model, random_init_like
+
+    if method.kind == "random":
+        model = random_init_like(fold_model(get_method(method.random_of), ctx, fold))
+    elif method.kind != "trained":
+        raise LotoError(f"{method.name} has no model")
+    elif method.eval_of:
+        model = fold_model(get_method(method.eval_of), ctx, fold)
+    else:
+        model = load_model(fold_artifact(method, ctx, fold))
+    for path, value in method.attrs.items():
+        owner, _, attr = path.rpartition(".")
+        target = model.get_submodule(owner) if owner else model
+        if not hasattr(target, attr):
+            raise LotoError(f"method {method.name}: the model has no attribute {path!r}")
+        setattr(target, attr, value)
+    return model
+
+
+def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
+    """Path of the trained ``teacher.pt`` / ``student.pt`` of ``method`` on ``fold``; trains it
+    (resuming a killed run) when it is missing."""
+    where = fold if method.per_fold else SHARED
+    teacher_path = fold_artifact(get_method(method.teacher), ctx, fold) if method.teacher else None
+    cfg = _resolved(method, ctx, fold, teacher_path)
+    directory = ctx.runs / method.name / where
+    cfg.train.checkpoint_dir = str(directory)
+    artifact = directory / ("teacher.pt" if cfg.stage == "teacher" else "student.pt")
+    record_path = directory / "loto.json"
+    record = {
+        "method": method.name,
+        "fold": where,
+        "config": _fingerprint(cfg),
+        "teacher": None if teacher_path is None else _relative(teacher_path, ctx.runs),
+        "train_images": train_images(ctx, fold) if method.per_fold else [],
+        "held_out": ctx.tiles.get(fold, []) if method.per_fold else [],
+    }
+    if record_path.is_file():
+        saved = json.loads(record_path.read_text())
+        same = {k: saved.get(k) for k in record} == record
+        if not same:
+            raise LotoError(
+                f"{directory} holds a model trained with another config or other images than {method.name} "
+                f"now asks for; delete that folder to retrain, or register the change under a new method name"
+            )
+        if saved.get("done") and artifact.is_file():
+            return artifact
+    if not ctx.train:
+        raise LotoError(f"no trained model in {directory} and training is off; run without --no-train first")
+    directory.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1))
+    ctx.log(f"[loto] training {method.name} for fold {where} into {directory}")
+    from ..training.run import run
+
+    tic = time.perf_counter()
+    run(cfg, resume=True)
+    record.update(done=True, train_seconds=round(time.perf_counter() - tic, 1), threads=ctx.threads)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(record_path)
+    return artifact
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,330 @@
+"""Leave-one-tile-out evaluation of several methods on a labelled folder, in one run.
+
+    python -m seglib.loto --data ../shared/data/dubai_aerial_dev --threads 1 --out docs/loto.json
+    python -m seglib.loto --data DIR --methods rgb_kmeans,student_dubai --folds t1,t2   # screening
+    python -m seglib.loto --data DIR --select head=student_dubai,student_dubai_prior0    # nested choice
+    python -m seglib.loto --list                                                         # the methods
+
+For each fold (a source tile of the folder, ``seglib.loto.folds``) every method's model of
+that fold is trained on the other tiles' images (no masks; cached under ``--runs``, a killed
+run resumes) and scores the fold's images at K = classes present (labels in ``--ignore`` left
+out, images with fewer than 2 classes skipped, Hungarian matching per image). The table shows
+the image-weighted mean of every fold and of all folds; the JSON holds every image's scores,
+paired differences with bootstrap intervals and the nested selections. Per-fold scores are
+cached too, so a second run only computes what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize
+from .methods import DEFAULT_METHODS, METHODS, FoldContext, LotoError, Method, fold_artifact, fold_model, get_method
+
+__all__ = ["run_protocol", "format_table", "build_parser", "main"]
+
+SCORE_KEYS = ("miou", "pixel_acc", "m2o_miou", "boundary_f1")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _artifacts(method: Method, ctx: FoldContext, fold: str) -> list[str]:
+    """Content hashes of the trained files a method's labels depend on (for the score cache)."""
+    if method.kind == "kmeans":
+        return []
+    if method.kind == "random":
+        return _artifacts(get_method(method.random_of), ctx, fold)
+    if method.eval_of:
+        return _artifacts(get_method(method.eval_of), ctx, fold)
+    return [_sha(fold_artifact(method, ctx, fold))]
+
+
+def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, seed: int) -> list[dict]:
+    from ..baselines import rgb_kmeans
+    from ..raster import predict_labels
+    from ..metrics import segmentation_scores
+
+    rows = []
+    for name, (rgb, gt) in zip(names, tiles, strict=True):
+        present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
+        if len(present) < 2:
+            continue
+        kk = len(present) if k == "present" else int(k)
+        if method.kind == "kmeans":
+            pred = rgb_kmeans(rgb, kk, seed=seed)
+        else:
+            pred = predict_labels(model, rgb, kk, **method.infer)
+        s = segmentation_scores(pred, gt, ignore)
+        rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in SCORE_KEYS}})
+    return rows
+
+
+def run_protocol(
+    *,
+    images: str | Path,
+    masks: str | Path,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    folds: Sequence[str] | None = None,
+    runs: str | Path = "runs/loto",
+    k: int | str = "present",
+    ignore: Sequence[int] = (5, 255),
+    seed: int = 123,
+    tile_pattern: str = TILE_PATTERN,
+    threads: int = 1,
+    device: str = "cpu",
+    train: bool = True,
+    select: dict[str, Sequence[str]] | None = None,
+    compare: Sequence[tuple[str, str]] = (),
+    log=print,
+) -> dict:
+    """Train (or reuse) every method's fold models, score every held-out image, aggregate.
+
+    Returns the result dict that ``main`` writes as JSON (see the module docstring)."""
+    from ..data.tiles import load_labelled_folder
+    from ..device import set_threads
+    from ..io import list_images
+
+    set_threads(threads)
+    images, masks, runs = Path(images), Path(masks), Path(runs)
+    all_stems = [p.stem for p in list_images(images)]
+    labelled = [s for s in all_stems if (masks / f"{s}.png").is_file()]
+    tiles = group_by_tile(all_stems, tile_pattern)
+    if len(tiles) < 2:
+        raise LotoError(
+            f"{images}: found {len(tiles)} tile id(s) with --tile-pattern {tile_pattern!r}; "
+            "leave-one-tile-out needs images of at least 2 tiles (names like image_part_001t1)"
+        )
+    chosen = list(folds) if folds else list(tiles)
+    unknown = [f for f in chosen if f not in tiles]
+    if unknown:
+        raise LotoError(f"unknown fold(s) {unknown}; the tiles of {images} are {', '.join(tiles)}")
+    ctx = FoldContext(images=images, runs=runs, tiles=tiles, threads=threads, device=device, train=train, log=log)
+    resolved = [get_method(name) for name in methods]
+    select = {label: list(names) for label, names in (select or {}).items()}
+    for names in select.values():
+        for name in names:
+            if name not in methods:
+                resolved.append(get_method(name))
+                methods = [*methods, name]
+    rows: dict[str, list[dict]] = {m.name: [] for m in resolved}
+    seconds: dict[str, float] = {m.name: 0.0 for m in resolved}
+    key_base = {"k": k, "ignore": list(ignore), "seed": seed}
+    for fold in chosen:
+        fold_names = [n for n in tiles[fold] if n in labelled]
+        loaded = None
+        for method in resolved:
+            where = runs / method.name / fold
+            key = dict(key_base, infer=method.infer, images=fold_names, models=_artifacts(method, ctx, fold))
+            if method.attrs:
+                key["attrs"] = method.attrs
+            cache = where / "scores.json"
+            if cache.is_file():
+                saved = json.loads(cache.read_text())
+                if saved.get("key") == json.loads(json.dumps(key)):
+                    rows[method.name].extend(saved["rows"])
+                    seconds[method.name] += saved.get("seconds", 0.0)
+                    continue
+            if loaded is None:
+                include = [glob.escape(n) for n in fold_names]
+                loaded = load_labelled_folder(images, masks, include=include)
+            model = None if method.kind == "kmeans" else fold_model(method, ctx, fold).to(device)
+            tic = time.perf_counter()
+            fold_rows = _score_images(method, model, loaded[1], loaded[0], fold, k, ignore, seed)
+            spent = time.perf_counter() - tic
+            log(f"[loto] {fold} {method.name}: mIoU {np.mean([r['miou'] for r in fold_rows]):.4f} ({spent:.0f} s)")
+            where.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "rows": fold_rows, "seconds": spent}))
+            tmp.replace(cache)
+            rows[method.name].extend(fold_rows)
+            seconds[method.name] += spent
+
+    result_methods = {}
+    for method in resolved:
+        train_seconds = {}
+        for fold in chosen:
+            rec = runs / (method.eval_of or method.name) / (fold if method.per_fold else "shared") / "loto.json"
+            if method.kind == "trained" and rec.is_file():
+                train_seconds[fold if method.per_fold else "shared"] = json.loads(rec.read_text()).get("train_seconds")
+        result_methods[method.name] = {
+            "kind": method.kind,
+            "about": method.about,
+            "recipe": method.recipe if isinstance(method.recipe, str) else method.overrides() or None,
+            "teacher": method.teacher,
+            "random_of": method.random_of,
+            "eval_of": method.eval_of,
+            "infer": method.infer,
+            "attrs": method.attrs,
+            **summarize(rows[method.name], SCORE_KEYS),
+            "eval_seconds": round(seconds[method.name], 1),
+            "train_seconds": train_seconds,
+        }
+    pairs = list(compare)
+    for m in resolved:
+        if m.kind == "random" and m.random_of in rows:
+            pairs.append((m.random_of, m.name))
+        if m.kind == "trained" and "rgb_kmeans" in rows:
+            pairs.append((m.name, "rgb_kmeans"))
+    comparisons = {}
+    for a, b in dict.fromkeys(pairs):
+        if a not in rows or b not in rows:
+            raise LotoError(f"--compare {a}:{b}: both methods must be in the run")
+        comparisons[f"{a} - {b}"] = paired_difference(rows[a], rows[b])
+    nested = {label: nested_choice({n: rows[n] for n in names}) for label, names in select.items()}
+    return {
+        "protocol": {
+            "images": str(images),
+            "masks": str(masks),
+            "k": k,
+            "ignore": list(ignore),
+            "kmeans_seed": seed,
+            "tile_pattern": tile_pattern,
+            "folds": {f: [n for n in tiles[f] if n in labelled] for f in chosen},
+            "threads": threads,
+            "device": device,
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+        },
+        "methods": result_methods,
+        "comparisons": comparisons,
+        "nested": nested,
+        "per_image": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The printed table: every method's mIoU per fold and pooled, and its margin over k-means."""
+    methods = result["methods"]
+    folds = list(result["protocol"]["folds"])
+    base = methods.get("rgb_kmeans", {}).get("all", {}).get("miou")
+    width = max(12, *(len(n) for n in methods)) + 2
+    head = f"{'method':<{width}}" + "".join(f"{f:>8}" for f in folds) + f"{'all':>8}{'vs k-means':>12}"
+    first = next(iter(methods.values()))
+    counts = " " * width + "".join(f"{'n=' + str(first['folds'].get(f, {}).get('n', 0)):>8}" for f in folds)
+    lines = [head, counts]
+    for name, m in methods.items():
+        cells = "".join(f"{m['folds'].get(f, {}).get('miou', float('nan')):>8.3f}" for f in folds)
+        margin = "" if base is None or name == "rgb_kmeans" else f"{m['all']['miou'] - base:>+12.3f}"
+        lines.append(f"{name:<{width}}{cells}{m['all']['miou']:>8.3f}{margin}")
+    for label, sel in result.get("nested", {}).items():
+        picks = ", ".join(f"{f}: {c['method']}" for f, c in sel["choices"].items())
+        lines.append(
+            f"nested {label}: {sel['nested']:.3f} (choices {picks}); "
+            f"best pooled mean over all folds (optimistic): {sel['optimistic_method']} {sel['optimistic']:.3f}"
+        )
+    for label, cmp in result.get("comparisons", {}).items():
+        lo, hi = cmp["ci95"]
+        lines.append(
+            f"{label}: {cmp['mean']:+.3f} (95 % interval over images {lo:+.3f} to {hi:+.3f}; "
+            f"better on {cmp['images_better']}/{cmp['n']})"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m seglib.loto",
+        description="Leave-one-tile-out: train every method on all tiles but one (images only), score the "
+        "held-out tile's images against their masks, for every tile; baselines in the same run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=None, help="folder with images/ and masks/ (sets both)")
+    p.add_argument("--images", default=None, help="folder of the images")
+    p.add_argument("--masks", default=None, help="folder of their label PNGs (same stems)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods (see --list)")
+    p.add_argument("--folds", default="", help="comma-separated tiles to hold out (default: every tile)")
+    p.add_argument("--runs", default="runs/loto", help="root of the cached fold models and scores")
+    p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer")
+    p.add_argument("--ignore", default="5,255", help="label ids left out of the scores")
+    p.add_argument("--seed", type=int, default=123, help="seed of RGB k-means")
+    p.add_argument("--tile-pattern", default=TILE_PATTERN, help="regex whose first group is an image stem's tile id")
+    p.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="LABEL=M1,M2,...",
+        help="nested choice among these methods: fold f gets the one best on the other folds (repeatable)",
+    )
+    p.add_argument("--compare", action="append", default=[], metavar="A:B", help="paired difference A - B (repeatable)")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing fold model")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (training and evaluation)")
+    p.add_argument("--out", default="runs/loto/loto.json", help="JSON result")
+    p.add_argument("--list", action="store_true", help="print the registered methods and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, m in METHODS.items():
+            print(f"{name:<24} {m.kind:<8} {m.about}")
+        return 0
+    images = args.images or (f"{args.data}/images" if args.data else None)
+    masks = args.masks or (f"{args.data}/masks" if args.data else None)
+    if not images or not masks:
+        parser.error("give --data DIR (with images/ and masks/) or --images DIR --masks DIR")
+    for what, path in (("images", images), ("masks", masks)):
+        if not Path(path).is_dir():
+            parser.error(f"--{what} folder not found: {path}")
+    try:
+        k = "present" if args.k == "present" else int(args.k)
+        ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--k is 'present' or an integer, --ignore integers like 5,255; got {args.k!r}, {args.ignore!r}")
+    select = {}
+    for item in args.select:
+        label, _, names = item.partition("=")
+        if not label or not names:
+            parser.error(f"--select expects LABEL=M1,M2,..., got {item!r}")
+        select[label] = [n for n in names.split(",") if n]
+    compare = []
+    for item in args.compare:
+        a, _, b = item.partition(":")
+        if not a or not b:
+            parser.error(f"--compare expects A:B, got {item!r}")
+        compare.append((a, b))
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        for name in methods + [n for names in select.values() for n in names]:
+            get_method(name)
+        result = run_protocol(
+            images=images,
+            masks=masks,
+            methods=methods,
+            folds=[f for f in args.folds.split(",") if f] or None,
+            runs=args.runs,
+            k=k,
+            ignore=ignore,
+            seed=args.seed,
+            tile_pattern=args.tile_pattern,
+            threads=args.threads,
+            device=args.device,
+            train=not args.no_train,
+            select=select,
+            compare=compare,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+    except LotoError as exc:
+        parser.exit(2, f"python -m seglib.loto: error: {exc}\n")
+    result["command"] = "python -m seglib.loto " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

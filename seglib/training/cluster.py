@@ -1,0 +1,135 @@
+"""Stage "cluster": train a segmenter's features on real imagery by dataset-level clustering.
+
+Each step renders two views of every crop (``seglib.augment.make_views``: view A photometric
+only, view B also flipped / rotated / cropped), computes the segmenter's learned features for
+both, scores every position against C shared prototypes (cosine similarity / temperature) and
+applies ``seglib.losses.cluster.swapped_prediction``: each view predicts the other view's
+Sinkhorn-balanced codes, warped exactly into its frame.
+
+The trained module is any seglib segmenter (``cluster.arch``: the student CNN of
+``student.*`` or the teacher encoder of ``model.*``); inference does not use the prototypes:
+the segmenter's own head clusters its (now trained) features with the colour channels, per
+image, at any K. ``export`` writes ``student.pt`` or ``teacher.pt`` like the other stages, so
+everything that loads a model loads this one, and ``cluster_prototypes.pt`` beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import make_views
+from ..checkpoint import FORMAT, save_atomic
+from ..config import Config
+from ..data.batches import sample_rngs
+from ..losses.cluster import assignment_stats, swapped_prediction
+from ..models.student import StudentModelConfig, StudentSegmenter
+from ..models.teacher import MonolithicSegmenter
+from .loop import StepOutput
+
+__all__ = ["ClusterModule", "ClusterTask", "build_segmenter"]
+
+_AUGMENT = 31  # purpose of the per-sample random streams
+
+
+def build_segmenter(cfg: Config) -> nn.Module:
+    """The segmenter ``cluster.arch`` names, built from ``cfg`` (random weights)."""
+    if cfg.cluster.arch == "student":
+        return StudentSegmenter(StudentModelConfig.from_config(cfg))
+    if cfg.cluster.arch == "teacher":
+        return MonolithicSegmenter(cfg.model)
+    raise ValueError(f"cluster.arch must be 'student' or 'teacher', got {cfg.cluster.arch!r}")
+
+
+class ClusterModule(nn.Module):
+    """A segmenter and C prototypes in its learned feature space.
+
+    Arguments:
+      segmenter: a ``Segmenter`` whose ``features`` are trained.
+      prototypes: C.
+      dim: width of the learned features.
+    """
+
+    def __init__(self, segmenter: nn.Module, *, prototypes: int, dim: int):
+        super().__init__()
+        self.segmenter = segmenter
+        self.prototypes = nn.Parameter(torch.randn(prototypes, dim))
+
+    def forward(self, rgb: torch.Tensor, *, temperature: float, freeze: bool = False) -> dict[str, torch.Tensor]:
+        """{"features": (B, F, h, w), "logits": (B, C, h, w)} for rgb (B, 3, H, W)."""
+        features = self.segmenter.features(rgb).float()  # (B, F, h, w)
+        unit = F.normalize(features, dim=1)
+        protos = F.normalize(self.prototypes.detach() if freeze else self.prototypes, dim=1)  # (C, F)
+        logits = torch.einsum("bfhw,cf->bchw", unit, protos) / temperature  # (B, C, h, w)
+        return {"features": features, "logits": logits}
+
+
+class ClusterTask:
+    """Trains ``ClusterModule`` with the swapped-prediction loss on view pairs.
+
+    Arguments:
+      cfg: the full config (stage "cluster").
+      device: where the model lives.
+    """
+
+    kind = "cluster"
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        segmenter = build_segmenter(cfg)
+        dim = cfg.model.encoder.embed_dim
+        self.model = ClusterModule(segmenter, prototypes=cfg.cluster.prototypes, dim=dim).to(device)
+
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
+        cfg, c = self.cfg, self.cfg.cluster
+        rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
+        rngs = sample_rngs(cfg.train.seed, batch["index"].tolist(), _AUGMENT)
+        view_a, view_b, transform = make_views(rgb, rngs, cfg.augment)
+        b = rgb.shape[0]
+        out = model(torch.cat([view_a, view_b]), temperature=c.temperature, freeze=index < c.freeze_prototypes)
+        logits_a, logits_b = out["logits"][:b], out["logits"][b:]  # (B, C, h, w) each
+        loss = swapped_prediction(
+            logits_a, logits_b, transform, eps=c.sinkhorn_eps, iters=c.sinkhorn_iters, window=c.window
+        )
+        stats = assignment_stats(logits_a.detach())
+        scalars = {f"diag/{k}": v for k, v in stats.items()}
+        scalars["diag/feature_std"] = float(out["features"].detach().std(dim=(0, 2, 3)).mean())
+        # TensorBoard's palette has 16 colours: show the winning prototype, modulo 16.
+        winner = F.one_hot(logits_a.detach().argmax(1) % 16, 16).permute(0, 3, 1, 2).float()  # (B, 16, h, w)
+        return StepOutput(terms={"swap": loss, "total": loss}, n_images=b, rgb=view_a, probs=winner, scalars=scalars)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, directory: Path) -> None:
+        """``student.pt`` or ``teacher.pt`` (the segmenter and the config, what inference
+        needs) and ``cluster_prototypes.pt``."""
+        directory = Path(directory)
+        kind = "student" if self.cfg.cluster.arch == "student" else "teacher"
+        cfg = copy.deepcopy(self.cfg)
+        save_atomic(
+            {
+                "format": FORMAT,
+                "kind": kind,
+                "config": cfg.to_dict(),
+                "model": self.model.segmenter.state_dict(),
+            },
+            directory / f"{kind}.pt",
+        )
+        save_atomic(
+            {
+                "format": FORMAT,
+                "kind": "cluster-prototypes",
+                "config": cfg.to_dict(),
+                "model": {"prototypes": self.model.prototypes.detach()},
+            },
+            directory / "cluster_prototypes.pt",
+        )
