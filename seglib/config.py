@@ -316,7 +316,7 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if (self.data.include or self.data.exclude) and self.data.synthetic:
-            raise ConfigError("data.include / data.exclude choose images of data.data_dir; set --data-dir, not --synthetic")
+            raise ConfigError("data.include / data.exclude choose images of data.data_dir; give --data-dir")
         return self
 
     @classmethod

@@ -54,8 +54,8 @@ def _artifacts(method: Method, ctx: FoldContext, fold: str) -> list[str]:
 
 def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, seed: int) -> list[dict]:
     from ..baselines import rgb_kmeans
-    from ..raster import predict_labels
     from ..metrics import segmentation_scores
+    from ..raster import predict_labels
 
     rows = []
     for name, (rgb, gt) in zip(names, tiles, strict=True):
