@@ -1,0 +1,84 @@
+"""Stage "cluster": balanced codes, the swapped-prediction loss, and a run that exports a model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seglib.augment import ViewTransform, sample_transforms
+from seglib.config import AugmentConfig
+from seglib.losses.cluster import assignment_stats, balanced_codes, sinkhorn, swapped_prediction
+
+
+def test_sinkhorn_codes_are_distributions_with_balanced_columns():
+    torch.manual_seed(0)
+    logits = torch.randn(600, 6) * 3
+    logits[:, 0] += 5  # every position prefers prototype 0
+    q = sinkhorn(logits, eps=0.5, iters=50)
+    assert torch.allclose(q.sum(1), torch.ones(600), atol=1e-5)
+    assert torch.allclose(q.sum(0), torch.full((6,), 100.0), rtol=0.02)  # N / C each, despite the skew
+    assert q.argmax(1).bincount(minlength=6).min() > 0  # every prototype wins somewhere
+
+
+def test_swapped_prediction_rewards_consistent_confident_views_and_punishes_collapse():
+    torch.manual_seed(0)
+    b, c, h, w = 2, 4, 8, 8
+    # A piecewise-constant "segmentation" with four balanced regions, as confident logits.
+    regions = torch.zeros(b, h, w, dtype=torch.long)
+    regions[:, :4, 4:], regions[:, 4:, :4], regions[:, 4:, 4:] = 1, 2, 3
+    logits_a = 10 * torch.nn.functional.one_hot(regions, c).permute(0, 3, 1, 2).float()
+    flip = ViewTransform(torch.tensor([[[-1.0, 0, 0], [0, 1, 0]]]).repeat(b, 1, 1))
+    consistent = swapped_prediction(logits_a, logits_a.flip(-1), flip, eps=0.05, iters=3)
+    wrong = swapped_prediction(logits_a, logits_a, flip, eps=0.05, iters=3)  # B not flipped: misaligned
+    collapsed = swapped_prediction(torch.zeros_like(logits_a), torch.zeros_like(logits_a), flip)
+    assert consistent < 0.05
+    assert wrong > consistent + 1.0
+    assert collapsed == pytest.approx(math.log(c), rel=1e-4)  # uniform predictions: log C
+    stats = assignment_stats(logits_a)
+    assert stats["prototypes_used"] == 4 and stats["usage_entropy"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_swapped_prediction_sends_gradient_to_both_views():
+    torch.manual_seed(0)
+    la = torch.randn(2, 5, 8, 8, requires_grad=True)
+    lb = torch.randn(2, 5, 8, 8, requires_grad=True)
+    transforms = sample_transforms([np.random.default_rng(i) for i in range(2)], AugmentConfig())
+    swapped_prediction(la, lb, transforms, window=1).backward()
+    assert la.grad.abs().sum() > 0 and lb.grad.abs().sum() > 0
+    q = balanced_codes(la.detach(), eps=0.05, iters=3, window=1)
+    assert torch.allclose(q.sum(1), torch.ones(2, 8, 8), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["student", "teacher"])
+def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch):
+    from seglib.config import Config
+    from seglib.models import load_model
+    from seglib.training.run import run
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"a{i}.png")
+    cfg = Config.from_dict(
+        {
+            "stage": "cluster",
+            "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
+            "student": {"size": "tiny", "norm": "batch", "stem": "unshuffle"},
+            "cluster": {"arch": arch, "prototypes": 6, "window": 1},
+            "data": {"synthetic": False, "data_dir": str(folder), "size": 32, "batch_size": 2},
+            "train": {"steps": 3, "warmup": 1, "checkpoint_dir": str(tmp_path / "run"), "image_every": 2},
+        }
+    )
+    history = run(cfg)
+    assert len(history["loss/swap"]) == 3 and all(math.isfinite(v) for v in history["loss/swap"])
+    assert 1 <= history["diag/prototypes_used"][-1] <= 6
+    model = load_model(tmp_path / "run" / f"{arch}.pt")
+    labels = model(torch.rand(1, 3, 64, 64), 3)["probs"].argmax(1)
+    assert labels.shape == (1, 64, 64) and int(labels.max()) < 3
+    protos = torch.load(tmp_path / "run" / "cluster_prototypes.pt", weights_only=True)["model"]["prototypes"]
+    assert protos.shape == (6, 8)
