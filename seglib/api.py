@@ -167,6 +167,9 @@ def segment(
     return_probs: bool = False,
     tile: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
+    adapt_steps: int = 0,
+    adapt_seconds: float | None = None,
+    progress: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment an RGB image into ``k`` clusters (2..16).
 
@@ -182,6 +185,10 @@ def segment(
       tile: images with a side above this (default 1024) are segmented in overlapping windows
         of this size with prototypes shared across windows (``seglib.raster.segment_array``).
       overlap: minimum overlap of those windows, in pixels (0..tile/2).
+      adapt_steps: first train a copy of the model this many unsupervised steps on windows of
+        ``image`` itself (``seglib.adapt``; 0: off, the default). The model passed in is not changed.
+      adapt_seconds: stop that adaptation after this many seconds (None: no bound).
+      progress: show the adaptation's progress bar.
 
     Returns labels (H, W) uint8 with values in 0..k-1 in the stable order (label 0 the darkest
     cluster), or ``(labels, probs)``.
@@ -193,6 +200,17 @@ def segment(
     check_lane(lane)
     model = _default_model() if model is None else model
     tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    if isinstance(adapt_steps, bool) or not isinstance(adapt_steps, int) or adapt_steps < 0:
+        raise ValueError(f"adapt_steps must be an integer >= 0, got {adapt_steps!r}")
+    if adapt_steps and clusters is not None:
+        raise ValueError(
+            "adapt_steps changes the features the given clusters were fitted on; drop clusters= (or adapt_steps)"
+        )
+    if adapt_steps:
+        from .adapt import adapt
+        from .io import ArraySource
+
+        model = adapt(model, ArraySource(image), steps=adapt_steps, max_seconds=adapt_seconds, progress=progress)
     if k == "auto":
         clusters = fit_clusters(image, "auto", model, k_range=k_range, tile=tile, overlap=overlap)
     if clusters is not None:

@@ -155,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --vector: merge segments smaller than this into a neighbour first; square map units of the "
         "input's CRS (e.g. 50 = 50 m2 in UTM) or pixels (e.g. 12px)",
     )
+    p.add_argument(
+        "--adapt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first train the model N unsupervised steps on windows of each input (seglib.adapt; default 0: off)",
+    )
+    p.add_argument(
+        "--adapt-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop the adaptation of each input after S seconds even if fewer than N steps ran",
+    )
     p.add_argument("--preview", action="store_true", help="also write <stem>_preview.png in label colours")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -211,13 +225,27 @@ def predict_file(
     min_area: MinArea | None = None,
     preview: bool = False,
     progress: bool = True,
+    adapt_steps: int = 0,
+    adapt_seconds: float | None = None,
 ) -> dict:
     """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
 
     ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
-    ``"auto"`` picks the file's K first. Returns ``{"target", "k", "auto", "vector", "features"}``.
+    ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
+    the file (``seglib.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
+    fitted with the unadapted model, so they cannot be combined with it.
+    Returns ``{"target", "k", "auto", "vector", "features"}``.
     """
     from .raster import segment_raster
+
+    if adapt_steps:
+        if clusters is not None:
+            raise ValueError("--adapt changes the features that shared or saved clusters were fitted on; drop one")
+        from .adapt import adapt
+        from .io import open_source
+
+        with open_source(path) as source:
+            model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=seed, progress=progress)
 
     fitted = clusters
     if fitted is None and k == "auto":
@@ -269,6 +297,10 @@ def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
         raise ValueError("--k auto picks K for a new fit; with --clusters the file's K is used (drop --k)")
     if args.clusters is not None and args.shared_clusters:
         raise ValueError("--clusters already gives every file the same clusters; drop --shared-clusters")
+    if args.adapt and (args.clusters is not None or args.shared_clusters):
+        raise ValueError(
+            "--adapt changes each file's features, so clusters shared between files no longer fit; drop one"
+        )
     if args.save_clusters is not None and n_inputs > 1 and not args.shared_clusters:
         raise ValueError(
             "--save-clusters with several inputs needs --shared-clusters (otherwise every file has its own clusters)"
@@ -303,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
     if args.fit_windows < 1:
         parser.error("--fit-windows must be at least 1")
+    if args.adapt < 0:
+        parser.error(f"--adapt must be 0 or more steps, got {args.adapt}")
+    if args.adapt_seconds is not None and not args.adapt_seconds > 0:
+        parser.error(f"--adapt-seconds must be positive, got {args.adapt_seconds}")
 
     # Everything that can fail without touching an image fails here, before any work.
     try:
@@ -378,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                 min_area=args.min_area,
                 preview=args.preview,
                 progress=not args.quiet,
+                adapt_steps=args.adapt,
+                adapt_seconds=args.adapt_seconds,
             )
         except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
             failed.append(path)

@@ -58,6 +58,8 @@ class Method:
       infer: inference overrides passed to the model (iters, size_prior, downsample, ...).
       attrs: model attributes set before scoring, dotted paths allowed (``colour_weight``,
         ``head.denoise_iters``): settings of the head that are not arguments of a forward call.
+      adapt: keyword arguments of ``seglib.adapt.adapt`` (``steps``, ...): each image is
+        segmented by a copy of the fold model adapted to that image first (``eval_of`` methods).
       about: one line for the table's legend.
     """
 
@@ -70,6 +72,7 @@ class Method:
     eval_of: str | None = None
     infer: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+    adapt: dict = field(default_factory=dict)
     about: str = ""
 
     def overrides(self) -> dict:

@@ -58,17 +58,28 @@ def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, see
     from ..raster import predict_labels
 
     rows = []
+    if method.adapt:
+        from ..adapt import adapt
+        from ..io import ArraySource
     for name, (rgb, gt) in zip(names, tiles, strict=True):
         present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
         if len(present) < 2:
             continue
         kk = len(present) if k == "present" else int(k)
+        extra = {}
         if method.kind == "kmeans":
             pred = rgb_kmeans(rgb, kk, seed=seed)
+        elif method.adapt:
+            tic = time.perf_counter()
+            source = ArraySource((rgb * 255).round().astype(np.uint8))
+            adapted = adapt(model, source, progress=False, **method.adapt)
+            extra["adapt_seconds"] = time.perf_counter() - tic
+            extra["megapixels"] = rgb.shape[0] * rgb.shape[1] / 1e6
+            pred = predict_labels(adapted, rgb, kk, **method.infer)
         else:
             pred = predict_labels(model, rgb, kk, **method.infer)
         s = segmentation_scores(pred, gt, ignore)
-        rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in SCORE_KEYS}})
+        rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in SCORE_KEYS}, **extra})
     return rows
 
 
@@ -130,6 +141,8 @@ def run_protocol(
             key = dict(key_base, infer=method.infer, images=fold_names, models=_artifacts(method, ctx, fold))
             if method.attrs:
                 key["attrs"] = method.attrs
+            if method.adapt:
+                key["adapt"] = method.adapt
             cache = where / "scores.json"
             if cache.is_file():
                 saved = json.loads(cache.read_text())
@@ -168,8 +181,10 @@ def run_protocol(
             "eval_of": method.eval_of,
             "infer": method.infer,
             "attrs": method.attrs,
+            "adapt": method.adapt,
             **summarize(rows[method.name], SCORE_KEYS),
             "eval_seconds": round(seconds[method.name], 1),
+            "adapt_seconds_per_megapixel": _per_megapixel(rows[method.name]),
             "train_seconds": train_seconds,
         }
     pairs = list(compare)
@@ -203,6 +218,14 @@ def run_protocol(
         "nested": nested,
         "per_image": rows,
     }
+
+
+def _per_megapixel(rows: Sequence[dict]) -> float | None:
+    """Adaptation seconds per megapixel of image, over the rows that were adapted."""
+    timed = [r for r in rows if "adapt_seconds" in r]
+    if not timed:
+        return None
+    return round(sum(r["adapt_seconds"] for r in timed) / sum(r["megapixels"] for r in timed), 2)
 
 
 def format_table(result: dict) -> str:
