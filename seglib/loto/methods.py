@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from .. import recipes
 from ..config import Config, merge
-from ..recipes import RECIPES
 
 __all__ = ["Method", "METHODS", "DEFAULT_METHODS", "LotoError", "get_method", "FoldContext", "fold_model"]
 
@@ -77,10 +77,11 @@ class Method:
 
     def overrides(self) -> dict:
         if isinstance(self.recipe, str):
-            if self.recipe not in RECIPES:
-                known = ", ".join(RECIPES)
+            found = getattr(recipes, self.recipe.upper(), None)
+            if not isinstance(found, dict) or "stage" not in found:
+                known = ", ".join(n.lower() for n in recipes.__all__ if "stage" in getattr(recipes, n))
                 raise LotoError(f"method {self.name}: unknown recipe {self.recipe!r}; choose one of {known}")
-            return copy.deepcopy(RECIPES[self.recipe])
+            return copy.deepcopy(found)
         return copy.deepcopy(self.recipe or {})
 
 
@@ -201,8 +202,12 @@ def _resolved(method: Method, ctx: FoldContext, fold: str, teacher_path: Path | 
 
 
 def _fingerprint(cfg: Config) -> dict:
-    """The parts of a config that decide the trained model (not where it is written, nor threads)."""
+    """The parts of a config that decide the trained model (not where it is written, nor threads),
+    with the student's head and refinement overrides resolved against ``model.*``, so configs
+    written in an older layout (``seglib.config.upgrade_config``) compare by what they mean."""
     d = cfg.to_dict()
+    for part in ("head", "refine"):
+        d["student"][part] = {**d["model"][part], **d["student"][part]}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir")}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir", "num_workers")}
     d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
@@ -250,7 +255,9 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     }
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
-        same = {k: saved.get(k) for k in record} == record
+        if isinstance(saved.get("config"), dict):  # the saved fingerprint, read in today's layout
+            saved["config"] = _fingerprint(Config.from_dict(saved["config"]))
+        same = {k: saved.get(k) for k in record} == json.loads(json.dumps(record))
         if not same:
             raise LotoError(
                 f"{directory} holds a model trained with another config or other images than {method.name} "
