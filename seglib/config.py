@@ -260,6 +260,12 @@ class ClusterConfig:
     sinkhorn_iters: int = 3
     window: int = 0  # codes averaged over (2w+1)^2 cells before they become targets
     freeze_prototypes: int = 0  # steps at the start during which the prototypes do not move
+    swap: float = 1.0  # weight of the swapped-prediction loss
+    # Cross-channel prediction (split-brain style): a 1x1 head on the learned features predicts
+    # the mean and spread of the *colour* over a (2r+1)^2-cell window around each position, for
+    # r in colour_radii, from an input that (by default) shows only luminance texture.
+    colourize: float = 0.0  # weight of that L1 loss (0: off)
+    colour_radii: tuple[int, ...] = (1, 3)
 
 
 @dataclass
@@ -290,6 +296,8 @@ class Config:
             raise ConfigError(f"stage must be 'teacher', 'student' or 'cluster', got {self.stage!r}")
         if self.stage == "cluster" and self.cluster.arch not in ("student", "teacher"):
             raise ConfigError(f"cluster.arch must be 'student' or 'teacher', got {self.cluster.arch!r}")
+        if self.stage == "cluster" and not (self.cluster.swap > 0 or self.cluster.colourize > 0):
+            raise ConfigError("stage cluster needs cluster.swap > 0 or cluster.colourize > 0 (a loss to train on)")
         if self.data.size <= 0 or self.data.size % 16:
             raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
         if self.train.steps < 1:

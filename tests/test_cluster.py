@@ -42,6 +42,19 @@ def test_swapped_prediction_rewards_consistent_confident_views_and_punishes_coll
     assert stats["prototypes_used"] == 4 and stats["usage_entropy"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_colour_statistics_are_window_means_and_spreads():
+    from seglib.losses.cluster import colour_statistics
+
+    rgb = torch.zeros(1, 3, 16, 16)
+    rgb[..., :, 8:] = 1.0  # left half black, right half white
+    stats = colour_statistics(rgb, (4, 4), (1,))  # (1, 6, 4, 4): mean - 0.5, std
+    assert stats.shape == (1, 6, 4, 4)
+    assert torch.allclose(stats[0, :3, :, 0], torch.full((3, 4), -0.5))  # far left: black, no spread
+    assert torch.allclose(stats[0, 3:, :, 0], torch.zeros(3, 4))
+    assert torch.allclose(stats[0, :3, :, 1], torch.full((3, 4), 1 / 3 - 0.5))  # one white cell of three
+    assert float(stats[0, 3, 0, 1]) == pytest.approx((2 / 9) ** 0.5, abs=1e-5)
+
+
 def test_swapped_prediction_sends_gradient_to_both_views():
     torch.manual_seed(0)
     la = torch.randn(2, 5, 8, 8, requires_grad=True)
@@ -53,8 +66,8 @@ def test_swapped_prediction_sends_gradient_to_both_views():
     assert torch.allclose(q.sum(1), torch.ones(2, 8, 8), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["student", "teacher"])
-def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch):
+@pytest.mark.parametrize("arch,colourize", [("student", 0.0), ("teacher", 0.0), ("student", 1.0)])
+def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch, colourize):
     from seglib.config import Config
     from seglib.models import load_model
     from seglib.training.run import run
@@ -69,13 +82,15 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
             "stage": "cluster",
             "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
             "student": {"size": "tiny", "norm": "batch", "stem": "unshuffle"},
-            "cluster": {"arch": arch, "prototypes": 6, "window": 1},
+            "cluster": {"arch": arch, "prototypes": 6, "window": 1, "colourize": colourize},
             "data": {"synthetic": False, "data_dir": str(folder), "size": 32, "batch_size": 2},
             "train": {"steps": 3, "warmup": 1, "checkpoint_dir": str(tmp_path / "run"), "image_every": 2},
         }
     )
     history = run(cfg)
     assert len(history["loss/swap"]) == 3 and all(math.isfinite(v) for v in history["loss/swap"])
+    if colourize:
+        assert all(math.isfinite(v) and v > 0 for v in history["loss/colourize"])
     assert 1 <= history["diag/prototypes_used"][-1] <= 6
     model = load_model(tmp_path / "run" / f"{arch}.pt")
     labels = model(torch.rand(1, 3, 64, 64), 3)["probs"].argmax(1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import distributed as dist
 from ..augment import ViewTransform
 
-__all__ = ["sinkhorn", "balanced_codes", "swapped_prediction", "assignment_stats"]
+__all__ = ["sinkhorn", "balanced_codes", "swapped_prediction", "assignment_stats", "colour_statistics"]
 
 
 @torch.no_grad()
@@ -90,6 +90,21 @@ def swapped_prediction(
     ce_a = -(q_b_in_a * F.log_softmax(logits_a.float(), 1)).sum(1, keepdim=True)
     ce_a = (ce_a * covered).sum() / covered.sum().clamp_min(1.0)
     return 0.5 * (ce_a + ce_b)
+
+
+@torch.no_grad()
+def colour_statistics(rgb: torch.Tensor, size: tuple[int, int], radii: tuple[int, ...]) -> torch.Tensor:
+    """Targets of the cross-channel prediction: for each radius r, the mean and the standard
+    deviation of the colour over (2r+1)^2 cells of the stride grid ``size``, as
+    (B, 6 * len(radii), h, w). Region-level colour statistics: a network that sees only
+    luminance texture must recognise what kind of surface a region is to predict them."""
+    cells = F.adaptive_avg_pool2d(rgb.float(), size)  # (B, 3, h, w)
+    out = []
+    for r in radii:
+        mean = F.avg_pool2d(cells, 2 * r + 1, 1, r, count_include_pad=False)
+        sq = F.avg_pool2d(cells.square(), 2 * r + 1, 1, r, count_include_pad=False)
+        out += [mean - 0.5, (sq - mean.square()).clamp_min(0).sqrt()]
+    return torch.cat(out, 1)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from ..augment import make_views
 from ..checkpoint import FORMAT, save_atomic
 from ..config import Config
 from ..data.batches import sample_rngs
-from ..losses.cluster import assignment_stats, swapped_prediction
+from ..losses.cluster import assignment_stats, colour_statistics, swapped_prediction
 from ..models.student import StudentModelConfig, StudentSegmenter
 from ..models.teacher import MonolithicSegmenter
 from .loop import StepOutput
@@ -55,10 +55,12 @@ class ClusterModule(nn.Module):
       dim: width of the learned features.
     """
 
-    def __init__(self, segmenter: nn.Module, *, prototypes: int, dim: int):
+    def __init__(self, segmenter: nn.Module, *, prototypes: int, dim: int, colour_outputs: int = 0):
         super().__init__()
         self.segmenter = segmenter
         self.prototypes = nn.Parameter(torch.randn(prototypes, dim))
+        # Training only: predicts region colour statistics from the learned features.
+        self.colour_head = nn.Conv2d(dim, colour_outputs, 1) if colour_outputs else None
 
     def forward(self, rgb: torch.Tensor, *, temperature: float, freeze: bool = False) -> dict[str, torch.Tensor]:
         """{"features": (B, F, h, w), "logits": (B, C, h, w)} for rgb (B, 3, H, W)."""
@@ -66,7 +68,10 @@ class ClusterModule(nn.Module):
         unit = F.normalize(features, dim=1)
         protos = F.normalize(self.prototypes.detach() if freeze else self.prototypes, dim=1)  # (C, F)
         logits = torch.einsum("bfhw,cf->bchw", unit, protos) / temperature  # (B, C, h, w)
-        return {"features": features, "logits": logits}
+        out = {"features": features, "logits": logits}
+        if self.colour_head is not None:
+            out["colour"] = self.colour_head(features)  # (B, 6 * radii, h, w)
+        return out
 
 
 class ClusterTask:
@@ -83,7 +88,10 @@ class ClusterTask:
         self.cfg, self.device = cfg, device
         segmenter = build_segmenter(cfg)
         dim = cfg.model.encoder.embed_dim
-        self.model = ClusterModule(segmenter, prototypes=cfg.cluster.prototypes, dim=dim).to(device)
+        outputs = 6 * len(cfg.cluster.colour_radii) if cfg.cluster.colourize > 0 else 0
+        self.model = ClusterModule(segmenter, prototypes=cfg.cluster.prototypes, dim=dim, colour_outputs=outputs).to(
+            device
+        )
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
         cfg, c = self.cfg, self.cfg.cluster
@@ -93,15 +101,28 @@ class ClusterTask:
         b = rgb.shape[0]
         out = model(torch.cat([view_a, view_b]), temperature=c.temperature, freeze=index < c.freeze_prototypes)
         logits_a, logits_b = out["logits"][:b], out["logits"][b:]  # (B, C, h, w) each
-        loss = swapped_prediction(
-            logits_a, logits_b, transform, eps=c.sinkhorn_eps, iters=c.sinkhorn_iters, window=c.window
-        )
+        terms = {}
+        if c.swap > 0:
+            terms["swap"] = swapped_prediction(
+                logits_a, logits_b, transform, eps=c.sinkhorn_eps, iters=c.sinkhorn_iters, window=c.window
+            )
+        if c.colourize > 0:
+            # Targets from the crops before photometric jitter (view B: the same warp, no jitter).
+            size = logits_a.shape[-2:]
+            target = torch.cat(
+                [
+                    colour_statistics(rgb, size, c.colour_radii),
+                    colour_statistics(transform.to_view(rgb), size, c.colour_radii),
+                ]
+            )
+            terms["colourize"] = F.l1_loss(out["colour"].float(), target)
+        terms["total"] = c.swap * terms.get("swap", 0.0) + c.colourize * terms.get("colourize", 0.0)
         stats = assignment_stats(logits_a.detach())
         scalars = {f"diag/{k}": v for k, v in stats.items()}
         scalars["diag/feature_std"] = float(out["features"].detach().std(dim=(0, 2, 3)).mean())
         # TensorBoard's palette has 16 colours: show the winning prototype, modulo 16.
         winner = F.one_hot(logits_a.detach().argmax(1) % 16, 16).permute(0, 3, 1, 2).float()  # (B, 16, h, w)
-        return StepOutput(terms={"swap": loss, "total": loss}, n_images=b, rgb=view_a, probs=winner, scalars=scalars)
+        return StepOutput(terms=terms, n_images=b, rgb=view_a, probs=winner, scalars=scalars)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
