@@ -31,6 +31,7 @@ __all__ = [
     "K_MAX",
     "LANES",
     "check_k",
+    "check_patterns",
     "check_lane",
     "ConfigError",
     "EncoderConfig",
@@ -72,6 +73,23 @@ def check_k(k: object) -> int:
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"K must be in {K_MIN}..{K_MAX} (got {k}); pick a number of segments in that range")
     return k
+
+
+def check_patterns(patterns: object, what: str) -> tuple[str, ...]:
+    """Validate a list of file-name glob patterns (``data.include`` / ``data.exclude``);
+    ``ValueError`` naming ``what`` and the fix."""
+    if isinstance(patterns, str):
+        raise ValueError(
+            f"{what} must be a list of glob patterns, got the string {patterns!r}; wrap it: [{patterns!r}]"
+        )
+    out = []
+    for p in patterns or ():
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"{what} holds {p!r}; every pattern must be a non-empty glob such as '*_t1*'")
+        if "/" in p or "\\" in p:
+            raise ValueError(f"{what} pattern {p!r} contains a path separator; patterns match file names only")
+        out.append(p)
+    return tuple(out)
 
 
 def check_lane(lane: object) -> None:
@@ -164,11 +182,9 @@ class RandomizeConfig:
 class DataConfig:
     synthetic: bool = True  # procedural tiles with labels; False reads data_dir
     data_dir: str = "data/images"  # folder of RGB tiles (PNG, JPEG, GeoTIFF) when not synthetic
-    # Glob patterns on file names (or stems) choosing images of data_dir: include keeps the
-    # matches (empty: all), exclude then drops its matches; a pattern matching nothing is an
-    # error. E.g. include ["*t1", "*t2"] trains on two source tiles (seglib.loto's folds).
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    # Glob patterns on file names or stems (a pattern matching no file is an error):
+    include: tuple[str, ...] = ()  # train only on the images of data_dir that match one (empty: all), e.g. ["*t1"]
+    exclude: tuple[str, ...] = ()  # then leave out those that match one (seglib.loto's held-out tile)
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
     extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
@@ -257,15 +273,14 @@ class ClusterConfig:
     prototypes: int = 32  # C, shared by every image; several times the classes one expects
     temperature: float = 0.1  # softmax temperature of the cosine similarity to the prototypes
     sinkhorn_eps: float = 0.05  # entropic regularisation of the balanced codes
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp normalisations of the codes
     window: int = 0  # codes averaged over (2w+1)^2 cells before they become targets
     freeze_prototypes: int = 0  # steps at the start during which the prototypes do not move
     swap: float = 1.0  # weight of the swapped-prediction loss
     # Cross-channel prediction (split-brain style): a 1x1 head on the learned features predicts
-    # the mean and spread of the *colour* over a (2r+1)^2-cell window around each position, for
-    # r in colour_radii, from an input that (by default) shows only luminance texture.
+    # the mean and spread of the colour around each position from luminance texture.
     colourize: float = 0.0  # weight of that L1 loss (0: off)
-    colour_radii: tuple[int, ...] = (1, 3)
+    colour_radii: tuple[int, ...] = (1, 3)  # window radii (cells) of those colour statistics
 
 
 @dataclass
@@ -316,8 +331,6 @@ class Config:
             raise ConfigError(f"model.downsample and randomize.downsample take 1 or 2, got {bad}")
         if self.student.downsample not in (0, 1, 2):
             raise ConfigError(f"student.downsample must be 0 (the teacher's), 1 or 2, got {self.student.downsample}")
-        from .data.select import check_patterns
-
         for key in ("include", "exclude"):
             try:
                 check_patterns(getattr(self.data, key), f"data.{key}")

@@ -13,25 +13,10 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ..config import check_patterns
 from ..io import ImageReadError
 
 __all__ = ["check_patterns", "matches", "select_images"]
-
-
-def check_patterns(patterns: object, what: str) -> tuple[str, ...]:
-    """Validate a list of glob patterns; raises ``ValueError`` naming ``what`` and the fix."""
-    if isinstance(patterns, str):
-        raise ValueError(
-            f"{what} must be a list of glob patterns, got the string {patterns!r}; wrap it: [{patterns!r}]"
-        )
-    out = []
-    for p in patterns or ():
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"{what} holds {p!r}; every pattern must be a non-empty glob such as '*_t1*'")
-        if "/" in p or "\\" in p:
-            raise ValueError(f"{what} pattern {p!r} contains a path separator; patterns match file names only")
-        out.append(p)
-    return tuple(out)
 
 
 def matches(path: str | Path, patterns: Sequence[str]) -> bool:
