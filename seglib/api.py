@@ -34,7 +34,7 @@ from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
 from .models import load_model
 from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling, model_stride, segment_array
 
-__all__ = ["load_model", "check_image", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
+__all__ = ["load_model", "check_image", "check_mask", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
 
 _ROWS = 256  # rows per chunk when scanning float images for NaN and range (bounded memory)
 
@@ -62,7 +62,7 @@ def check_image(image: object) -> np.ndarray:
     c = image.shape[-1]
     if c != 3:
         if c == 4:
-            fix = "drop alpha (or NIR): image[..., :3]"
+            fix = "drop alpha (or NIR): image[..., :3]; for alpha, also pass mask=image[..., 3] > 0"
         elif c == 2:
             fix = "grayscale + alpha: np.repeat(image[..., :1], 3, axis=-1)"
         elif image.shape[0] in (3, 4):
@@ -84,7 +84,7 @@ def check_image(image: object) -> np.ndarray:
         if not np.isfinite(rows).all():
             raise ValueError(
                 "image contains NaN or inf pixels; replace them first, e.g. np.nan_to_num(image, nan=0.0, "
-                "posinf=1.0, neginf=0.0)"
+                "posinf=1.0, neginf=0.0), or mark them as nodata: mask=np.isfinite(image).all(-1)"
             )
         lo, hi = min(lo, float(rows.min())), max(hi, float(rows.max()))
     if lo < 0 or hi > 1:
@@ -156,6 +156,24 @@ def resolve_clusters(
     return clusters
 
 
+def check_mask(mask: object, image: object) -> np.ndarray | None:
+    """Validate a ``segment`` mask; raises ``ValueError`` that names the problem and the fix."""
+    if mask is None:
+        return None
+    shape = getattr(image, "shape", None)
+    if not isinstance(mask, np.ndarray) or mask.dtype != bool:
+        got = f"{type(mask).__name__} {getattr(mask, 'dtype', '')}".strip()
+        raise ValueError(
+            f"mask must be a boolean NumPy array (H, W), True where the pixel is data, got {got}; e.g. mask=alpha > 0"
+        )
+    if shape is None or mask.shape != tuple(shape[:2]):
+        want = tuple(shape[:2]) if shape else "(H, W)"
+        raise ValueError(f"mask must have the image's height and width {want}, got {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask has no True pixel: nothing to segment (True marks the pixels that are data)")
+    return mask
+
+
 def segment(
     image: np.ndarray,
     k: int | str | None = None,
@@ -170,6 +188,7 @@ def segment(
     adapt_steps: int = 0,
     adapt_seconds: float | None = None,
     progress: bool = False,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment an RGB image into ``k`` clusters (2..16).
 
@@ -189,14 +208,24 @@ def segment(
         ``image`` itself (``seglib.adapt``; 0: off, the default). The model passed in is not changed.
       adapt_seconds: stop that adaptation after this many seconds (None: no bound).
       progress: show the adaptation's progress bar.
+      mask: (H, W) bool, True where the pixel is image data and False for nodata (GDAL's
+        meaning of a mask; e.g. ``alpha > 0``, or ``~masked_array.mask.any(-1)``). Nodata pixels
+        are left out of the clusters, may hold anything (NaN too) and are labelled 255.
 
     Returns labels (H, W) uint8 with values in 0..k-1 in the stable order (label 0 the darkest
-    cluster), or ``(labels, probs)``.
+    cluster; 255 where ``mask`` is False), or ``(labels, probs)`` (the probabilities of nodata
+    pixels are not meaningful).
     """
+    float_image = isinstance(image, np.ndarray) and image.ndim == 3 and np.issubdtype(image.dtype, np.floating)
+    if mask is not None and float_image and not np.isfinite(image[~check_mask(mask, image)]).all():
+        image = np.where(mask[..., None], image, 0.0).astype(image.dtype)  # nodata may be NaN
     image = check_image(image)
+    mask = check_mask(mask, image)
     k = None if k is None and clusters is not None else _check_k_or_auto(k)  # None alone: check_k says so
     if clusters is not None and k == "auto":
         raise ValueError("k='auto' picks K for a new fit; with clusters= the clusters' K is used (pass k=None)")
+    if mask is not None and k == "auto":
+        raise ValueError("k='auto' does not take a mask yet; pass an integer K (or fit_clusters on the valid part)")
     check_lane(lane)
     model = _default_model() if model is None else model
     tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
@@ -210,7 +239,8 @@ def segment(
         from .adapt import adapt
         from .io import ArraySource
 
-        model = adapt(model, ArraySource(image), steps=adapt_steps, max_seconds=adapt_seconds, progress=progress)
+        source = ArraySource(image, valid=mask)
+        model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, progress=progress)
     if k == "auto":
         clusters = fit_clusters(image, "auto", model, k_range=k_range, tile=tile, overlap=overlap)
     if clusters is not None:
@@ -225,5 +255,6 @@ def segment(
             overlap=overlap,
             return_probs=return_probs,
             clusters=fitted.head_clusters(device),
+            mask=mask,
         )
-    return segment_array(model, image, k, lane=lane, tile=tile, overlap=overlap, return_probs=return_probs)
+    return segment_array(model, image, k, lane=lane, tile=tile, overlap=overlap, return_probs=return_probs, mask=mask)

@@ -5,14 +5,35 @@ resolution. Hard k-means here is plain Lloyd with k-means++ seeding, fitted on a
 and then assigned to every pixel, seeded so a run is repeatable. ``shared_rgb_kmeans`` fits one
 set of colour centres on pixels sampled from every image of a set (one legend for all, the
 baseline of shared clusters).
+
+``block_kmeans`` is the predecessor QGIS plugin's own k-means pipeline as we understand it (the
+Quant Civil "QGIS Map Segmentation" plugin's K-Means mode; reimplemented here, not copied): a
+3 x 3 box smoothing of the RGB values, their means over 4 x 4 pixel blocks, k-means on a sample
+of those block means, every block assigned to its nearest centre, and the block labels
+repeated back to full resolution. ``block_features`` is its feature step, shared with the
+streaming version over a raster (``seglib.raster_bench``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["kmeans", "rgb_kmeans", "shared_rgb_kmeans"]
+__all__ = [
+    "kmeans",
+    "rgb_kmeans",
+    "shared_rgb_kmeans",
+    "block_features",
+    "block_kmeans",
+    "BLOCK",
+    "BLOCK_SMOOTH",
+    "BLOCK_SAMPLE",
+]
+
+BLOCK = 4  # the predecessor's block side in pixels
+BLOCK_SMOOTH = 3  # its box smoothing before the block means
+BLOCK_SAMPLE = 20_000  # block means its k-means is fitted on, at most
 
 
 def kmeans(
@@ -86,3 +107,32 @@ def shared_rgb_kmeans(
         for rgb in images
     ]
     return labels, centres
+
+
+def block_features(rgb: torch.Tensor, *, block: int = BLOCK, smooth: int = BLOCK_SMOOTH) -> torch.Tensor:
+    """Block means (B, 3, ceil(H/block), ceil(W/block)) of the box-smoothed rgb (B, 3, H, W).
+
+    The ``smooth`` x ``smooth`` box mean averages only the pixels inside the image at its edges;
+    a partial block at the bottom/right edge averages the pixels it has."""
+    x = rgb.float()
+    if smooth > 1:
+        x = F.avg_pool2d(x, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
+    return F.avg_pool2d(x, block, ceil_mode=True)
+
+
+def block_kmeans(
+    rgb: np.ndarray,
+    k: int,
+    *,
+    block: int = BLOCK,
+    smooth: int = BLOCK_SMOOTH,
+    sample: int = BLOCK_SAMPLE,
+    seed: int = 0,
+) -> np.ndarray:
+    """The predecessor's pipeline on one image (H, W, 3) -> labels (H, W) int64 (module docstring)."""
+    x = torch.as_tensor(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1).contiguous()[None]  # (1, 3, H, W)
+    feats = block_features(x, block=block, smooth=smooth)[0]  # (3, h, w)
+    _, h, w = feats.shape
+    labels, _ = kmeans(feats.reshape(3, -1).T, k, seed=seed, sample=sample)  # (h*w,)
+    full = labels.reshape(h, w).repeat_interleave(block, 0).repeat_interleave(block, 1)  # (h*block, w*block)
+    return full[: rgb.shape[0], : rgb.shape[1]].numpy()

@@ -2,6 +2,7 @@
 
     python -m seglib.bench --device cpu --batch 2 --size 256 --k 16 --cluster-iters 6 --amp 0
     python -m seglib.bench --device cuda --batch 8 --size 512 --k 16 --amp 1 --json
+    python -m seglib.bench --raster        # a 37.7 Mpx GeoTIFF: seglib vs the predecessor (raster_bench)
 
 Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` timed runs:
 
@@ -81,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="Python config file (get_config/CONFIG) for the model")
     p.add_argument("--skip-train", action="store_true", help="only the inference latencies")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
+    _add_raster_arguments(p)
     return p
+
+
+def _add_raster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("raster benchmark (seglib.raster_bench)")
+    g.add_argument("--raster", action="store_true", help="time a large GeoTIFF, seglib beside the predecessor")
+    g.add_argument("--raster-size", type=int, default=6144, help="side of the square test raster (default 6144)")
+    g.add_argument("--raster-k", type=int, default=6, help="K for the raster benchmark (default 6)")
+    g.add_argument("--raster-repeats", type=int, default=3, help="runs of each pipeline, in turns (default 3)")
 
 
 def _sync(device: torch.device) -> None:
@@ -226,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    if args.raster:
+        from .raster_bench import raster_benchmark
+
+        result = raster_benchmark(
+            size=args.raster_size, k=args.raster_k, repeats=args.raster_repeats, threads=torch.get_num_threads()
+        )
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
     cfg = Config()
     try:
         if args.config:

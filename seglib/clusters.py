@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_k
-from .io import ArraySource, open_source
+from .io import ArraySource, open_source, temporary_path
 from .models.head import Clusters, HeadOutput, brightness_order, farthest_point_init, soft_kmeans
 from .raster import axis_windows, check_tiling, model_stride, pad_to_stride, to_tensor
 
@@ -175,7 +175,7 @@ class FittedClusters:
         """Write the JSON clusters file atomically (temporary file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temporary_path(path)  # unique: runs may share a folder
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         os.replace(tmp, path)
         return path

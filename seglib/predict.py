@@ -176,23 +176,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_paths(inputs: list[Path], output: Path) -> dict[Path, Path]:
+def output_paths(
+    inputs: list[Path], output: Path, *, preview: bool = False, vector: str | None = None
+) -> dict[Path, Path]:
     """The label file of every input: ``<stem>.tif`` for GeoTIFFs, ``<stem>.png`` otherwise.
-    Two inputs that would write the same file, or a target that is an input, raise ``ValueError``."""
-    seen: dict[Path, Path] = {}  # target -> input
+
+    Any two files of the run that would be the same file (two inputs' labels, or one input's
+    ``<stem>_preview.png`` (``preview``) or polygons (``vector``) and another's labels), or an
+    output that is an input, raise ``ValueError`` naming both: nothing is overwritten by its own run."""
     sources = {p.resolve() for p in inputs}
+    writes: dict[Path, str] = {}  # every file the run writes -> what writes it
+    targets: dict[Path, Path] = {}
     for path in inputs:
         target = output / (path.stem + (".tif" if path.suffix.lower() in GEOTIFF_SUFFIXES else ".png"))
-        if target in seen:
-            raise ValueError(f"{seen[target].name} and {path.name} would both write {target}; rename one of them")
-        if target.resolve() in sources:
-            raise ValueError(f"{target} would overwrite an input image; choose another --output folder")
-        seen[target] = path
-    return {path: target for target, path in seen.items()}
+        files = {target: f"the labels of {path.name}"}
+        if preview:
+            files[preview_path(target)] = f"the preview of {path.name}"
+        if vector is not None:
+            files[target.with_suffix(VECTOR_FORMATS[vector][1])] = f"the polygons of {path.name}"
+        for file, what in files.items():
+            if file in writes:
+                raise ValueError(f"{writes[file]} and {what} would both be {file}; rename one of the inputs")
+            if file.resolve() in sources:
+                raise ValueError(f"{file} ({what}) would overwrite an input image; choose another --output folder")
+            writes[file] = what
+        targets[path] = target
+    return targets
+
+
+def preview_path(target: Path) -> Path:
+    """``<stem>_preview.png`` beside a label file."""
+    return target.with_name(target.stem + "_preview.png")
+
+
+def check_output_folder(output: Path) -> None:
+    """``ValueError`` when ``--output`` is, or lies under, something that is not a folder."""
+    for folder in (output, *output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is" if folder == output else f"lies under {folder}, which is"
+                raise ValueError(f"--output {output} {where} a file, not a folder; choose a folder")
+            return
 
 
 def _preview(labels_file: Path, path: Path) -> None:
-    """Colour preview of a label file; a label GeoTIFF is read decimated so large rasters stay cheap."""
+    """Colour preview of a label file (nodata black); a label GeoTIFF is read decimated so large
+    rasters stay cheap."""
+    from .raster import NODATA
     from .viz import colourize
 
     if labels_file.suffix.lower() in GEOTIFF_SUFFIXES:
@@ -205,7 +235,9 @@ def _preview(labels_file: Path, path: Path) -> None:
             labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
     else:
         labels = read_mask(labels_file)
-    write_png(colourize(labels).astype(np.uint8), path)
+    rgb = colourize(labels).astype(np.uint8)
+    rgb[labels == NODATA] = 0
+    write_png(rgb, path)
 
 
 def predict_file(
@@ -285,7 +317,7 @@ def predict_file(
         result["vector"] = target.with_suffix(VECTOR_FORMATS[vector][1])
         result["features"] = polygonize(target, result["vector"], vector_format=vector, min_area=min_area)["features"]
     if preview:
-        _preview(target, target.with_name(target.stem + "_preview.png"))
+        _preview(target, preview_path(target))
     return result
 
 
@@ -330,6 +362,14 @@ def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the temporary files are already removed on the way out
+        print("interrupted: stopped, no partial output left", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s")
@@ -352,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             inputs = [args.input]
         else:
             raise ImageReadError(f"input not found: {args.input}")
-        targets = output_paths(inputs, args.output)
+        check_output_folder(args.output)
+        targets = output_paths(inputs, args.output, preview=args.preview, vector=args.vector)
         _check_options(args, len(targets))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,8 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_k, check_lane
-from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, write_png
+from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, temporary_path, write_png
 from .models.head import Clusters, brightness_order
+from .stages import RowWriter, prefetch, timed
 from .viz import PALETTE, progress_bar
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
     "predict_probs",
     "predict_labels",
     "check_tiling",
+    "argmax_labels",
+    "NODATA",
     "axis_windows",
     "axis_weights",
     "fit_clusters",
@@ -71,11 +75,13 @@ __all__ = [
 log = logging.getLogger("seglib.raster")
 
 Source = ArraySource | RasterSource
+Layout = tuple[int, list[int], int, list[int], int]  # stride, row starts, window height, column starts, width
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
 FIT_PIXELS = 4 << 20  # pixels of the sampled windows the clusters are fitted on, at most
-GDAL_CACHE_MB = 64  # GDAL's block cache (default: 5% of RAM) while a raster is segmented
+NODATA = 255  # the label of masked (nodata) pixels, outside every K's labels 0..K-1
+GDAL_CACHE_MB = 64  # GDAL's block cache in MiB (default: 5% of RAM) while a raster is segmented
 
 
 # ----------------------------------------------------------------------------- one piece
@@ -111,10 +117,25 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def pad_valid(valid: torch.Tensor | None, multiple: int) -> torch.Tensor | None:
+    """Pad a (B, h, w) bool mask like ``pad_to_stride`` pads the image: the padding is not data."""
+    if valid is None:
+        return None
+    h, w = valid.shape[-2:]
+    return F.pad(valid, (0, (-w) % multiple, 0, (-h) % multiple), value=False)
+
+
+def _valid_tensor(valid: np.ndarray | None) -> torch.Tensor | None:
+    return None if valid is None else torch.from_numpy(np.ascontiguousarray(valid))[None]  # (1, h, w)
+
+
 @torch.no_grad()
 def _forward(model: torch.nn.Module, rgb: torch.Tensor, k: int, **kwargs) -> dict[str, torch.Tensor]:
     h, w = rgb.shape[-2:]
-    x = pad_to_stride(rgb.to(_device(model)), model_stride(model, kwargs.get("downsample")))
+    multiple = model_stride(model, kwargs.get("downsample"))
+    x = pad_to_stride(rgb.to(_device(model)), multiple)
+    if kwargs.get("valid") is not None:
+        kwargs["valid"] = pad_valid(kwargs["valid"], multiple)
     out = model(x, k, **kwargs)
     out["probs"] = out["probs"][..., :h, :w]
     if kwargs.get("clusters") is None:  # clusters fitted here, per image: stable ids
@@ -222,7 +243,88 @@ def check_tiling(tile: int, overlap: int, multiple: int) -> int:
 # ----------------------------------------------------------------------------- segmentation
 
 
+def _bands_tensor(bands: np.ndarray) -> torch.Tensor:
+    """uint8 (3, h, w) -> (1, 3, h, w) float32 in [0, 1]: the values ``to_tensor`` gives, in the
+    layout the model takes (no transpose). NumPy, not torch: it runs in the reader thread, where
+    a torch op would start a second OpenMP team beside the model's and oversubscribe the cores."""
+    x = bands.astype(np.float32)
+    x /= 255.0
+    return torch.from_numpy(x)[None]
+
+
+def argmax_labels(probs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 (h, w) index of the largest of the K values (K, h, w), the first one on ties.
+
+    ``torch.max`` over K, not ``np.argmax``: the model's probabilities come out channels-last
+    (the fast lane's layout), where NumPy's argmax over K is several times slower."""
+    return torch.as_tensor(probs).max(0).indices.to(torch.uint8).numpy()
+
+
+def _layout(model: torch.nn.Module, source: Source, tile: int, overlap: int) -> Layout:
+    """(stride, row starts, window height, column starts, window width) of the window grid
+    (``tile`` as ``check_tiling`` returns it)."""
+    m = model_stride(model)
+    ys, lh = axis_windows(source.height, tile, overlap, m)
+    xs, lw = axis_windows(source.width, tile, overlap, m)
+    return m, ys, lh, xs, lw
+
+
+def _fit_sample(layout: Layout, fit_windows: int, fit_pixels: int, seed: int) -> list[tuple[int, int]]:
+    """The (y, x) starts of the windows the clusters are fitted on (see ``fit_clusters``)."""
+    _, ys, lh, xs, lw = layout
+    grid = [(y, x) for y in ys for x in xs]
+    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
+    edges = np.linspace(0, len(grid), n + 1).astype(int)
+    rng = np.random.default_rng(seed)
+    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [grid[i] for i in pick]
+
+
 @torch.no_grad()
+def _fit(
+    model: torch.nn.Module,
+    source: Source,
+    k: int,
+    layout: Layout,
+    *,
+    fit_windows: int,
+    fit_pixels: int,
+    seed: int,
+    times: dict[str, float] | None = None,
+) -> tuple[Clusters, dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]]:
+    """The clusters of ``fit_clusters``, and the windows read for them ((uint8 (3, h, w), valid)
+    by (y, x)), so the pass over the raster does not read them again.
+
+    Nodata pixels are left out of the fit; a sampled window without a valid pixel is replaced
+    by the next window (in a seeded order) that has one."""
+    m, ys, lh, xs, lw = layout
+    sample = _fit_sample(layout, fit_windows, fit_pixels, seed)
+    grid = [(y, x) for y in ys for x in xs]
+    spare = [grid[i] for i in np.random.default_rng(seed).permutation(len(grid)) if grid[i] not in sample]
+    reads: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+    with timed(times, "read"):
+        for y, x in sample:
+            while True:
+                rgb, valid = source.read_masked(y, x, min(lh, source.height - y), min(lw, source.width - x))
+                if valid is None or valid.any():
+                    reads[(y, x)] = (rgb, valid)
+                    break
+                if not spare:  # every window left is nodata
+                    break
+                y, x = spare.pop(0)  # all nodata: another window instead
+    if not reads:
+        raise ValueError(f"{Path(source.name).name}: no valid pixels (all nodata or masked); nothing to segment")
+    with timed(times, "fit"):
+        batch = torch.cat([pad_to_stride(_bands_tensor(rgb), m) for rgb, _ in reads.values()])  # (N, 3, lh, lw)
+        valid = None
+        if any(v is not None for _, v in reads.values()):
+            masks = [np.ones(rgb.shape[1:], bool) if v is None else v for rgb, v in reads.values()]
+            valid = torch.cat([pad_valid(_valid_tensor(v), m) for v in masks]).to(_device(model))  # (N, lh, lw)
+        masked = {} if valid is None else {"valid": valid}  # models without nodata support still work
+        clusters = model.fit_clusters(batch.to(_device(model)), k, **masked).ordered()
+    return clusters, reads
+
+
 def fit_clusters(
     model: torch.nn.Module,
     source: Source,
@@ -242,21 +344,106 @@ def fit_clusters(
     memory. The grid is split into that many equal runs (row-major) and one window is drawn
     from each, so the sample covers the whole raster. ``tile`` as ``check_tiling`` returns it.
     """
-    m = model_stride(model)
-    ys, lh = axis_windows(source.height, tile, overlap, m)
-    xs, lw = axis_windows(source.width, tile, overlap, m)
-    grid = [(y, x) for y in ys for x in xs]
-    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
-    edges = np.linspace(0, len(grid), n + 1).astype(int)
-    rng = np.random.default_rng(seed)
-    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    windows = [grid[i] for i in pick]
-    reads = [source.read(y, x, min(lh, source.height - y), min(lw, source.width - x)) for y, x in windows]
-    batch = torch.cat([pad_to_stride(to_tensor(rgb), m) for rgb in reads])  # (N, 3, h, w): all the same size
-    return model.fit_clusters(batch.to(_device(model)), k).ordered()
+    layout = _layout(model, source, tile, overlap)
+    return _fit(model, source, k, layout, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)[0]
 
 
 @torch.no_grad()
+def _cells(
+    model: torch.nn.Module,
+    source: Source,
+    k: int,
+    clusters: Clusters,
+    layout: Layout,
+    *,
+    lane: str | None,
+    want_probs: bool,
+    progress: bool,
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] | None = None,
+    times: dict[str, float] | None = None,
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
+    """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell.
+
+    Windows are read (and stretched) one or two ahead in a background thread while the model
+    runs. A cell that only one window covers has blend weight 1 there, so its labels are that
+    window's argmax and its probabilities a view of the window's; the other cells accumulate
+    their weighted probabilities until the last window covering them has been added. Nodata
+    pixels get the label ``NODATA``.
+    """
+    m, ys, lh, xs, lw = layout
+    wy, wx = axis_weights(ys, lh, source.height), axis_weights(xs, lw, source.width)
+    cuts_y = sorted({*ys, *(min(y + lh, source.height) for y in ys)})
+    cuts_x = sorted({*xs, *(min(x + lw, source.width) for x in xs)})
+
+    def cover(starts: list[int], length: int, cuts: list[int]) -> tuple[list[list[int]], list[int], list[bool]]:
+        # Cells inside each window, the last window covering each cell, and whether only one does.
+        cells = [[i for i in range(len(cuts) - 1) if s <= cuts[i] and cuts[i + 1] <= s + length] for s in starts]
+        last = [max(r for r, cs in enumerate(cells) if i in cs) for i in range(len(cuts) - 1)]
+        alone = [sum(i in cs for cs in cells) == 1 for i in range(len(cuts) - 1)]
+        return cells, last, alone
+
+    rows_of, last_row, alone_y = cover(ys, lh, cuts_y)
+    cols_of, last_col, alone_x = cover(xs, lw, cuts_x)
+    device = _device(model)
+    clusters = clusters.to(device)
+    cache = {} if cache is None else cache
+
+    def windows() -> Iterator[tuple[int, int, int, int, torch.Tensor, np.ndarray | None]]:  # the reader thread
+        for r, y in enumerate(ys):
+            for c, x in enumerate(xs):
+                h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
+                with timed(times, "read"):
+                    cached = cache.pop((y, x), None)
+                    rgb, valid = source.read_masked(y, x, h, w) if cached is None else cached
+                    tensor = pad_to_stride(_bands_tensor(rgb), m)  # (1, 3, lh, lw)
+                yield r, c, h, w, tensor, valid
+
+    wy = [torch.from_numpy(w) for w in wy]
+    wx = [torch.from_numpy(w) for w in wx]
+    pending: dict[tuple[int, int], torch.Tensor] = {}  # cell -> blended probs so far (K, ch, cw)
+    with progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
+        for r, c, h, w, rgb, valid in prefetch(windows(), depth=2, times=times):
+            y, x = ys[r], xs[c]
+            with timed(times, "model"):
+                out = model(rgb.to(device), k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
+                probs = out[0, :, :h, :w].float().cpu()  # (K, h, w), padding cropped
+            with timed(times, "blend"):
+                # The cells only this window covers form one rectangle: label it in one go.
+                ri = [i for i in rows_of[r] if alone_y[i]]
+                cj = [j for j in cols_of[c] if alone_x[j]]
+                if ri and cj:
+                    top, left = cuts_y[ri[0]], cuts_x[cj[0]]
+                    inner = probs[:, top - y : cuts_y[ri[-1] + 1] - y, left - x : cuts_x[cj[-1] + 1] - x]
+                    inner_labels = argmax_labels(inner)
+                    if valid is not None:
+                        inner_valid = valid[top - y : cuts_y[ri[-1] + 1] - y, left - x : cuts_x[cj[-1] + 1] - x]
+                        inner_labels[~inner_valid] = NODATA
+                done = []
+                for i in rows_of[r]:
+                    for j in cols_of[c]:
+                        cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
+                        if alone_y[i] and alone_x[j]:  # weight 1: the window's own labels
+                            sy = slice(cuts_y[i] - top, cuts_y[i + 1] - top)
+                            sx = slice(cuts_x[j] - left, cuts_x[j + 1] - left)
+                            cell = probs[:, cy, cx].numpy() if want_probs else None
+                            done.append((cuts_y[i], cuts_x[j], inner_labels[sy, sx], cell))
+                            continue
+                        part = probs[:, cy, cx] * (wy[r][cy, None] * wx[c][None, cx])  # (K, ch, cw), weighted
+                        acc = pending.get((i, j))
+                        if acc is None:
+                            pending[(i, j)] = acc = part
+                        else:
+                            acc += part
+                        if last_row[i] == r and last_col[j] == c:
+                            del pending[(i, j)]
+                            labels = argmax_labels(acc)
+                            if valid is not None:  # the cell's pixels, as every window covering it reads them
+                                labels[~valid[cy, cx]] = NODATA
+                            done.append((cuts_y[i], cuts_x[j], labels, acc.numpy() if want_probs else None))
+            yield from done
+            bar.update()
+
+
 def iter_blended(
     model: torch.nn.Module,
     source: Source,
@@ -273,43 +460,88 @@ def iter_blended(
     Cells are cut by all window edges; rows of cells finish top to bottom. Only cells still
     waiting for a later window are held in memory. ``tile`` as ``check_tiling`` returns it.
     """
-    m = model_stride(model)
-    ys, lh = axis_windows(source.height, tile, overlap, m)
-    xs, lw = axis_windows(source.width, tile, overlap, m)
-    wy, wx = axis_weights(ys, lh, source.height), axis_weights(xs, lw, source.width)
-    cuts_y = sorted({*ys, *(min(y + lh, source.height) for y in ys)})
-    cuts_x = sorted({*xs, *(min(x + lw, source.width) for x in xs)})
+    layout = _layout(model, source, tile, overlap)
+    for y, x, _, probs in _cells(model, source, k, clusters, layout, lane=lane, want_probs=True, progress=progress):
+        yield y, x, probs
 
-    def cover(starts: list[int], length: int, cuts: list[int]) -> tuple[list[list[int]], list[int]]:
-        # Cells inside each window, and the index of the last window covering each cell.
-        cells = [[i for i in range(len(cuts) - 1) if s <= cuts[i] and cuts[i + 1] <= s + length] for s in starts]
-        last = [max(r for r, cs in enumerate(cells) if i in cs) for i in range(len(cuts) - 1)]
-        return cells, last
 
-    rows_of, last_row = cover(ys, lh, cuts_y)
-    cols_of, last_col = cover(xs, lw, cuts_x)
-    device = _device(model)
-    clusters = clusters.to(device)
-    pending: dict[tuple[int, int], np.ndarray] = {}  # cell -> blended probs so far (K, ch, cw)
-    with progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
-        for r, y in enumerate(ys):
-            for c, x in enumerate(xs):
-                h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
-                rgb = pad_to_stride(to_tensor(source.read(y, x, h, w)), m).to(device)  # (1, 3, lh, lw)
-                out = model(rgb, k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
-                probs = out[0, :, :h, :w].float().cpu().numpy()  # (K, h, w), padding cropped
-                probs *= wy[r][:h, None] * wx[c][None, :w]
-                for i in rows_of[r]:
-                    for j in cols_of[c]:
-                        part = probs[:, cuts_y[i] - y : cuts_y[i + 1] - y, cuts_x[j] - x : cuts_x[j + 1] - x]
-                        acc = pending.get((i, j))
-                        if acc is None:
-                            pending[(i, j)] = acc = part.copy()
-                        else:
-                            acc += part
-                        if last_row[i] == r and last_col[j] == c:
-                            yield cuts_y[i], cuts_x[j], pending.pop((i, j))
-                bar.update()
+class _Box:
+    """The part (top, left, bottom, right) of a source, read like a source of its own."""
+
+    def __init__(self, source: Source, box: tuple[int, int, int, int]):
+        self.source, (self.top, self.left, bottom, right) = source, box
+        self.height, self.width = bottom - self.top, right - self.left
+        self.name, self.stretch, self.profile = source.name, source.stretch, source.profile
+
+    def read_masked(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.source.read_masked(self.top + y, self.left + x, h, w)
+
+    def read_bands(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.read_masked(y, x, h, w)[0]
+
+
+def _segment_box(
+    model: torch.nn.Module,
+    source: Source,
+    k: int,
+    box: tuple[int, int, int, int],
+    *,
+    write_rows: Callable[[int, np.ndarray], None],
+    probs_out: np.ndarray | None,
+    **options,
+) -> Clusters:
+    """``segment_source`` on the box around the source's valid pixels: outside it everything is
+    nodata, so it is written as ``NODATA`` without being read, and the model's grid starts at
+    the data (a scene in a nodata collar is segmented as the scene alone would be)."""
+    top, left, bottom, right = box
+    height, width = source.height, source.width
+
+    def nodata_rows(start: int, stop: int) -> None:
+        for y in range(start, stop, DEFAULT_TILE):
+            write_rows(y, np.full((min(DEFAULT_TILE, stop - y), width), NODATA, np.uint8))
+
+    def write_inner(y: int, rows: np.ndarray) -> None:
+        full = np.full((rows.shape[0], width), NODATA, np.uint8)
+        full[:, left:right] = rows
+        write_rows(top + y, full)
+
+    log.info("%s: segmenting the data's extent, rows %d-%d, columns %d-%d", Path(source.name).name, *box)
+    inner_probs = None
+    if probs_out is not None:
+        probs_out[:] = 0  # nodata pixels have no probabilities
+        inner_probs = probs_out[:, top:bottom, left:right]
+    nodata_rows(0, top)
+    clusters = segment_source(model, _Box(source, box), k, write_rows=write_inner, probs_out=inner_probs, **options)
+    nodata_rows(bottom, height)
+    return clusters
+
+
+def _cell_size(model: torch.nn.Module) -> int:
+    """Side in pixels of the cells the head clusters (stride 4 of the possibly downsampled input)."""
+    return 4 * model_stride(model) // getattr(model, "input_multiple", 4)
+
+
+def _warn_small(model: torch.nn.Module, height: int, width: int, k: int, name: str) -> None:
+    """Warn when an image has fewer of the model's cells than K: fewer labels must come out."""
+    size = _cell_size(model)
+    cells = math.ceil(height / size) * math.ceil(width / size)
+    if cells < k:
+        log.warning(
+            "%s: %d x %d px is only %d cells of %d x %d px, the grid the model clusters, fewer than K = %d: "
+            "at most %d labels can come out; use a smaller K or a larger image",
+            Path(name).name, width, height, cells, size, size, k, cells,
+        )  # fmt: skip
+
+
+def _warn_fewer_labels(labels: np.ndarray, k: int, name: str) -> None:
+    """Warn when an image's labels use fewer than K ids (a one-piece image: cheap to count)."""
+    used = int((np.bincount(labels.ravel(), minlength=256)[:k] > 0).sum())
+    if 0 < used < k:
+        log.warning(
+            "%s: only %d of K = %d labels came out: the image holds fewer distinct segments than K at "
+            "the model's scale (clusters that no pixel is closest to stay empty); try a smaller K",
+            Path(name).name, used, k,
+        )  # fmt: skip
 
 
 def segment_source(
@@ -327,6 +559,7 @@ def segment_source(
     seed: int = 0,
     probs_out: np.ndarray | None = None,
     progress: bool = False,
+    times: dict[str, float] | None = None,
 ) -> Clusters:
     """Segment ``source``; returns the clusters it used. A source no larger than ``tile`` on
     either side (and no ``clusters`` given) goes through the model in one piece, a larger one
@@ -337,32 +570,63 @@ def segment_source(
         y..y+h, top to bottom, as soon as they are final.
       clusters: fitted with ``fit_clusters`` from sampled windows when None.
       probs_out: optional (K, H, W) float32 array that receives the (blended) probabilities.
+      times: optional dict that collects seconds per stage (read, fit, model, blend; the
+        reader runs in its own thread, so the stages overlap).
     """
     tile = check_tiling(tile, overlap, model_stride(model))
+    box = getattr(source, "valid_box", None)
+    if box is not None and box != (0, 0, source.height, source.width):
+        return _segment_box(
+            model, source, k, box, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, clusters=clusters,
+            fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed, probs_out=probs_out, progress=progress,
+            times=times,
+        )  # fmt: skip
     for note in source.stretch.notes:
         log.info("%s: %s", Path(source.name).name, note)
+    layout = _layout(model, source, tile, overlap)
+    _warn_small(model, source.height, source.width, k, source.name)
     if clusters is None and max(source.height, source.width) <= tile:
-        out = _forward(model, to_tensor(source.read(0, 0, source.height, source.width)), k, lane=lane)
-        probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
-        if probs_out is not None:
-            probs_out[:] = probs
-        write_rows(0, probs.argmax(0).astype(np.uint8))
+        with timed(times, "read"):
+            rgb, valid = source.read_masked(0, 0, source.height, source.width)
+        with timed(times, "model"):
+            masked = {} if valid is None else {"valid": _valid_tensor(valid)}
+            out = _forward(model, _bands_tensor(rgb), k, lane=lane, **masked)
+            probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
+        with timed(times, "blend"):
+            if probs_out is not None:
+                probs_out[:] = probs
+            labels = argmax_labels(probs)
+            if valid is not None:
+                labels[~valid] = NODATA
+        _warn_fewer_labels(labels, k, source.name)
+        write_rows(0, labels)
         bias = out["cluster_bias"]
         return Clusters(out["prototypes"][:1], None if bias is None else bias[:1])
+    cache = None
     if clusters is None:
-        clusters = fit_clusters(
-            model, source, k, tile=tile, overlap=overlap, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed
+        clusters, cache = _fit(
+            model, source, k, layout, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed, times=times
         )
     rows: dict[int, list] = {}  # y -> [labels (h, width) uint8, columns filled]
-    for y, x, probs in iter_blended(
-        model, source, k, clusters, tile=tile, overlap=overlap, lane=lane, progress=progress
+    for y, x, labels, probs in _cells(
+        model,
+        source,
+        k,
+        clusters,
+        layout,
+        lane=lane,
+        want_probs=probs_out is not None,
+        progress=progress,
+        cache=cache,
+        times=times,
     ):
-        h, w = probs.shape[1:]
-        if probs_out is not None:
-            probs_out[:, y : y + h, x : x + w] = probs
-        row = rows.setdefault(y, [np.empty((h, source.width), np.uint8), 0])
-        row[0][:, x : x + w] = probs.argmax(0)
-        row[1] += w
+        with timed(times, "blend"):
+            h, w = labels.shape
+            if probs_out is not None:
+                probs_out[:, y : y + h, x : x + w] = probs
+            row = rows.setdefault(y, [np.empty((h, source.width), np.uint8), 0])
+            row[0][:, x : x + w] = labels
+            row[1] += w
         if row[1] == source.width:
             write_rows(y, rows.pop(y)[0])
     return clusters
@@ -378,15 +642,25 @@ def segment_array(
     overlap: int = DEFAULT_OVERLAP,
     return_probs: bool = False,
     clusters: Clusters | None = None,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Labels (H, W) uint8 (and probabilities (K, H, W) float32) of an (H, W, 3) uint8 or
     float [0, 1] image: in one piece up to ``tile`` (float pixels used as they are), else window
     by window (``segment_source`` on an ``ArraySource``). ``clusters``: assign to these (fitted
-    once, e.g. on many images) instead of fitting the image's own."""
+    once, e.g. on many images) instead of fitting the image's own. ``mask`` (H, W) bool, True
+    where the pixel is data: the others are left out of the clusters and labelled ``NODATA``."""
     h, w = image.shape[:2]
+    if mask is not None and mask.all():
+        mask = None
     if max(h, w) <= tile:
-        probs = predict_probs(model, to_tensor(image), k, lane=lane, clusters=clusters)[0].float().cpu().numpy()
-        labels = probs.argmax(0).astype(np.uint8)
+        rgb = to_tensor(image if mask is None else np.where(mask[..., None], image, _fill(image, mask)))
+        masked = {} if mask is None or clusters is not None else {"valid": _valid_tensor(mask)}
+        _warn_small(model, h, w, k, "image")
+        probs = predict_probs(model, rgb, k, lane=lane, clusters=clusters, **masked)[0].float().cpu().numpy()
+        labels = argmax_labels(probs)
+        if mask is not None:
+            labels[~mask] = NODATA
+        _warn_fewer_labels(labels, k, "image")
         return (labels, probs) if return_probs else labels
     labels = np.empty((h, w), np.uint8)
     probs = np.empty((k, h, w), np.float32) if return_probs else None
@@ -394,9 +668,10 @@ def segment_array(
     def write_rows(y: int, rows: np.ndarray) -> None:
         labels[y : y + rows.shape[0]] = rows
 
+    source = ArraySource(image, valid=mask)
     segment_source(
         model,
-        ArraySource(image),
+        source,
         k,
         write_rows=write_rows,
         tile=tile,
@@ -408,12 +683,24 @@ def segment_array(
     return (labels, probs) if return_probs else labels
 
 
-def _label_profile(src_profile: dict, height: int, width: int) -> dict:
-    """The source's georeferencing with a uint8 single-band, tiled, deflate layout."""
-    keep = {key: src_profile[key] for key in ("crs", "transform") if key in src_profile}
-    profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": "uint8", **keep}
-    profile.update(compress="deflate", predictor=2, nodata=None)
-    if min(height, width) >= 256:  # TIFF tiles are multiples of 16; tiny rasters stay striped
+def _fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The colour masked pixels get before the model sees them: the mean of the valid ones."""
+    return image[mask].mean(0).astype(image.dtype)
+
+
+def _label_profile(source: Source) -> dict:
+    """The source's georeferencing (CRS and transform, or its GCPs and their CRS) with a uint8
+    single-band, tiled, deflate layout and ``NODATA`` as the nodata value."""
+    src = source.profile
+    gcps = getattr(source, "gcps", None)
+    if gcps:  # georeferenced by ground control points only: the transform is a meaningless identity
+        keep = {"gcps": gcps[0], "crs": gcps[1]}
+    else:
+        keep = {key: src[key] for key in ("crs", "transform") if src.get(key) is not None}
+    h, w = source.height, source.width
+    profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "uint8", **keep}
+    profile.update(compress="deflate", predictor=2, nodata=NODATA)
+    if min(h, w) >= 256:  # TIFF tiles are multiples of 16; tiny rasters stay striped
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     return profile
 
@@ -432,16 +719,18 @@ def segment_raster(
     seed: int = 0,
     clusters: Clusters | None = None,
     progress: bool = True,
+    times: dict[str, float] | None = None,
 ) -> Path:
     """Segment the image at ``path`` (GeoTIFF, PNG or JPEG) into ``k`` clusters; write uint8
     labels to ``output`` and return it.
 
     A ``.tif`` output has the input's CRS and transform (when it has them), width and height,
-    one uint8 band, deflate compression and 256 px tiles, written block row by block row; any
-    other output is a label PNG. Either is written to a temporary file that replaces ``output``
-    only when complete. GeoTIFF inputs are read window by window, PNG/JPEG inputs whole. The
-    other arguments are those of ``segment_source``; GDAL's block cache is capped at
-    ``GDAL_CACHE_MB`` meanwhile.
+    one uint8 band, deflate compression and 256 px tiles, written block row by block row (by a
+    writer thread, while the model computes the next rows); any other output is a label PNG.
+    Either is written to a temporary file that replaces ``output`` only when complete. GeoTIFF
+    inputs are read window by window, PNG/JPEG inputs whole. The other arguments are those of
+    ``segment_source`` (``times`` also gets the writer's seconds under "write"); GDAL's block
+    cache is capped at ``GDAL_CACHE_MB`` meanwhile.
     """
     k = check_k(k)
     check_lane(lane)
@@ -449,7 +738,7 @@ def segment_raster(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     options = dict(tile=tile, overlap=overlap, lane=lane, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)
-    options.update(clusters=clusters, progress=progress)
+    options.update(clusters=clusters, progress=progress, times=times)
     geotiff = output.suffix.lower() in GEOTIFF_SUFFIXES
     if not geotiff:
         with open_source(path) as source:
@@ -459,18 +748,25 @@ def segment_raster(
                 labels[y : y + rows.shape[0]] = rows
 
             segment_source(model, source, k, write_rows=fill_rows, **options)
-        return write_png(labels, output)
+        with timed(times, "write"):
+            return write_png(labels, output)
 
     import rasterio
     from rasterio.windows import Window
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_source(path) as source:
-        profile = _label_profile(source.profile, source.height, source.width)
+    # rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: the cap is given in bytes.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path) as source:
+        profile = _label_profile(source)
+        tmp = temporary_path(output)
         try:
-            with rasterio.open(tmp, "w", **profile) as dst:
-                # The legend: label i in colour PALETTE[i] (the previews'), ids in the stable order.
-                dst.write_colormap(1, {i: (*PALETTE[i % len(PALETTE)].tolist(), 255) for i in range(k)})
+            with warnings.catch_warnings():  # an input without georeferencing gives an output without
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                dst = rasterio.open(tmp, "w", **profile)
+            with dst:
+                # The legend: label i in colour PALETTE[i] (the previews'), ids in the stable order;
+                # nodata transparent.
+                legend = {i: (*PALETTE[i % len(PALETTE)].tolist(), 255) for i in range(k)}
+                dst.write_colormap(1, {**legend, NODATA: (0, 0, 0, 0)})
                 dst.update_tags(
                     1, seglib_k=str(k), seglib_label_order="brightness of the cluster colour, darkest first"
                 )
@@ -478,7 +774,8 @@ def segment_raster(
                 def write_rows(y: int, rows: np.ndarray) -> None:
                     dst.write(rows[None], window=Window(0, y, rows.shape[1], rows.shape[0]))
 
-                segment_source(model, source, k, write_rows=write_rows, **options)
+                with RowWriter(write_rows, times=times) as writer:
+                    segment_source(model, source, k, write_rows=writer, **options)
             os.replace(tmp, output)
         finally:
             tmp.unlink(missing_ok=True)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import temporary_path
+
 __all__ = ["VECTOR_FORMATS", "MinArea", "parse_min_area", "check_vector_format", "polygonize", "ring_area"]
 
 # --vector NAME -> (GDAL/OGR driver, file suffix)
@@ -110,7 +112,7 @@ def polygonize(
     driver, _ = VECTOR_FORMATS[check_vector_format(vector_format)]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    tmp = temporary_path(output).with_suffix(f".tmp{output.suffix}")  # unique: runs may share a folder
     with warnings.catch_warnings():  # a label PNG has no georeferencing: pixel coordinates, on purpose
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         src = rasterio.open(labels)

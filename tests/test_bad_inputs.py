@@ -41,11 +41,12 @@ def rgb_image(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
     return (make_tile(-(-max(h, w) // 4) * 4, seed=seed).rgb[:h, :w] * 255).round().astype(np.uint8)
 
 
-def write_geotiff(path, bands: np.ndarray) -> None:
+def write_geotiff(path, bands: np.ndarray, **profile) -> None:
     h, w, c = bands.shape
     with rasterio.open(
-        path, "w", driver="GTiff", height=h, width=w, count=c, dtype=bands.dtype, crs="EPSG:32640", transform=TRANSFORM
-    ) as dst:
+        path, "w", driver="GTiff", height=h, width=w, count=c, dtype=bands.dtype, crs="EPSG:32640", transform=TRANSFORM,
+        **profile,
+    ) as dst:  # fmt: skip
         dst.write(np.moveaxis(bands, -1, 0))
 
 
@@ -88,9 +89,10 @@ def test_grayscale(tmp_path, model, caplog):
 
 
 def test_rgba(tmp_path, model, caplog):
+    """RGB + NIR: band 4 ignored. (An alpha band is a mask: tests/test_real_rasters.py.)"""
     rgba = np.concatenate([rgb_image(), np.full((48, 64, 1), 200, np.uint8)], -1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    write_geotiff(tmp_path / "rgbn.tif", rgba)
+    write_geotiff(tmp_path / "rgbn.tif", rgba, photometric="RGB")  # band 4 undefined: NIR, not alpha
     with caplog.at_level(logging.INFO):
         rgb, notes = read_image(tmp_path / "rgba.png")
         segment_raster(tmp_path / "rgbn.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
@@ -213,10 +215,15 @@ def test_nan_or_inf_pixels(tmp_path, model, caplog):
         with pytest.raises(ValueError, match=r"NaN or inf.*np\.nan_to_num"):
             seglib.segment(img, 3, model)
     img[5, 7, 1] = np.nan
-    write_geotiff(tmp_path / "nan.tif", img)  # a float raster with a missing pixel
+    labels = seglib.segment(img, 3, model, mask=np.isfinite(img).all(-1))  # or mark them as nodata
+    assert labels[5, 7] == 255 and (np.delete(labels.ravel(), 5 * 64 + 7) < 3).all()
+    write_geotiff(tmp_path / "nan.tif", img)  # a float raster with a missing pixel: nodata
     with caplog.at_level(logging.INFO):
         segment_raster(tmp_path / "nan.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
-    assert any("NaN/inf pixels: set to 0" in r.getMessage() for r in caplog.records)
+    assert any("NaN/inf pixels: nodata" in r.getMessage() for r in caplog.records)
+    with rasterio.open(tmp_path / "out.tif") as dst:
+        out = dst.read(1)
+    assert dst.nodata == 255 and out[5, 7] == 255 and (out < 3).sum() == out.size - 1
 
 
 @pytest.mark.parametrize("h,w", [(37, 53), (1, 9), (63, 4)])

@@ -266,6 +266,7 @@ class SoftKMeans(nn.Module):
         size_prior: float | None = None,
         group: int = 1,
         clusters: Clusters | None = None,
+        valid: torch.Tensor | None = None,
     ) -> HeadOutput:
         """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image (``k`` is checked by the
         segmenter that calls the head).
@@ -276,6 +277,9 @@ class SoftKMeans(nn.Module):
         ``clusters`` (prototypes (B or 1, K, D) and their size-prior offsets), when given, are
         used as they are: no fitting, one assignment step (how windows of a large raster share
         one set of clusters).
+        ``valid`` (B, h, w) bool marks the positions that are image data (not nodata): only
+        they are clustered, initialised from and counted by the size prior; the others are
+        assigned to the result like any position. It needs one joint fit (``group`` = B).
         Returns probs and logits as (B, K, h, w), prototypes as (B, K, D) and bias as (B, K).
         """
         iters = self.iters if iters is None else iters
@@ -287,6 +291,10 @@ class SoftKMeans(nn.Module):
         bg = b // group
         with torch.autocast(device_type=emb.device.type, enabled=False):
             emb = self.denoise(emb.float())
+            if valid is not None and clusters is None:
+                if group != b:
+                    raise ValueError(f"valid needs one joint fit over the batch (group = B = {b}), got group {group}")
+                clusters = self._fit_valid(emb, k, valid, iters, temperature, size_prior)
             if clusters is not None:
                 if clusters.prototypes.shape[-2:] != (k, d):
                     raise ValueError(f"prototypes must be (B, {k}, {d}), got {tuple(clusters.prototypes.shape)}")
@@ -319,6 +327,30 @@ class SoftKMeans(nn.Module):
         return HeadOutput(
             probs=ungroup(out.probs), logits=ungroup(out.logits), prototypes=protos, clustered=emb, bias=bias
         )
+
+    def _fit_valid(
+        self, emb: torch.Tensor, k: int, valid: torch.Tensor, iters: int, temperature: float, size_prior: float
+    ) -> Clusters:
+        """One set of clusters fitted on the valid positions of all of ``emb`` (B, D, h, w)."""
+        b, d, h, w = emb.shape
+        if valid.shape != (b, h, w):
+            raise ValueError(f"valid must be (B, h, w) = {(b, h, w)}, got {tuple(valid.shape)}")
+        x = emb.permute(1, 0, 2, 3).reshape(1, d, b * h * w)  # (1, D, B*h*w): every image's positions
+        keep = valid.reshape(-1).to(emb.device)
+        if not keep.any():
+            raise ValueError("no valid position to cluster: every pixel is masked (nodata)")
+        points, whole_cells = x[:, :, keep], None  # (1, D, N valid)
+        if self.init_pool > 1 and min(h, w) >= 2 * self.init_pool:
+            # Initialise from pooled cells that are entirely valid, when there are at least K.
+            cells = F.avg_pool2d(emb, self.init_pool)  # (B, D, h/p, w/p)
+            whole = F.avg_pool2d(valid.float()[:, None].to(emb.device), self.init_pool)[:, 0] >= 1  # (B, h/p, w/p)
+            if int(whole.sum()) >= k:
+                whole_cells = cells.permute(1, 0, 2, 3).reshape(1, d, -1)[:, :, whole.reshape(-1)]
+        init_from = points if whole_cells is None else whole_cells
+        idx = farthest_point_init(init_from, k)  # (1, K)
+        init = torch.gather(init_from, 2, idx[:, None, :].expand(-1, d, -1)).transpose(1, 2)  # (1, K, D)
+        out = soft_kmeans(points, k, iters=iters, temperature=temperature, init=init, size_prior=size_prior)
+        return Clusters(out.prototypes, out.bias)
 
     def denoise(self, emb: torch.Tensor) -> torch.Tensor:
         """The head's feature-space bilateral filter with its configured strength."""

@@ -30,7 +30,7 @@ from .head import Clusters, SoftKMeans
 from .layers import inference_numerics
 from .refine import LearnedRefiner, fast_lane, none_lane
 
-__all__ = ["Segmenter", "check_rgb", "colour_channels", "head_embedding", "STRIDE"]
+__all__ = ["Segmenter", "check_rgb", "colour_channels", "head_embedding", "valid_cells", "STRIDE"]
 
 STRIDE = 4  # embeddings are at stride 4 of the (downsampled) input
 
@@ -92,6 +92,17 @@ def head_embedding(
     return torch.cat([unit, colour], 1)
 
 
+def valid_cells(valid: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """Pixel mask (B, H, W) -> embedding-cell mask (B, h, w): the cells whose pixels are all
+    valid, or, when there are none, those with any valid pixel (a thin strip of data). None stays
+    None (everything valid)."""
+    if valid is None:
+        return None
+    share = F.adaptive_avg_pool2d(valid.float()[:, None], size)[:, 0]  # (B, h, w) valid share per cell
+    whole = share >= 1 - 1e-6
+    return whole if whole.any() else share > 0
+
+
 class Segmenter(nn.Module):
     """Base class: subclasses set ``self.config`` (with ``head``, ``refine`` and ``downsample``
     fields), call ``init_head(...)`` and implement ``features(rgb) -> (B, F, H/4, W/4)``."""
@@ -138,12 +149,15 @@ class Segmenter(nn.Module):
         return F.avg_pool2d(rgb, ds) if ds > 1 else rgb
 
     @torch.no_grad()
-    def fit_clusters(self, rgb: torch.Tensor, k: int, *, downsample: int | None = None) -> Clusters:
+    def fit_clusters(
+        self, rgb: torch.Tensor, k: int, *, downsample: int | None = None, valid: torch.Tensor | None = None
+    ) -> Clusters:
         """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over all images
         of ``rgb`` (N, 3, H, W), e.g. windows sampled from one large raster; pass them back as
-        ``forward(..., clusters=)`` so every window is labelled with the same clusters."""
+        ``forward(..., clusters=)`` so every window is labelled with the same clusters.
+        ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``forward``)."""
         emb, _ = self.embed(self._downsampled(rgb, downsample))
-        out = self.head(emb, check_k(k), group=emb.shape[0])
+        out = self.head(emb, check_k(k), group=emb.shape[0], valid=valid_cells(valid, emb.shape[-2:]))
         return Clusters(out.prototypes[:1], None if out.bias is None else out.bias[:1])
 
     def forward(
@@ -160,6 +174,7 @@ class Segmenter(nn.Module):
         group: int = 1,
         clusters: Clusters | None = None,
         full_resolution: bool = True,
+        valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
@@ -169,13 +184,23 @@ class Segmenter(nn.Module):
         views). ``clusters`` (from ``fit_clusters``) skips fitting and assigns to them.
         ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of the
         result: training steps whose losses only read the stride-4 maps need nothing more.
+        ``valid`` (B, H, W) bool marks image data (False: nodata, e.g. a scene's black border):
+        prototypes and size-prior shares come from the cells whose pixels are all valid, one
+        set fitted jointly over the batch; every pixel is still assigned (discard the others).
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
         check_lane(lane)
         emb, features = self.embed(self._downsampled(rgb, downsample))  # (B, D, h, w)
         head = self.head(
-            emb, k, iters=iters, temperature=temperature, size_prior=size_prior, group=group, clusters=clusters
+            emb,
+            k,
+            iters=iters,
+            temperature=temperature,
+            size_prior=size_prior,
+            group=group,
+            clusters=clusters,
+            valid=valid_cells(valid, emb.shape[-2:]),
         )
         out = {
             "embeddings": emb,

@@ -1,0 +1,155 @@
+"""Overlapping the stages of the raster pipeline, and timing them.
+
+    times = {}
+    for window in prefetch(read_windows(), depth=2):  # read in a background thread
+        with timed(times, "model"):
+            ...
+    with RowWriter(dst_write) as write:                # written by a background thread
+        write(y, rows)
+
+Reading (GDAL decompression, the band stretch), the model and writing (GDAL compression) are
+independent per window. GDAL, NumPy's bulk operations and torch release the GIL, so a reader
+thread and a writer thread run while the model computes: on a 2-core machine they fill the
+moments the model's own threads leave a core idle. Queues are short (``depth`` items), so the
+memory in flight stays a couple of windows. An exception in a background thread is re-raised
+in the caller with its own type (a truncated file stays an ``ImageReadError``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+__all__ = ["timed", "prefetch", "RowWriter"]
+
+T = TypeVar("T")
+_DONE = object()
+
+
+@contextmanager
+def timed(times: dict[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``times[stage]`` (nothing when times is None)."""
+    if times is None:
+        yield
+        return
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - tic
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first; False when stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def prefetch(items: Iterable[T], *, depth: int = 2, times: dict[str, float] | None = None) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
+
+    The iterable runs entirely in that thread (so it must not share a file handle with the
+    caller meanwhile). Leaving the loop early, or an exception on either side, stops the thread
+    and waits for it before returning. ``times["wait"]`` collects the consumer's waiting time.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not _put(q, item, stop):
+                    return
+            _put(q, _DONE, stop)
+        except BaseException as exc:  # handed to the consumer, raised there
+            _put(q, _Failed(exc), stop)
+
+    thread = threading.Thread(target=work, name="seglib-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timed(times, "wait"):
+                item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class RowWriter:
+    """``write(y, rows)`` calls handed to a background thread, in order.
+
+    Arguments:
+      write: the function that writes (e.g. a GeoTIFF's ``dst.write`` for a block of rows).
+      depth: calls that may wait in the queue; the caller blocks beyond that.
+      times: optional stage timer; the writer's busy time goes to ``times["write"]``.
+
+    Use as a context manager: leaving it waits for every queued call and re-raises the first
+    error of the thread; after an error the remaining calls are dropped.
+    """
+
+    def __init__(self, write: Callable[[int, object], None], *, depth: int = 2, times: dict[str, float] | None = None):
+        self._write, self._times = write, times
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="seglib-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if self._error is not None:
+                continue  # drain without writing
+            try:
+                with timed(self._times, "write"):
+                    self._write(*item)
+            except BaseException as exc:
+                self._error = exc
+
+    def __call__(self, y: int, rows: object) -> None:
+        if self._error is not None:
+            raise self._error
+        if not _put(self._queue, (y, rows), self._stop):
+            raise RuntimeError("RowWriter is closed")
+
+    def close(self) -> None:
+        """Wait for the queued writes; re-raise the thread's error, if any."""
+        if not self._stop.is_set():
+            self._queue.put(_DONE)
+            self._thread.join()
+            self._stop.set()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: stop the thread, keep the original exception
+            self.close()
+        except BaseException:
+            pass

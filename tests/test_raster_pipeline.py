@@ -1,0 +1,177 @@
+"""The raster pipeline's plumbing: GDAL's block cache, one read per window, the reader and writer
+threads, the fast argmax, and the predecessor's block-mean k-means used as the benchmark's
+baseline. (Speed itself is measured by ``python -m seglib.bench --raster``, not here.)"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from seglib.baselines import block_features, block_kmeans
+from seglib.io import RasterSource
+from seglib.raster import GDAL_CACHE_MB, argmax_labels, axis_windows, segment_raster, to_tensor
+from seglib.raster_bench import predecessor_raster, write_mosaic
+from seglib.stages import RowWriter, prefetch
+
+rasterio = pytest.importorskip("rasterio")
+from test_raster import smooth_image, tiny_teacher, write_geotiff  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gdal_cache_max() -> int:
+    """GDAL's block cache size in bytes, read from the GDAL library rasterio has loaded."""
+    try:
+        with open("/proc/self/maps") as f:
+            lib = next(line.split()[-1] for line in f if "libgdal" in line.rsplit("/", 1)[-1])
+    except (OSError, StopIteration):
+        pytest.skip("needs Linux and a shared libgdal to read GDAL's cache size")
+    gdal = ctypes.CDLL(lib)
+    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
+    return gdal.GDALGetCacheMax64()
+
+
+def test_gdal_block_cache_in_force_during_a_raster_run_is_the_cap_in_mib(tmp_path, monkeypatch):
+    """rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: ``GDAL_CACHEMAX=64`` made a
+    64-byte cache, and every compressed block was decoded again for every row reading it."""
+    write_geotiff(tmp_path / "in.tif", smooth_image(256), tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+    model, seen = tiny_teacher(), []
+    forward = model.forward
+
+    def spy(*args, **kwargs):  # runs once per window, while the raster is open
+        seen.append(gdal_cache_max())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", 3, model, tile=128, overlap=32, progress=False)
+    assert len(seen) > 4  # the windowed path ran
+    assert set(seen) == {GDAL_CACHE_MB * 2**20}
+    assert GDAL_CACHE_MB * 2**20 >= 16 * 2**20  # a cache that holds many 256 px RGB blocks
+
+
+def test_every_window_is_read_once_and_uint8_needs_no_overview(tmp_path, monkeypatch):
+    """One pass over the file: the fitting sample's windows are reused by the labelling pass, and
+    uint8 RGB (used as it is) is not read a first time for a band stretch."""
+    write_geotiff(tmp_path / "in.tif", smooth_image(320, seed=1), tiled=True, blockxsize=64, blockysize=64)
+    reads, overview = [], []
+    read_masked = RasterSource.read_masked
+    dataset_read = rasterio.io.DatasetReader.read
+
+    def count_window(self, y, x, h, w):
+        reads.append((y, x, h, w))
+        return read_masked(self, y, x, h, w)
+
+    def count_overview(self, *args, **kwargs):
+        if "out_shape" in kwargs:
+            overview.append(kwargs["out_shape"])
+        return dataset_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(RasterSource, "read_masked", count_window)
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", count_overview)
+    segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", 3, tiny_teacher(), tile=128, overlap=32, progress=False)
+    starts, _ = axis_windows(320, 128, 32, 4)
+    assert len(reads) == len(set(reads)) == len(starts) ** 2  # each window of the grid once, fit sample included
+    assert overview == []
+    with RasterSource(tmp_path / "in.tif") as src:
+        assert src.stretch.identity
+        np.testing.assert_array_equal(
+            src.read_bands(5, 7, 20, 30), np.moveaxis(smooth_image(320, seed=1)[5:25, 7:37], -1, 0)
+        )
+
+
+def test_window_tensor_has_the_values_of_to_tensor():
+    from seglib.raster import _bands_tensor
+
+    img = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+    torch.testing.assert_close(
+        _bands_tensor(np.ascontiguousarray(np.moveaxis(img, -1, 0))), to_tensor(img), rtol=0, atol=0
+    )
+
+
+def test_argmax_labels_is_argmax_with_first_index_on_ties():
+    rng = np.random.default_rng(0)
+    probs = rng.random((6, 50, 70)).astype(np.float32)
+    probs[3, :10] = probs[1, :10] = 2.0  # a tie: the lower index wins, as np.argmax
+    view = probs[:, 5:45, 3:60]  # strided, as a cell of a window is
+    np.testing.assert_array_equal(argmax_labels(view), view.argmax(0))
+    assert argmax_labels(view).dtype == np.uint8 and (argmax_labels(probs)[:10] == 1).all()
+
+
+def test_prefetch_keeps_order_bounds_the_queue_and_reraises():
+    produced = []
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    seen = []
+    for i in prefetch(items(), depth=2):
+        seen.append(i)
+        assert len(produced) - len(seen) <= 3  # at most depth ahead (+ one being put)
+    assert seen == list(range(20))
+
+    def failing():
+        yield 1
+        raise ValueError("bad block")
+
+    with pytest.raises(ValueError, match="bad block"):
+        list(prefetch(failing()))
+    gen = prefetch(iter(range(10**6)), depth=2)  # leaving early stops the thread
+    assert next(gen) == 0
+    gen.close()
+    assert not any(t.name == "seglib-reader" for t in threading.enumerate())
+
+
+def test_row_writer_writes_in_order_from_one_thread_and_reraises():
+    written, threads = [], set()
+
+    def write(y, rows):
+        written.append(y)
+        threads.add(threading.current_thread().name)
+
+    with RowWriter(write) as writer:
+        for y in range(0, 100, 10):
+            writer(y, None)
+    assert written == list(range(0, 100, 10)) and threads == {"seglib-writer"}
+
+    def broken(y, rows):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with RowWriter(broken) as writer:
+            for y in range(50):
+                writer(y, None)
+
+
+def test_block_kmeans_is_constant_on_blocks_and_separates_flat_colours():
+    img = np.zeros((30, 34, 3), np.uint8)
+    img[:, :16] = (200, 30, 30)  # a colour edge on a block boundary
+    img[:, 16:] = (20, 20, 180)
+    labels = block_kmeans(img, 2)
+    assert labels.shape == (30, 34)
+    assert len(np.unique(labels[:, :12])) == 1 and len(np.unique(labels[:, 20:])) == 1
+    assert labels[0, 0] != labels[0, -1]
+    blocks = labels[:28, :32].reshape(7, 4, 8, 4)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # one label per 4 x 4 block
+    # the block means average what is inside the image (edge blocks are partial)
+    feats = block_features(torch.full((1, 3, 6, 6), 100.0), smooth=3)
+    torch.testing.assert_close(feats, torch.full((1, 3, 2, 2), 100.0))
+
+
+def test_predecessor_raster_streams_the_same_labels_as_the_whole_image(tmp_path):
+    """Strips with a smoothing halo give the whole image's block means, so the same labels."""
+    path = write_mosaic(tmp_path / "m.tif", 400)
+    again = write_mosaic(tmp_path / "m2.tif", 400)
+    with rasterio.open(path) as a, rasterio.open(again) as b:
+        img = np.moveaxis(a.read(), 0, -1)
+        np.testing.assert_array_equal(img, np.moveaxis(b.read(), 0, -1))  # deterministic
+        assert a.profile["compress"] == "deflate" and a.profile["tiled"] and a.crs is not None
+    out = predecessor_raster(path, tmp_path / "labels.tif", 5, strip=96)
+    with rasterio.open(out) as dst:
+        streamed = dst.read(1)
+    np.testing.assert_array_equal(streamed, block_kmeans(img, 5))
