@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.raster:
         from .raster_bench import raster_benchmark
 
+        if args.raster_size < 64 or args.raster_repeats < 1 or not 2 <= args.raster_k <= 16:
+            parser.error("--raster-size must be at least 64, --raster-repeats at least 1, --raster-k in 2..16")
+
         result = raster_benchmark(
             size=args.raster_size, k=args.raster_k, repeats=args.raster_repeats, threads=torch.get_num_threads()
         )
