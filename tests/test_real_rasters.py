@@ -271,12 +271,21 @@ def test_k_above_the_models_cell_grid_warns_why_fewer_labels(tmp_path, model, ca
     assert any("only 9 cells of 4 x 4 px" in r.getMessage() and "K = 16" in r.getMessage() for r in caplog.records)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_sigint_stops_with_one_line_and_removes_temporary_files(tmp_path, checkpoint):
     write(tmp_path / "big.tif", np.tile(rgb_image(256), (8, 8, 1)), tiled=True, blockxsize=256, blockysize=256)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "seglib.predict", "--threads", "1", "--input", str(tmp_path / "big.tif"), "--k", "3",
            "--output", str(out), "--checkpoint", str(checkpoint), "--tile", "128", "--overlap", "32"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: SIGINT at its default and unblocked in the child, whatever this
+    # process does with it (a child inherits "ignored" and the blocked-signal mask across exec).
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     deadline = time.time() + 240
     while not list(out.glob(".*.tmp")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # wait until it writes its temporary output
