@@ -40,6 +40,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from .config import check_k, check_lane
 from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, temporary_path, write_png
 from .models.head import Clusters, brightness_order
-from .stages import RowWriter, prefetch, timed
+from .stages import RowWriter, ordered_map, prefetch, timed
 from .viz import PALETTE, progress_bar
 
 __all__ = [
@@ -398,15 +399,22 @@ def _cells(
                     tensor = pad_to_stride(_bands_tensor(rgb), m)  # (1, 3, lh, lw)
                 yield r, c, h, w, tensor, valid
 
+    @torch.no_grad()  # grad mode is per thread: a worker thread must switch it off itself
+    def run(window: tuple) -> torch.Tensor:  # the model on one window, in a worker thread
+        _, _, h, w, rgb, _ = window
+        out = model(rgb.to(device), k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
+        return out[0, :, :h, :w].float().cpu()  # (K, h, w), padding cropped
+
     wy = [torch.from_numpy(w) for w in wy]
     wx = [torch.from_numpy(w) for w in wx]
     pending: dict[tuple[int, int], torch.Tensor] = {}  # cell -> blended probs so far (K, ch, cw)
-    with progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress) as bar:
-        for r, c, h, w, rgb, valid in prefetch(windows(), depth=2, times=times):
+    workers, threads = _model_workers(device)
+    bar = progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress)
+    with bar, torch_threads(threads):
+        windows_read = prefetch(windows(), depth=2, times=times)
+        labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")
+        for (r, c, _, _, _, valid), probs in labelled:
             y, x = ys[r], xs[c]
-            with timed(times, "model"):
-                out = model(rgb.to(device), k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
-                probs = out[0, :, :h, :w].float().cpu()  # (K, h, w), padding cropped
             with timed(times, "blend"):
                 # The cells only this window covers form one rectangle: label it in one go.
                 ri = [i for i in rows_of[r] if alone_y[i]]
@@ -442,6 +450,35 @@ def _cells(
                             done.append((cuts_y[i], cuts_x[j], labels, acc.numpy() if want_probs else None))
             yield from done
             bar.update()
+
+
+MODEL_WORKERS = 2  # windows through the model at once on a CPU, each with its share of the threads
+
+
+def _model_workers(device: torch.device) -> tuple[int, int]:
+    """(windows through the model at once, torch threads each) for the windowed pass.
+
+    On a CPU, two windows at once with half the threads each: the models' convolutions scale
+    poorly from one thread to two (the bundled student: 1.25x), while two windows side by side
+    keep both cores busy. One window with every thread on a GPU, or with a single thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return 1, threads
+    workers = min(MODEL_WORKERS, threads)
+    return workers, threads // workers
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` meanwhile (process-wide), restored afterwards."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def iter_blended(

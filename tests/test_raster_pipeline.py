@@ -180,3 +180,36 @@ def test_predecessor_raster_streams_the_same_labels_as_the_whole_image(tmp_path)
     with rasterio.open(out) as dst:
         streamed = dst.read(1)
     np.testing.assert_array_equal(streamed, block_kmeans(img, 5))
+
+
+def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypatch):
+    """On a CPU with 2 threads the windowed pass runs two windows at once, one thread each: the
+    same labels as one window at a time with both threads, no gradient recorded in the worker
+    threads (grad mode is per thread), and torch's thread count restored afterwards."""
+    import seglib.raster as raster
+
+    write_geotiff(tmp_path / "in.tif", smooth_image(320, seed=2), tiled=True, blockxsize=64, blockysize=64)
+    model, seen = tiny_teacher(), []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.is_grad_enabled(), torch.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    torch.set_num_threads(2)  # the one_thread fixture restores it
+    outs = []
+    for workers in (1, 2):
+        monkeypatch.setattr(raster, "MODEL_WORKERS", workers)
+        seen.clear()
+        out = segment_raster(tmp_path / "in.tif", tmp_path / f"w{workers}.tif", 4, model, tile=128, overlap=32,
+                             progress=False)  # fmt: skip
+        with rasterio.open(out) as dst:
+            outs.append(dst.read(1))
+        windows = seen  # forward runs once per window (the fit calls fit_clusters)
+        assert len(windows) == 16 and not any(grad for _, grad, _ in windows)
+        assert {n for _, _, n in windows} == {2 // workers}
+        if workers == 2:
+            assert len({name for name, _, _ in windows}) == 2  # two worker threads
+    assert torch.get_num_threads() == 2
+    assert (outs[0] == outs[1]).mean() >= 0.999
