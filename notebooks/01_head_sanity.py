@@ -26,6 +26,7 @@ from seglib.losses.teacher import entropy_terms
 from seglib.metrics import proxy_scores, segmentation_scores
 from seglib.models.head import SoftKMeans
 from seglib.models.refine import LearnedRefiner, fast_lane, none_lane
+from seglib.parameters import check_parameters
 from seglib.viz import label_image, match_labels, show_images
 
 # %% tags=["parameters"]
@@ -37,6 +38,9 @@ temperatures = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]  # softmax temperatures to com
 ks = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]  # every K a user may pick
 seed = 0  # torch seed (the untrained learned refiner)
 threads = 1  # torch CPU threads (0: torch's default)
+
+# %%
+check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
 
 # %% [markdown]
 # The head and the lanes take their settings from the package defaults (`Config().model`), so this notebook follows

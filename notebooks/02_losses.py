@@ -28,6 +28,7 @@ from seglib.device import set_threads
 from seglib.io import list_images, read_image
 from seglib.losses.teacher import TeacherLoss, entropy_map, smoothness_maps, symmetric_kl_map
 from seglib.models.teacher import MonolithicSegmenter
+from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES
 from seglib.viz import label_image, show_images
 
@@ -37,6 +38,9 @@ k = 6  # clusters
 real_tile = 0  # which of the three sample tiles shipped in seglib/assets/dubai is cropped
 seed = 0  # the teacher's initial weights and the random draws of the views
 threads = 1  # torch CPU threads (0: torch's default)
+
+# %%
+check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
 
 # %% [markdown]
 # ## The teacher at step 1, on two tiles

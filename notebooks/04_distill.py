@@ -12,6 +12,10 @@
 # `runs/04_distill/<run_name>/teacher/`. The last two give the same teacher, weight for weight (same recipe, seed and
 # thread count), so this notebook's numbers do not depend on whether 03 ran before it. The student trains on that
 # run's data (tile size, batch, seed). The cell after the parameters says which teacher it is.
+#
+# **Your own imagery.** With `data_dir` (a folder of RGB tiles) the student is distilled on crops of those tiles (a
+# teacher trained here first is trained on them too: 03's recipe with this `data_dir`) and both are scored on them:
+# mIoU at K = the classes present with `mask_dir`, the label-free proxies at K = `k` without.
 
 # %%
 # %matplotlib inline
@@ -20,12 +24,13 @@ import torch
 
 from seglib.bench import cpu_latency_ms
 from seglib.config import Config, merge
-from seglib.data.synthetic import eval_set, make_tile
+from seglib.data.synthetic import make_tile
 from seglib.device import resolve_device, set_threads
 from seglib.diagnostics import slice_maps
-from seglib.evaluation import evaluate_synthetic
+from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
+from seglib.parameters import check_parameters
 from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
 from seglib.runs import resolve_teacher, run_folder, teacher_recipe
@@ -38,9 +43,13 @@ resume = False  # True: continue that run from its latest checkpoint; False: sta
 teacher_checkpoint = ""  # a teacher.pt to distil from; "": notebook 03's run, else a teacher trained first
 teacher_run = "ci"  # the run of notebook 03 to take the teacher from
 steps = 300  # student optimizer steps
+data_dir = ""  # a folder of your own RGB tiles to distil on and evaluate on; "": teacher_run's data (ci: synthetic)
+mask_dir = ""  # ground truth for data_dir's images (<stem>.png label maps), only ever scored; "": none
+ignore = []  # mask ids left out of the scores, e.g. [5, 255] for the Dubai masks
+k = 6  # segments per image where there are no masks (with masks or synthetic tiles: the classes present)
 student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
-eval_images = 8  # synthetic test tiles
-eval_size = 128  # their side
+eval_images = 8  # synthetic test tiles, or images of data_dir evaluated (spread over the folder; 0: all)
+eval_size = 128  # their side (folder images: their longer side after shrinking)
 eval_seed = 123  # the test set's seed
 bench_size = 256  # tile side of the CPU latency measurement
 bench_k = 8  # K of the latency measurement
@@ -48,17 +57,21 @@ bench_repeats = 5  # timed runs (the median is reported)
 device = "cpu"  # cpu | cuda | auto (training and evaluation; the latency is always measured on CPU)
 threads = 1  # torch CPU threads (0: torch's default)
 
+# %%
+check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
+
 # %% [markdown]
 # ## The configuration
 #
-# Notebook 03's teacher recipe for its run `teacher_run` (`teacher_recipe`) with the student stage on top; everything
-# else is the package default (`Config().distill`, `Config().autoencoder`, ...).
+# Notebook 03's teacher recipe for its run `teacher_run` (`teacher_recipe`; its data replaced by `data_dir` when given)
+# with the student stage on top; everything else is the package default (`Config().distill`, `Config().autoencoder`,
+# ...).
 
 # %%
 set_threads(threads)
 run_dir = run_folder("04_distill", run_name, resume=resume)
 teacher_path = resolve_teacher(teacher_checkpoint, teacher_run)
-recipe = teacher_recipe(teacher_run, run_dir)
+recipe = teacher_recipe(teacher_run, run_dir, data_dir=data_dir, mask_dir=mask_dir, ignore=ignore)
 student_stage = {
     "stage": "student",
     "train": {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads},
@@ -81,7 +94,8 @@ teacher_path = teacher_path or str(run_dir / "teacher" / "teacher.pt")
 # %% [markdown]
 # ## Student against teacher
 #
-# Quality on the seeded synthetic test set at K = classes present, beside RGB k-means. Speed is the median CPU time of
+# Quality on the seeded synthetic test set (or `data_dir`'s images) at K = classes present, beside RGB k-means
+# (without masks: the label-free proxies at K = `k`). Speed is the median CPU time of
 # one forward pass (K clusters, the fast lane) on a `bench_size` tile with this kernel's thread count. At the CI scale
 # the teacher is deliberately narrow, so the speed of the package's default architectures is measured too (untrained
 # weights: the time of a forward pass does not depend on them).
@@ -91,8 +105,16 @@ run_device = resolve_device(device)
 teacher = MonolithicSegmenter.from_checkpoint(teacher_path)
 student = StudentSegmenter.from_checkpoint(run_dir / "student.pt")
 models = {"teacher": teacher, "student": student}
+if not cfg.data.synthetic:  # data_dir, or the folder of 03's run teacher_run
+    names, tiles = folder_tiles(cfg.data.data_dir, cfg.data.mask_dir, n=eval_images, max_side=eval_size)
+else:
+    names, tiles = synthetic_tiles(eval_images, eval_size, eval_seed)
+labelled = tiles[0][1] is not None
+keys = ("miou", "m2o_miou") if labelled else ("view_agreement", "utilization")
 quality = {
-    name: evaluate_synthetic(model.to(run_device), n=eval_images, size=eval_size, seed=eval_seed)
+    name: evaluate_tiles(
+        model.to(run_device), tiles, k="present" if labelled else k, ignore=ignore, seed=eval_seed, names=names
+    )
     for name, model in models.items()
 }
 quality["rgb k-means"] = {"model": quality["teacher"]["rgb_kmeans"]}
@@ -120,8 +142,9 @@ for name, m in for_speed.items():
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"student '{student_size}': {params['student'] / 1e6:.2f} M parameters, teacher {params['teacher'] / 1e6:.2f} M")
+label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
 for name, res in quality.items():
-    print(f"{name:<12} mIoU {res['model']['miou']:.2f}   many-to-one {res['model']['m2o_miou']:.2f}")
+    print(f"{name:<12} " + "   ".join(f"{label[key]} {res['model'][key]:.2f}" for key in keys))
 
 # %% [markdown]
 # ## Plots
@@ -142,20 +165,27 @@ plt.show()
 # principal components) and clustered by the head on their own. Coarse slices see context and give blocky but
 # coherent regions; the fine slice, the only one used at inference, keeps the boundaries.
 
+
 # %%
-tile = eval_set(1, eval_size, eval_seed)[0]
-k = tile.n_classes
-slices = slice_maps(student.cpu(), tile.rgb, k)
-teacher_labels = match_labels(predict_labels(teacher.cpu(), tile.rgb, k), tile.labels)
-student_labels = match_labels(predict_labels(student, tile.rgb, k), tile.labels)
+def shown(labels, gt):
+    """Labels in colour, renumbered to the classes they overlap most when there is ground truth."""
+    return label_image(match_labels(labels, gt, ignore) if gt is not None else labels)
+
+
+first = quality["teacher"]["per_image"][0]
+rgb, gt = tiles[names.index(first["image"])]
+h, w = (side // 16 * 16 for side in rgb.shape[:2])  # the slices are read on the student's 16 px grid
+rgb, gt = rgb[:h, :w], (gt[:h, :w] if gt is not None else None)
+slices = slice_maps(student.cpu(), rgb, first["k"])
+truth = [label_image(gt, ignore)] if gt is not None else []
 show_images(
     [
-        [tile.rgb, label_image(tile.labels), label_image(teacher_labels), label_image(student_labels)],
+        [rgb, *truth, *[shown(predict_labels(m.cpu(), rgb, first["k"]), gt) for m in (teacher, student)]],
         [s["pca"] for s in slices.values()],
-        [label_image(match_labels(s["labels"], tile.labels)) for s in slices.values()],
+        [shown(s["labels"], gt) for s in slices.values()],
     ],
     [
-        ["tile", f"ground truth (K={k})", "teacher", "student (fine, refined)"],
+        ["image", *[f"ground truth (K={first['k']})"] * len(truth), "teacher", "student (fine, refined)"],
         [f"{name} embedding (PCA)" for name in slices],
         [f"{name} clusters" for name in slices],
     ],
@@ -168,10 +198,11 @@ plt.show()
 
 # %%
 rows = []
-for t in eval_set(min(4, eval_images), eval_size, eval_seed):
-    maps = [match_labels(predict_labels(m, t.rgb, t.n_classes), t.labels) for m in (teacher, student)]
-    rows.append([t.rgb, label_image(t.labels), *[label_image(m) for m in maps]])
-show_images(rows, ["tile", "ground truth", "teacher", "student"])
+for entry in quality["teacher"]["per_image"][:4]:
+    rgb, gt = tiles[names.index(entry["image"])]
+    truth = [label_image(gt, ignore)] if gt is not None else []
+    rows.append([rgb, *truth, *[shown(predict_labels(m, rgb, entry["k"]), gt) for m in (teacher, student)]])
+show_images(rows, ["image", *["ground truth"] * len(truth), "teacher", "student"])
 plt.show()
 
 # %% [markdown]

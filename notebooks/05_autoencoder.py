@@ -10,6 +10,9 @@
 # `autoencoder.enabled`. The teacher is found as in notebook 04: `teacher_checkpoint`, else notebook 03's run
 # `teacher_run`, else one trained first with 03's recipe (inside the first variant's folder; the second variant
 # reuses it).
+#
+# **Your own imagery.** With `data_dir` (a folder of RGB tiles) both students are distilled on crops of those tiles and
+# everything below is measured on them (mIoU with `mask_dir`, the label-free proxies at K = `k` without).
 
 # %%
 # %matplotlib inline
@@ -17,12 +20,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from seglib.config import Config, merge
-from seglib.data.synthetic import eval_set
 from seglib.device import resolve_device, set_threads
 from seglib.diagnostics import colour_probe_r2, reconstruct
-from seglib.evaluation import evaluate_synthetic
+from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
 from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
+from seglib.parameters import check_parameters
 from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
 from seglib.runs import resolve_teacher, run_folder, teacher_recipe
@@ -35,19 +38,26 @@ resume = False  # True: continue those runs from their latest checkpoints; False
 teacher_checkpoint = ""  # a teacher.pt to distil from; "": notebook 03's run, else a teacher trained first
 teacher_run = "ci"  # the run of notebook 03 to take the teacher from
 steps = 200  # student optimizer steps, per variant
+data_dir = ""  # a folder of your own RGB tiles to distil on and evaluate on; "": teacher_run's data (ci: synthetic)
+mask_dir = ""  # ground truth for data_dir's images (<stem>.png label maps), only ever scored; "": none
+ignore = []  # mask ids left out of the scores, e.g. [5, 255] for the Dubai masks
+k = 6  # segments per image where there are no masks (with masks or synthetic tiles: the classes present)
 student_size = "tiny"  # a name from seglib.models.student.STUDENTS (tiny | small | base)
-eval_images = 8  # synthetic test tiles
-eval_size = 128  # their side
+eval_images = 8  # synthetic test tiles, or images of data_dir evaluated (spread over the folder; 0: all)
+eval_size = 128  # their side (folder images: their longer side after shrinking)
 eval_seed = 123  # the test set's seed
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
 
+# %%
+check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
+
 # %% [markdown]
 # ## Two students, one switch
 #
-# Both configs are notebook 03's recipe for its run `teacher_run` (`teacher_recipe`: its data, seed and teacher) with
-# the student stage on top; the autoencoder's other settings (weight, target blur, gradient term) are the package
-# defaults and are printed below.
+# Both configs are notebook 03's recipe for its run `teacher_run` (`teacher_recipe`: its data, seed and teacher; the
+# data replaced by `data_dir` when given) with the student stage on top; the autoencoder's other settings (weight,
+# target blur, gradient term) are the package defaults and are printed below.
 
 # %%
 set_threads(threads)
@@ -57,7 +67,7 @@ print(f"autoencoder settings: {Config().autoencoder}")
 histories, students = {}, {}
 for variant, enabled in [("with_ae", True), ("without_ae", False)]:
     variant_dir = run_dir / variant
-    recipe = teacher_recipe(teacher_run, variant_dir)
+    recipe = teacher_recipe(teacher_run, variant_dir, data_dir=data_dir, mask_dir=mask_dir, ignore=ignore)
     train = {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads}
     stage = {
         "stage": "student",
@@ -66,7 +76,8 @@ for variant, enabled in [("with_ae", True), ("without_ae", False)]:
         "autoencoder": {"enabled": enabled},
         "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": recipe["train"]["steps"]},
     }
-    histories[variant] = run(Config.from_dict(merge(recipe, stage)), resume=resume)
+    cfg = Config.from_dict(merge(recipe, stage))
+    histories[variant] = run(cfg, resume=resume)
     teacher_path = teacher_path or str(variant_dir / "teacher" / "teacher.pt")  # the second variant reuses it
     students[variant] = StudentSegmenter.from_checkpoint(variant_dir / "student.pt")
 
@@ -75,19 +86,27 @@ for variant, enabled in [("with_ae", True), ("without_ae", False)]:
 #
 # * The decoder (saved apart as `decoder_training_only.pt`, never shipped) predicts the stride-4 image from the
 #   student's fine features; its loss is reported on the test tiles.
-# * Segmentation: Hungarian and many-to-one mIoU on the synthetic test set at K = classes present.
+# * Segmentation: Hungarian and many-to-one mIoU on the synthetic test set (or `data_dir`'s images) at K = classes
+#   present; on a folder without masks, the label-free proxies at K = `k`.
 # * Retained colour: a linear probe, the R^2 of reading the stride-4 colour back from the student's unit-norm fine
 #   embedding (without the colour channels the head appends). This is what the loss is meant to protect.
 
 # %%
 run_device = resolve_device(device)
-tiles = eval_set(eval_images, eval_size, eval_seed)
+if not cfg.data.synthetic:  # data_dir, or the folder of 03's run teacher_run
+    names, tiles = folder_tiles(cfg.data.data_dir, cfg.data.mask_dir, n=eval_images, max_side=eval_size)
+else:
+    names, tiles = synthetic_tiles(eval_images, eval_size, eval_seed)
+labelled = tiles[0][1] is not None
+keys = ("miou", "m2o_miou") if labelled else ("view_agreement", "utilization")
 decoder = ReconstructionDecoder.from_checkpoint(run_dir / "with_ae" / "decoder_training_only.pt")
-recons = [reconstruct(students["with_ae"], decoder, t.rgb) for t in tiles]
+recons = [reconstruct(students["with_ae"], decoder, rgb) for rgb, _ in tiles]
 scores = {}
 for variant, student in students.items():
-    result = evaluate_synthetic(student.to(run_device), n=eval_images, size=eval_size, seed=eval_seed)
-    scores[variant] = {**result["model"], "colour_r2": colour_probe_r2(student.cpu(), [t.rgb for t in tiles])}
+    result = evaluate_tiles(
+        student.to(run_device), tiles, k="present" if labelled else k, ignore=ignore, seed=eval_seed, names=names
+    )
+    scores[variant] = {**result["model"], "colour_r2": colour_probe_r2(student.cpu(), [rgb for rgb, _ in tiles])}
 
 # %% [markdown]
 # ## Summary (regression-checked)
@@ -95,8 +114,10 @@ for variant, student in students.items():
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"reconstruction loss of the decoder on the test tiles: {np.mean([r['loss'] for r in recons]):.2f}")
+label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
 for variant, s in scores.items():
-    print(f"{variant:<11} mIoU {s['miou']:.2f}  many-to-one {s['m2o_miou']:.2f}  colour probe R^2 {s['colour_r2']:.2f}")
+    print(f"{variant:<11} " + "  ".join(f"{label[key]} {s[key]:.2f}" for key in keys), end="")
+    print(f"  colour probe R^2 {s['colour_r2']:.2f}")
 
 # %% [markdown]
 # ## Plots
@@ -119,7 +140,7 @@ plt.show()
 # Input, reconstruction target (stride 4, blurred) and the decoder's prediction:
 
 # %%
-rows = [[t.rgb, r["target"], np.clip(r["pred"], 0, 1)] for t, r in zip(tiles[:4], recons[:4], strict=True)]
+rows = [[rgb, r["target"], np.clip(r["pred"], 0, 1)] for (rgb, _), r in zip(tiles[:4], recons[:4], strict=True)]
 show_images(rows, ["tile", "target (stride 4, blurred)", "reconstruction"])
 plt.show()
 
@@ -128,10 +149,13 @@ plt.show()
 
 # %%
 rows = []
-for t in tiles[:4]:
-    maps = [match_labels(predict_labels(s.cpu(), t.rgb, t.n_classes), t.labels) for s in students.values()]
-    rows.append([t.rgb, label_image(t.labels), *[label_image(m) for m in maps]])
-show_images(rows, ["tile", "ground truth", *students])
+for entry in result["per_image"][:4]:
+    rgb, gt = tiles[names.index(entry["image"])]
+    maps = [predict_labels(s.cpu(), rgb, entry["k"]) for s in students.values()]
+    maps = [label_image(match_labels(m, gt, ignore) if gt is not None else m) for m in maps]
+    truth = [label_image(gt, ignore)] if gt is not None else []
+    rows.append([rgb, *truth, *maps])
+show_images(rows, ["image", *["ground truth"] * len(truth), *students])
 plt.show()
 
 # %% [markdown]

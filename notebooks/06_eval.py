@@ -29,6 +29,7 @@ from seglib.data.tiles import load_labelled_folder
 from seglib.device import resolve_device, set_threads
 from seglib.evaluation import evaluate_tiles, explore, explorer, k_sweep, proxy_picks, scores_with_proxies, summarize
 from seglib.models import load_model
+from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
 from seglib.runs import resolve_teacher, run_folder, snapshots, teacher_recipe
 from seglib.training.run import run
@@ -46,6 +47,9 @@ real_max_side = 256  # the real tiles are downscaled to this longer side (0: ful
 ignore = [5, 255]  # mask ids left out of the scores (unlabelled, not annotated)
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
+
+# %%
+check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
 
 # %% [markdown]
 # ## The model and its snapshots

@@ -43,6 +43,7 @@ __all__ = [
     "RandomizeConfig",
     "DataConfig",
     "TrainConfig",
+    "ProbeConfig",
     "StudentConfig",
     "DistillConfig",
     "AutoencoderConfig",
@@ -185,6 +186,10 @@ class DataConfig:
     # Glob patterns on file names or stems (a pattern matching no file is an error):
     include: tuple[str, ...] = ()  # train only on the images of data_dir that match one (empty: all), e.g. ["*t1"]
     exclude: tuple[str, ...] = ()  # then leave out those that match one (seglib.loto's held-out tile)
+    # Optional ground truth for data_dir's images (<stem>.png label maps): the training-time
+    # quality probe (ProbeConfig) then logs mIoU beside its label-free proxies. Never trained on.
+    mask_dir: str = ""
+    mask_ignore: tuple[int, ...] = ()  # label ids the probe's mIoU ignores (e.g. 5, 255)
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
     extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
@@ -205,11 +210,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_dir: str = ""  # checkpoints, teacher.pt / student.pt and TensorBoard logs; empty: runs/train
     checkpoint_every: int = 50  # steps between checkpoints
+    # Also checkpoint when this many minutes passed since the last checkpoint (0: off), so a
+    # kill at any moment loses at most that much work. Such a checkpoint is removed once a later
+    # one exists: the folder ends with the step checkpoints only.
+    checkpoint_minutes: float = 5.0
     keep_checkpoints: int = 3  # newest step checkpoints kept (0: all)
     log_every: int = 1  # steps between TensorBoard scalars
     image_every: int = 50  # steps between TensorBoard images
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # torch CPU threads while training; 0: automatic, half the CPU cores the process may use
+    # (at least 1), or OMP_NUM_THREADS when set. On a 2-core machine that is 1 thread: with 2,
+    # each step waits for the slower core, and a busy machine makes that 10-20x slower.
+    threads: int = 0
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
 
@@ -218,6 +230,21 @@ def _overrides(of: type, **defaults: Any) -> Any:
     """A field holding overrides of the dataclass ``of`` (a dict of some of its fields, checked
     like the dataclass's own; ``apply_overrides`` merges into it)."""
     return field(default_factory=lambda: dict(defaults), metadata={"overrides": of})
+
+
+@dataclass
+class ProbeConfig:
+    """The quality signal logged while training: a few fixed images segmented every ``every``
+    steps (and before the first step, and after the last) with the model being trained, scored
+    by label-free proxies (two-view agreement under a flip, cluster utilisation, speckle) and,
+    when the images have ground truth, Hungarian mIoU. Synthetic runs use synthetic tiles (they
+    have labels); folder runs use ``images`` images of ``data.data_dir`` spread over its sorted
+    list, with ``data.mask_dir``'s masks when given. TensorBoard tags: ``probe/<metric>``."""
+
+    every: int = 100  # steps between probes (0: off)
+    images: int = 4  # fixed images probed
+    size: int = 256  # their longer side, in pixels (larger images are shrunk)
+    k: int = 6  # clusters for the label-free proxies (with masks: K = classes present)
 
 
 @dataclass
@@ -292,6 +319,7 @@ class Config:
     randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -338,6 +366,34 @@ class Config:
                 raise ConfigError(str(exc)) from None
         if (self.data.include or self.data.exclude) and self.data.synthetic:
             raise ConfigError("data.include / data.exclude choose images of data.data_dir; give --data-dir")
+        if self.train.checkpoint_minutes < 0:
+            raise ConfigError(f"train.checkpoint_minutes must be >= 0 (0: off), got {self.train.checkpoint_minutes}")
+        if self.train.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0: automatic), got {self.train.threads}")
+        if self.probe.every < 0 or self.probe.images < 1 or self.probe.size < 32:
+            raise ConfigError(
+                f"probe needs every >= 0, images >= 1 and size >= 32, got every={self.probe.every}, "
+                f"images={self.probe.images}, size={self.probe.size}"
+            )
+        if not K_MIN <= self.probe.k <= K_MAX:
+            raise ConfigError(f"probe.k must lie in {K_MIN}..{K_MAX}, got {self.probe.k}")
+        return self
+
+    def check_paths(self) -> Config:
+        """The folders the run reads must exist: ``data.data_dir`` (unless synthetic) and
+        ``data.mask_dir`` (when set). ``ConfigError`` names the key, the path and the fix."""
+        d = self.data
+        if not d.synthetic and not Path(d.data_dir).expanduser().is_dir():
+            raise ConfigError(
+                f"data.data_dir not found: {d.data_dir}; pass --data-dir DIR (a folder of RGB tiles) or --synthetic"
+            )
+        if d.mask_dir and not Path(d.mask_dir).expanduser().is_dir():
+            raise ConfigError(
+                f"data.mask_dir not found: {d.mask_dir}; pass --mask-dir DIR (label PNGs named like the images) "
+                "or leave it empty"
+            )
+        if d.mask_dir and d.synthetic:
+            raise ConfigError("data.mask_dir is set but the run trains on synthetic tiles; add --data-dir DIR")
         return self
 
     @classmethod

@@ -1,6 +1,7 @@
 """Looking inside a model (notebooks 01, 04 and 05): the soft k-means objective, the clusters
 of each student slice, the decoder's reconstruction and how much colour a linear probe reads
-back from the student's features."""
+back from the student's features. The student's CNN reads images whose sides are multiples of
+16; the functions that run it alone crop other images to that grid (top-left kept)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,22 @@ def head_objective(emb: torch.Tensor, probs: torch.Tensor, prototypes: torch.Ten
     return float((r * d2).sum(-1).mean())
 
 
+def _student_input(rgb: np.ndarray) -> torch.Tensor:
+    """(1, 3, H', W'): the image cropped to the largest multiple of 16 per side (at least 16)."""
+    x = to_tensor(rgb)
+    h, w = (max(16, side // 16 * 16) for side in x.shape[-2:])
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise ValueError(f"the student needs images of at least 16x16 px, got {x.shape[-1]}x{x.shape[-2]}")
+    return x[..., :h, :w]
+
+
 @torch.no_grad()
 def slice_maps(student: torch.nn.Module, rgb: np.ndarray, k: int) -> dict[str, dict[str, np.ndarray]]:
     """For each slice of a ``StudentSegmenter`` (coarse stride 16, mid 8, fine 4): its embedding
     as a false-colour image (``pca``, at the slice's resolution) and the K clusters the head finds
-    on that slice alone (``labels``, nearest-upsampled to the image). Only ``fine`` is used at
-    inference."""
-    x = to_tensor(rgb)
+    on that slice alone (``labels``, nearest-upsampled to the image cropped to multiples of 16).
+    Only ``fine`` is used at inference."""
+    x = _student_input(rgb)
     out = {}
     for name, z in student.cnn(x).items():  # (1, E, H/s, W/s)
         emb = head_embedding(z, x, colour_weight=student.colour_weight, colour_blur=student.colour_blur)
@@ -60,7 +70,7 @@ def reconstruct(student: torch.nn.Module, decoder: ReconstructionDecoder, rgb: n
     pooled to stride 4 and blurred as ``decoder.config`` says), as (H/4, W/4, 3) arrays, and the
     reconstruction loss. ``decoder`` comes from ``ReconstructionDecoder.from_checkpoint``."""
     ae = decoder.config
-    x = to_tensor(rgb)
+    x = _student_input(rgb)
     pred = decoder(student.cnn.forward_all(x)["fine_features"])  # (1, 3, H/4, W/4)
     target = reconstruction_target(x, sigma=ae.blur_sigma, kernel=ae.blur_kernel)
     return {
@@ -78,7 +88,7 @@ def colour_probe_r2(student: torch.nn.Module, images: Sequence[np.ndarray]) -> f
     to keep this information in the student."""
     feats, colours = [], []
     for rgb in images:
-        x = to_tensor(rgb)
+        x = _student_input(rgb)
         z = F.normalize(student.cnn(x)["fine"], dim=1)  # (1, E, h, w)
         feats.append(z[0].flatten(1).T)  # (N, E)
         colours.append(F.adaptive_avg_pool2d(x, z.shape[-2:])[0].flatten(1).T)  # (N, 3)

@@ -6,6 +6,7 @@
     python -m seglib.eval --images DIR --masks DIR --k present --ignore 5,255 --checkpoint student.pt
     python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-clusters   # one legend
     python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --k-auto-study            # --k auto's rule
+    python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --checkpoint mine.pt --compare bundled
 
 Prints one JSON summary (aggregated numbers per method; ``--per-image`` adds the rows) and
 writes it to ``--out`` (default ``runs/eval/<source>.json``: ``synthetic_seed<seed>``, or the
@@ -38,13 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_argument_group("data (pick one)")
     src.add_argument("--synthetic", action="store_true", help="the seeded synthetic test set")
-    src.add_argument("--images", default=None, help="folder of RGB images with ground truth in --masks")
-    src.add_argument("--masks", default=None, help="folder of label masks (PNG, same stem as each image)")
+    src.add_argument("--images", default=None, help="folder of RGB images (ground truth in --masks)")
+    src.add_argument(
+        "--masks",
+        default=None,
+        help="folder of label masks (PNG, same stem as each image); without it, label-free proxies at --k",
+    )
     p.add_argument("--seed", type=int, default=123, help="seed of the synthetic test set (and of k-means)")
     p.add_argument("--n-images", type=int, default=32, help="synthetic test tiles")
     p.add_argument("--size", type=int, default=512, help="synthetic tile side (multiple of 4)")
     p.add_argument("--checkpoint", default=None, help="teacher.pt, student.pt or a training ckpt_*.pt")
     p.add_argument("--no-model", action="store_true", help="evaluate the baselines only")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="another model scored on the same images in the same run, with its own head settings: a "
+        "checkpoint path or 'bundled' (the default model); repeatable",
+    )
     p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer 2..16")
     p.add_argument("--k-sweep", action="store_true", help="also report both matchings for K = 2..16")
     p.add_argument(
@@ -104,12 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.synthetic) == bool(args.images):
         parser.error("choose the data: --synthetic, or --images DIR --masks DIR")
-    if args.images and not args.masks:
-        parser.error("--images needs --masks DIR with the ground-truth label PNGs")
+    if args.images and not args.masks and args.k == "present":
+        parser.error("--images without --masks has no classes to count: give --masks DIR or an integer --k")
     if args.iters is not None and args.iters < 0:
         parser.error(f"--iters must be 0 or more, got {args.iters}")
     if args.size_prior is not None and not args.size_prior >= 0:
         parser.error(f"--size-prior must be 0 or more, got {args.size_prior}")
+    if bad := [spec for spec in args.compare if spec in ("model", "rgb_kmeans", "random_init")]:
+        parser.error(f"--compare {bad[0]}: a reserved name; pass a checkpoint path or 'bundled'")
+    if args.k_sweep and args.images and not args.masks:
+        parser.error("--k-sweep scores against ground truth: give --masks DIR")
+    if len(set(args.compare)) < len(args.compare):
+        parser.error("--compare: the same model named twice")
     try:
         k = _parse_k(args.k)
     except ValueError as exc:
@@ -133,19 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["size_prior"] = args.size_prior
     set_threads(args.threads)
 
-    from .data.tiles import load_labelled_folder
-    from .evaluation import evaluate_tiles, k_sweep, synthetic_tiles
+    from .evaluation import evaluate_tiles, folder_tiles, k_sweep, synthetic_tiles
     from .models import load_model, random_init_like
 
     # Everything that can fail on a path or a checkpoint fails here, in one line.
     try:
         device = resolve_device(args.device)
         model = None if args.no_model else load_model(args.checkpoint).to(device)
+        compare = {spec: load_model(None if spec == "bundled" else spec).to(device) for spec in args.compare}
         if args.synthetic:
             names, tiles = synthetic_tiles(args.n_images, args.size, args.seed)
             source = f"synthetic_seed{args.seed}"
-        else:
-            names, tiles = load_labelled_folder(args.images, args.masks, max_side=args.max_side)
+        else:  # without --masks every method gets the label-free proxies instead of mIoU
+            names, tiles = folder_tiles(args.images, args.masks or "", max_side=args.max_side)
             source = Path(args.images).resolve().parent.name or "images"
     except (ValueError, FileNotFoundError) as exc:  # ImageReadError and CheckpointError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
@@ -161,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         k=k,
         ignore=ignore,
         random_init=random_init,
+        compare=compare,
         proxies=args.proxies,
         seed=args.seed,
         names=names,
@@ -179,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "torch": torch.__version__,
     }
-    for method in ("model", "random_init", "rgb_kmeans"):
+    for method in ("model", "random_init", "rgb_kmeans", *compare):
         if method in result:
             summary[method] = {key: round(v, 4) for key, v in result[method].items()}
-    if "model" in result:
-        summary["model_minus_rgb_kmeans"] = round(result["model"]["miou"] - result["rgb_kmeans"]["miou"], 4)
+    if "model" in result and "miou" in result["model"]:
+        for other in ("rgb_kmeans", "random_init", *compare):
+            if other in result:
+                summary[f"model_minus_{other}"] = round(result["model"]["miou"] - result[other]["miou"], 4)
     if args.k_sweep:
         summary["k_sweep"] = [
             {key: round(v, 4) for key, v in row.items()}

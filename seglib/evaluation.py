@@ -20,6 +20,7 @@ mapping of clusters to classes for all images).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from .viz import match_labels
 __all__ = [
     "PROXIES",
     "synthetic_tiles",
+    "folder_tiles",
     "evaluate_tiles",
     "evaluate_synthetic",
     "k_sweep",
@@ -56,10 +58,12 @@ def _model_labeler(model: torch.nn.Module, **kwargs) -> Labeler:
     return lambda rgb, k: predict_labels(model, rgb, k, **kwargs)
 
 
-def _score(labeler: Labeler, rgb: np.ndarray, gt: np.ndarray, k: int, ignore: Sequence[int], proxies: bool) -> dict:
+def _score(
+    labeler: Labeler, rgb: np.ndarray, gt: np.ndarray | None, k: int, ignore: Sequence[int], proxies: bool
+) -> dict:
     pred = labeler(rgb, k)
-    row = segmentation_scores(pred, gt, ignore)
-    if proxies:
+    row = segmentation_scores(pred, gt, ignore) if gt is not None else {}
+    if proxies or gt is None:
         flipped = labeler(np.ascontiguousarray(rgb[:, ::-1]), k)[:, ::-1]
         row.update(proxy_scores(pred, k, labels_other_view=flipped))
     return row
@@ -72,6 +76,7 @@ def evaluate_tiles(
     k: int | str = "present",
     ignore: Sequence[int] = (),
     random_init: torch.nn.Module | None = None,
+    compare: dict[str, torch.nn.Module] | None = None,
     proxies: bool = False,
     seed: int = 0,
     names: Sequence[str] | None = None,
@@ -81,9 +86,13 @@ def evaluate_tiles(
     """Score ``model`` and the baselines on (rgb (H, W, 3) float, labels (H, W)) pairs.
 
     ``k="present"`` uses the number of ground-truth classes present after ``ignore``; images
-    with fewer than ``min_classes`` such classes are skipped (and listed as skipped).
-    Returns {"model": ..., "rgb_kmeans": ..., ["random_init": ...], "per_image": [...],
-    "skipped": [...]} with aggregated means per method.
+    with fewer than ``min_classes`` such classes are skipped (and listed as skipped). Images
+    without ground truth (labels None: a folder without masks) get the label-free proxies of
+    every method instead, at an integer ``k``.
+    ``compare`` adds other models (name -> model, e.g. ``{"bundled": ...}``), scored on the same
+    images with their own head settings (``model_kwargs`` apply to ``model`` and ``random_init``).
+    Returns {"model": ..., "rgb_kmeans": ..., ["random_init": ...], [<compare names>...],
+    "per_image": [...], "skipped": [...]} with aggregated means per method.
     """
     methods: dict[str, Labeler] = {}
     if model is not None:
@@ -91,18 +100,26 @@ def evaluate_tiles(
     methods["rgb_kmeans"] = lambda rgb, kk: rgb_kmeans(rgb, kk, seed=seed)
     if random_init is not None:
         methods["random_init"] = _model_labeler(random_init, **model_kwargs)
+    for name, other in (compare or {}).items():
+        if name in methods:
+            raise ValueError(f"compare: the name {name!r} is taken; use another")
+        methods[name] = _model_labeler(other)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     per_image, skipped = [], []
     for i, (rgb, gt) in enumerate(tiles):
         name = names[i] if names is not None else str(i)
-        present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
-        if len(present) < min_classes:
-            skipped.append(name)
-            continue
-        kk = len(present) if k == "present" else int(k)
-        entry = {"image": name, "k": kk, "n_classes": len(present)}
+        if gt is None:
+            if k == "present":
+                raise ValueError(f"image {name} has no ground truth: give an integer k, not 'present'")
+            entry = {"image": name, "k": int(k)}
+        else:
+            present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
+            if len(present) < min_classes:
+                skipped.append(name)
+                continue
+            entry = {"image": name, "k": len(present) if k == "present" else int(k), "n_classes": len(present)}
         for method, labeler in methods.items():
-            row = _score(labeler, rgb, gt, kk, ignore, proxies and method == "model")
+            row = _score(labeler, rgb, gt, entry["k"], ignore, proxies and method == "model")
             rows[method].append(row)
             entry[method] = row
         per_image.append(entry)
@@ -118,6 +135,29 @@ def synthetic_tiles(
     """(names, [(rgb, labels)]) of the seeded synthetic test set (``seglib.data.synthetic.eval_set``)."""
     tiles = [(t.rgb, t.labels) for t in eval_set(n, size, seed)]
     return [f"synthetic_{seed}_{i:03d}" for i in range(len(tiles))], tiles
+
+
+def folder_tiles(
+    images: str | Path, masks: str | Path = "", *, n: int = 0, max_side: int = 0
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray | None]]]:
+    """(names, [(rgb float32 (H, W, 3) in [0, 1], labels (H, W) or None)]) of ``n`` images of a
+    folder spread over its sorted list (0: all), shrunk so the longer side is at most
+    ``max_side`` (0: full size). With a ``masks`` folder only images with a mask (``<stem>.png``)
+    count and carry it; without, labels are None (``evaluate_tiles`` then reports proxies)."""
+    from .data.tiles import load_folder, load_labelled_folder, shrink
+
+    if masks:
+        names, tiles = load_labelled_folder(images, masks, max_side=max_side)
+    else:
+        names, rgbs = load_folder(images)
+        tiles = []
+        for rgb in rgbs:
+            small, _ = shrink(rgb, None, max_side)
+            tiles.append((small.astype(np.float32) / 255.0, None))
+    if 0 < n < len(tiles):
+        pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, n).round()})
+        names, tiles = [names[i] for i in pick], [tiles[i] for i in pick]
+    return names, tiles
 
 
 def evaluate_synthetic(

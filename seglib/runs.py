@@ -15,6 +15,7 @@ import ast
 import copy
 import inspect
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,33 @@ def teacher_overrides(
     device: str,
     threads: int,
     snapshot_every: int,
+    data_dir: str = "",
+    mask_dir: str = "",
+    ignore: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Config overrides of notebook 03's teacher run from its parameters (the same names), on top
-    of the package defaults; every checkpoint is kept (they are the snapshots over training)."""
+    of the package defaults; every checkpoint is kept (they are the snapshots over training).
+
+    ``data_dir`` (a folder of RGB tiles; "": synthetic tiles) and ``mask_dir`` (its ground truth,
+    only scored by the training-time probe) are resolved against the working directory and must
+    exist (``FileNotFoundError`` naming the parameter otherwise); ``ignore`` are mask ids the
+    probe leaves out."""
+    data: dict[str, Any] = {"synthetic": True, "size": size, "batch_size": batch_size}
+    if mask_dir and not data_dir:
+        raise ValueError("mask_dir is set but data_dir is not: masks belong to the images of data_dir")
+    for name, folder in (("data_dir", data_dir), ("mask_dir", mask_dir)):
+        if folder and not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"{name} not found: {folder} (relative paths start at {Path.cwd()}); give an existing folder, "
+                "e.g. an absolute path"
+            )
+    if data_dir:
+        data.update(synthetic=False, data_dir=str(Path(data_dir).expanduser().resolve()))
+        data.update(mask_dir=str(Path(mask_dir).expanduser().resolve()) if mask_dir else "")
+        data.update(mask_ignore=[int(i) for i in ignore])
     return {
         "model": copy.deepcopy(teacher_model),
-        "data": {"synthetic": True, "size": size, "batch_size": batch_size},
+        "data": data,
         "train": {
             "steps": steps,
             "seed": seed,
@@ -97,11 +119,16 @@ def teacher_params(run_name: str) -> dict[str, Any]:
     return params
 
 
-def teacher_recipe(run_name: str, checkpoint_dir: str | Path) -> dict[str, Any]:
+def teacher_recipe(run_name: str, checkpoint_dir: str | Path, **params: Any) -> dict[str, Any]:
     """``teacher_overrides`` of notebook 03's run ``run_name`` (``teacher_params``), writing to
     ``checkpoint_dir``: notebooks 04-06 train this teacher when 03's run is absent, so their
-    numbers are the same whether or not 03 ran first."""
-    params = teacher_params(run_name)
+    numbers are the same whether or not 03 ran first. ``params`` replace some of 03's parameters,
+    e.g. ``data_dir`` (the folder papermill was given rather than the one in the YAML file);
+    empty values ("", None, []) keep the file's."""
+    unknown = set(params) - set(inspect.signature(teacher_overrides).parameters)
+    if unknown:
+        raise TypeError(f"teacher_recipe: {sorted(unknown)} are not parameters of notebook 03's recipe")
+    params = {**teacher_params(run_name), **{k: v for k, v in params.items() if v not in ("", None, [], ())}}
     names = inspect.signature(teacher_overrides).parameters
     return teacher_overrides(checkpoint_dir, **{k: params[k] for k in names if k != "checkpoint_dir"})
 
@@ -125,7 +152,9 @@ def resolve_teacher(teacher_checkpoint: str = "", teacher_run: str = "") -> str:
     if teacher_run:
         path = REPO_ROOT / "runs" / TEACHER_NOTEBOOK / teacher_run / "teacher.pt"  # (runs_dir would create it)
         if path.is_file():
-            print(f"teacher: {path} (notebook 03's run '{teacher_run}')")
+            data = load_checkpoint(path)["config"]["data"]
+            source = "synthetic tiles" if data["synthetic"] else data["data_dir"]
+            print(f"teacher: {path} (notebook 03's run '{teacher_run}', trained on {source})")
             return str(path)
     print(f"teacher: none found in runs/{TEACHER_NOTEBOOK}/{teacher_run or '<run>'}/; a teacher is trained first")
     return ""

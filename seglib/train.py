@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (config: train.lr)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config: train.device)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads, 0 = default (config: train.threads)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads, 0 = automatic: half the cores (config: train.threads)",
+    )
     g.add_argument(
         "--checkpoint_dir",
         "--checkpoint-dir",
@@ -94,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="steps between checkpoints (config: train.checkpoint_every)",
+    )
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="also checkpoint when this many minutes passed since the last one, 0 = off: a kill loses at "
+        "most that much work (config: train.checkpoint_minutes)",
     )
     g.add_argument(
         "--keep-checkpoints",
@@ -134,6 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="GLOB",
         help="leave out images whose name matches this glob (repeatable; config: data.exclude)",
+    )
+    g.add_argument(
+        "--mask-dir",
+        default=None,
+        help="ground-truth label PNGs for --data-dir's images (<stem>.png); never trained on, only scored by the "
+        "quality probe (config: data.mask_dir)",
+    )
+    g.add_argument(
+        "--mask-ignore",
+        type=_int_list,
+        default=None,
+        help="label ids the probe's mIoU ignores, e.g. 5,255 (config: data.mask_ignore)",
+    )
+    g.add_argument(
+        "--probe-every",
+        type=int,
+        default=None,
+        help="steps between quality probes (proxies, and mIoU with --mask-dir), 0 = off (config: probe.every)",
     )
     g.add_argument("--size", type=int, default=None, help="training crop side, multiple of 16 (config: data.size)")
     g.add_argument(
@@ -231,6 +261,10 @@ _FLAG_PATHS = {
     "lr": "train.lr",
     "device": "train.device",
     "threads": "train.threads",
+    "checkpoint_minutes": "train.checkpoint_minutes",
+    "mask_dir": "data.mask_dir",
+    "mask_ignore": "data.mask_ignore",
+    "probe_every": "probe.every",
     "checkpoint_dir": "train.checkpoint_dir",
     "checkpoint_every": "train.checkpoint_every",
     "keep_checkpoints": "train.keep_checkpoints",
@@ -288,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    try:
+        cfg.check_paths()
+    except ConfigError as exc:
+        parser.error(str(exc))
     main_process = int(os.environ.get("RANK", 0)) == 0  # the process group is not up yet
     if main_process:
         print(json.dumps({"config": cfg.to_dict()}, sort_keys=True))

@@ -13,10 +13,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def tiny_overrides(ckdir: Path, **train) -> dict:
-    """A config that trains in seconds: a narrow teacher, 32 px tiles, batch 2."""
+    """A config that trains in seconds: a narrow teacher, 32 px tiles, batch 2, no quality probe
+    (tests of the probe turn it on)."""
     return {
         "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
         "data": {"size": 32, "batch_size": 2},
+        "probe": {"every": 0},
         "train": {
             "steps": 4,
             "checkpoint_dir": str(ckdir),

@@ -132,3 +132,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed == clean  # step for step, bit for bit on CPU
     assert len(list_checkpoints(killed_dir)) == 2  # older ones pruned
     assert not list(killed_dir.glob("*.tmp"))
+    # TensorBoard: every step's point once, over both processes' event files.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = [
+        event.step
+        for path in sorted((killed_dir / "tb").glob("*tfevents*"))
+        for event in EventFileLoader(str(path)).Load()
+        if any(value.tag == "loss/total" for value in event.summary.value)
+    ]
+    assert sorted(steps) == list(range(1, 41))

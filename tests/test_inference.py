@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -126,7 +127,6 @@ def test_eval_cli_scores_the_bundled_model_beside_rgb_kmeans_with_its_own_head_s
     bundled model with the head settings stored in it (1 iteration, size prior 3), the same
     model with ``--iters 3`` and with ``--size-prior 0``, and RGB k-means in the same run; the
     JSON report says which head settings gave the number."""
-    import json
 
     from seglib.eval import main as eval_main
     from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
@@ -160,7 +160,10 @@ def test_eval_cli_rejects_bad_arguments_and_paths_in_one_line(tmp_path, capsys):
         (["--synthetic", "--iters", "-1"], "--iters must be 0 or more"),
         (["--synthetic", "--size-prior", "-1"], "--size-prior must be 0 or more"),
         (["--synthetic", "--k", "17"], "--k: K must be in 2..16"),
-        (["--images", str(SAMPLE_IMAGES)], "--images needs --masks"),
+        (["--images", str(SAMPLE_IMAGES)], "--images without --masks has no classes to count"),
+        (["--images", str(SAMPLE_IMAGES), "--k", "4", "--k-sweep"], "--k-sweep scores against ground truth"),
+        (["--synthetic", "--compare", "random_init"], "--compare random_init: a reserved name"),
+        (["--synthetic", "--compare", "bundled", "--compare", "bundled"], "the same model named twice"),
     ]:
         with pytest.raises(SystemExit) as exc:
             eval_main(argv)
@@ -170,6 +173,33 @@ def test_eval_cli_rejects_bad_arguments_and_paths_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: mask folder not found: {missing}"
     assert eval_main(["--synthetic", "--checkpoint", str(tmp_path / "none.pt")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: checkpoint not found")
+    assert eval_main(["--synthetic", "--compare", str(tmp_path / "other.pt")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: checkpoint not found")
+
+
+def test_eval_cli_compares_models_on_the_same_images_and_scores_folders_without_masks(
+    tmp_path, tiny_teacher_checkpoint
+):
+    """--compare scores another model in the same run (its numbers equal a run of its own); a
+    folder without masks gets the label-free proxies of every method at a fixed K."""
+    from seglib.eval import main as eval_main
+    from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
+
+    common = ["--images", str(SAMPLE_IMAGES), "--max-side", "128", "--threads", "1"]
+    labelled = [*common, "--masks", str(SAMPLE_MASKS), "--ignore", "5,255"]
+    out = {name: tmp_path / f"{name}.json" for name in ("both", "alone", "proxies")}
+    assert eval_main([*labelled, "--checkpoint", str(tiny_teacher_checkpoint), "--compare", "bundled",
+                      "--out", str(out["both"])]) == 0  # fmt: skip
+    assert eval_main([*labelled, "--out", str(out["alone"])]) == 0  # the bundled model on its own
+    both, alone = (json.loads(out[name].read_text()) for name in ("both", "alone"))
+    assert both["bundled"]["miou"] == pytest.approx(alone["model"]["miou"])
+    assert both["model_minus_bundled"] == pytest.approx(both["model"]["miou"] - alone["model"]["miou"], abs=2e-4)
+    assert both["rgb_kmeans"] == alone["rgb_kmeans"]
+    assert eval_main([*common, "--k", "4", "--compare", "bundled", "--out", str(out["proxies"])]) == 0
+    proxies = json.loads(out["proxies"].read_text())
+    for method in ("model", "random_init", "rgb_kmeans", "bundled"):
+        assert "miou" not in proxies[method] and 0 <= proxies[method]["view_agreement"] <= 1, method
+    assert {row["k"] for row in proxies["per_image"]} == {4}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -27,6 +27,8 @@ import nbformat
 import pytest
 import yaml
 
+from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
@@ -140,7 +142,7 @@ def test_ci_params_are_the_committed_defaults():
         assert not differ, f"params/{stem}/ci.yaml differs from the notebook's defaults (ci, default): {differ}"
 
 
-@pytest.mark.parametrize("params_file", [None, "full.yaml"])
+@pytest.mark.parametrize("params_file", [None, "full.yaml", "own.yaml"])
 def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_path):
     """When 03's run is absent, 04-06 train a teacher themselves from 03's parameters for that run
     (``seglib.runs.teacher_recipe`` reads params/03_teacher_train/<run>.yaml): exactly 03's teacher,
@@ -151,6 +153,8 @@ def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_pa
     teacher = effective("03_teacher_train", params_file)
     recipe_names = {"teacher_model", "teacher_steps", "snapshot_every", "size", "batch_size", "seed"}
     for stem in ("04_distill", "05_autoencoder", "06_eval"):
+        if params_file and not (PARAMS / stem / params_file).is_file():
+            continue  # 06 has no own.yaml: it evaluates synthetic tiles and the shipped samples
         params = effective(stem, params_file)
         assert not recipe_names & set(params), f"{stem} re-declares 03's parameters {recipe_names & set(params)}"
         same = {
@@ -159,9 +163,83 @@ def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_pa
         }
         assert all(a == b for a, b in same.values()), f"{stem} ({params_file or 'defaults'}) vs 03: {same}"
     names = ("teacher_model", "size", "batch_size", "steps", "seed", "device", "threads", "snapshot_every")
-    assert teacher_recipe(teacher["run_name"], tmp_path) == teacher_overrides(
-        tmp_path, **{k: teacher[k] for k in names}
-    )
+    names += ("data_dir", "mask_dir", "ignore")
+    if teacher["data_dir"] == "path/to/your/tiles":  # own.yaml's placeholder: 04 and 05 pass their data_dir
+        with pytest.raises(FileNotFoundError, match="data_dir not found: path/to/your/tiles"):
+            teacher_recipe(teacher["run_name"], tmp_path)
+        teacher["data_dir"] = str(SAMPLE_IMAGES)
+        recipe = teacher_recipe(teacher["run_name"], tmp_path, data_dir=str(SAMPLE_IMAGES))
+        assert recipe["data"]["synthetic"] is False and recipe["data"]["data_dir"] == str(SAMPLE_IMAGES)
+    else:
+        recipe = teacher_recipe(teacher["run_name"], tmp_path)
+    assert recipe == teacher_overrides(tmp_path, **{k: teacher[k] for k in names})
+
+
+def test_a_data_dir_given_to_04_or_05_replaces_the_recipes_data(tmp_path):
+    """04 and 05 train 03's teacher on their own data_dir (and distil on it) when given one; an
+    empty value keeps 03's, a missing folder fails naming the parameter."""
+    from seglib.runs import teacher_recipe
+
+    assert teacher_recipe("ci", tmp_path)["data"]["synthetic"] is True
+    recipe = teacher_recipe("ci", tmp_path, data_dir=str(SAMPLE_IMAGES), mask_dir=str(SAMPLE_MASKS), ignore=[5])
+    assert recipe["data"] | {"synthetic": False} == recipe["data"]
+    assert (recipe["data"]["data_dir"], recipe["data"]["mask_dir"]) == (str(SAMPLE_IMAGES), str(SAMPLE_MASKS))
+    assert recipe["data"]["mask_ignore"] == [5] and recipe["train"] == teacher_recipe("ci", tmp_path)["train"]
+    assert teacher_recipe("ci", tmp_path, data_dir="") == teacher_recipe("ci", tmp_path)
+    with pytest.raises(FileNotFoundError, match="data_dir not found: nowhere"):
+        teacher_recipe("ci", tmp_path, data_dir="nowhere")
+    with pytest.raises(TypeError, match="not parameters of notebook 03"):
+        teacher_recipe("ci", tmp_path, stepz=3)
+
+
+def test_every_notebook_checks_its_parameters_right_after_declaring_them():
+    """papermill injects its cell right after the parameters cell; the next committed cell must
+    be the check, so that the kernel's history holds parameters, injected, check in a row."""
+    for stem in STEMS:
+        cells = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4).cells
+        index = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+        after = cells[index + 1]
+        assert after.cell_type == "code" and after.source.splitlines()[0].startswith("check_parameters()"), (
+            f"{stem}: the cell after the parameters cell must call check_parameters()"
+        )
+
+
+def _history(parameters_cell: str, injected: str | None) -> list[str]:
+    """The kernel's input history when the checking cell runs (``In[0]`` is empty)."""
+    return ["", "import x", parameters_cell, *([injected] if injected is not None else []), "check_parameters()"]
+
+
+def test_check_parameters_refuses_unknown_names_and_wrong_types():
+    from seglib.parameters import ParameterError, check_parameters
+
+    declared = 'steps = 150  # optimizer steps\nlr = 0.1\nrun_name = "ci"\nmodel = {}\n'
+    check_parameters(_history(declared, None), {})  # no injected cell: Jupyter, nbval, refresh.py
+    check_parameters(_history(declared, "# Parameters\nsteps = 10\nlr = 1\n"), {"steps": 10, "lr": 1})
+    injected = "# Parameters\nstepz = 10\n"
+    with pytest.raises(ParameterError, match="unknown parameter 'stepz': did you mean 'steps'"):
+        check_parameters(_history(declared, injected), {"stepz": 10})
+    with pytest.raises(ParameterError, match="valid parameters: steps, lr, run_name, model"):
+        check_parameters(_history(declared, "# Parameters\nzzz = 1\n"), {"zzz": 1})
+    with pytest.raises(ParameterError, match="'steps' is str '10', but its default is int 150"):
+        check_parameters(_history(declared, '# Parameters\nsteps = "10"\n'), {"steps": "10"})
+    with pytest.raises(ParameterError, match="'run_name' is int 7.*papermill -r NAME VALUE"):
+        check_parameters(_history(declared, "# Parameters\nrun_name = 7\n"), {"run_name": 7})
+    paths = '# Parameters\nPAPERMILL_INPUT_PATH = "a.ipynb"\nsteps = 3\n'  # papermill --inject-paths
+    check_parameters(_history(declared, paths), {"PAPERMILL_INPUT_PATH": "a.ipynb", "steps": 3})
+
+
+@pytest.mark.slow
+def test_papermill_fails_on_an_unknown_notebook_parameter(tmp_path):
+    """papermill itself only warns and exits 0; the notebook's check fails the run (exit 1),
+    naming the parameter, before anything trains."""
+    _refresh_module().check_kernel()
+    out = tmp_path / "out.ipynb"
+    cmd = [str(Path(sys.executable).parent / "papermill"), str(NOTEBOOKS / "03_teacher_train.ipynb"), str(out)]
+    cmd += ["-p", "stepz", "10", "-p", "run_name", "unknown_parameter_test", "--cwd", str(NOTEBOOKS), "-k", "python3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "unknown parameter 'stepz': did you mean 'steps'?" in result.stderr + result.stdout
+    assert not (ROOT / "runs" / "03_teacher_train" / "unknown_parameter_test").exists()  # stopped before training
 
 
 # ------------------------------------------------------------------ committed form
@@ -201,6 +279,54 @@ def test_notebook_executes_with_ci_params(stem):
         execution_timeout=300,  # a CI-scale cell takes seconds; fail fast if one stalls
     )
     print(f"{stem}: {time.perf_counter() - tic:.0f} s")
+
+
+# Notebooks 03-05 on a folder of real tiles: the three samples shipped with the package (with
+# masks for 03 and 04, without for 05: label-free proxies), at a few steps. 04 and 05 take 03's
+# "ci" teacher (its run, or trained first on the folder when the run is absent).
+OWN_DATA = {
+    "03_teacher_train": {
+        "steps": 8,
+        "snapshot_every": 4,
+        "size": 64,
+        "mask_dir": str(SAMPLE_MASKS),
+        "ignore": [5, 255],
+    },
+    "04_distill": {"steps": 4, "mask_dir": str(SAMPLE_MASKS), "ignore": [5, 255], "bench_repeats": 1},
+    "05_autoencoder": {"steps": 4},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", list(OWN_DATA))
+def test_notebook_trains_and_evaluates_on_a_folder(stem, tmp_path):
+    import shutil
+
+    import papermill
+
+    from seglib.checkpoint import load_checkpoint
+
+    _refresh_module().check_kernel()
+    run_name = "own_data_test"
+    params = {"run_name": run_name, "data_dir": str(SAMPLE_IMAGES), "eval_size": 96, "eval_images": 3, **OWN_DATA[stem]}
+    out = tmp_path / f"{stem}.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{stem}.ipynb"),
+        str(out),
+        parameters=params,
+        kernel_name="python3",
+        cwd=str(NOTEBOOKS),
+        progress_bar=False,
+        execution_timeout=300,
+    )
+    cell = next(c for c in nbformat.read(out, as_version=4).cells if "# NBVAL_CHECK_OUTPUT" in c.source)
+    text = "".join(o.get("text", "") for o in cell.outputs)
+    assert ("mIoU" in text) == ("mask_dir" in params) and ("view agreement" in text) != ("mask_dir" in params), text
+    run_dir = ROOT / "runs" / stem / run_name
+    trained = next(run_dir.rglob("student.pt" if stem != "03_teacher_train" else "teacher.pt"))
+    config = load_checkpoint(trained)["config"]
+    assert config["data"]["synthetic"] is False and Path(config["data"]["data_dir"]) == SAMPLE_IMAGES
+    shutil.rmtree(run_dir)
 
 
 def _nbval(notebook: Path, cwd: Path) -> subprocess.CompletedProcess:

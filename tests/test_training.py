@@ -213,3 +213,212 @@ def test_exported_model_is_the_average_and_survives_resume(tmp_path):
     resumed = load_checkpoint(part / "teacher.pt", kind="teacher")["model"]
     for key, value in exported.items():
         assert torch.equal(value, resumed[key]), key
+
+
+# ------------------------------------------------------------- wall-time checkpoints
+
+
+def test_time_triggered_checkpoints_bound_what_a_kill_loses(tmp_path, monkeypatch):
+    """With step checkpoints far apart, a checkpoint is still written once `checkpoint_minutes`
+    passed; the kill then loses only the steps since, the resumed run follows the uninterrupted
+    trajectory, and the finished folder holds the step checkpoints only."""
+    import seglib.training.loop as loop
+
+    full = run(cfg_for(tmp_path / "full", steps=7, checkpoint_every=100, checkpoint_minutes=1.0))
+    now = [0.0]
+    monkeypatch.setattr(loop, "_clock", lambda: now[0])
+
+    def tick(step, record):  # 40 s of training per step; a kill right after step 6
+        now[0] += 40.0
+        if step == 6:
+            raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_for(part, steps=7, checkpoint_every=100, checkpoint_minutes=1.0), callbacks=[tick])
+    # 60 s passed at steps 3 and 5 (clock 80 and 160); the checkpoint of step 3 was superseded.
+    assert [s for s, _ in list_checkpoints(part)] == [5]
+    resumed = run(cfg_for(part, steps=7, checkpoint_every=100, checkpoint_minutes=1.0), resume=True)
+    assert resumed["loss/total"] == full["loss/total"]
+    assert [s for s, _ in list_checkpoints(part)] == [7]  # the time-triggered one is gone
+
+
+def test_no_time_triggered_checkpoint_when_off(tmp_path, monkeypatch):
+    import seglib.training.loop as loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "_clock", lambda: now[0])
+    run(
+        cfg_for(tmp_path, steps=4, checkpoint_every=100, checkpoint_minutes=0.0, keep_checkpoints=0),
+        callbacks=[lambda step, record: now.__setitem__(0, now[0] + 1e6)],
+    )
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+
+
+# ---------------------------------------------------------- TensorBoard after resume
+
+
+def _event_steps(logdir):
+    """tag -> steps of every scalar and image event in every event file of ``logdir``."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = {}
+    for path in sorted(logdir.glob("*tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def test_tensorboard_after_a_resume_has_every_point_once(tmp_path, caplog):
+    """A run killed after step 5 resumes from its step-3 checkpoint: the event files hold each
+    scalar once per step 1..6 and each image once per logged step, and TensorBoard reads them
+    without purging anything ("out of order" warnings)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = lambda: cfg_for(tmp_path, steps=6, checkpoint_every=3, image_every=2)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(), callbacks=[_stop_after(5)])
+    killed = _event_steps(tmp_path / "tb")
+    assert killed["loss/total"] == [1, 2, 3, 4, 5]  # flushed at the checkpoint, and later at exit
+    run(cfg(), resume=True)
+    steps = _event_steps(tmp_path / "tb")
+    for tag in ("loss/total", "loss/consistency", "train/lr"):
+        assert steps[tag] == [1, 2, 3, 4, 5, 6], tag
+    assert steps["input/rgb"] == [1, 2, 4, 6]  # first step, then every image_every; 4 only once
+    with caplog.at_level("WARNING"):
+        acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
+    assert "out of order" not in caplog.text
+
+
+def test_trim_events_drops_late_events_and_a_truncated_record(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from seglib.training.logging import trim_events
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(1, 9):
+        writer.add_scalar("x", float(step), step)
+    writer.close()
+    (path,) = tmp_path.glob("*tfevents*")
+    with open(path, "ab") as f:  # a writer killed in the middle of a record
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00\x01\x02")
+    assert trim_events(tmp_path, 5) == 3
+    assert _event_steps(tmp_path)["x"] == [1, 2, 3, 4, 5]
+    size = path.stat().st_size
+    assert trim_events(tmp_path, 5) == 0 and path.stat().st_size == size  # nothing left to do
+    assert not list(tmp_path.glob(".trim-*"))
+
+
+# --------------------------------------------------------------------- quality probe
+
+
+def test_the_probe_logs_quality_without_changing_the_trajectory(tmp_path):
+    off = run(cfg_for(tmp_path / "off", steps=5))
+    overrides = tiny_overrides(tmp_path / "on", steps=5)
+    overrides["probe"] = {"every": 2, "images": 2, "size": 64}
+    on = run(Config.from_dict(overrides))
+    assert on["loss/total"] == off["loss/total"]  # the probe draws no random numbers
+    assert on["probe/step"] == [0, 2, 4, 5]  # before training, every 2 steps, after the last
+    for key in ("probe/miou", "probe/view_agreement", "probe/utilization", "probe/speckle", "probe/seconds"):
+        assert len(on[key]) == 4, key
+    assert all(0.0 <= v <= 1.0 for v in on["probe/miou"] + on["probe/view_agreement"])
+    assert len(set(on["probe/miou_rgb_kmeans"])) == 1  # computed once: a reference line
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "on" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("probe/miou")] == [0, 2, 4, 5]
+
+
+def test_the_probe_scores_what_the_evaluation_scores(tmp_path):
+    """On a folder with masks the probe's mIoU is the evaluation's Hungarian mIoU of the same
+    model on the same (shrunk) images with the same ignored ids."""
+    from seglib.evaluation import evaluate_tiles
+    from seglib.models import random_init_like
+    from seglib.models.teacher import MonolithicSegmenter
+    from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
+    from seglib.training.probe import QualityProbe
+
+    cfg = Config.from_dict(
+        {
+            "data": {
+                "synthetic": False,
+                "data_dir": str(SAMPLE_IMAGES),
+                "mask_dir": str(SAMPLE_MASKS),
+                "mask_ignore": [5, 255],
+            },
+            "probe": {"images": 2, "size": 96},
+        }
+    )
+    probe = QualityProbe.from_config(cfg)
+    assert len(probe.images) == 2 and max(probe.images[0].shape[:2]) == 96
+    model = random_init_like(MonolithicSegmenter(Config.from_dict(tiny_overrides(tmp_path)).model), seed=1)
+    scores = probe(model)
+    tiles = list(zip(probe.images, probe.masks, strict=True))
+    expected = evaluate_tiles(model, tiles, k="present", ignore=(5, 255))
+    assert scores["probe/miou"] == pytest.approx(expected["model"]["miou"])
+    assert scores["probe/miou_rgb_kmeans"] == pytest.approx(expected["rgb_kmeans"]["miou"])
+    assert not model.training
+
+
+def test_mask_dir_is_checked_before_training(tmp_path, capsys):
+    from seglib.config import ConfigError
+    from seglib.paths import SAMPLE_IMAGES
+    from seglib.train import main
+
+    cfg = Config.from_dict({"data": {"synthetic": False, "data_dir": str(SAMPLE_IMAGES), "mask_dir": "nope"}})
+    with pytest.raises(ConfigError, match="data.mask_dir not found: nope"):
+        cfg.check_paths()
+    with pytest.raises(SystemExit) as exc:
+        main(["--data-dir", str(SAMPLE_IMAGES), "--mask-dir", str(tmp_path / "masks"), "--steps", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.mask_dir not found" in err and str(tmp_path / "masks") in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.data.mask_dir = str(empty)
+    cfg.probe.every = 1
+    from seglib.training.probe import QualityProbe
+
+    with pytest.raises(ConfigError, match="no image of .* has a mask"):
+        QualityProbe.from_config(cfg)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_automatic_training_threads(monkeypatch):
+    import seglib.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(device, "available_cores", lambda: 2)
+    assert device.training_threads(0, cpu) == 1
+    assert device.training_threads(3, cpu) == 3  # explicit wins
+    monkeypatch.setattr(device, "available_cores", lambda: 16)
+    assert device.training_threads(0, cpu) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert device.training_threads(0, cpu) == 2  # four processes share the machine
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.training_threads(0, cpu) == torch.get_num_threads()  # the user's setting stands
+
+
+def test_busy_machine_note(monkeypatch):
+    import seglib.device as device
+
+    monkeypatch.setattr(device, "available_cores", lambda: 2)
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (5.6, 5.0, 4.0))
+    assert "--threads 1" in device.busy_note(2) and "load average 5.6 on 2 cores" in device.busy_note(2)
+    assert device.busy_note(1) is None
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert device.busy_note(2) is None
+
+
+def test_run_restores_the_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    run(cfg_for(tmp_path, steps=1, threads=1))
+    assert torch.get_num_threads() == before

@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..io import ImageReadError, list_images, read_image, read_mask
 from .select import select_images
 
-__all__ = ["FolderBatches", "load_folder", "load_labelled_folder"]
+__all__ = ["FolderBatches", "load_folder", "load_labelled_folder", "shrink"]
 
 log = logging.getLogger("seglib.data")
 
@@ -63,6 +63,12 @@ def _downscale(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple
     if mask is not None:
         mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
     return rgb, mask
+
+
+def shrink(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rgb`` (H, W, 3) uint8 resized (bilinear) so its longer side is ``max_side``, and its
+    label ``mask`` (nearest); both unchanged when already that small or ``max_side`` <= 0."""
+    return _downscale(rgb, mask, max_side)
 
 
 def load_labelled_folder(

@@ -5,11 +5,14 @@ Scalars use one ``add_scalar`` per tag: ``loss/total``, ``loss/<term>``, ``train
 maps as float images, each pixel the probability-weighted mix of the cluster colours, no
 argmax), ``probs/cluster<k>`` (single clusters' probability maps for the first image) and
 ``labels/argmax`` (argmax labels in colour). The full config is stored as text (``config``).
+
+``trim_events`` cuts a run's event files back to a step before a resumed run appends to them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 from ..viz import colourize, soft_colour
 
-__all__ = ["RunLogger"]
+__all__ = ["RunLogger", "trim_events"]
 
 
 class RunLogger:
@@ -35,7 +38,6 @@ class RunLogger:
         *,
         config: dict[str, Any],
         enabled: bool = True,
-        purge_step: int | None = None,
     ):
         self.writer = None
         if not enabled:
@@ -43,8 +45,7 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = Path(logdir)
-        # purge_step drops events past a resumed run's step, so curves do not fold back.
-        self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
+        self.writer = SummaryWriter(str(self.logdir))
         self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -91,3 +92,43 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def trim_events(logdir: str | Path, step: int) -> int:
+    """Drop the events after ``step`` from every event file in ``logdir`` (a resumed run
+    continues from its checkpoint at ``step``; what the killed run logged after it would be drawn
+    twice, and TensorBoard warns about steps out of order). Each file is rewritten to a temporary
+    name and renamed over the original, so a kill leaves the old file or the new one. A truncated
+    last record (a killed writer) is dropped. Returns the number of events removed."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        return 0
+    for stale in logdir.glob(".trim-*"):  # a rewrite a kill interrupted
+        stale.unlink(missing_ok=True)
+    removed = 0
+    for path in sorted(logdir.glob("*tfevents*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if Event.FromString(r).step <= step]
+        # The loader skips a truncated record at the end; rewriting also removes it.
+        if len(kept) == len(records) and path.stat().st_size == _record_bytes(records):
+            continue
+        removed += len(records) - len(kept)
+        tmp = path.with_name(f".trim-{path.name.replace('tfevents', 'events')}")  # not read as an event file
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return removed
+
+
+def _record_bytes(records: list[bytes]) -> int:
+    """Bytes of these records in TFRecord framing (length 8 + CRC 4 + data + CRC 4)."""
+    return sum(16 + len(r) for r in records)
+

@@ -10,6 +10,13 @@ Guarantees:
   pure functions of (seed, sample index); the soft k-means initialisation uses no randomness);
 * ``resume=True`` restarts from the latest complete checkpoint in the checkpoint folder and
   continues the same trajectory (model, optimizer, scheduler, RNG states, history, task state);
+  the TensorBoard event files are cut back to that checkpoint's step first, so the resumed run
+  draws every point once;
+* checkpoints are written every ``train.checkpoint_every`` steps, at the last step, and
+  whenever ``train.checkpoint_minutes`` passed since the previous one, so a kill at any moment
+  loses at most that much work; a time-triggered checkpoint is deleted once a later one exists;
+* every ``probe.every`` steps the model segments a few fixed images and the label-free proxies
+  (and mIoU, with ground truth) are logged (``seglib.training.probe``);
 * a non-finite loss or gradient never reaches the weights: the step is skipped and reported by
   term, and ``max_bad_steps`` consecutive bad steps stop the run with ``NonFiniteLossError``;
 * under DDP only rank 0 logs, prints and writes files.
@@ -33,12 +40,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed as dist
-from ..checkpoint import checkpoint_path, latest_checkpoint, model_checkpoint, prune_checkpoints, save_atomic
+from ..checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    model_checkpoint,
+    prune_checkpoints,
+    save_atomic,
+)
 from ..config import Config
 from ..data.batches import batch_loader
 from ..device import autocast
 from ..viz import progress_bar
-from .logging import RunLogger
+from .logging import RunLogger, trim_events
+from .probe import QualityProbe
 
 __all__ = [
     "StepOutput",
@@ -66,7 +81,8 @@ class StepOutput:
 
 class Task(Protocol):
     kind: str
-    model: nn.Module
+    model: nn.Module  # what the optimizer trains
+    inference_model: nn.Module  # the segmenter inside it (``model(rgb, k)``), probed during training
 
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput: ...
 
@@ -75,6 +91,9 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def export(self, directory: Path) -> None: ...
+
+
+_clock = time.monotonic  # the wall clock of time-triggered checkpoints (tests replace it)
 
 
 def default_checkpoint_dir(cfg: Config) -> Path:
@@ -169,7 +188,15 @@ def train_loop(
             if main:
                 print(f"resumed from {path} at step {start}")
 
-    logger = RunLogger(ckdir / "tb", config=cfg.to_dict(), enabled=main, purge_step=start if start else None)
+    if main and start:
+        # Events the killed run wrote after its checkpoint would be drawn twice (SummaryWriter's
+        # purge_step only hides them from readers that honour it, and hides step `start` too).
+        trim_events(ckdir / "tb", start)
+    logger = RunLogger(ckdir / "tb", config=cfg.to_dict(), enabled=main)
+    probe = _make_probe(task, cfg) if main else None
+    if probe is not None and start == 0:
+        _log_probe(probe, task, ema, 0, history, logger)  # the weights before training
+    last_save = _clock()
     accum = max(1, t.grad_accum)
     batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers))
     bad_steps = 0
@@ -257,8 +284,13 @@ def train_loop(
             and (step == start or (step + 1) % max(1, t.image_every) == 0)
         ):
             logger.images(step + 1, last.rgb, last.probs, extra=last.extra_images)
-        if main and ((step + 1) % max(1, t.checkpoint_every) == 0 or step + 1 == t.steps):
+        if probe is not None and ((step + 1) % cfg.probe.every == 0 or step + 1 == t.steps):
+            _log_probe(probe, task, ema, step + 1, history, logger)
+        timed = t.checkpoint_minutes > 0 and _clock() - last_save >= 60 * t.checkpoint_minutes
+        if main and (_scheduled(step + 1, t) or timed):
+            logger.flush()  # the events up to the checkpoint are on disk when it is
             _save(task, cfg, opt, sched, step + 1, history, ckdir, ema)
+            last_save = _clock()
         dist.barrier()
         for callback in callbacks:
             callback(step + 1, record)
@@ -269,6 +301,46 @@ def train_loop(
         task.export(ckdir)
         logger.close()
     return history
+
+
+def _scheduled(step: int, t) -> bool:
+    """Whether ``step`` gets a step checkpoint (kept) rather than a time-triggered one."""
+    return step % max(1, t.checkpoint_every) == 0 or step == t.steps
+
+
+def _make_probe(task: Task, cfg: Config) -> QualityProbe | None:
+    if cfg.probe.every <= 0:
+        return None
+    if getattr(task, "inference_model", None) is None:
+        print(f"note: the {task.kind} stage has no segmenter to probe; probe.every ignored")
+        return None
+    return QualityProbe.from_config(cfg)
+
+
+def _log_probe(
+    probe: QualityProbe,
+    task: Task,
+    ema: WeightAverage | None,
+    step: int,
+    history: dict[str, list[float]],
+    logger: RunLogger,
+) -> None:
+    """Probe the weights the run would export now (their average when
+    ``train.weight_average_decay`` > 0); the scores go to TensorBoard and to
+    ``history["probe/step"]``, ``history["probe/<metric>"]``."""
+    backup = None
+    if ema is not None and ema.updates:
+        backup = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+        task.model.load_state_dict(ema.state)
+    try:
+        scores = probe(task.inference_model)
+    finally:
+        if backup is not None:
+            task.model.load_state_dict(backup)
+    logger.scalars(step, scores)
+    history.setdefault("probe/step", []).append(step)
+    for key, value in scores.items():
+        history.setdefault(key, []).append(float(value))
 
 
 class WeightAverage:
@@ -334,6 +406,9 @@ def _save(
     if ema is not None:
         state["ema"] = ema.state_dict()
     save_atomic(state, checkpoint_path(ckdir, step))
+    for older, path in list_checkpoints(ckdir):  # time-triggered ones are superseded now
+        if older < step and not _scheduled(older, cfg.train):
+            path.unlink(missing_ok=True)
     prune_checkpoints(ckdir, cfg.train.keep_checkpoints)
 
 

@@ -4,7 +4,9 @@
     from seglib.training.run import run
     history = run(Config.from_dict({"train": {"steps": 100}}))   # dict of lists, one entry per step
 
-``run`` validates the config, sets the thread count, joins the process group under torchrun,
+``run`` validates the config and checks its folders exist, sets the thread count for the run
+(``train.threads``, 0: automatic, see ``seglib.device.training_threads``; restored afterwards),
+joins the process group under torchrun,
 seeds torch (the same initial weights on every rank), builds the data source and the stage's
 task and hands them to ``train_loop``. The student stage distils from
 ``distill.teacher_checkpoint``; without one, ``teacher_first`` trains a teacher with the same
@@ -23,7 +25,7 @@ import torch
 from .. import distributed as dist
 from ..config import Config
 from ..data.source import make_source
-from ..device import resolve_device, set_threads
+from ..device import busy_note, resolve_device, training_threads
 from .cluster import ClusterTask
 from .loop import default_checkpoint_dir, train_loop
 from .student import StudentTask
@@ -64,9 +66,16 @@ def run(
 ) -> dict[str, list[float]]:
     """Train the stage ``cfg.stage``; returns its history (``train_loop``'s). ``resume``
     continues from the latest complete checkpoint in ``train.checkpoint_dir``."""
-    cfg.validate()
-    set_threads(cfg.train.threads)
+    cfg.validate().check_paths()
+    threads_before = torch.get_num_threads()
     info, device = dist.setup(resolve_device(cfg.train.device))
+    threads = training_threads(cfg.train.threads, device)
+    torch.set_num_threads(threads)
+    if info.rank == 0 and device.type == "cpu":
+        how = "train.threads" if cfg.train.threads else "automatic; set train.threads or --threads to change"
+        print(f"training on {threads} CPU thread(s) ({how})")
+        if note := busy_note(threads):
+            print(note)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
         source = make_source(cfg, rank=info.rank, world=info.world)
@@ -79,3 +88,4 @@ def run(
         return train_loop(task, cfg, source, device=device, resume=resume, callbacks=callbacks)
     finally:
         dist.teardown()
+        torch.set_num_threads(threads_before)

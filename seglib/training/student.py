@@ -96,6 +96,10 @@ class StudentTask:
         self.ae_ema = EmaNormalizer(["recon"], ae.loss_norm_decay).to(device)
         self._teacher_config = teacher.config
 
+    @property
+    def inference_model(self) -> StudentSegmenter:
+        return self.model.student
+
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.train.seed, _KNOBS, index])

@@ -63,6 +63,10 @@ class TeacherTask:
         self.model = MonolithicSegmenter(cfg.model).to(device)
         self.loss = TeacherLoss(cfg.loss)
 
+    @property
+    def inference_model(self) -> MonolithicSegmenter:
+        return self.model
+
     def step(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], index: int, knobs: Knobs | None = None
     ) -> StepOutput:
