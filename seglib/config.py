@@ -186,9 +186,8 @@ class DataConfig:
     # Glob patterns on file names or stems (a pattern matching no file is an error):
     include: tuple[str, ...] = ()  # train only on the images of data_dir that match one (empty: all), e.g. ["*t1"]
     exclude: tuple[str, ...] = ()  # then leave out those that match one (seglib.loto's held-out tile)
-    # Optional ground truth for data_dir's images (<stem>.png label maps): the training-time
-    # quality probe (ProbeConfig) then logs mIoU beside its label-free proxies. Never trained on.
-    mask_dir: str = ""
+    # Ground truth is never trained on: with masks the quality probe (ProbeConfig) adds mIoU.
+    mask_dir: str = ""  # label PNGs of data_dir's images (<stem>.png), scored by the probe; "": none
     mask_ignore: tuple[int, ...] = ()  # label ids the probe's mIoU ignores (e.g. 5, 255)
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
@@ -210,18 +209,16 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_dir: str = ""  # checkpoints, teacher.pt / student.pt and TensorBoard logs; empty: runs/train
     checkpoint_every: int = 50  # steps between checkpoints
-    # Also checkpoint when this many minutes passed since the last checkpoint (0: off), so a
-    # kill at any moment loses at most that much work. Such a checkpoint is removed once a later
-    # one exists: the folder ends with the step checkpoints only.
-    checkpoint_minutes: float = 5.0
+    # A kill at any moment loses at most checkpoint_minutes of work; such a time-triggered
+    # checkpoint is removed once a later one exists (the folder ends with step checkpoints only).
+    checkpoint_minutes: float = 5.0  # also checkpoint when this many minutes passed since the last one (0: off)
     keep_checkpoints: int = 3  # newest step checkpoints kept (0: all)
     log_every: int = 1  # steps between TensorBoard scalars
     image_every: int = 50  # steps between TensorBoard images
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    # torch CPU threads while training; 0: automatic, half the CPU cores the process may use
-    # (at least 1), or OMP_NUM_THREADS when set. On a 2-core machine that is 1 thread: with 2,
-    # each step waits for the slower core, and a busy machine makes that 10-20x slower.
-    threads: int = 0
+    # 0 is 1 thread on a 2-core machine: 2 threads were 8-17x slower per step on the busy
+    # 2-core machine (README, "Train on your own imagery"); seglib.device.training_threads.
+    threads: int = 0  # torch CPU threads while training; 0: half the cores (OMP_NUM_THREADS when set)
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
 

@@ -89,6 +89,11 @@ class RunLogger:
             argmax = np.stack([colourize(p.argmax(0)) for p in maps])
             self.writer.add_images(f"{tag}_argmax", argmax, step, dataformats="NHWC")
 
+    def flush(self) -> None:
+        """Write the pending events to disk (before a checkpoint: a resume then finds them all)."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -131,4 +136,3 @@ def trim_events(logdir: str | Path, step: int) -> int:
 def _record_bytes(records: list[bytes]) -> int:
     """Bytes of these records in TFRecord framing (length 8 + CRC 4 + data + CRC 4)."""
     return sum(16 + len(r) for r in records)
-

@@ -11,8 +11,9 @@ step and after the last) and reports:
   K = the classes present, and once, on the same images, ``miou_rgb_kmeans`` for reference.
 
 The images are fixed (spread over the folder's sorted file list, shrunk so the longer side is
-``probe.size``), so the curve compares like with like. The probe runs in eval mode without
-gradients and draws no random numbers, so it does not change the training trajectory.
+``probe.size``, cropped to multiples of ``STRIDE`` so that every model reads them without
+padding), so the curve compares like with like. The probe runs in eval mode without gradients
+and draws no random numbers, so it does not change the training trajectory.
 """
 
 from __future__ import annotations
@@ -30,13 +31,26 @@ from ..data.synthetic import eval_set
 from ..data.tiles import shrink
 from ..io import ImageReadError, list_images, read_image, read_mask
 from ..metrics import proxy_scores, segmentation_scores
-from ..raster import predict_labels
 
-__all__ = ["QualityProbe", "PROBE_SEED"]
+__all__ = ["QualityProbe", "PROBE_SEED", "STRIDE"]
 
 log = logging.getLogger("seglib.training")
 
 PROBE_SEED = 321  # synthetic probe tiles: a stream disjoint from training (seed 0..) and the test set (123)
+STRIDE = 32  # the largest input stride of the package's models (a student, 16, reading images shrunk by 2)
+
+
+def _crop(a: np.ndarray) -> np.ndarray:
+    """The top-left part of an image or mask whose sides are multiples of ``STRIDE``."""
+    return a[: a.shape[0] // STRIDE * STRIDE, : a.shape[1] // STRIDE * STRIDE]
+
+
+@torch.no_grad()
+def _labels(model: torch.nn.Module, rgb: np.ndarray, k: int) -> np.ndarray:
+    """(H, W) labels of one (H, W, 3) float image whose sides are multiples of ``STRIDE``."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None].to(device)
+    return model(x, k)["probs"][0].argmax(0).cpu().numpy()  # (H, W)
 
 
 class QualityProbe:
@@ -61,6 +75,10 @@ class QualityProbe:
     ):
         if masks is not None and len(masks) != len(images):
             raise ValueError(f"{len(images)} probe images but {len(masks)} masks")
+        if small := [i for i, img in enumerate(images) if min(img.shape[:2]) < STRIDE]:
+            raise ValueError(f"probe images {small} are smaller than {STRIDE} px")
+        images = [_crop(img) for img in images]
+        masks = [_crop(m) for m in masks] if masks is not None else None
         self.images, self.masks, self.k, self.ignore = images, masks, k, tuple(ignore)
         self.names = names or [str(i) for i in range(len(images))]
         self.ks = [self._k(i) for i in range(len(images))]
@@ -120,6 +138,8 @@ class QualityProbe:
                 if len(np.setdiff1d(np.unique(mask), np.asarray(d.mask_ignore, dtype=mask.dtype))) < 2:
                     continue
             rgb, mask = shrink(rgb, mask, p.size)
+            if min(rgb.shape[:2]) < STRIDE:
+                continue  # too small to probe (FolderBatches pads such images for training)
             names.append(paths[i].stem)
             images.append(rgb.astype(np.float32) / 255.0)
             masks.append(mask)
@@ -139,8 +159,8 @@ class QualityProbe:
             rows = []
             for i, rgb in enumerate(self.images):
                 k = self.ks[i]
-                labels = predict_labels(model, rgb, k)
-                mirrored = predict_labels(model, np.ascontiguousarray(rgb[:, ::-1]), k)[:, ::-1]
+                labels = _labels(model, rgb, k)
+                mirrored = _labels(model, rgb[:, ::-1], k)[:, ::-1]
                 row = proxy_scores(labels, k, labels_other_view=mirrored)
                 if self.masks is not None:
                     row["miou"] = segmentation_scores(labels, self.masks[i], self.ignore)["miou"]
