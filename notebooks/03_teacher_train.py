@@ -34,7 +34,7 @@ import numpy as np
 from IPython import get_ipython
 
 from seglib.config import Config
-from seglib.device import resolve_device, set_threads
+from seglib.device import resolve_device, set_threads, training_threads
 from seglib.evaluation import evaluate_tiles, folder_tiles, summarize, synthetic_tiles
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
@@ -61,7 +61,7 @@ eval_size = 128  # their side (folder images: their longer side after shrinking)
 eval_seed = 123  # the test set's seed (disjoint from every training stream)
 seed = 0  # run seed: data, augmentations, initial weights
 device = "cpu"  # cpu | cuda | auto
-threads = 1  # torch CPU threads (0: torch's default); 1 is the CI setting and keeps runs bit-reproducible
+threads = 1  # torch CPU threads (0: half the cores, as training picks); 1: the CI setting, bit-reproducible
 show_tensorboard = False  # True: open TensorBoard inside the notebook (needs a live Jupyter front end)
 
 # %%
@@ -76,7 +76,7 @@ check_parameters()  # papermill only warns about a parameter this notebook does 
 # `data_dir` when they are given one). The full config is stored in every checkpoint and in the TensorBoard run.
 
 # %%
-set_threads(threads)
+set_threads(training_threads(threads, resolve_device(device)))  # 0: half the cores, as in training
 run_dir = run_folder("03_teacher_train", run_name, resume=resume)
 overrides = teacher_overrides(
     run_dir,

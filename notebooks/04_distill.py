@@ -25,7 +25,7 @@ import torch
 from seglib.bench import cpu_latency_ms
 from seglib.config import Config, merge
 from seglib.data.synthetic import make_tile
-from seglib.device import resolve_device, set_threads
+from seglib.device import resolve_device, set_threads, training_threads
 from seglib.diagnostics import slice_maps
 from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
@@ -55,7 +55,7 @@ bench_size = 256  # tile side of the CPU latency measurement
 bench_k = 8  # K of the latency measurement
 bench_repeats = 5  # timed runs (the median is reported)
 device = "cpu"  # cpu | cuda | auto (training and evaluation; the latency is always measured on CPU)
-threads = 1  # torch CPU threads (0: torch's default)
+threads = 1  # torch CPU threads (0: automatic, half the cores, as training picks them)
 
 # %%
 check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
@@ -68,7 +68,7 @@ check_parameters()  # papermill only warns about a parameter this notebook does 
 # ...).
 
 # %%
-set_threads(threads)
+set_threads(training_threads(threads, resolve_device(device)))  # 0: half the cores, as in training
 run_dir = run_folder("04_distill", run_name, resume=resume)
 teacher_path = resolve_teacher(teacher_checkpoint, teacher_run)
 recipe = teacher_recipe(teacher_run, run_dir, data_dir=data_dir, mask_dir=mask_dir, ignore=ignore)

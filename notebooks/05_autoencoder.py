@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from seglib.config import Config, merge
-from seglib.device import resolve_device, set_threads
+from seglib.device import resolve_device, set_threads, training_threads
 from seglib.diagnostics import colour_probe_r2, reconstruct
 from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
 from seglib.models.autoencoder import ReconstructionDecoder
@@ -47,7 +47,7 @@ eval_images = 8  # synthetic test tiles, or images of data_dir evaluated (spread
 eval_size = 128  # their side (folder images: their longer side after shrinking)
 eval_seed = 123  # the test set's seed
 device = "cpu"  # cpu | cuda | auto
-threads = 1  # torch CPU threads (0: torch's default)
+threads = 1  # torch CPU threads (0: automatic, half the cores, as training picks them)
 
 # %%
 check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
@@ -60,7 +60,7 @@ check_parameters()  # papermill only warns about a parameter this notebook does 
 # target blur, gradient term) are the package defaults and are printed below.
 
 # %%
-set_threads(threads)
+set_threads(training_threads(threads, resolve_device(device)))  # 0: half the cores, as in training
 run_dir = run_folder("05_autoencoder", run_name, resume=resume)
 teacher_path = resolve_teacher(teacher_checkpoint, teacher_run)
 print(f"autoencoder settings: {Config().autoencoder}")
