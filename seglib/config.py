@@ -235,8 +235,9 @@ class ProbeConfig:
     steps (and before the first step, and after the last) with the model being trained, scored
     by label-free proxies (two-view agreement under a flip, cluster utilisation, speckle) and,
     when the images have ground truth, Hungarian mIoU. Synthetic runs use synthetic tiles (they
-    have labels); folder runs use ``images`` images of ``data.data_dir`` spread over its sorted
-    list, with ``data.mask_dir``'s masks when given. TensorBoard tags: ``probe/<metric>``."""
+    have labels); folder runs use ``images`` images of ``data.data_dir`` (those ``include`` and
+    ``exclude`` keep) spread over its sorted list, with ``data.mask_dir``'s masks when given.
+    TensorBoard tags: ``probe/<metric>``."""
 
     every: int = 100  # steps between probes (0: off)
     images: int = 4  # fixed images probed

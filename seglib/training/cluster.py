@@ -93,6 +93,11 @@ class ClusterTask:
             device
         )
 
+    @property
+    def inference_model(self) -> nn.Module:
+        """The segmenter being trained (what the quality probe scores)."""
+        return self.model.segmenter
+
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], index: int) -> StepOutput:
         cfg, c = self.cfg, self.cfg.cluster
         rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)

@@ -27,6 +27,7 @@ import torch
 
 from ..baselines import rgb_kmeans
 from ..config import Config, ConfigError
+from ..data.select import select_images
 from ..data.synthetic import eval_set
 from ..data.tiles import shrink
 from ..io import ImageReadError, list_images, read_image, read_mask
@@ -105,7 +106,7 @@ class QualityProbe:
         if d.synthetic:
             tiles = eval_set(p.images, p.size, PROBE_SEED)
             return cls(images=[t.rgb for t in tiles], masks=[t.labels for t in tiles], names=None)
-        paths = list_images(d.data_dir)
+        paths = select_images(list_images(d.data_dir), include=d.include, exclude=d.exclude, folder=d.data_dir)
         mask_dir = Path(d.mask_dir).expanduser() if d.mask_dir else None
         if mask_dir is not None:
             paths = [path for path in paths if (mask_dir / f"{path.stem}.png").is_file()]
