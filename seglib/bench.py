@@ -246,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             size=args.raster_size, k=args.raster_k, repeats=args.raster_repeats, threads=torch.get_num_threads()
         )
         print(json.dumps(result, indent=None if args.json else 2))
+        if not args.json:
+            from .raster_bench import summary_lines
+
+            print("\n".join(summary_lines(result)), file=sys.stderr)
         return 0
     cfg = Config()
     try:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_k, check_lane
-from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, temporary_path, write_png
+from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, temporary_path, valid_box, write_png
 from .models.head import Clusters, brightness_order
 from .stages import RowWriter, ordered_map, prefetch, timed
 from .viz import PALETTE, progress_bar
@@ -685,11 +685,27 @@ def segment_array(
     float [0, 1] image: in one piece up to ``tile`` (float pixels used as they are), else window
     by window (``segment_source`` on an ``ArraySource``). ``clusters``: assign to these (fitted
     once, e.g. on many images) instead of fitting the image's own. ``mask`` (H, W) bool, True
-    where the pixel is data: the others are left out of the clusters and labelled ``NODATA``."""
+    where the pixel is data: the others are left out of the clusters and labelled ``NODATA``,
+    and the box around the data is segmented on its own (as ``segment_source`` does for files:
+    the model's grid starts at the data)."""
     h, w = image.shape[:2]
     if mask is not None and mask.all():
         mask = None
     if max(h, w) <= tile:
+        box = (0, 0, h, w) if mask is None else valid_box(mask)
+        if box != (0, 0, h, w):  # the box around the data alone, as segment_source does for files
+            top, left, bottom, right = box
+            inner = segment_array(
+                model, image[top:bottom, left:right], k, lane=lane, tile=tile, overlap=overlap,
+                return_probs=return_probs, clusters=clusters, mask=mask[top:bottom, left:right],
+            )  # fmt: skip
+            labels = np.full((h, w), NODATA, np.uint8)
+            labels[top:bottom, left:right] = inner[0] if return_probs else inner
+            if not return_probs:
+                return labels
+            probs = np.zeros((k, h, w), np.float32)  # nodata pixels have no probabilities
+            probs[:, top:bottom, left:right] = inner[1]
+            return labels, probs
         rgb = to_tensor(image if mask is None else np.where(mask[..., None], image, _fill(image, mask)))
         masked = {} if mask is None or clusters is not None else {"valid": _valid_tensor(mask)}
         _warn_small(model, h, w, k, "image")
@@ -721,8 +737,10 @@ def segment_array(
 
 
 def _fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The colour masked pixels get before the model sees them: the mean of the valid ones."""
-    return image[mask].mean(0).astype(image.dtype)
+    """The colour masked pixels get before the model sees them: the mean of the valid ones
+    (rounded for uint8, as ``BandStretch.fill`` is for files)."""
+    mean = image[mask].mean(0)
+    return (np.round(mean) if image.dtype == np.uint8 else mean).astype(image.dtype)
 
 
 def _label_profile(source: Source) -> dict:

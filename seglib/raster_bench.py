@@ -1,7 +1,7 @@
 """The raster benchmark: a large compressed GeoTIFF through seglib and through the predecessor.
 
     python -m seglib.bench --raster                     # 6144 x 6144 (37.7 Mpx), K = 6, 3 repeats
-    python -m seglib.bench --raster --raster-size 2048 --repeats 1 --json
+    python -m seglib.bench --raster --raster-size 2048 --raster-repeats 1 --json
 
 ``write_mosaic`` writes the test raster once (kept under ``runs/bench_raster/``): a deterministic
 mosaic of 384 px crops of the sample aerial tiles (``seglib/assets/dubai``; seeded choice of
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MOSAIC_BLOCK", "write_mosaic", "predecessor_raster", "run_pipeline", "raster_benchmark"]
+__all__ = ["MOSAIC_BLOCK", "write_mosaic", "predecessor_raster", "run_pipeline", "raster_benchmark", "summary_lines"]
 
 MOSAIC_BLOCK = 384  # side of the sample-tile crops the mosaic is made of
 
@@ -178,12 +178,15 @@ def run_pipeline(pipeline: str, source: str, output: str, k: int, threads: int) 
 _CHILD = "import json, sys; from seglib.raster_bench import run_pipeline; print(json.dumps(run_pipeline(*sys.argv[1:4], int(sys.argv[4]), int(sys.argv[5]))))"  # noqa: E501
 
 
-def raster_benchmark(*, size: int = 6144, k: int = 6, repeats: int = 3, threads: int = 2, seed: int = 0) -> dict:
-    """Write (or reuse) the mosaic and time both pipelines on it, ``repeats`` times in turns,
-    each run in a fresh process; medians per pipeline and every run's numbers."""
+def raster_benchmark(
+    *, size: int = 6144, k: int = 6, repeats: int = 3, threads: int = 2, seed: int = 0, folder: str | Path | None = None
+) -> dict:
+    """Write (or reuse) the mosaic in ``folder`` (default ``runs/bench_raster``) and time both
+    pipelines on it, ``repeats`` times in turns, each run in a fresh process; medians per
+    pipeline and every run's numbers."""
     from .paths import runs_dir
 
-    folder = runs_dir("bench_raster")
+    folder = runs_dir("bench_raster") if folder is None else Path(folder)
     source = folder / f"mosaic_{size}_seed{seed}.tif"
     if not source.is_file():
         write_mosaic(source, size, seed=seed)
@@ -221,3 +224,18 @@ def raster_benchmark(*, size: int = 6144, k: int = 6, repeats: int = 3, threads:
         "speed_vs_predecessor": round(summary["seglib"]["mpx_per_s"] / summary["predecessor"]["mpx_per_s"], 3),
         "runs": runs,
     }
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The medians of ``raster_benchmark`` as a few lines of text: one per pipeline, with Mpx/s,
+    wall and CPU seconds, peak RSS and the seconds per stage (the docs/performance.md table)."""
+    lines = [f"{result['raster']}, K = {result['k']}, {result['threads']} threads, median of {result['repeats']}"]
+    for pipeline, m in result["median"].items():
+        stages = ", ".join(f"{key} {value:.2f}" for key, value in m["stages_s"].items())
+        lines.append(
+            f"{pipeline:>11}: {m['mpx_per_s']:6.2f} Mpx/s, {m['wall_s']:.2f} s wall, {m['cpu_s']:.2f} s CPU, "
+            f"peak RSS {m['peak_rss_mb']:.0f} MiB; stages (s): {stages}"
+        )
+    loads = [r[key] for rs in result["runs"].values() for r in rs for key in ("load_before", "load_after")]
+    lines.append(f"seglib / predecessor: {result['speed_vs_predecessor']:.2f}x; load average {min(loads)}-{max(loads)}")
+    return lines

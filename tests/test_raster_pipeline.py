@@ -213,3 +213,22 @@ def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypa
             assert len({name for name, _, _ in windows}) == 2  # two worker threads
     assert torch.get_num_threads() == 2
     assert (outs[0] == outs[1]).mean() >= 0.999
+
+
+@pytest.mark.slow
+def test_raster_benchmark_reports_both_pipelines_from_one_run(tmp_path):
+    """``bench --raster`` on a small mosaic: both pipelines ran (fresh processes), wrote full-size
+    label rasters, and each reports Mpx/s, CPU seconds, peak RSS and its time split."""
+    from seglib.raster_bench import raster_benchmark, summary_lines
+
+    result = raster_benchmark(size=256, k=4, repeats=1, threads=1, folder=tmp_path)
+    assert set(result["median"]) == {"seglib", "predecessor"}
+    for pipeline, m in result["median"].items():
+        assert m["mpx_per_s"] > 0 and m["cpu_s"] > 0 and m["peak_rss_mb"] > 50
+        with rasterio.open(tmp_path / f"{pipeline}.tif") as out:
+            labels = out.read(1)
+        assert labels.shape == (256, 256) and labels.max() < 4
+    assert {"read", "model", "blend", "write"} <= set(result["median"]["seglib"]["stages_s"])
+    assert {"read", "features", "kmeans", "write"} <= set(result["median"]["predecessor"]["stages_s"])
+    lines = summary_lines(result)
+    assert "Mpx/s" in lines[1] and "peak RSS" in lines[1] and lines[-1].startswith("seglib / predecessor")
