@@ -23,7 +23,16 @@ import torch.nn.functional as F
 
 from .config import AugmentConfig
 
-__all__ = ["ViewTransform", "sample_transforms", "photometric", "make_views"]
+__all__ = [
+    "ViewTransform",
+    "sample_transforms",
+    "photometric",
+    "make_views",
+    "VIEW_UNIFORMS",
+    "transforms_from_uniforms",
+    "colour_jitter",
+    "make_views_batched",
+]
 
 # The eight signed permutations of the plane (flips x rotations by 90 degrees).
 _ROT = [
@@ -34,6 +43,20 @@ _ROT = [
 ]
 
 
+_BASE_GRIDS: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(1, h*w, 3): [x, y, 1] of every pixel centre in grid_sample's normalised coordinates
+    (``align_corners=False``), exactly as ``F.affine_grid`` builds them."""
+    key = (h, w, str(device))
+    if key not in _BASE_GRIDS:
+        identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        xy = F.affine_grid(identity, [1, 1, h, w], align_corners=False).reshape(1, h * w, 2)  # exact
+        _BASE_GRIDS[key] = torch.cat([xy, torch.ones(1, h * w, 1)], 2).to(device)
+    return _BASE_GRIDS[key]
+
+
 @dataclass(frozen=True)
 class ViewTransform:
     """Geometric transforms of a batch: ``theta`` (B, 2, 3) maps view coords to source coords."""
@@ -41,8 +64,12 @@ class ViewTransform:
     theta: torch.Tensor
 
     def _grid(self, theta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = like.shape
-        return F.affine_grid(theta.to(like.device, torch.float32), [b, c, h, w], align_corners=False)
+        b, _, h, w = like.shape
+        # affine_grid's own computation (base grid @ theta^T) with the base grid made once per
+        # size and device: the same numbers, without rebuilding the base in every call.
+        base = _base_grid(h, w, like.device)  # (1, h*w, 3)
+        theta = theta.to(like.device, torch.float32)
+        return torch.bmm(base.expand(b, -1, -1), theta.transpose(1, 2)).view(b, h, w, 2)
 
     def to_view(self, source: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """Resample a source-frame map (B, C, h, w) into the view's frame (same size)."""
@@ -119,3 +146,115 @@ def make_views(
     view_a = photometric(x, rngs, cfg)
     view_b = photometric(transform.to_view(x), rngs, cfg)
     return view_a, view_b, transform
+
+
+# The batched form below is what the teacher's training step runs: every random number of a
+# batch comes from one torch generator on the batch's device, and the jitter of each image is
+# one 3x3 colour matrix and an offset, so a batch costs a fixed handful of operator calls and
+# no host-to-device copy. The per-sample functions above stay for the student's training,
+# whose recipe is pinned to their random numbers.
+
+VIEW_UNIFORMS = 12  # uniforms per sample: 4 for the geometric transform, 4 jitter per view
+
+
+_SIGNED_PERMS: dict[str, torch.Tensor] = {}
+
+
+def _signed_perms(device: torch.device) -> torch.Tensor:
+    """(8, 2, 2): quarter turn q then, at 2q + 1, the mirror of x, as ``sample_transforms``
+    composes them; made once per device."""
+    key = str(device)
+    if key not in _SIGNED_PERMS:
+        mirror = np.array([[-1, 0], [0, 1]])
+        table = [m @ f for m in _ROT for f in (np.eye(2, dtype=int), mirror)]
+        _SIGNED_PERMS[key] = torch.tensor(np.stack(table), dtype=torch.float32).to(device)
+    return _SIGNED_PERMS[key]
+
+
+def transforms_from_uniforms(u: torch.Tensor, cfg: AugmentConfig) -> ViewTransform:
+    """Geometric transforms with ``sample_transforms``' distribution from uniforms u (B, 4) in
+    [0, 1): u0 picks one of the allowed flips x quarter turns (all equally likely), u1 the crop
+    scale, u2 and u3 the crop centre."""
+    turns, mirrors = (4 if cfg.rot90 else 1), (2 if cfg.flip else 1)
+    pick = (u[:, 0] * (turns * mirrors)).long()  # (B,) in 0 .. turns * mirrors - 1
+    m = _signed_perms(u.device)[pick if cfg.flip else 2 * pick]  # (B, 2, 2)
+    lo = cfg.scale_min if cfg.scale_min < 1 else 1.0
+    scale = u[:, 1:2] * (1 - lo) + lo  # (B, 1)
+    shift = (u[:, 2:4] * 2 - 1) * (1 - scale)  # (B, 2): the crop stays inside the tile
+    return ViewTransform(torch.cat([m * scale[:, :, None], shift[:, :, None]], 2))  # (B, 2, 3)
+
+
+_COLOUR_BASIS: dict[str, torch.Tensor] = {}
+
+
+def _colour_basis(device: torch.device) -> torch.Tensor:
+    """(6, 9): flattened 3x3 matrices [H0, H1, H2, H0 P, H1 P, H2 P], where the hue rotation of
+    ``_rotate_hue`` by a is H0 + cos(a) H1 + sin(a) H2 and P = I - 1/3 (the colour minus its
+    grey level); made once per device."""
+    key = str(device)
+    if key not in _COLOUR_BASIS:
+        to_yiq = torch.tensor(
+            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+        )
+        parts = torch.zeros(3, 3, 3, dtype=torch.float64)
+        parts[0, 0, 0] = 1  # the luma axis stays
+        parts[1, 1, 1] = parts[1, 2, 2] = 1  # the cos part of the chroma rotation
+        parts[2, 2, 1], parts[2, 1, 2] = 1, -1  # the sin part
+        hue = torch.linalg.inv(to_yiq) @ parts @ to_yiq  # (3, 3, 3)
+        grey_free = torch.eye(3, dtype=torch.float64) - 1 / 3
+        _COLOUR_BASIS[key] = torch.cat([hue, hue @ grey_free]).reshape(6, 9).float().to(device)
+    return _COLOUR_BASIS[key]
+
+
+def colour_jitter(
+    x: torch.Tensor, u: torch.Tensor, cfg: AugmentConfig, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``photometric``'s jitter of x (B, 3, H, W) from uniforms u (B, 4) in [0, 1) (brightness,
+    contrast, saturation, hue) and standard-normal noise (B, 3, H, W), batched.
+
+    Brightness, contrast around the image mean, saturation around the grey level and the hue
+    rotation are all affine in the colour vector, so they compose into one 3x3 matrix and one
+    offset per image: x' = (1 + c) H (I + s P) x + (b - c * mean), with P = I - 1/3 (saturation
+    scales the colour minus its grey level) and H the hue rotation, which keeps grey."""
+    b, _, hh, ww = x.shape
+    j = 2 * u - 1  # (B, 4) in [-1, 1)
+    contrast, sat = cfg.contrast * j[:, 1:2], cfg.saturation * j[:, 2:3]  # (B, 1)
+    angle = (2 * math.pi * cfg.hue) * j[:, 3:4]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    coef = torch.cat([torch.ones_like(cos), cos, sin, sat, sat * cos, sat * sin], 1)  # (B, 6)
+    mat = (coef * (1 + contrast)).mm(_colour_basis(x.device)).view(b, 3, 3)
+    offset = (cfg.brightness * j[:, 0] - contrast[:, 0] * x.mean((1, 2, 3)))[:, None, None]  # (B, 1, 1)
+    res = torch.baddbmm(offset, mat, x.reshape(b, 3, hh * ww)).view(b, 3, hh, ww)
+    if cfg.noise and noise is not None:
+        res.add_(noise, alpha=cfg.noise)
+    return res.clamp_(0, 1)
+
+
+def make_views_batched(
+    x: torch.Tensor,
+    cfg: AugmentConfig,
+    generator: torch.Generator,
+    *,
+    rows: slice | None = None,
+    total: int | None = None,
+) -> tuple[torch.Tensor, ViewTransform]:
+    """cat([view A, view B]) (2B, 3, H, W) and G (A's frame -> B's) for tiles x (B, 3, H, W),
+    every random number drawn from ``generator`` (on x's device).
+
+    ``total`` samples' numbers are drawn and ``rows`` of them used (default: all B): under DDP
+    each rank draws the global batch's numbers from the same generator and keeps its own
+    rows, so N processes augment exactly like one process at N times the batch."""
+    b, _, hh, ww = x.shape
+    total = b if total is None else total
+    rows = slice(0, b) if rows is None else rows
+    u = torch.rand(total, VIEW_UNIFORMS, generator=generator, device=x.device)[rows]  # (B, 12)
+    noise = None
+    if cfg.noise:
+        # (2B, 3, H, W): view A's noise for rows 0..B-1, view B's after.
+        noise = torch.randn(2, total, 3, hh, ww, generator=generator, device=x.device)[:, rows].reshape(
+            2 * b, 3, hh, ww
+        )
+    transform = transforms_from_uniforms(u[:, :4], cfg)
+    views = torch.cat([x, transform.to_view(x)])  # (2B, 3, H, W)
+    jitter = u[:, 4:].reshape(b, 2, 4).transpose(0, 1).reshape(2 * b, 4)  # (2B, 4), same order
+    return colour_jitter(views, jitter, cfg, noise), transform

@@ -19,9 +19,17 @@ Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` t
   (teacher, student, teacher, ...), so a change of load on a shared machine hits both and
   ``student_speedup`` stays honest;
 * ``peak_mem_mb``: CUDA max allocated during the training steps, or this process's peak RSS
-  on CPU (which includes the Python runtime and the libraries).
+  on CPU (which includes the Python runtime and the libraries);
+* with ``--profile``, ``profile``: ``torch.profiler`` over ``--profile-steps`` training steps,
+  per step: ``host_ms`` (the host's time to issue the step, no synchronisation inside),
+  ``device_ms`` (CUDA kernel time; on CPU the operators' own compute time), ``ops`` (every
+  aten operator call recorded, nested ones included) and ``top_level_ops`` (those the Python
+  code and autograd issue themselves), and on CUDA ``kernels`` (launches), ``memcpy_htod``,
+  ``memcpy_htod_pageable`` and ``syncs`` (device-to-host reads and synchronisations).
 
-Synchronises CUDA around every timed region. ``--json`` prints only the JSON object.
+``--compile [MODE]`` runs the training forward through ``torch.compile`` (``train.compile``),
+falling back to eager where compiling fails. Synchronises CUDA around every timed region.
+``--json`` prints only the JSON object.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from collections.abc import Callable
 import torch
 
 from .config import LANES, Config, ConfigError, apply_overrides, load_config_file
-from .device import autocast, resolve_device, set_threads
+from .device import COMPILE_MODES, autocast, maybe_compile, resolve_device, set_threads
 
 __all__ = ["build_parser", "benchmark", "cpu_latency_ms", "main"]
 
@@ -81,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--config", default=None, help="Python config file (get_config/CONFIG) for the model")
     p.add_argument("--skip-train", action="store_true", help="only the inference latencies")
+    p.add_argument("--skip-infer", action="store_true", help="only the training step")
+    p.add_argument("--profile", action="store_true", help="profile training steps: host ms, device ms, op counts")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (after the timed ones)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="",
+        choices=[m for m in COMPILE_MODES if m],
+        help="torch.compile the training forward (mode; default: 'default'); eager if it fails",
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     _add_raster_arguments(p)
     return p
@@ -132,12 +151,59 @@ def cpu_latency_ms(model: torch.nn.Module, rgb, k: int, *, repeats: int = 5, war
     return 1000 * _median_time(lambda: model(x, k), torch.device("cpu"), warmup, repeats)
 
 
+def profile_steps(step: Callable[[], object], device: torch.device, steps: int) -> dict:
+    """Per-step figures of ``steps`` calls of ``step`` under ``torch.profiler`` (module doc)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # one more warm-up, outside the profiler
+    _sync(device)
+    with profile(activities=activities) as prof:
+        tic = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host_s = time.perf_counter() - tic  # issued, not necessarily finished
+        _sync(device)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+
+    def nested(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    out = {
+        "steps": steps,
+        "host_ms": round(1000 * host_s / steps, 2),
+        "ops": round(len(aten) / steps, 1),
+        "top_level_ops": round(sum(not nested(e) for e in aten) / steps, 1),
+    }
+    if device.type == "cuda":
+        on_device = [e for e in events if e.device_type.name == "CUDA"]
+        kernels = [e for e in on_device if "Memcpy" not in e.name and "Memset" not in e.name]
+        copies = [e for e in on_device if "Memcpy HtoD" in e.name]
+        launch_names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense")
+        out["device_ms"] = round(sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps, 2)
+        out["kernels"] = round(sum(e.name in launch_names for e in events) / steps, 1)
+        out["memcpy_htod"] = round(len(copies) / steps, 1)
+        out["memcpy_htod_pageable"] = round(sum("Pageable" in e.name for e in copies) / steps, 1)
+        out["syncs"] = round(sum(e.name in sync_names for e in events) / steps, 1)
+    else:  # the operators' own compute time; the rest of host_ms is Python and dispatch
+        out["device_ms"] = round(sum(e.self_cpu_time_total for e in aten) / 1000 / steps, 2)
+    return out
+
+
 def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     """Run the measurements of the module docstring; returns the result dict."""
     from .data.synthetic import make_tile
     from .models.student import StudentModelConfig, StudentSegmenter
     from .models.teacher import MonolithicSegmenter
     from .recipes import FAST_STUDENT
+    from .training.loop import make_optimizer
     from .training.teacher import Knobs, TeacherTask
 
     device = resolve_device(args.device)
@@ -158,18 +224,20 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     if not args.skip_train:
         task = TeacherTask(cfg, device)
         model = task.model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = make_optimizer(list(model.parameters()), lr=1e-4, weight_decay=1e-2)
         tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
         rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
         batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
         knobs = Knobs(
             k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane=args.lane
         )
+        forward = maybe_compile(model, args.compile)
+        result["compile"] = args.compile or "off"
 
         def train_step() -> None:
             opt.zero_grad(set_to_none=True)
             with autocast(device, bool(args.amp)):
-                out = task.step(model, batch, 0, knobs=knobs)
+                out = task.step(forward, batch, 0, knobs=knobs)
             out.terms["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -194,9 +262,15 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
             backbone_step_s=round(backbone_s, 4),
             head_loss_overhead=round(step_s / backbone_s - 1, 3),
         )
+        if getattr(forward, "failed", None):
+            result["compile"] = f"failed, eager ({forward.failed})"
+        if args.profile:
+            result["profile"] = profile_steps(train_step, device, args.profile_steps)
     if device.type != "cuda":
         # ru_maxrss is in KiB on Linux.
         result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if args.skip_infer:
+        return result
 
     tile = torch.from_numpy(make_tile(args.infer_size, seed=99).rgb).permute(2, 0, 1)[None].to(device)
     if args.teacher_checkpoint:

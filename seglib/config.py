@@ -130,7 +130,10 @@ class RefineConfig:
     eps: float = 1e-3  # guided-filter regulariser: larger smooths across weaker edges
     smooth_iters: int = 1  # guided-filter passes at stride 4 before upsampling
     guide_scale: int = 1  # 1: the filter is applied at full resolution; 2: at half, then bilinear
-    learned_width: int = 12  # channels of the learned refiner
+    learned_width: int = 4  # channels of the learned refiner (12 until the learned lane went to half resolution)
+    # The learned lane works at 1/learned_scale of the input resolution (guided filter, refiner
+    # and its training loss), its output upsampled bilinearly: 1/4 of the full-resolution cost.
+    learned_scale: int = 2
 
 
 @dataclass
@@ -219,6 +222,10 @@ class TrainConfig:
     # 0 is 1 thread on a 2-core machine: 2 threads were 8-17x slower per step on the busy
     # 2-core machine (README, "Train on your own imagery"); seglib.device.training_threads.
     threads: int = 0  # torch CPU threads while training; 0: half the cores (OMP_NUM_THREADS when set)
+    # torch.compile mode of the training forward: "" (eager, the reference), "default",
+    # "reduce-overhead" (also CUDA graphs) or "max-autotune"; falls back to eager, saying why,
+    # where compiling fails. Each new combination of the per-batch knobs compiles anew.
+    compile: str = ""
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
 

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["resolve_device", "autocast", "amp_dtype", "set_threads", "available_cores", "training_threads", "busy_note"]
+__all__ = [
+    "resolve_device",
+    "autocast",
+    "amp_dtype",
+    "set_threads",
+    "available_cores",
+    "training_threads",
+    "busy_note",
+    "COMPILE_MODES",
+    "maybe_compile",
+]
+
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -79,3 +94,44 @@ def busy_note(threads: int) -> str | None:
         "threads; threads that wait for each other can make every step many times slower. "
         "Try --threads 1 (config train.threads)"
     )
+
+
+class _CompiledOrEager:
+    """Calls the ``torch.compile``d module; if compiling fails (no C++ compiler, an
+    unsupported operation, ...), says why once and runs the eager module from then on.
+    Attributes are the eager module's (``no_sync``, ``module``, ...)."""
+
+    def __init__(self, module: nn.Module, compiled: Any, mode: str):
+        self.__dict__.update(eager=module, compiled=compiled, mode=mode, failed=None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:  # the compiler's errors have no common base class
+                self.__dict__["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"train.compile={self.mode!r}: compiling failed ({self.failed}); running eager", file=sys.stderr)
+        return self.eager(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.eager, name)
+
+
+def maybe_compile(module: nn.Module, mode: str) -> nn.Module | _CompiledOrEager:
+    """``module`` compiled with ``torch.compile(mode=...)`` ("default", "reduce-overhead": CUDA
+    graphs as well, "max-autotune"), falling back to eager with a one-line reason on stderr
+    where compiling is not possible; ``mode`` "" returns ``module`` itself (eager, the
+    reference that the tests run)."""
+    if not mode:
+        return module
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be one of {', '.join(map(repr, COMPILE_MODES))}, got {mode!r}")
+    try:
+        compiled = torch.compile(module, mode=mode)
+    except Exception as exc:  # e.g. a Python version torch.compile does not support
+        print(
+            f"train.compile={mode!r}: torch.compile unavailable ({type(exc).__name__}: {exc}); running eager",
+            file=sys.stderr,
+        )
+        return module
+    return _CompiledOrEager(module, compiled, mode)

@@ -18,12 +18,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .synthetic import make_tile, tile_seed
 
-__all__ = ["SyntheticBatches", "StepSampler", "batch_loader", "sample_rngs"]
+__all__ = ["SyntheticBatches", "StepSampler", "batch_loader", "sample_rngs", "step_generator"]
 
 
 def sample_rngs(seed: int, indices: torch.Tensor | list[int], purpose: int) -> list[np.random.Generator]:
     """One generator per sample, keyed by (seed, purpose, global sample index)."""
     return [np.random.default_rng([int(seed), int(purpose), int(i)]) for i in indices]
+
+
+def step_generator(seed: int, purpose: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` keyed by (seed, purpose, micro-batch index): what a
+    batched augmentation draws a whole (global) batch's random numbers from, on the device,
+    the same in a resumed run and on every rank."""
+    key = np.random.SeedSequence([int(seed), int(purpose), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(key[0]) << 32 | int(key[1]))
 
 
 @dataclass
@@ -73,8 +81,9 @@ class StepSampler(Sampler[int]):
         return max(0, self.stop - self.start)
 
 
-def batch_loader(source: Dataset, start: int, stop: int, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over micro-batches ``start..stop-1`` of a step-indexed source."""
+def batch_loader(source: Dataset, start: int, stop: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over micro-batches ``start..stop-1`` of a step-indexed source;
+    ``pin_memory`` (for a CUDA run) makes the copy to the device asynchronous."""
     return DataLoader(
         source,
         batch_size=None,
@@ -82,4 +91,5 @@ def batch_loader(source: Dataset, start: int, stop: int, num_workers: int = 0) -
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        pin_memory=pin_memory,
     )

@@ -40,6 +40,7 @@ __all__ = [
     "entropy_terms",
     "edge_aware_smoothness",
     "variance_floor",
+    "channel_covariance",
     "TeacherLoss",
 ]
 
@@ -117,23 +118,32 @@ def _positions(emb: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def variance_floor(emb: torch.Tensor, floor: float) -> torch.Tensor:
+def channel_covariance(emb: torch.Tensor) -> torch.Tensor:
+    """(D, D) covariance of the channels of emb (B, D, h, w) over all positions of the batch
+    (of the global batch under DDP); its diagonal holds the channels' variances."""
+    z = _positions(emb)  # (D, M)
+    z = z - z.mean(1, keepdim=True)
+    return z @ z.T / max(z.shape[1] - 1, 1)
+
+
+def variance_floor(emb: torch.Tensor, floor: float, *, cov: torch.Tensor | None = None) -> torch.Tensor:
     """Mean hinge max(0, floor - std) over channels of emb (B, D, h, w); std over all
-    positions of the batch (one image may be a single land cover, the batch is not)."""
-    std = (_positions(emb).var(1) + 1e-4).sqrt()  # (D,)
+    positions of the batch (one image may be a single land cover, the batch is not).
+    ``cov``: the ``channel_covariance`` of emb when it is at hand."""
+    cov = channel_covariance(emb) if cov is None else cov
+    std = (torch.diagonal(cov) + 1e-4).sqrt()  # (D,)
     return F.relu(floor - std).mean()
 
 
-def covariance_penalty(emb: torch.Tensor) -> torch.Tensor:
+def covariance_penalty(emb: torch.Tensor, *, cov: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of squared off-diagonal covariances of the channels of emb (B, D, h, w), over D.
+    ``cov``: the ``channel_covariance`` of emb when it is at hand.
 
     Decorrelated channels stop the features from spending all their spread on one direction.
     """
-    z = _positions(emb)  # (D, M)
-    z = z - z.mean(1, keepdim=True)
-    cov = z @ z.T / max(z.shape[1] - 1, 1)  # (D, D)
+    cov = channel_covariance(emb) if cov is None else cov
     off = cov - torch.diag(torch.diag(cov))
-    return off.pow(2).sum() / z.shape[0]
+    return off.pow(2).sum() / cov.shape[0]
 
 
 def invariance_loss(
@@ -183,10 +193,12 @@ class TeacherLoss(nn.Module):
         terms["smoothness"] = edge_aware_smoothness(coarse, rgb_small, c.edge_sigma)
         fa, fb = out["features"].chunk(2)
         terms["invariance"] = invariance_loss(fa, fb, transform, c.invariance_radius)
-        terms["variance"] = variance_floor(out["features"], c.variance_floor)
-        terms["covariance"] = covariance_penalty(out["features"])
+        cov = channel_covariance(out["features"])  # shared by the two terms (one all-gather under DDP)
+        terms["variance"] = variance_floor(out["features"], c.variance_floor, cov=cov)
+        terms["covariance"] = covariance_penalty(out["features"], cov=cov)
         if lane == "learned" and c.refine:
-            terms["refine"] = self.refine_terms(out["probs"], coarse, rgb)
+            # The lane's output at its working resolution (a full-resolution one if that is all there is).
+            terms["refine"] = self.refine_terms(out.get("probs_learned", out.get("probs")), coarse, rgb)
         weights = {
             "consistency": c.consistency,
             "pixel_entropy": c.pixel_entropy,
@@ -201,10 +213,13 @@ class TeacherLoss(nn.Module):
         return terms
 
     def refine_terms(self, probs: torch.Tensor, coarse: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
-        """Full-resolution terms for the learned lane: confident, edge-aligned, and faithful
-        to the head (KL to the upsampled coarse map) so it cannot drift to another clustering."""
+        """Terms for the learned lane at its working resolution (probs (B, K, H', W'); rgb is
+        averaged down to it): confident, edge-aligned, and faithful to the head (KL to the
+        upsampled coarse map) so it cannot drift to another clustering."""
         up = F.interpolate(coarse, size=probs.shape[-2:], mode="bilinear", align_corners=False)
         fidelity = kl_divergence(probs, up)
         pixel, _ = entropy_terms(probs)
+        if rgb.shape[-2:] != probs.shape[-2:]:
+            rgb = F.adaptive_avg_pool2d(rgb.float(), probs.shape[-2:])
         smooth = edge_aware_smoothness(probs, rgb.float(), self.config.edge_sigma)
         return pixel + smooth + 0.1 * fidelity

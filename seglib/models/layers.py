@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +18,8 @@ __all__ = [
     "standardize",
     "box_mean",
     "inference_numerics",
+    "reference_ops",
+    "use_reference_ops",
     "highpass_luminance",
     "encoder_input",
 ]
@@ -70,13 +75,35 @@ def standardize(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def inference_numerics() -> bool:
-    """Whether the faster formulations of a few steps may be used: only when no gradient is
-    recorded (inference, evaluation, a frozen teacher). They compute the same quantities with
-    different rounding (box means as separable sums, squared distances as |a|^2 + |b|^2 - 2ab,
-    a written-out normalisation): about a quarter of a student's CPU time. Training keeps the
-    original formulations, because training is chaotic: a rounding-level change moved the
-    teacher recipe's score by 0.025 (docs/performance.md), and the recipes are pinned to these."""
-    return not torch.is_grad_enabled()
+    """Whether the faster formulations of a few steps are used: box means as separable sums,
+    squared distances as |a|^2 + |b|^2 - 2ab, a written-out normalisation, the guided filter's
+    output as multiply-adds. They compute the same quantities with different rounding (about a
+    quarter of a student's CPU time). Always without gradient (inference, evaluation, a frozen
+    teacher), and in training too unless ``reference_ops()`` asks for the original training
+    formulations, the yardstick of the fused training step (docs/performance.md)."""
+    return not torch.is_grad_enabled() or not use_reference_ops()
+
+
+_REFERENCE_OPS = [False]  # a list so the context manager can flip it in place
+
+
+def use_reference_ops() -> bool:
+    """Whether the training step runs the plain eager formulations (one small op per denoising
+    offset, per k-means step, per sample) instead of the fused ones. The fused formulations
+    compute the same quantities with far fewer operator calls (docs/performance.md); the
+    reference ones stay as the yardstick that tests compare them against."""
+    return _REFERENCE_OPS[0]
+
+
+@contextlib.contextmanager
+def reference_ops(enabled: bool = True) -> Iterator[None]:
+    """Context manager: run the reference formulations inside (``use_reference_ops``)."""
+    before = _REFERENCE_OPS[0]
+    _REFERENCE_OPS[0] = enabled
+    try:
+        yield
+    finally:
+        _REFERENCE_OPS[0] = before
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:

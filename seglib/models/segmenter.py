@@ -138,14 +138,37 @@ class Segmenter(nn.Module):
         smooth_iters = r.smooth_iters if smooth_iters is None else smooth_iters
         if lane == "none":
             return none_lane(logits, rgb.shape[-2:])
-        fast = fast_lane(probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters, guide_scale=r.guide_scale)
-        return fast if lane == "fast" else self.refiner(fast, rgb)  # the learned lane
+        if lane == "fast":
+            return fast_lane(
+                probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters, guide_scale=r.guide_scale
+            )
+        refined = self.refine_learned(probs, rgb, smooth_iters)  # the learned lane: (B, K, H/s, W/s)
+        if refined.shape[-2:] != rgb.shape[-2:]:  # bilinear keeps the probabilities summing to 1
+            refined = F.interpolate(refined, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        return refined
 
-    def _downsampled(self, rgb: torch.Tensor, downsample: int | None) -> torch.Tensor:
+    def refine_learned(self, probs: torch.Tensor, rgb: torch.Tensor, smooth_iters: int | None = None) -> torch.Tensor:
+        """The learned lane at its working resolution, 1/``refine.learned_scale`` of rgb's
+        (B, 3, H, W): the guided filter's output there, refined by the learned refiner."""
+        r = self.config.refine
+        smooth_iters = r.smooth_iters if smooth_iters is None else smooth_iters
+        scale = r.learned_scale
+        small = F.avg_pool2d(rgb, scale) if scale > 1 else rgb
+        fast = fast_lane(
+            probs,
+            small,
+            radius=r.radius,
+            eps=r.eps,
+            smooth_iters=smooth_iters,
+            guide_scale=max(1, r.guide_scale // scale),
+        )
+        return self.refiner(fast, small)
+
+    def _downsampled(self, rgb: torch.Tensor, downsample: int | None, check_values: bool = True) -> torch.Tensor:
         ds = self.config.downsample if downsample is None else downsample
         if ds not in (1, 2):
             raise ValueError(f"downsample must be 1 or 2, got {ds}")
-        check_rgb(rgb, self.input_multiple * ds)
+        check_rgb(rgb, self.input_multiple * ds, check_values=check_values)
         return F.avg_pool2d(rgb, ds) if ds > 1 else rgb
 
     @torch.no_grad()
@@ -175,6 +198,7 @@ class Segmenter(nn.Module):
         clusters: Clusters | None = None,
         full_resolution: bool = True,
         valid: torch.Tensor | None = None,
+        check_values: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
@@ -183,15 +207,19 @@ class Segmenter(nn.Module):
         the fast lane. ``group=2`` shares prototypes between image i and image i + B/2 (training
         views). ``clusters`` (from ``fit_clusters``) skips fitting and assigns to them.
         ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of the
-        result: training steps whose losses only read the stride-4 maps need nothing more.
+        result: training steps whose losses only read the stride-4 maps need nothing more; for
+        the learned lane it returns ``probs_learned`` instead, the lane's output at its working
+        resolution (1/``refine.learned_scale``), which its training loss reads.
         ``valid`` (B, H, W) bool marks image data (False: nodata, e.g. a scene's black border):
         prototypes and size-prior shares come from the cells whose pixels are all valid, one
         set fitted jointly over the batch; every pixel is still assigned (discard the others).
+        ``check_values=False`` skips the NaN/range check of ``rgb`` (it reads values back from
+        the device): for inputs the caller made itself, such as a training step's views.
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
         check_lane(lane)
-        emb, features = self.embed(self._downsampled(rgb, downsample))  # (B, D, h, w)
+        emb, features = self.embed(self._downsampled(rgb, downsample, check_values))  # (B, D, h, w)
         head = self.head(
             emb,
             k,
@@ -213,4 +241,6 @@ class Segmenter(nn.Module):
         }
         if full_resolution:
             out["probs"] = self.refine(head.probs, head.logits, rgb, lane, smooth_iters)  # (B, K, H, W)
+        elif lane == "learned":  # what the learned lane's training loss reads
+            out["probs_learned"] = self.refine_learned(head.probs, rgb, smooth_iters)  # (B, K, H/s, W/s)
         return out

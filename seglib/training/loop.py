@@ -50,7 +50,7 @@ from ..checkpoint import (
 )
 from ..config import Config
 from ..data.batches import batch_loader
-from ..device import autocast
+from ..device import autocast, maybe_compile
 from ..viz import progress_bar
 from .logging import RunLogger, trim_events
 from .probe import QualityProbe
@@ -62,6 +62,7 @@ __all__ = [
     "train_loop",
     "warmup_cosine",
     "default_checkpoint_dir",
+    "make_optimizer",
 ]
 
 
@@ -110,6 +111,15 @@ def warmup_cosine(steps: int, warmup: int, floor: float = 0.1) -> Callable[[int]
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def make_optimizer(params: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one operator call for all parameters) where PyTorch supports it for the
+    parameters' device (CPU and CUDA); the per-parameter loop elsewhere."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -162,8 +172,9 @@ def train_loop(
         ddp_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
+    ddp_model = maybe_compile(ddp_model, t.compile)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup))
     ckdir = default_checkpoint_dir(cfg)
 
@@ -198,7 +209,9 @@ def train_loop(
         _log_probe(probe, task, ema, 0, history, logger)  # the weights before training
     last_save = _clock()
     accum = max(1, t.grad_accum)
-    batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers))
+    batches = iter(
+        batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    )
     bad_steps = 0
     model.train()
     bar = progress_bar(
@@ -209,91 +222,110 @@ def train_loop(
         desc=task.kind,
         dynamic_ncols=True,
     )
+    # The step itself never reads a value back from the device: loss terms, gradient norm and
+    # the skip decision stay tensors until the records are read, every log_every steps (and
+    # before checkpoints, images and the end). A fused AdamW skips a non-finite step on the
+    # device (``found_inf``); other optimizers need the decision on the host (one sync a step).
+    skip_on_device = _supports_found_inf(opt)
+    pending: list[dict[str, Any]] = []
+    flushed_at = time.perf_counter()
     for step in bar:
-        tic = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        n_images, bad_terms, last = 0, [], None
+        sums: dict[str, torch.Tensor] = {}
+        n_images, last = 0, None
         for micro in range(accum):
             batch = next(batches)
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = ddp_model.no_sync() if ddp_model is not model and micro < accum - 1 else contextlib.nullcontext()
+            sync = ddp_model.no_sync() if dist.world_size() > 1 and micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device, t.amp):
                     out = task.step(ddp_model, batch, step * accum + micro)
-                local_bad = [name for name, v in out.terms.items() if not torch.isfinite(v.detach()).all()]
-                # Every rank must agree to skip, or the others would wait in all-reduce forever.
-                if _any_rank(bool(local_bad), device):
-                    bad_terms = local_bad or ["(on another rank)"]
-                    sums = {name: float(v.detach()) for name, v in out.terms.items()}  # logged as is
-                    break
+                # A non-finite loss makes non-finite gradients, so every rank still takes part
+                # in the all-reduce and every rank then skips the step.
                 (out.terms["total"] / accum).backward()
-            for name, v in out.terms.items():
-                sums[name] = sums.get(name, 0.0) + float(v.detach()) / accum
+            for name, value in out.terms.items():  # micro-batches may differ in terms (lanes)
+                value = value.detach() / accum if accum > 1 else value.detach()
+                sums[name] = sums[name] + value if name in sums else value
             n_images += out.n_images
             last = out
-        grad_norm = float("nan")
-        if not bad_terms:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else float("inf")))
-            if not math.isfinite(grad_norm):
-                bad_terms = ["gradient"]
-        if bad_terms:
+        names = list(sums)
+        terms = torch.stack([sums[name].float().reshape(()) for name in names])  # one tensor of the terms
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else float("inf"))
+        bad = ~(torch.isfinite(terms).all() & torch.isfinite(grad_norm))  # () bool, on the device
+        if dist.world_size() > 1:  # a term can be non-finite on one rank only
+            bad = _any_rank_tensor(bad)
+        if skip_on_device:
+            opt.found_inf = bad.float()  # the fused step leaves weights, moments and count alone
+            opt.step()
+            if ema is not None:
+                ema.update(skip=bad)
+        elif bool(bad):
             opt.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
-            bad_steps += 1
-            if main:
-                bar.write(
-                    f"step {step + 1}: non-finite {', '.join(bad_terms)}; step skipped ({bad_steps} in a row)",
-                    file=sys.stderr,
-                )
-            if bad_steps >= t.max_bad_steps:
-                logger.close()
-                raise NonFiniteLossError(
-                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step {step}, "
-                    f"term(s) {', '.join(bad_terms)}); lower train.lr, check the input data for NaN/inf, "
-                    "or run with --amp 0"
-                )
         else:
             opt.step()
             if ema is not None:
                 ema.update()
-            bad_steps = 0
         sched.step()
-
-        seconds = time.perf_counter() - tic
-        record = {f"loss/{k}": v for k, v in sums.items()}
-        record.update(
+        pending.append(
             {
-                "train/lr": sched.get_last_lr()[0],
-                "train/grad_norm": grad_norm,
-                "train/skipped": float(bool(bad_terms)),
+                "step": step + 1,
+                "names": names,
+                "terms": terms,
+                "grad_norm": grad_norm.detach(),
+                "bad": bad,
+                "lr": sched.get_last_lr()[0],
+                "n_images": n_images,
+                "scalars": dict(last.scalars),
             }
         )
-        record["train/img_per_s"] = n_images * dist.world_size() / max(seconds, 1e-9)
-        if last is not None:
-            record.update(last.scalars)
-        history.setdefault("step", []).append(step + 1)
-        for key, value in record.items():
-            history.setdefault(key, []).append(float(value))
-        if main and (step + 1) % max(1, t.log_every) == 0:
-            logger.scalars(step + 1, record)
-            bar.set_postfix(loss=f"{sums.get('total', float('nan')):.4f}", refresh=False)
-        if (
-            main
-            and last is not None
-            and last.rgb is not None
-            and (step == start or (step + 1) % max(1, t.image_every) == 0)
-        ):
+        log_now = (step + 1) % max(1, t.log_every) == 0
+        image_now = last.rgb is not None and (step == start or (step + 1) % max(1, t.image_every) == 0)
+        scheduled = _scheduled(step + 1, t)
+        probe_now = probe is not None and ((step + 1) % cfg.probe.every == 0 or step + 1 == t.steps)
+        timed = main and t.checkpoint_minutes > 0 and _clock() - last_save >= 60 * t.checkpoint_minutes
+        if not (log_now or image_now or scheduled or probe_now or timed):
+            continue
+        # Read the records of the steps since the last read: one transfer from the device.
+        records, flushed_at = _read_records(pending, flushed_at), time.perf_counter()
+        pending = []
+        for record in records:
+            history.setdefault("step", []).append(record["step"])
+            for key, value in record["values"].items():
+                history.setdefault(key, []).append(value)
+            if record["bad_terms"]:
+                bad_steps += 1
+                if main:
+                    bar.write(
+                        f"step {record['step']}: non-finite {', '.join(record['bad_terms'])}; "
+                        f"step skipped ({bad_steps} in a row)",
+                        file=sys.stderr,
+                    )
+                if bad_steps >= t.max_bad_steps:
+                    logger.close()
+                    raise NonFiniteLossError(
+                        f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
+                        f"{record['step'] - 1}, term(s) {', '.join(record['bad_terms'])}); lower train.lr, "
+                        "check the input data for NaN/inf, or run with --amp 0"
+                    )
+            else:
+                bad_steps = 0
+        final = records[-1]["values"]
+        if main and log_now:
+            logger.scalars(step + 1, final)
+            bar.set_postfix(loss=f"{final.get('loss/total', float('nan')):.4f}", refresh=False)
+        if main and image_now:
             logger.images(step + 1, last.rgb, last.probs, extra=last.extra_images)
-        if probe is not None and ((step + 1) % cfg.probe.every == 0 or step + 1 == t.steps):
+        if probe_now:
             _log_probe(probe, task, ema, step + 1, history, logger)
-        timed = t.checkpoint_minutes > 0 and _clock() - last_save >= 60 * t.checkpoint_minutes
-        if main and (_scheduled(step + 1, t) or timed):
+        if main and (scheduled or timed):
             logger.flush()  # the events up to the checkpoint are on disk when it is
             _save(task, cfg, opt, sched, step + 1, history, ckdir, ema)
             last_save = _clock()
-        dist.barrier()
-        for callback in callbacks:
-            callback(step + 1, record)
+        if log_now or image_now or scheduled:  # the same on every rank (the probe and timed saves are rank 0's)
+            dist.barrier()
+        for record in records:
+            for callback in callbacks:
+                callback(record["step"], record["values"])
 
     if ema is not None:
         model.load_state_dict(ema.state)  # what the run exports (and leaves in task.model)
@@ -356,29 +388,75 @@ class WeightAverage:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, skip: torch.Tensor | None = None) -> None:
+        """One averaging step; ``skip`` (a bool tensor, read on the device) leaves the average
+        and its step count as they are, for an optimizer step that was skipped."""
+        if skip is None:
+            self.updates += 1
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            for key, value in self.model.state_dict().items():
+                if value.is_floating_point():
+                    self.state[key].lerp_(value.detach(), 1 - decay)
+                else:
+                    self.state[key].copy_(value)
+            return
+        keep = (~skip).float()
+        if not isinstance(self.updates, torch.Tensor):
+            self.updates = torch.tensor(float(self.updates), device=skip.device)
+        self.updates += keep
+        n = self.updates
+        weight = (1 - torch.clamp((1 + n) / (10 + n), max=self.decay)) * keep  # 0 when skipped
         for key, value in self.model.state_dict().items():
             if value.is_floating_point():
-                self.state[key].lerp_(value.detach(), 1 - decay)
+                self.state[key].lerp_(value.detach(), weight.to(value.dtype))
             else:
-                self.state[key].copy_(value)
+                self.state[key].copy_(torch.where(skip, self.state[key], value))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "updates": self.updates}
+        return {"state": self.state, "updates": int(self.updates)}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.state = {k: v.clone() for k, v in saved["state"].items()}
         self.updates = int(saved["updates"])
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if dist.world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+def _any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` (a bool tensor) or-ed over all ranks, without reading it on the host."""
+    value = flag.float()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value > 0
+
+
+def _supports_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt.step()`` honours ``opt.found_inf`` (the fused Adam/AdamW kernels skip the
+    update on the device when it is 1, as they do for a gradient scaler)."""
+    return isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and bool(opt.defaults.get("fused"))
+
+
+def _read_records(pending: list[dict[str, Any]], since: float) -> list[dict[str, Any]]:
+    """Host-side records of the pending steps, their device values read in one transfer; the
+    wall time since the previous read is shared out as the interval's images per second."""
+    if not pending:
+        return []
+    on_device = []
+    for p in pending:
+        on_device += [p["terms"], p["grad_norm"].reshape(1), p["bad"].float().reshape(1)]
+        on_device += [v.detach().float().reshape(1) for v in p["scalars"].values() if isinstance(v, torch.Tensor)]
+    flat = iter(torch.cat(on_device).tolist())
+    img_per_s = sum(p["n_images"] for p in pending) * dist.world_size() / max(time.perf_counter() - since, 1e-9)
+    records = []
+    for p in pending:
+        terms = [next(flat) for _ in p["names"]]
+        grad_norm, bad = next(flat), next(flat)
+        values = {f"loss/{name}": v for name, v in zip(p["names"], terms, strict=True)}
+        values.update({"train/lr": p["lr"], "train/grad_norm": grad_norm, "train/skipped": bad})
+        values["train/img_per_s"] = img_per_s
+        values.update({k: next(flat) if isinstance(v, torch.Tensor) else float(v) for k, v in p["scalars"].items()})
+        bad_terms = [name for name, v in zip(p["names"], terms, strict=True) if not math.isfinite(v)]
+        if bad and not bad_terms:
+            bad_terms = ["gradient"] if not math.isfinite(grad_norm) else ["(on another rank)"]
+        records.append({"step": p["step"], "values": values, "bad_terms": bad_terms if bad else []})
+    return records
 
 
 def _save(

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..augment import make_views
+from .. import distributed as dist
+from ..augment import make_views_batched
 from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config, RandomizeConfig
-from ..data.batches import sample_rngs
+from ..data.batches import step_generator
 from ..losses.teacher import TeacherLoss
 from ..models.teacher import MonolithicSegmenter
 from .loop import StepOutput
@@ -74,9 +75,13 @@ class TeacherTask:
         cfg = self.cfg
         knobs = knobs or draw_knobs(cfg.randomize, cfg.train.seed, index)
         rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
-        rngs = sample_rngs(cfg.train.seed, batch["index"].tolist(), _AUGMENT)
-        view_a, view_b, transform = make_views(rgb, rngs, cfg.augment)
-        views = torch.cat([view_a, view_b])  # (2B, 3, S, S); image i pairs with i + B
+        b = rgb.shape[0]
+        # The global batch's augmentation numbers come from one generator keyed by the
+        # micro-batch; this rank keeps its rows (DDP trains like one process).
+        gen = step_generator(cfg.train.seed, _AUGMENT, index, self.device)
+        rows = slice(dist.rank() * b, (dist.rank() + 1) * b)
+        views, transform = make_views_batched(rgb, cfg.augment, gen, rows=rows, total=dist.world_size() * b)
+        # views: (2B, 3, S, S), view A then view B; image i pairs with i + B.
         out = model(
             views,
             knobs.k,
@@ -85,18 +90,19 @@ class TeacherTask:
             iters=knobs.iters,
             smooth_iters=knobs.smooth_iters,
             group=2,
-            # Only the learned lane has a loss at full resolution; the others are parameter-free,
-            # so their full-resolution output would be computed and thrown away.
-            full_resolution=knobs.lane == "learned",
+            # The fast and none lanes are parameter-free and no loss reads their full-resolution
+            # output; the learned lane's loss reads its output at its working resolution.
+            full_resolution=False,
+            check_values=False,  # the views are clamped to [0, 1]; the check would be a sync
         )
         terms = self.loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane)
-        b = rgb.shape[0]
         probs = out.get("probs", out["probs_coarse"])[:b].detach()  # TensorBoard upsamples if needed
         scalars = {
             "diag/k": float(knobs.k),
-            "diag/feature_std": float(out["features"].detach().float().std(dim=(0, 2, 3)).mean()),
+            # A tensor: the loop reads it when it logs, not inside the step.
+            "diag/feature_std": out["features"].detach().float().std(dim=(0, 2, 3)).mean(),
         }
-        return StepOutput(terms=terms, n_images=b, rgb=view_a, probs=probs, scalars=scalars)
+        return StepOutput(terms=terms, n_images=b, rgb=views[:b], probs=probs, scalars=scalars)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
