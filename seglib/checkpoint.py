@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
             "pass a file written by seglib training (ckpt_*.pt, teacher.pt or student.pt)"
         )
     if isinstance(obj.get("config"), dict):
-        obj["config"] = upgrade_config(obj["config"])
+        obj["config"] = upgrade_config(obj["config"], checkpoint=True)
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else kind
         if obj.get("kind") not in kinds:

@@ -130,10 +130,8 @@ class RefineConfig:
     eps: float = 1e-3  # guided-filter regulariser: larger smooths across weaker edges
     smooth_iters: int = 1  # guided-filter passes at stride 4 before upsampling
     guide_scale: int = 1  # 1: the filter is applied at full resolution; 2: at half, then bilinear
-    learned_width: int = 4  # channels of the learned refiner (12 until the learned lane went to half resolution)
-    # The learned lane works at 1/learned_scale of the input resolution (guided filter, refiner
-    # and its training loss), its output upsampled bilinearly: 1/4 of the full-resolution cost.
-    learned_scale: int = 2
+    learned_width: int = 4  # channels of the learned refiner (12 before it went to half resolution)
+    learned_scale: int = 2  # the learned lane (guided filter, refiner, loss) runs at 1/this resolution, then bilinear
 
 
 @dataclass
@@ -222,10 +220,9 @@ class TrainConfig:
     # 0 is 1 thread on a 2-core machine: 2 threads were 8-17x slower per step on the busy
     # 2-core machine (README, "Train on your own imagery"); seglib.device.training_threads.
     threads: int = 0  # torch CPU threads while training; 0: half the cores (OMP_NUM_THREADS when set)
-    # torch.compile mode of the training forward: "" (eager, the reference), "default",
-    # "reduce-overhead" (also CUDA graphs) or "max-autotune"; falls back to eager, saying why,
-    # where compiling fails. Each new combination of the per-batch knobs compiles anew.
-    compile: str = ""
+    compile: str = (
+        ""  # torch.compile mode of the forward ("", default, reduce-overhead, max-autotune); eager on failure
+    )
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
 
@@ -459,13 +456,26 @@ _MOVED = {
     ("student", "guide_scale"): ("student", "refine", "guide_scale"),
 }
 _REMOVED = {("data", "eval_images"), ("data", "eval_size")}  # settings nothing read
+# Settings added later, with the value that reproduces what a checkpoint written before them did
+# (``upgrade_config(..., checkpoint=True)``): the learned lane ran at full resolution.
+_ADDED = {("model", "refine", "learned_scale"): 1}
 
 
-def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+def upgrade_config(config: dict[str, Any], *, checkpoint: bool = False) -> dict[str, Any]:
     """A config dict (a checkpoint's, or overrides) in the current layout: keys that moved
-    (``_MOVED``) are moved, settings that were removed are dropped. A current dict comes back
-    unchanged; ``config`` itself is never modified."""
+    (``_MOVED``) are moved, settings that were removed are dropped, and for a ``checkpoint``'s
+    full config, settings added since get the value that reproduces the old behaviour
+    (``_ADDED``). A current dict comes back unchanged; ``config`` itself is never modified."""
     out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for path, value in _ADDED.items() if checkpoint else ():
+        node = out
+        for part in path[:-2]:
+            node = node.get(part) if isinstance(node.get(part), dict) else None
+            if node is None:
+                break
+        parent = None if node is None else node.get(path[-2])
+        if isinstance(parent, dict) and path[-1] not in parent:
+            node[path[-2]] = {**parent, path[-1]: value}
     for section, key in _REMOVED:
         if isinstance(out.get(section), dict):
             out[section].pop(key, None)
