@@ -233,3 +233,15 @@ def test_learned_lane_runs_at_half_resolution_and_upsamples():
     assert torch.allclose(full["probs"].sum(1), torch.ones(1, 64, 64), atol=1e-5)
     upsampled = F.interpolate(train["probs_learned"].detach(), size=(64, 64), mode="bilinear", align_corners=False)
     assert torch.allclose(full["probs"], upsampled, atol=1e-4)
+
+
+def test_checkpoints_from_before_keep_a_full_resolution_learned_lane():
+    """A checkpoint written before ``refine.learned_scale`` existed (the bundled student) loads
+    with the learned lane at full resolution, as it was trained; new configs use half."""
+    from seglib.checkpoint import load_checkpoint
+    from seglib.config import upgrade_config
+    from seglib.paths import BUNDLED_MODEL
+
+    assert Config().model.refine.learned_scale == 2
+    assert load_checkpoint(BUNDLED_MODEL)["config"]["model"]["refine"]["learned_scale"] == 1
+    assert upgrade_config({"model": {"refine": {"learned_width": 8}}}) == {"model": {"refine": {"learned_width": 8}}}
