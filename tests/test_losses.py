@@ -14,7 +14,9 @@ from seglib.losses.teacher import (
     covariance_penalty,
     edge_aware_smoothness,
     entropy_terms,
+    kl_divergence,
     symmetric_kl,
+    symmetric_kl_map,
     variance_floor,
 )
 
@@ -126,3 +128,15 @@ def test_teacher_loss_dict():
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()
     assert m.refiner.out.weight.grad is not None
+
+
+def test_symmetric_kl_is_the_average_of_the_two_kls_to_the_bit():
+    """One symmetric KL for teacher and student: without a mask it is exactly the average of
+    the two directed KLs (the student's recipes were trained on that rounding)."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 5, 8, 8, generator=g).softmax(1)
+    q = torch.randn(2, 5, 8, 8, generator=g).softmax(1)
+    assert torch.equal(symmetric_kl(p, q), 0.5 * (kl_divergence(p, q) + kl_divergence(q, p)))
+    assert torch.allclose(symmetric_kl_map(p, q).mean(), symmetric_kl(p, q), atol=1e-6)
+    full = torch.ones(2, 8, 8)
+    assert torch.allclose(symmetric_kl(p, q, full), symmetric_kl(p, q), atol=1e-6)

@@ -33,7 +33,7 @@ from .. import distributed as dist
 from ..config import DistillConfig
 from ..models.head import soft_kmeans
 from ..models.segmenter import head_embedding
-from .teacher import edge_aware_smoothness, kl_divergence
+from .teacher import edge_aware_smoothness, kl_divergence, symmetric_kl
 
 __all__ = ["EmaNormalizer", "aligned_assignments", "affinity_loss", "DistillLoss"]
 
@@ -170,9 +170,7 @@ class DistillLoss(nn.Module):
         consistency = torch.zeros((), device=rgb.device)
         for coarser, finer in zip(self.slices[:-1], self.slices[1:], strict=True):
             up = F.interpolate(probs[coarser], size=probs[finer].shape[-2:], mode="bilinear", align_corners=False)
-            # Symmetric KL as the sum of the two KLs: the quantity of ``symmetric_kl``, rounded
-            # differently, and the student recipes' weights depend on this rounding.
-            consistency = consistency + 0.5 * (kl_divergence(up, probs[finer]) + kl_divergence(probs[finer], up))
+            consistency = consistency + symmetric_kl(up, probs[finer])
         slice_loss["consistency"] = consistency
         if self.training:
             self.ema.update(slice_loss)

@@ -52,17 +52,28 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.clamp_min(_EPS).log() - q.clamp_min(_EPS).log())).sum(1).mean()
 
 
+def _kl_maps(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(p||q), KL(q||p)) at every pixel (B, H, W) of (B, K, H, W) probabilities."""
+    logp, logq = p.clamp_min(_EPS).log(), q.clamp_min(_EPS).log()
+    return (p * (logp - logq)).sum(1), (q * (logq - logp)).sum(1)
+
+
 def symmetric_kl_map(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """0.5 * (KL(p||q) + KL(q||p)) at every pixel (B, H, W) of (B, K, H, W) probabilities."""
-    logp, logq = p.clamp_min(_EPS).log(), q.clamp_min(_EPS).log()
-    return 0.5 * ((p - q) * (logp - logq)).sum(1)  # the two KLs combined
+    pq, qp = _kl_maps(p, q)
+    return 0.5 * (pq + qp)
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``symmetric_kl_map`` averaged over the pixels (those where ``mask`` is 1)."""
-    per_pixel = symmetric_kl_map(p, q)  # (B, H, W)
+    """``symmetric_kl_map`` averaged over the pixels (those where ``mask`` is 1).
+
+    The one symmetric KL of the package (the teacher's consistency between views, the
+    student's between resolution slices). Without a mask: the two KLs averaged over the pixels
+    each, then halved, i.e. 0.5 * (``kl_divergence``(p, q) + ``kl_divergence``(q, p)) to the bit."""
     if mask is None:
-        return per_pixel.mean()
+        pq, qp = _kl_maps(p, q)
+        return 0.5 * (pq.mean() + qp.mean())
+    per_pixel = symmetric_kl_map(p, q)  # (B, H, W)
     mask = mask.reshape(per_pixel.shape)
     return (per_pixel * mask).sum() / mask.sum().clamp_min(1)
 
