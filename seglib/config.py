@@ -225,6 +225,7 @@ class TrainConfig:
     )
     sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
+    init_from: str = ""  # teacher.pt whose weights start the run (teacher and cluster stages; empty: random init)
 
 
 def _overrides(of: type, **defaults: Any) -> Any:

@@ -97,3 +97,27 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
     assert labels.shape == (1, 64, 64) and int(labels.max()) < 3
     protos = torch.load(tmp_path / "run" / "cluster_prototypes.pt", weights_only=True)["model"]["prototypes"]
     assert protos.shape == (6, 8)
+
+
+def test_init_from_starts_a_teacher_or_cluster_run_from_saved_weights(tmp_path, tiny_teacher_checkpoint):
+    from conftest import tiny_config
+
+    from seglib.models import load_model
+    from seglib.training.cluster import ClusterTask
+    from seglib.training.run import start_from
+    from seglib.training.teacher import TeacherTask
+
+    saved = load_model(tiny_teacher_checkpoint).state_dict()
+    cfg = tiny_config()
+    cfg.train.seed = 5  # other random weights than the saved ones
+    teacher = TeacherTask(cfg, torch.device("cpu"))
+    assert not all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
+    start_from(teacher, tiny_teacher_checkpoint)
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
+    cfg.stage, cfg.cluster.arch = "cluster", "teacher"
+    cluster = ClusterTask(cfg, torch.device("cpu"))
+    start_from(cluster, tiny_teacher_checkpoint)
+    assert all(torch.equal(v, saved[k]) for k, v in cluster.model.segmenter.state_dict().items())
+    cfg.cluster.arch = "student"
+    with pytest.raises(ValueError, match="holds a MonolithicSegmenter"):
+        start_from(ClusterTask(cfg, torch.device("cpu")), tiny_teacher_checkpoint)

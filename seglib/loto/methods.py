@@ -52,6 +52,8 @@ class Method:
       kind: kmeans | trained | random.
       recipe: a ``seglib.recipes`` name or a dict of config overrides (trained methods).
       teacher: for a student recipe, the method whose model of the same fold it distils.
+      init_from: for a teacher or cluster recipe, the method whose model of the same fold starts
+        the run (``train.init_from``), e.g. the synthetic teacher fine-tuned on real tiles.
       per_fold: False: trained once, on data outside the labelled folder (synthetic tiles).
       random_of: for ``random``: the method whose architecture is evaluated at random weights.
       eval_of: reuse this method's trained models (only ``infer`` differs).
@@ -67,6 +69,7 @@ class Method:
     kind: str = "trained"
     recipe: str | dict | None = None
     teacher: str | None = None
+    init_from: str | None = None
     per_fold: bool = True
     random_of: str | None = None
     eval_of: str | None = None
@@ -143,10 +146,12 @@ def get_method(name: str) -> Method:
     train["seed"] = seed
     if "checkpoint_every" in train:
         train["checkpoint_every"] = int(train["checkpoint_every"]) * scale
-    teacher = m.teacher
+    teacher, init_from = m.teacher, m.init_from
     if teacher and METHODS[teacher].per_fold:
         teacher = f"{teacher}@{tag}"
-    return replace(m, name=name, recipe=over, teacher=teacher)
+    if init_from and METHODS[init_from].per_fold:
+        init_from = f"{init_from}@{tag}"
+    return replace(m, name=name, recipe=over, teacher=teacher, init_from=init_from)
 
 
 def _parse_tag(tag: str, name: str) -> tuple[int, int]:
@@ -188,7 +193,9 @@ def train_images(ctx: FoldContext, fold: str) -> list[str]:
     return [p.stem for p in list_images(ctx.images) if p.stem not in held]
 
 
-def _resolved(method: Method, ctx: FoldContext, fold: str, teacher_path: Path | None) -> Config:
+def _resolved(
+    method: Method, ctx: FoldContext, fold: str, teacher_path: Path | None, init_path: Path | None = None
+) -> Config:
     over = method.overrides()
     if method.per_fold:
         held = ctx.tiles[fold]
@@ -198,6 +205,8 @@ def _resolved(method: Method, ctx: FoldContext, fold: str, teacher_path: Path | 
     over = merge(over, {"train": {"threads": ctx.threads, "device": ctx.device}})
     if teacher_path is not None:
         over = merge(over, {"distill": {"teacher_checkpoint": str(teacher_path)}})
+    if init_path is not None:
+        over = merge(over, {"train": {"init_from": str(init_path)}})
     return Config.from_dict(over)
 
 
@@ -208,7 +217,7 @@ def _fingerprint(cfg: Config) -> dict:
     d = cfg.to_dict()
     for part in ("head", "refine"):
         d["student"][part] = {**d["model"][part], **d["student"][part]}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir", "init_from")}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir", "num_workers")}
     d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
     return d
@@ -240,7 +249,8 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     (resuming a killed run) when it is missing."""
     where = fold if method.per_fold else SHARED
     teacher_path = fold_artifact(get_method(method.teacher), ctx, fold) if method.teacher else None
-    cfg = _resolved(method, ctx, fold, teacher_path)
+    init_path = fold_artifact(get_method(method.init_from), ctx, fold) if method.init_from else None
+    cfg = _resolved(method, ctx, fold, teacher_path, init_path)
     directory = ctx.runs / method.name / where
     cfg.train.checkpoint_dir = str(directory)
     artifact = directory / ("teacher.pt" if cfg.stage == "teacher" else "student.pt")
@@ -250,6 +260,7 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
         "fold": where,
         "config": _fingerprint(cfg),
         "teacher": None if teacher_path is None else _relative(teacher_path, ctx.runs),
+        **({"init_from": _relative(init_path, ctx.runs)} if init_path is not None else {}),
         "train_images": train_images(ctx, fold) if method.per_fold else [],
         "held_out": ctx.tiles.get(fold, []) if method.per_fold else [],
     }

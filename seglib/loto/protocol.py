@@ -32,7 +32,7 @@ import torch
 from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize
 from .methods import DEFAULT_METHODS, METHODS, FoldContext, LotoError, Method, fold_artifact, fold_model, get_method
 
-__all__ = ["run_protocol", "format_table", "build_parser", "main"]
+__all__ = ["run_protocol", "format_table", "loto_result", "build_parser", "main"]
 
 SCORE_KEYS = ("miou", "pixel_acc", "m2o_miou", "boundary_f1")
 
@@ -255,6 +255,48 @@ def format_table(result: dict) -> str:
             f"better on {cmp['images_better']}/{cmp['n']})"
         )
     return "\n".join(lines)
+
+
+def loto_result(
+    path: str | Path,
+    *,
+    recompute: bool = False,
+    data: str | Path = "",
+    methods: Sequence[str] = (),
+    runs: str | Path = "runs/loto",
+    threads: int = 1,
+    out: str | Path | None = None,
+) -> dict:
+    """A protocol result: the JSON at ``path`` (relative paths are taken from the repository
+    root), or, with ``recompute``, a new run on ``data`` (a folder with images/ and masks/) of
+    ``methods`` (default: those of the JSON) with the JSON's nested selections, written to
+    ``out``. What notebook 06 shows; CI reads the committed JSON, a full run takes hours."""
+    from ..paths import REPO_ROOT
+
+    def resolve(p: str | Path) -> Path:
+        return Path(p) if Path(p).is_absolute() else REPO_ROOT / p
+
+    saved = json.loads(resolve(path).read_text()) if resolve(path).is_file() else None
+    if not recompute:
+        if saved is None:
+            raise FileNotFoundError(f"no protocol result at {resolve(path)}; run python -m seglib.loto --out {path}")
+        return saved
+    if not data:
+        raise ValueError("recompute needs data: a folder with images/ and masks/")
+    methods = list(methods) or list((saved or {}).get("methods", DEFAULT_METHODS))
+    select = {label: sel["candidates"] for label, sel in (saved or {}).get("nested", {}).items()}
+    result = run_protocol(
+        images=resolve(data) / "images",
+        masks=resolve(data) / "masks",
+        methods=methods,
+        runs=resolve(runs),
+        threads=threads,
+        select=select,
+    )
+    if out is not None:
+        resolve(out).parent.mkdir(parents=True, exist_ok=True)
+        resolve(out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from .loop import default_checkpoint_dir, train_loop
 from .student import StudentTask
 from .teacher import TeacherTask
 
-__all__ = ["run", "teacher_first"]
+__all__ = ["run", "start_from", "teacher_first"]
 
 
 def teacher_first(cfg: Config, device: torch.device, info: dist.DistInfo) -> Path:
@@ -61,6 +61,26 @@ def teacher_first(cfg: Config, device: torch.device, info: dist.DistInfo) -> Pat
     return teacher_dir / "teacher.pt"
 
 
+def start_from(task: TeacherTask | ClusterTask | StudentTask, path: str | Path) -> None:
+    """Load the weights of the segmenter in ``path`` (a ``teacher.pt``) into the model a teacher
+    or cluster run trains, e.g. to fine-tune the synthetic teacher on real imagery. A resumed run
+    then replaces them with its checkpoint's."""
+    from ..models import load_model
+
+    if isinstance(task, StudentTask):
+        raise ValueError("train.init_from starts a teacher or cluster run; a student starts from random weights")
+    source = load_model(path)
+    target = task.model.segmenter if isinstance(task, ClusterTask) else task.model
+    if type(source) is not type(target):
+        raise ValueError(
+            f"train.init_from: {path} holds a {type(source).__name__}, the run trains a {type(target).__name__}"
+        )
+    try:
+        target.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"train.init_from: {path} does not fit the configured model: {exc}") from None
+
+
 def run(
     cfg: Config, *, resume: bool = False, callbacks: Iterable[Callable[[int, dict[str, float]], None]] = ()
 ) -> dict[str, list[float]]:
@@ -85,6 +105,8 @@ def run(
             task = ClusterTask(cfg, device)
         else:
             task = StudentTask(cfg, device, teacher_first(cfg, device, info))
+        if cfg.train.init_from:
+            start_from(task, cfg.train.init_from)
         return train_loop(task, cfg, source, device=device, resume=resume, callbacks=callbacks)
     finally:
         dist.teardown()
