@@ -120,6 +120,77 @@ register(
     )
 )
 
+# The bundled student's head at inference (half resolution, 1 k-means iteration, size prior 3),
+# for teachers scored the way the bundled student is.
+REAL_HEAD = {"downsample": 2, "iters": 1, "size_prior": 3.0}
+register(
+    Method(
+        "teacher_synthetic_real_head",
+        eval_of="teacher_synthetic",
+        per_fold=False,
+        infer=REAL_HEAD,
+        about="the synthetic teacher scored with the bundled student's head (half resolution, 1 iteration, prior 3)",
+    )
+)
+register(
+    Method(
+        "teacher_random_real_head",
+        kind="random",
+        random_of="teacher_synthetic",
+        infer=REAL_HEAD,
+        about="the teacher at random weights, the same head",
+    )
+)
+register(
+    Method(
+        "teacher_dubai_ft",
+        recipe="teacher_dubai_ft_cpu",
+        init_from="teacher_synthetic",
+        infer=REAL_HEAD,
+        about="a real-imagery teacher: the synthetic teacher fine-tuned 200 steps on the fold's tiles, same head",
+    )
+)
+register(
+    Method(
+        "student_cluster",
+        recipe="student_cluster_cpu",
+        about="the bundled architecture and head trained from scratch on the fold's tiles by dense swapped prediction",
+    )
+)
+for _steps in (10, 30):
+    register(
+        Method(
+            f"student_dubai_adapt{_steps}",
+            eval_of="student_dubai",
+            adapt={"steps": _steps},
+            about=f"the bundled recipe adapted {_steps} steps to each image first (seglib.adapt)",
+        )
+    )
+for _name, _infer in {"iters3": {"iters": 3}, "prior0": {"size_prior": 0.0}, "prior5": {"size_prior": 5.0}}.items():
+    register(
+        Method(
+            f"student_dubai_{_name}",
+            eval_of="student_dubai",
+            infer=_infer,
+            about=f"the bundled recipe's weights with another head setting ({_infer}), for the nested choice",
+        )
+    )
+
+# The compute curve of the bundled recipe: 1/16 and 1/4 of its 1500 steps (warmup and checkpoints
+# scaled alike), so that 1x : 4x : 16x = 94 : 375 : 1500 steps and 16x is student_dubai itself;
+# a second seed is the variant @x1s1 (student_dubai@x1s1: 1500 steps, seed 1).
+for _name, _steps in {"student_dubai_16th": 94, "student_dubai_4th": 375}.items():
+    _over = recipes.STUDENT_DUBAI_CPU | {"train": dict(recipes.STUDENT_DUBAI_CPU["train"])}
+    _over["train"].update(steps=_steps, warmup=max(1, round(50 * _steps / 1500)), checkpoint_every=_steps)
+    register(
+        Method(
+            _name,
+            recipe=copy.deepcopy(_over),
+            teacher="teacher_synthetic",
+            about=f"the bundled recipe at {_steps} of its 1500 steps (compute curve)",
+        )
+    )
+
 DEFAULT_METHODS = ("rgb_kmeans", "teacher_random", "teacher_synthetic", "student_random", "student_dubai")
 
 

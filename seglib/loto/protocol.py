@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, m in METHODS.items():
-            print(f"{name:<24} {m.kind:<8} {m.about}")
+            print(f"{name:<28} {m.kind:<8} {m.about}")
         return 0
     images = args.images or (f"{args.data}/images" if args.data else None)
     masks = args.masks or (f"{args.data}/masks" if args.data else None)
