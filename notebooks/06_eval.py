@@ -7,6 +7,8 @@
 # 2. Without labels, could we have chosen the checkpoint and the K? Do the label-free proxies (two-view agreement,
 #    cluster utilisation, speckle, boundary density) pick what ground truth picks?
 # 3. What does the model do on real aerial tiles (the three samples shipped with the package) beside their masks?
+# 4. Does training pay off on real tiles a model has not seen? The leave-one-tile-out table of the Dubai development
+#    split (`python -m seglib.loto`), read from the committed result or recomputed.
 #
 # and, at the end, an interactive explorer (tile, K, refinement lane, temperature) over `seglib.evaluation.explore`, a
 # pure function this notebook also calls directly.
@@ -28,6 +30,7 @@ from seglib.data.synthetic import eval_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.device import resolve_device, set_threads
 from seglib.evaluation import evaluate_tiles, explore, explorer, k_sweep, proxy_picks, scores_with_proxies, summarize
+from seglib.loto import DEFAULT_METHODS, format_table, loto_result
 from seglib.models import load_model
 from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
@@ -47,6 +50,9 @@ real_max_side = 256  # the real tiles are downscaled to this longer side (0: ful
 ignore = [5, 255]  # mask ids left out of the scores (unlabelled, not annotated)
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
+loto_json = "docs/loto.json"  # the committed leave-one-tile-out result (relative to the repository root)
+loto_recompute = False  # True: rerun the whole protocol on loto_data (hours on a CPU; fold models cached in runs/loto)
+loto_data = "../shared/data/dubai_aerial_dev"  # images/ and masks/ of the split (relative to the repository root)
 
 # %%
 check_parameters()  # papermill only warns about a parameter this notebook does not declare: fail the run instead
@@ -130,6 +136,26 @@ k0 = real_result["per_image"][0]["k"]
 by_lane = {lane: explore(model, rgb0, gt0, k=k0, lane=lane, ignore=ignore) for lane in LANES}
 
 # %% [markdown]
+# ## 4 · Leave-one-tile-out on the Dubai development split
+#
+# Each trained method is trained on the images (never the masks) of four of the split's five source tiles and scores
+# the fifth tile's images; every image is scored once, by the model of its own fold. RGB k-means and each
+# architecture at random weights are scored in the same run on the same images. Rows: per-fold and pooled
+# (image-weighted) Hungarian mIoU at K = classes present; then the nested choices (a setting chosen for fold f from
+# the other folds' scores only) and paired differences with 95 % bootstrap intervals over images. docs/results.md
+# has the commands and the discussion. With `loto_recompute` the protocol runs here (params/06_eval/full.yaml).
+
+# %%
+loto = loto_result(
+    loto_json,
+    recompute=loto_recompute,
+    data=loto_data,
+    threads=threads,
+    out=f"runs/06_eval/{run_name}/loto.json",
+)
+print(format_table(loto))
+
+# %% [markdown]
 # ## Summary (regression-checked)
 
 # %%
@@ -142,6 +168,7 @@ for what, table in picks.items():
     print(f"{what}: " + ", ".join(f"{row['criterion']} -> {row['pick']}" for row in table))
 print(f"real tiles: model mIoU {real_result['model']['miou']:.2f}, RGB k-means {real_result['rgb_kmeans']['miou']:.2f}")
 print(f"{names[0]} at K={k0} by lane:", {lane: round(r["miou"], 2) for lane, r in by_lane.items()})
+print("leave-one-tile-out, pooled mIoU:", {m: round(loto["methods"][m]["all"]["miou"], 3) for m in DEFAULT_METHODS})
 
 # %% [markdown]
 # ## Plots
@@ -160,6 +187,22 @@ for ax, rows, by in [(axes[1], by_step, "step"), (axes[2], by_k, "k")]:
         ax.plot(values, means, "o-", lw=2.5 if key == "miou" else 1, label=key)
     ax.set(xlabel=by, title=f"ground truth and proxies by {by}")
     ax.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %%
+fold_names = list(loto["protocol"]["folds"])
+fig, ax = plt.subplots(figsize=(11, 3.4))
+shown_methods = list(loto["methods"])
+width = 0.8 / len(shown_methods)
+for i, method in enumerate(shown_methods):
+    values = [loto["methods"][method]["folds"][f]["miou"] for f in fold_names] + [
+        loto["methods"][method]["all"]["miou"]
+    ]
+    ax.bar([j + i * width for j in range(len(values))], values, width, label=method)
+ax.set_xticks([j + 0.4 - width / 2 for j in range(len(fold_names) + 1)], [*fold_names, "all"])
+ax.set(ylabel="mIoU (K = classes present)", title="leave-one-tile-out: held-out tile of each fold, and pooled")
+ax.legend(fontsize=7, ncol=3)
 fig.tight_layout()
 plt.show()
 

@@ -62,11 +62,12 @@ STUDENT_DUBAI_CPU: dict = {
 }
 
 # Research recipes of the leave-one-tile-out study (docs/results.md, "Leave-one-tile-out"); neither
-# beat the bundled recipe, they are kept so that the study can be reproduced.
+# beat the bundled recipe under that protocol, they are kept so that the study can be reproduced.
 #
 # The synthetic teacher fine-tuned on real tiles shrunk by 2 (no labels): pass
 # --set train.init_from=runs/teacher_synthetic_cpu/teacher.pt. Scored with the bundled student's
-# head (half resolution, 1 k-means iteration, size prior 3).
+# head (half resolution, 1 k-means iteration, size prior 3). 5-8 minutes on 1 CPU thread of a
+# loaded 2-core machine.
 TEACHER_DUBAI_FT_CPU: dict = {
     "stage": "teacher",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
@@ -76,7 +77,7 @@ TEACHER_DUBAI_FT_CPU: dict = {
 
 # Stage "cluster": the bundled student's architecture and head trained from scratch on real tiles
 # shrunk by 2 by dense swapped prediction (32 prototypes, Sinkhorn-balanced codes averaged over
-# 5 x 5 cells; seglib.losses.cluster). About 3 minutes on 1 CPU thread.
+# 5 x 5 cells; seglib.losses.cluster). 4-8 minutes on 1 CPU thread of a loaded 2-core machine.
 STUDENT_CLUSTER_CPU: dict = {
     "stage": "cluster",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},

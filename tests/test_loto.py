@@ -195,3 +195,47 @@ def test_include_exclude_select_images_and_reject_typos(tmp_path):
         build_parser().parse_args(["--data-dir", str(tmp_path), "--include", "*t1", "--exclude", "b*"])
     )
     assert cfg.data.include == ("*t1",) and cfg.data.exclude == ("b*",) and not cfg.data.synthetic
+
+
+def test_loto_result_reads_the_saved_result_or_recomputes_it(labelled_folder, tmp_path):
+    from seglib.loto import loto_result, main
+
+    images, masks = labelled_folder
+    saved = tmp_path / "saved.json"
+    args = ["--images", str(images), "--masks", str(masks), "--ignore", "", "--runs", str(tmp_path / "r")]
+    assert main([*args, "--methods", "rgb_kmeans", "--out", str(saved)]) == 0
+    assert loto_result(saved) == json.loads(saved.read_text())
+    with pytest.raises(FileNotFoundError, match="python -m seglib.loto"):
+        loto_result(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="images/ and masks/"):
+        loto_result(saved, recompute=True)
+    # a recomputation runs the saved result's methods on the data and writes where it is told
+    out = tmp_path / "again.json"
+    again = loto_result(saved, recompute=True, data=images.parent, runs=tmp_path / "r", out=out)
+    assert list(again["methods"]) == ["rgb_kmeans"] and json.loads(out.read_text())["methods"].keys() == {"rgb_kmeans"}
+    assert again["methods"]["rgb_kmeans"]["all"]["miou"] == pytest.approx(
+        json.loads(saved.read_text())["methods"]["rgb_kmeans"]["all"]["miou"]
+    )
+
+
+@pytest.mark.parametrize("name", ["loto.json"])
+def test_committed_results_score_each_image_once_in_its_own_fold(name):
+    """The results docs/results.md and notebook 06 show: per method, every image of the folds
+    is scored exactly once, as part of the fold of its own tile, and the pooled mean is the
+    image-weighted mean of those scores."""
+    from seglib.loto import loto_result
+
+    result = loto_result(f"docs/{name}")
+    folds = result["protocol"]["folds"]
+    owner = {image: fold for fold, images in folds.items() for image in images}
+    assert len(owner) == sum(len(v) for v in folds.values()), "a held-out image appears in two folds"
+    for fold, images in folds.items():
+        assert all(F.tile_of(image) == fold for image in images)
+    scored = {r["image"] for r in result["per_image"]["rgb_kmeans"]}  # images with < 2 classes are skipped
+    assert scored <= owner.keys() and len(scored) >= len(owner) - len(folds)
+    for method, rows in result["per_image"].items():
+        assert sorted(r["image"] for r in rows) == sorted(scored), method  # each image once, the same images
+        assert all(owner[r["image"]] == r["tile"] for r in rows), method
+        pooled = result["methods"][method]["all"]
+        assert pooled["n"] == len(rows)
+        assert pooled["miou"] == pytest.approx(np.mean([r["miou"] for r in rows]))

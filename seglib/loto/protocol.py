@@ -189,8 +189,14 @@ def run_protocol(
         }
     pairs = list(compare)
     for m in resolved:
-        if m.kind == "random" and m.random_of in rows:
-            pairs.append((m.random_of, m.name))
+        if m.kind == "random":  # its twin: the trained models it copies, scored with the same head
+            twins = [
+                o.name
+                for o in resolved
+                if o.kind == "trained" and (o.eval_of or o.name) == m.random_of and o.infer == m.infer
+                if not (o.adapt or o.attrs)
+            ]
+            pairs += [(twin, m.name) for twin in twins[:1]]
         if m.kind == "trained" and "rgb_kmeans" in rows:
             pairs.append((m.name, "rgb_kmeans"))
     comparisons = {}
