@@ -293,6 +293,20 @@ def test_tensorboard_after_a_resume_has_every_point_once(tmp_path, caplog):
     assert "out of order" not in caplog.text
 
 
+def test_tensorboard_after_a_resume_without_checkpoint_starts_afresh(tmp_path):
+    """Killed before its first checkpoint, a run resumed with --resume starts from step 0: the
+    killed run's events go, or steps 1..3 would be drawn twice."""
+    cfg = lambda: cfg_for(tmp_path, steps=5, checkpoint_every=100, checkpoint_minutes=0)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(), callbacks=[_stop_after(3)])
+    assert not list_checkpoints(tmp_path)
+    assert _event_steps(tmp_path / "tb")["loss/total"] == [1, 2, 3]
+    run(cfg(), resume=True)
+    steps = _event_steps(tmp_path / "tb")
+    assert steps["loss/total"] == [1, 2, 3, 4, 5]
+    assert steps["config/text_summary"] == [0]  # the config text once, from the run that finished
+
+
 def test_trim_events_drops_late_events_and_a_truncated_record(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -99,12 +99,13 @@ class RunLogger:
             self.writer.close()
 
 
-def trim_events(logdir: str | Path, step: int) -> int:
+def trim_events(logdir: str | Path, step: int | None) -> int:
     """Drop the events after ``step`` from every event file in ``logdir`` (a resumed run
     continues from its checkpoint at ``step``; what the killed run logged after it would be drawn
-    twice, and TensorBoard warns about steps out of order). Each file is rewritten to a temporary
-    name and renamed over the original, so a kill leaves the old file or the new one. A truncated
-    last record (a killed writer) is dropped. Returns the number of events removed."""
+    twice, and TensorBoard warns about steps out of order). ``step=None`` removes every event
+    file (a run that left no checkpoint starts again from step 0). Each file is rewritten to a
+    temporary name and renamed over the original, so a kill leaves the old file or the new one.
+    A truncated last record (a killed writer) is dropped. Returns the number of events removed."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -117,6 +118,10 @@ def trim_events(logdir: str | Path, step: int) -> int:
     removed = 0
     for path in sorted(logdir.glob("*tfevents*")):
         records = list(RawEventFileLoader(str(path)).Load())
+        if step is None:
+            removed += len(records)
+            path.unlink()
+            continue
         kept = [r for r in records if Event.FromString(r).step <= step]
         # The loader skips a truncated record at the end; rewriting also removes it.
         if len(kept) == len(records) and path.stat().st_size == _record_bytes(records):

@@ -10,7 +10,8 @@ Guarantees:
   pure functions of (seed, sample index); the soft k-means initialisation uses no randomness);
 * ``resume=True`` restarts from the latest complete checkpoint in the checkpoint folder and
   continues the same trajectory (model, optimizer, scheduler, RNG states, history, task state);
-  the TensorBoard event files are cut back to that checkpoint's step first, so the resumed run
+  the TensorBoard event files are cut back to that checkpoint's step first (emptied when the
+  killed run left no checkpoint and the run starts again from step 0), so the resumed run
   draws every point once;
 * checkpoints are written every ``train.checkpoint_every`` steps, at the last step, and
   whenever ``train.checkpoint_minutes`` passed since the previous one, so a kill at any moment
@@ -199,10 +200,11 @@ def train_loop(
             if main:
                 print(f"resumed from {path} at step {start}")
 
-    if main and start:
+    if main and resume:
         # Events the killed run wrote after its checkpoint would be drawn twice (SummaryWriter's
-        # purge_step only hides them from readers that honour it, and hides step `start` too).
-        trim_events(ckdir / "tb", start)
+        # purge_step only hides them from readers that honour it, and hides step `start` too);
+        # without a checkpoint the run starts again from step 0 and all of them go.
+        trim_events(ckdir / "tb", start if start else None)
     logger = RunLogger(ckdir / "tb", config=cfg.to_dict(), enabled=main)
     probe = _make_probe(task, cfg) if main else None
     if probe is not None and start == 0:
