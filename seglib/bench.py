@@ -10,7 +10,10 @@ Measured, each after ``--warmup`` untimed runs, as the median of ``--repeats`` t
   views per image, forward with shared prototypes, all losses, backward, clip, AdamW step
   (knobs fixed: K, cluster iterations, ``--lane``, downsample 1). The fast and none lanes are
   parameter-free and no loss reads their full-resolution output, so a training step skips
-  them; the learned lane runs at full resolution with its refinement loss;
+  them; the learned lane runs at its working resolution (``model.refine.learned_scale``, half
+  by default) with its refinement loss;
+* with ``--versus-lane L``: the step with lane L timed in turns with ``--lane``'s,
+  ``train_step_s_versus`` and ``lane_step_ratio`` (L's step over ``--lane``'s);
 * ``backbone_step_s``: forward + backward of the encoder alone on the same 2B views, so
   ``head_loss_overhead`` = train_step_s / backbone_step_s - 1 is what the head, the lanes and
   the losses add on top of the backbone;
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -65,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LANES,
         default="fast",
         help="refinement lane of the training step (fast and none have no full-resolution loss)",
+    )
+    p.add_argument(
+        "--versus-lane",
+        choices=LANES,
+        default=None,
+        help="also time the step with this lane, in turns with --lane (train_step_s_versus, lane_step_ratio)",
     )
     p.add_argument("--infer-size", type=int, default=512, help="tile side for the inference latencies")
     p.add_argument("--infer-k", type=int, default=8, help="K for the inference latencies")
@@ -234,7 +244,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         forward = maybe_compile(model, args.compile)
         result["compile"] = args.compile or "off"
 
-        def train_step() -> None:
+        def train_step(knobs: Knobs = knobs) -> None:
             opt.zero_grad(set_to_none=True)
             with autocast(device, bool(args.amp)):
                 out = task.step(forward, batch, 0, knobs=knobs)
@@ -252,7 +262,20 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step_s = _median_time(train_step, device, args.warmup, args.repeats)
+        if args.versus_lane:
+            # Both lanes' steps in turns (a, b, a, b, ...): their ratio survives a load change.
+            versus = dataclasses.replace(knobs, lane=args.versus_lane)
+            paired = _paired_median_times(
+                {"main": train_step, "versus": lambda: train_step(versus)}, device, args.warmup, args.repeats
+            )
+            step_s = paired["main"]
+            result.update(
+                versus_lane=args.versus_lane,
+                train_step_s_versus=round(paired["versus"], 4),
+                lane_step_ratio=round(paired["versus"] / step_s, 2),
+            )
+        else:
+            step_s = _median_time(train_step, device, args.warmup, args.repeats)
         if device.type == "cuda":
             result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         backbone_s = _median_time(backbone_step, device, args.warmup, args.repeats)

@@ -191,6 +191,17 @@ def test_bench_profile_reports_per_step_counts(capsys, one_thread):
     assert 0 < prof["top_level_ops"] < prof["ops"] and prof["host_ms"] > 0 and prof["device_ms"] > 0
 
 
+def test_bench_times_a_second_lane_in_turns(capsys, one_thread):
+    from seglib.bench import main
+
+    args = "--batch 1 --size 64 --k 4 --cluster-iters 2 --repeats 2 --warmup 1 --skip-infer --json --threads 1"
+    assert main([*args.split(), "--lane", "fast", "--versus-lane", "learned"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["lane"] == "fast" and result["versus_lane"] == "learned"
+    ratio = result["train_step_s_versus"] / result["train_step_s"]
+    assert result["lane_step_ratio"] == pytest.approx(ratio, abs=0.01) and ratio > 0
+
+
 def test_compile_falls_back_to_eager_with_a_reason(capsys):
     from seglib.device import _CompiledOrEager, maybe_compile
 
