@@ -66,7 +66,7 @@ STUDENT_DUBAI_CPU: dict = {
 #
 # The synthetic teacher fine-tuned on real tiles shrunk by 2 (no labels): pass
 # --set train.init_from=runs/teacher_synthetic_cpu/teacher.pt. Scored with the bundled student's
-# head (half resolution, 1 k-means iteration, size prior 3). 5-8 minutes on 1 CPU thread of a
+# head (half resolution, 1 k-means iteration, size prior 3). 3-8 minutes on 1 CPU thread of a
 # loaded 2-core machine.
 TEACHER_DUBAI_FT_CPU: dict = {
     "stage": "teacher",
