@@ -77,7 +77,7 @@ TEACHER_DUBAI_FT_CPU: dict = {
 
 # Stage "cluster": the bundled student's architecture and head trained from scratch on real tiles
 # shrunk by 2 by dense swapped prediction (32 prototypes, Sinkhorn-balanced codes averaged over
-# 5 x 5 cells; seglib.losses.cluster). 4-8 minutes on 1 CPU thread of a loaded 2-core machine.
+# 5 x 5 cells; seglib.losses.cluster). 2-8 minutes on 1 CPU thread of a shared 2-core machine.
 STUDENT_CLUSTER_CPU: dict = {
     "stage": "cluster",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
