@@ -35,7 +35,7 @@ from IPython import get_ipython
 
 from seglib.config import Config
 from seglib.device import resolve_device, set_threads, training_threads
-from seglib.evaluation import evaluate_tiles, folder_tiles, summarize, synthetic_tiles
+from seglib.evaluation import evaluate_tiles, run_eval_tiles, summarize
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
@@ -131,10 +131,7 @@ history = run(cfg, resume=resume)
 run_device = resolve_device(device)
 teacher = MonolithicSegmenter.from_checkpoint(run_dir / "teacher.pt").to(run_device)
 untrained = random_init_like(teacher, seed=seed).to(run_device)
-if data_dir:
-    names, tiles = folder_tiles(cfg.data.data_dir, cfg.data.mask_dir, n=eval_images, max_side=eval_size)
-else:
-    names, tiles = synthetic_tiles(eval_images, eval_size, eval_seed)
+names, tiles = run_eval_tiles(cfg.data, n=eval_images, size=eval_size, seed=eval_seed)
 labelled = tiles[0][1] is not None
 eval_k = "present" if labelled else k
 keys = ("miou", "m2o_miou") if labelled else ("view_agreement", "utilization")

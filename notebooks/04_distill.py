@@ -27,7 +27,7 @@ from seglib.config import Config, merge
 from seglib.data.synthetic import make_tile
 from seglib.device import resolve_device, set_threads, training_threads
 from seglib.diagnostics import slice_maps
-from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
+from seglib.evaluation import evaluate_tiles, run_eval_tiles
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
@@ -105,10 +105,8 @@ run_device = resolve_device(device)
 teacher = MonolithicSegmenter.from_checkpoint(teacher_path)
 student = StudentSegmenter.from_checkpoint(run_dir / "student.pt")
 models = {"teacher": teacher, "student": student}
-if not cfg.data.synthetic:  # data_dir, or the folder of 03's run teacher_run
-    names, tiles = folder_tiles(cfg.data.data_dir, cfg.data.mask_dir, n=eval_images, max_side=eval_size)
-else:
-    names, tiles = synthetic_tiles(eval_images, eval_size, eval_seed)
+# data_dir (or the folder of 03's run teacher_run), else the synthetic test set
+names, tiles = run_eval_tiles(cfg.data, n=eval_images, size=eval_size, seed=eval_seed)
 labelled = tiles[0][1] is not None
 keys = ("miou", "m2o_miou") if labelled else ("view_agreement", "utilization")
 quality = {

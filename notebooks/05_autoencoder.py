@@ -22,7 +22,7 @@ import numpy as np
 from seglib.config import Config, merge
 from seglib.device import resolve_device, set_threads, training_threads
 from seglib.diagnostics import colour_probe_r2, reconstruct
-from seglib.evaluation import evaluate_tiles, folder_tiles, synthetic_tiles
+from seglib.evaluation import evaluate_tiles, run_eval_tiles
 from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
 from seglib.parameters import check_parameters
@@ -93,10 +93,8 @@ for variant, enabled in [("with_ae", True), ("without_ae", False)]:
 
 # %%
 run_device = resolve_device(device)
-if not cfg.data.synthetic:  # data_dir, or the folder of 03's run teacher_run
-    names, tiles = folder_tiles(cfg.data.data_dir, cfg.data.mask_dir, n=eval_images, max_side=eval_size)
-else:
-    names, tiles = synthetic_tiles(eval_images, eval_size, eval_seed)
+# data_dir (or the folder of 03's run teacher_run), else the synthetic test set
+names, tiles = run_eval_tiles(cfg.data, n=eval_images, size=eval_size, seed=eval_seed)
 labelled = tiles[0][1] is not None
 keys = ("miou", "m2o_miou") if labelled else ("view_agreement", "utilization")
 decoder = ReconstructionDecoder.from_checkpoint(run_dir / "with_ae" / "decoder_training_only.pt")

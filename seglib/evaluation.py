@@ -36,6 +36,7 @@ __all__ = [
     "PROXIES",
     "synthetic_tiles",
     "folder_tiles",
+    "run_eval_tiles",
     "evaluate_tiles",
     "evaluate_synthetic",
     "k_sweep",
@@ -158,6 +159,17 @@ def folder_tiles(
         pick = sorted({int(i) for i in np.linspace(0, len(tiles) - 1, n).round()})
         names, tiles = [names[i] for i in pick], [tiles[i] for i in pick]
     return names, tiles
+
+
+def run_eval_tiles(
+    data, *, n: int, size: int, seed: int
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray | None]]]:
+    """The images a training run is scored on: ``n`` images of ``data.data_dir`` (with the masks of
+    ``data.mask_dir``, if any) shrunk to ``size``, or, for a synthetic run (``data``, a
+    ``DataConfig``), ``n`` tiles of the seeded synthetic test set."""
+    if data.synthetic:
+        return synthetic_tiles(n, size, seed)
+    return folder_tiles(data.data_dir, data.mask_dir, n=n, max_side=size)
 
 
 def evaluate_synthetic(
