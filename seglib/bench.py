@@ -234,7 +234,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     if not args.skip_train:
         task = TeacherTask(cfg, device)
         model = task.model.train()
-        opt = make_optimizer(list(model.parameters()), lr=1e-4, weight_decay=1e-2)
+        opt = make_optimizer(model.named_parameters(), lr=1e-4, weight_decay=1e-2)
         tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
         rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
         batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
@@ -249,7 +249,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
             with autocast(device, bool(args.amp)):
                 out = task.step(forward, batch, 0, knobs=knobs)
             out.terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.clip_grad_norm_(1.0)
             opt.step()
 
         views = torch.cat([rgb, rgb.flip(-1)]).to(device)  # same shapes as the two views

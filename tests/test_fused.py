@@ -256,3 +256,79 @@ def test_checkpoints_from_before_keep_a_full_resolution_learned_lane():
     assert Config().model.refine.learned_scale == 2
     assert load_checkpoint(BUNDLED_MODEL)["config"]["model"]["refine"]["learned_scale"] == 1
     assert upgrade_config({"model": {"refine": {"learned_width": 8}}}) == {"model": {"refine": {"learned_width": 8}}}
+
+
+def _two_part_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict(
+        {"encoder": torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)), "refiner": torch.nn.Linear(3, 3)}
+    )
+
+
+def _loss(model, x, use_refiner):
+    y = model["encoder"](x)
+    return (model["refiner"](y) if use_refiner else y).square().mean() * 100
+
+
+def test_flat_adamw_is_per_parameter_adamw_with_clipping():
+    """Gathered into flat buffers, clipped and updated: the same weights, moments and step
+    counts as torch's fused AdamW per parameter after clip_grad_norm_, over steps where the
+    refiner sits out (no gradient: skipped, as torch skips such a parameter)."""
+    from seglib.training.loop import FlatAdamW, make_optimizer
+
+    flat_model, ref_model = _two_part_model(), _two_part_model()
+    opt = make_optimizer(flat_model.named_parameters(), lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, weight_decay=0.1, fused=True)
+    assert isinstance(opt, FlatAdamW) and len(opt.param_groups[0]["params"]) == 2  # encoder, refiner
+    x = torch.randn(8, 4)
+    for step, use_refiner in enumerate([True, False, False, True, False]):
+        for model, o in ((flat_model, opt), (ref_model, ref)):
+            o.zero_grad(set_to_none=True)
+            _loss(model, x, use_refiner).backward()
+        norm = opt.clip_grad_norm_(0.5)
+        assert torch.allclose(norm, torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5), rtol=1e-5)
+        opt.step()
+        ref.step()
+        for (name, p), q in zip(flat_model.named_parameters(), ref_model.parameters(), strict=True):
+            assert torch.allclose(p, q, atol=1e-6), (step, name)
+    assert float(opt.state[opt.param_groups[0]["params"][1]]["step"]) == 2  # the refiner's two steps
+    # The parameters are views of the optimizer's buffers: the model sees every update.
+    flat = opt.param_groups[0]["params"][0]
+    assert flat_model["encoder"][0].weight.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+def test_flat_adamw_resumes_a_per_parameter_optimizer_state():
+    """A checkpoint's per-parameter AdamW state (before the flat buffers) loads, and the next
+    steps equal those of the per-parameter optimizer it came from."""
+    from seglib.training.loop import make_optimizer
+
+    flat_model, ref_model = _two_part_model(), _two_part_model()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, weight_decay=0.1, fused=True)
+    x = torch.randn(8, 4)
+    for use_refiner in (True, False):
+        ref.zero_grad(set_to_none=True)
+        _loss(ref_model, x, use_refiner).backward()
+        ref.step()
+    flat_model.load_state_dict(ref_model.state_dict())
+    opt = make_optimizer(flat_model.named_parameters(), lr=0.05, weight_decay=0.1)
+    opt.load_state_dict(ref.state_dict())
+    for model, o in ((flat_model, opt), (ref_model, ref)):
+        o.zero_grad(set_to_none=True)
+        _loss(model, x, True).backward()
+        o.step()
+    for p, q in zip(flat_model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert sorted(float(s["step"]) for s in opt.state.values()) == [2.0, 3.0]
+
+
+def test_flat_adamw_skips_a_step_flagged_on_the_device():
+    from seglib.training.loop import make_optimizer
+
+    model = _two_part_model()
+    opt = make_optimizer(model.named_parameters(), lr=0.05, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, torch.randn(8, 4), True).backward()
+    opt.clip_grad_norm_(1.0)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

@@ -101,6 +101,19 @@ def test_head_recovers_separated_clusters():
     assert pred.unique().numel() == 3
 
 
+def test_fused_farthest_point_init_picks_the_same_points():
+    """The training path (distances via vector_norm, points read with a flat take) picks what
+    the plain loop picks, for several images at once and for a non-contiguous x."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 5)[..., :4].transpose(1, 2)  # (B=3, D=4, N=64), strided
+    assert not x.is_contiguous()
+    for k in (1, 2, 7):
+        plain, fused = farthest_point_init(x, k), farthest_point_init(x, k, fused=True)
+        assert fused.shape == (3, k)
+        assert torch.equal(plain, fused)
+        assert all(row.unique().numel() == k for row in fused)  # K distinct points per image
+
+
 def test_size_prior_gives_ambiguous_points_to_the_larger_cluster():
     """Two fixed prototypes at 0 and 1 on a line, 90 points at 0, 10 at 1, one at 0.5: without
     the prior the midpoint is a coin toss; with it, the offsets are size_prior * log(share) and

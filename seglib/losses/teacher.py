@@ -45,6 +45,20 @@ __all__ = [
 ]
 
 _EPS = 1e-6
+_WEIGHT_VECTORS: dict[tuple, torch.Tensor] = {}  # (weights, device, dtype) -> (T,)
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum of ``weights[name] * terms[name]`` over the (scalar) terms, as one dot product.
+
+    Each Python weight in a product would be converted to a tensor at every call (four operator
+    calls, twice with the backward pass), and a weight vector made in the step would be a
+    host-to-device copy; the vector is made once per set of weights and device instead."""
+    values = torch.stack(list(terms.values()))  # (T,)
+    key = (tuple(float(weights[name]) for name in terms), values.device, values.dtype)
+    if key not in _WEIGHT_VECTORS:
+        _WEIGHT_VECTORS[key] = torch.tensor(key[0], dtype=values.dtype, device=values.device)
+    return torch.dot(values, _WEIGHT_VECTORS[key])
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -220,7 +234,7 @@ class TeacherLoss(nn.Module):
             "covariance": c.covariance,
             "refine": c.refine,
         }
-        terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        terms["total"] = weighted_sum(terms, weights)
         return terms
 
     def refine_terms(self, probs: torch.Tensor, coarse: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:

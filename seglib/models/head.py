@@ -92,19 +92,23 @@ def farthest_point_init(x: torch.Tensor, k: int, *, fused: bool = False) -> torc
     """Indices (B, K) of K mutually far points of ``x`` (B, D, N); no gradient.
 
     ``fused`` (training): distances (not squared: the same farthest points up to rounding) in
-    one ``vector_norm`` call per point instead of three small ops."""
+    one ``vector_norm`` call per point instead of three small ops, and the chosen point read
+    with one flat ``take`` (a gather along N issues ten operator calls on the CPU)."""
     with torch.no_grad():
-        b, _, n = x.shape
+        b, d, n = x.shape
         if fused:
-            # (B, N): distance of every point to the mean, then to the nearest chosen point.
-            nearest = torch.linalg.vector_norm(x - x.mean(2, keepdim=True), dim=1)
+            # (B, D, 1): the flat index of x[b, d, 0]; adding a point's index n reads x[b, :, n].
+            offsets = torch.arange(0, b * d * n, n, device=x.device).view(b, d, 1)
+            # (B, 1, N): distance of every point to the mean, then to the nearest chosen point.
+            nearest = torch.linalg.vector_norm(x - x.mean(2, keepdim=True), dim=1, keepdim=True)
             picks = []
             for j in range(k):
-                picks.append(nearest.argmax(1, keepdim=True))  # (B, 1)
+                picks.append(nearest.argmax(2, keepdim=True))  # (B, 1, 1)
                 if j < k - 1:
-                    dist = torch.linalg.vector_norm(x - x.take_along_dim(picks[-1][:, None], 2), dim=1)
+                    chosen = x.take(offsets + picks[-1])  # (B, D, 1)
+                    dist = torch.linalg.vector_norm(x - chosen, dim=1, keepdim=True)
                     nearest = dist if j == 0 else torch.minimum(nearest, dist)
-            return torch.cat(picks, 1)  # (B, K)
+            return torch.cat(picks, 2).view(b, k)  # (B, K)
         centre = x.mean(2, keepdim=True)  # (B, D, 1)
         picks = []
         # Sequential over K (at most 16 steps of O(B*N*D) work): each new point is the one
@@ -353,6 +357,9 @@ class _EMSteps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, iters, temperature):  # noqa: D102
         xt = x.transpose(1, 2)  # (B, N, D)
+        # The mass floor as a tensor: a Python number in a comparison is converted to a tensor
+        # on the host at every call (four operator calls).
+        floor = x.new_full((), 1e-6)
         saved = []
         for _ in range(iters):
             # (B, K, N) logits up to a per-position constant, then the assignments.
@@ -361,7 +368,7 @@ class _EMSteps(torch.autograd.Function):
             )
             r = logits.softmax(1)
             mass = r.sum(2, keepdim=True)  # (B, K, 1)
-            keep = mass > 1e-6
+            keep = mass > floor
             mass = mass.clamp_min_(1e-6)
             mean = torch.bmm(r, xt).div_(mass)  # (B, K, D)
             saved += [mu, r, mass, keep, mean]
@@ -375,10 +382,11 @@ class _EMSteps(torch.autograd.Function):
         x, *saved = ctx.saved_tensors
         xt, alpha = x.transpose(1, 2), 2 / ctx.temperature
         grad_x = torch.zeros_like(x)
+        zero = grad.new_zeros(())  # (a Python 0.0 in ``where`` would be converted at every call)
         for it in reversed(range(ctx.iters)):
             mu, r, mass, keep, mean = saved[5 * it : 5 * it + 5]
             # mu' = where(keep, mean, mu), mean = (r @ x^T) / mass: d mean, then d r.
-            grad_mean = torch.where(keep, grad, 0.0)
+            grad_mean = torch.where(keep, grad, zero)
             grad_num = grad_mean / mass  # (B, K, D)
             # d r = d num @ x - (d num . mean) (the mass term), as one multiply-add.
             grad_r = torch.baddbmm(torch.linalg.vecdot(grad_num, mean)[..., None], grad_num, x, beta=-1)
