@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from .config import check_k, check_lane
 from .io import GEOTIFF_SUFFIXES, ArraySource, RasterSource, open_source, temporary_path, valid_box, write_png
 from .models.head import Clusters, brightness_order
+from .models.segmenter import Segmenter
 from .stages import RowWriter, ordered_map, prefetch, timed
 from .viz import PALETTE, progress_bar
 
@@ -349,6 +350,125 @@ def fit_clusters(
     return _fit(model, source, k, layout, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)[0]
 
 
+def _axis_plan(
+    starts: list[int], length: int, size: int
+) -> tuple[list[np.ndarray], list[int], list[list[int]], list[int | None], list[int]]:
+    """How the windows along one axis share it: (blend weights of each window, cell edges,
+    the cells each window has weight in, the one window a cell takes all its weight from (or
+    None where windows blend), the last window with weight in each cell).
+
+    Cells are cut at the window edges and wherever a window's weight changes between zero,
+    one and in between, so each window's weight in a cell is all zero, all one or a taper. A
+    window adds nothing to a cell where its weight is zero (the outer third of an overlap,
+    ``axis_weights``), and a cell where one window has all the weight takes that window's
+    probabilities as they are: only the cells where weights taper are blended."""
+    weights = axis_weights(starts, length, size)
+    cuts = {0, size}
+    for s, w in zip(starts, weights, strict=True):
+        end = min(s + length, size)
+        v = w[: end - s]
+        kind = (v > 0).astype(np.int8) + (v == 1)  # 0: no weight, 1: a taper, 2: all of it
+        cuts.update((s, end, *(s + np.flatnonzero(np.diff(kind)) + 1).tolist()))
+    edges = sorted(cuts)
+    n = len(edges) - 1
+    cells: list[list[int]] = [[] for _ in starts]
+    contributors: list[list[int]] = [[] for _ in range(n)]
+    for r, (s, w) in enumerate(zip(starts, weights, strict=True)):
+        for i in range(n):
+            if s <= edges[i] and edges[i + 1] <= s + length and w[edges[i] - s : edges[i + 1] - s].any():
+                cells[r].append(i)
+                contributors[i].append(r)
+    # The weights sum to one, so a cell's only contributor has weight exactly one there.
+    sole = [rs[0] if len(rs) == 1 else None for rs in contributors]
+    return weights, edges, cells, sole, [rs[-1] for rs in contributors]
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive integers in sorted ``indices`` as (first, last) pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+class WindowProbs:
+    """A window's probabilities (K, H, W), held as the model returned them: at full resolution,
+    or at 1/f of it (``forward(..., upsample=False)``) with the last bilinear step done for each
+    region that asks for it.
+
+    ``probs(ys, xs)`` gives the full-resolution probabilities of a region: the bilinear
+    upsampling of the low-resolution rows and columns around it (one cell of margin), the
+    values the whole window's upsampling has there. ``labels(ys, xs)`` gives the region's
+    argmax labels without the full-resolution maps where it can: each output pixel mixes (up
+    to) four low-resolution cells with convex weights, so where those four agree on the most
+    probable cluster it is the pixel's label (the same rounding for every cluster keeps that
+    exact); only the f x f blocks of pixels whose four cells disagree are interpolated (one
+    small matrix product) and their argmax taken.
+    """
+
+    def __init__(self, probs: torch.Tensor, size: tuple[int, int]):
+        k, h, w = probs.shape
+        f = size[0] // h if h else 0
+        if (h, w) != tuple(size) and not (f >= 2 and (h * f, w * f) == tuple(size)):
+            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+            f = 1
+        self.p, self.f, self.size = probs, max(f, 1), tuple(size)
+        self._labels: np.ndarray | None = None  # (h + 2, w + 2) low-resolution argmax, edge-replicated
+        self._padded: torch.Tensor | None = None  # (K, (h + 2) * (w + 2)) probabilities, edge-replicated
+
+    def probs(self, ys: slice, xs: slice) -> torch.Tensor:
+        """(K, ys, xs) full-resolution probabilities of a region (window coordinates)."""
+        f, p = self.f, self.p
+        if f == 1:
+            return p[:, ys, xs]
+        h, w = p.shape[-2:]
+        top, left = max(0, ys.start // f - 1), max(0, xs.start // f - 1)
+        bottom, right = min(h, -(-ys.stop // f) + 1), min(w, -(-xs.stop // f) + 1)
+        crop = p[None, :, top:bottom, left:right]
+        # The layout the model's own upsampling would have read (its kernel rounds alike then).
+        layout = torch.channels_last if p[None].is_contiguous(memory_format=torch.channels_last) else None
+        crop = crop.contiguous(memory_format=layout or torch.contiguous_format)
+        up = F.interpolate(crop, size=((bottom - top) * f, (right - left) * f), mode="bilinear", align_corners=False)
+        return up[0, :, ys.start - top * f : ys.stop - top * f, xs.start - left * f : xs.stop - left * f]
+
+    def labels(self, ys: slice, xs: slice) -> np.ndarray:
+        """uint8 (ys, xs) argmax labels of a region, first index on ties (``argmax_labels``)."""
+        f = self.f
+        if f == 1:
+            return argmax_labels(self.p[:, ys, xs])
+        k, h, w = self.p.shape
+        if self._labels is None:
+            low = self.p.max(0).indices.to(torch.uint8).numpy()  # (h, w)
+            self._labels = np.pad(low, 1, mode="edge")
+        # Pixel y samples rows i0, i0 + 1 of the edge-padded map, i0 = floor((y + 0.5) / f + 0.5):
+        # blocks of f pixels, the first starting ``o`` pixels above the image.
+        o = (f + 1) // 2
+        b0, b1 = (ys.start + o) // f, (ys.stop - 1 + o) // f + 1  # block rows
+        c0, c1 = (xs.start + o) // f, (xs.stop - 1 + o) // f + 1
+        lab = self._labels[b0 : b1 + 1, c0 : c1 + 1]
+        corner = lab[:-1, :-1]
+        same = (corner == lab[:-1, 1:]) & (corner == lab[1:, :-1]) & (corner == lab[1:, 1:])
+        blocks = np.where(same, corner, np.uint8(0)).repeat(f, 0).repeat(f, 1)  # (blocks * f, blocks * f)
+        bi, bj = np.nonzero(~same)
+        if len(bi):
+            if self._padded is None:
+                self._padded = F.pad(self.p[None], (1, 1, 1, 1), mode="replicate")[0].contiguous().view(k, -1)
+            wp = w + 2
+            index = torch.from_numpy(((bi + b0) * wp + bj + c0)[:, None] + np.array([0, 1, wp, wp + 1]))  # (N, 4)
+            corners = self._padded[:, index].reshape(-1, 4)  # (K * N, 4): rows i0, i0 + 1 x columns
+            lam = (torch.arange(f, dtype=torch.float32) - o + 0.5) / f + 0.5  # (f,) weight of row/column i0 + 1
+            wy = torch.stack([1 - lam, lam], 1)  # (f, 2)
+            mix = (wy[:, None, :, None] * wy[None, :, None, :]).reshape(f * f, 4).T  # (4, f * f)
+            values = (corners @ mix).view(k, -1)  # (K, N * f * f)
+            sub = values.max(0).indices.to(torch.uint8).numpy().reshape(-1, f, f)
+            blocks.reshape(b1 - b0, f, c1 - c0, f)[bi, :, bj, :] = sub
+        y0, x0 = ys.start - (b0 * f - o), xs.start - (c0 * f - o)
+        return blocks[y0 : y0 + ys.stop - ys.start, x0 : x0 + xs.stop - xs.start]
+
+
 @torch.no_grad()
 def _cells(
     model: torch.nn.Module,
@@ -366,28 +486,24 @@ def _cells(
     """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell.
 
     Windows are read (and stretched) one or two ahead in a background thread while the model
-    runs. A cell that only one window covers has blend weight 1 there, so its labels are that
-    window's argmax and its probabilities a view of the window's; the other cells accumulate
-    their weighted probabilities until the last window covering them has been added. Nodata
-    pixels get the label ``NODATA``.
+    runs. Cells are cut by ``_axis_plan``: a cell that one window has all the weight of takes
+    that window's labels (and probabilities); the others accumulate their windows' weighted
+    probabilities until the last window with weight there has been added, and a window adds
+    nothing where its weight is zero. Without ``want_probs`` the model's probabilities stay at
+    the resolution its last bilinear step starts from (``WindowProbs``): labels come from there,
+    full-resolution maps only for the blended cells. The worker threads label their window's
+    own cells and weight its share of the blended ones. Nodata pixels get the label ``NODATA``.
     """
     m, ys, lh, xs, lw = layout
-    wy, wx = axis_weights(ys, lh, source.height), axis_weights(xs, lw, source.width)
-    cuts_y = sorted({*ys, *(min(y + lh, source.height) for y in ys)})
-    cuts_x = sorted({*xs, *(min(x + lw, source.width) for x in xs)})
-
-    def cover(starts: list[int], length: int, cuts: list[int]) -> tuple[list[list[int]], list[int], list[bool]]:
-        # Cells inside each window, the last window covering each cell, and whether only one does.
-        cells = [[i for i in range(len(cuts) - 1) if s <= cuts[i] and cuts[i + 1] <= s + length] for s in starts]
-        last = [max(r for r, cs in enumerate(cells) if i in cs) for i in range(len(cuts) - 1)]
-        alone = [sum(i in cs for cs in cells) == 1 for i in range(len(cuts) - 1)]
-        return cells, last, alone
-
-    rows_of, last_row, alone_y = cover(ys, lh, cuts_y)
-    cols_of, last_col, alone_x = cover(xs, lw, cuts_x)
+    wy, cuts_y, rows_of, sole_y, last_row = _axis_plan(ys, lh, source.height)
+    wx, cuts_x, cols_of, sole_x, last_col = _axis_plan(xs, lw, source.width)
+    wy = [torch.from_numpy(w) for w in wy]
+    wx = [torch.from_numpy(w) for w in wx]
     device = _device(model)
     clusters = clusters.to(device)
     cache = {} if cache is None else cache
+    # Leave the last upsampling to the cells (WindowProbs) when only labels are wanted.
+    low = {} if want_probs or not isinstance(model, Segmenter) else {"upsample": False}
 
     def windows() -> Iterator[tuple[int, int, int, int, torch.Tensor, np.ndarray | None]]:  # the reader thread
         for r, y in enumerate(ys):
@@ -400,54 +516,59 @@ def _cells(
                 yield r, c, h, w, tensor, valid
 
     @torch.no_grad()  # grad mode is per thread: a worker thread must switch it off itself
-    def run(window: tuple) -> torch.Tensor:  # the model on one window, in a worker thread
-        _, _, h, w, rgb, _ = window
-        out = model(rgb.to(device), k, lane=lane, clusters=clusters)["probs"]  # (1, K, lh, lw)
-        return out[0, :, :h, :w].float().cpu()  # (K, h, w), padding cropped
+    def run(window: tuple) -> tuple[list, dict]:  # the model on one window, in a worker thread
+        r, c, _, _, rgb, valid = window
+        y, x = ys[r], xs[c]
+        out = model(rgb.to(device), k, lane=lane, clusters=clusters, **low)["probs"]  # (1, K, lh, lw) or 1/f
+        probs = WindowProbs(out[0].float().cpu(), tuple(rgb.shape[-2:]))
+        own, parts = [], {}
+        # The cells this window has all the weight of: one rectangle per run, labelled at once.
+        for i0, i1 in _runs([i for i in rows_of[r] if sole_y[i] == r]):
+            for j0, j1 in _runs([j for j in cols_of[c] if sole_x[j] == c]):
+                ry = slice(cuts_y[i0] - y, cuts_y[i1 + 1] - y)
+                rx = slice(cuts_x[j0] - x, cuts_x[j1 + 1] - x)
+                labels = probs.labels(ry, rx)
+                if valid is not None:
+                    labels[~valid[ry, rx]] = NODATA
+                for i in range(i0, i1 + 1):
+                    for j in range(j0, j1 + 1):
+                        cy = slice(cuts_y[i] - y, cuts_y[i + 1] - y)
+                        cx = slice(cuts_x[j] - x, cuts_x[j + 1] - x)
+                        cell = labels[
+                            cy.start - ry.start : cy.stop - ry.start, cx.start - rx.start : cx.stop - rx.start
+                        ]
+                        own.append((cuts_y[i], cuts_x[j], cell, probs.probs(cy, cx).numpy() if want_probs else None))
+        for i in rows_of[r]:
+            for j in cols_of[c]:
+                if sole_y[i] == r and sole_x[j] == c:
+                    continue
+                cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
+                parts[(i, j)] = probs.probs(cy, cx) * (wy[r][cy, None] * wx[c][None, cx])  # (K, ch, cw), weighted
+        return own, parts
 
-    wy = [torch.from_numpy(w) for w in wy]
-    wx = [torch.from_numpy(w) for w in wx]
     pending: dict[tuple[int, int], torch.Tensor] = {}  # cell -> blended probs so far (K, ch, cw)
     workers, threads = _model_workers(device)
     bar = progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress)
     with bar, torch_threads(threads):
         windows_read = prefetch(windows(), depth=2, times=times)
         labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")
-        for (r, c, _, _, _, valid), probs in labelled:
+        for (r, c, _, _, _, valid), (done, parts) in labelled:
             y, x = ys[r], xs[c]
             with timed(times, "blend"):
-                # The cells only this window covers form one rectangle: label it in one go.
-                ri = [i for i in rows_of[r] if alone_y[i]]
-                cj = [j for j in cols_of[c] if alone_x[j]]
-                if ri and cj:
-                    top, left = cuts_y[ri[0]], cuts_x[cj[0]]
-                    inner = probs[:, top - y : cuts_y[ri[-1] + 1] - y, left - x : cuts_x[cj[-1] + 1] - x]
-                    inner_labels = argmax_labels(inner)
-                    if valid is not None:
-                        inner_valid = valid[top - y : cuts_y[ri[-1] + 1] - y, left - x : cuts_x[cj[-1] + 1] - x]
-                        inner_labels[~inner_valid] = NODATA
-                done = []
-                for i in rows_of[r]:
-                    for j in cols_of[c]:
-                        cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
-                        if alone_y[i] and alone_x[j]:  # weight 1: the window's own labels
-                            sy = slice(cuts_y[i] - top, cuts_y[i + 1] - top)
-                            sx = slice(cuts_x[j] - left, cuts_x[j + 1] - left)
-                            cell = probs[:, cy, cx].numpy() if want_probs else None
-                            done.append((cuts_y[i], cuts_x[j], inner_labels[sy, sx], cell))
-                            continue
-                        part = probs[:, cy, cx] * (wy[r][cy, None] * wx[c][None, cx])  # (K, ch, cw), weighted
-                        acc = pending.get((i, j))
-                        if acc is None:
-                            pending[(i, j)] = acc = part
-                        else:
-                            acc += part
-                        if last_row[i] == r and last_col[j] == c:
-                            del pending[(i, j)]
-                            labels = argmax_labels(acc)
-                            if valid is not None:  # the cell's pixels, as every window covering it reads them
-                                labels[~valid[cy, cx]] = NODATA
-                            done.append((cuts_y[i], cuts_x[j], labels, acc.numpy() if want_probs else None))
+                for (i, j), part in parts.items():
+                    acc = pending.get((i, j))
+                    if acc is None:
+                        pending[(i, j)] = acc = part
+                    else:
+                        acc += part
+                    if last_row[i] == r and last_col[j] == c:
+                        del pending[(i, j)]
+                        labels = argmax_labels(acc)
+                        if valid is not None:  # the cell's pixels, as every window covering it reads them
+                            cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
+                            labels[~valid[cy, cx]] = NODATA
+                        done.append((cuts_y[i], cuts_x[j], labels, acc.numpy() if want_probs else None))
+                done.sort(key=lambda cell: cell[:2])  # rows of cells finish top to bottom
             yield from done
             bar.update()
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import box_mean, inference_numerics, standardize
+from .layers import box_mean, cell_means, inference_numerics, mean_pool, standardize
 
 __all__ = ["box_filter", "guided_filter_coefficients", "fast_lane", "none_lane", "LearnedRefiner"]
 
@@ -102,23 +102,26 @@ def fast_lane(
     eps: float = 1e-3,
     smooth_iters: int = 1,
     guide_scale: int = 1,
+    upsample: bool = True,
 ) -> torch.Tensor:
     """Edge-aware upsampling of probs (B, K, h, w) to the size of rgb (B, 3, H, W).
 
     ``guide_scale`` 2 applies the filter to the image at half resolution and upsamples the
     result bilinearly: edges land within a pixel, at about a third of the full-resolution cost
-    (the per-pixel work is 4K channels there, K after).
+    (the per-pixel work is 4K channels there, K after). ``upsample=False`` leaves that last
+    bilinear step out and returns the filter's output at its own resolution (a caller that only
+    needs the labels of most pixels can skip the full-resolution maps, ``seglib.raster``).
     """
     with torch.autocast(device_type=probs.device.type, enabled=False):
         probs, rgb = probs.float(), rgb.float()
         h, w = probs.shape[-2:]
         full = tuple(rgb.shape[-2:])
         coarser = guide_scale > 1 and full[0] // guide_scale >= h and full[1] // guide_scale >= w
-        guide = F.adaptive_avg_pool2d(rgb, (h, w)) if (h, w) != full else rgb
+        guide = cell_means(rgb, (h, w)) if (h, w) != full else rgb
         if coarser and full == (h * guide_scale, w * guide_scale):
             image = guide  # the filter runs at the probabilities' own grid
         else:
-            image = F.avg_pool2d(rgb, guide_scale) if coarser else rgb
+            image = mean_pool(rgb, guide_scale) if coarser else rgb
         p = probs
         for _ in range(smooth_iters):
             p = _apply(guided_filter_coefficients(guide, p, radius, eps), guide)
@@ -128,7 +131,7 @@ def fast_lane(
             # applied to the higher-resolution image, which puts the edges back.
             coeffs = F.interpolate(coeffs, size=image.shape[-2:], mode="bilinear", align_corners=False)
         q = _apply(coeffs, image)
-        if tuple(q.shape[-2:]) != full:
+        if upsample and tuple(q.shape[-2:]) != full:
             q = F.interpolate(q, size=full, mode="bilinear", align_corners=False)
         return q
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import HeadConfig, RefineConfig, check_k, check_lane
 from .head import Clusters, SoftKMeans
-from .layers import inference_numerics
+from .layers import cell_means, inference_numerics, mean_pool
 from .refine import LearnedRefiner, fast_lane, none_lane
 
 __all__ = ["Segmenter", "check_rgb", "colour_channels", "head_embedding", "valid_cells", "STRIDE"]
@@ -72,7 +72,7 @@ def colour_channels(rgb: torch.Tensor, size: tuple[int, int], blur: int = 0) -> 
 
     Absolute colour, not relative to the image mean: k-means distances do not change by a
     shift within one image, and windows of a large raster then agree with each other."""
-    pooled = F.adaptive_avg_pool2d(rgb.float(), size)
+    pooled = cell_means(rgb.float(), size)
     if blur:
         pooled = F.avg_pool2d(pooled, 2 * blur + 1, 1, blur, count_include_pad=False)
     return pooled - 0.5
@@ -132,18 +132,26 @@ class Segmenter(nn.Module):
         rgb: torch.Tensor,
         lane: str,
         smooth_iters: int | None = None,
+        upsample: bool = True,
     ) -> torch.Tensor:
-        """Full-resolution probabilities from the head's stride-4 output, by ``lane``."""
+        """Full-resolution probabilities from the head's stride-4 output, by ``lane``
+        (``upsample=False``: see ``forward``)."""
         r = self.config.refine
         smooth_iters = r.smooth_iters if smooth_iters is None else smooth_iters
         if lane == "none":
             return none_lane(logits, rgb.shape[-2:])
         if lane == "fast":
             return fast_lane(
-                probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=smooth_iters, guide_scale=r.guide_scale
+                probs,
+                rgb,
+                radius=r.radius,
+                eps=r.eps,
+                smooth_iters=smooth_iters,
+                guide_scale=r.guide_scale,
+                upsample=upsample,
             )
         refined = self.refine_learned(probs, rgb, smooth_iters)  # the learned lane: (B, K, H/s, W/s)
-        if refined.shape[-2:] != rgb.shape[-2:]:  # bilinear keeps the probabilities summing to 1
+        if upsample and refined.shape[-2:] != rgb.shape[-2:]:  # bilinear keeps the probabilities summing to 1
             refined = F.interpolate(refined, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         return refined
 
@@ -169,7 +177,7 @@ class Segmenter(nn.Module):
         if ds not in (1, 2):
             raise ValueError(f"downsample must be 1 or 2, got {ds}")
         check_rgb(rgb, self.input_multiple * ds, check_values=check_values)
-        return F.avg_pool2d(rgb, ds) if ds > 1 else rgb
+        return mean_pool(rgb, ds) if ds > 1 else rgb
 
     @torch.no_grad()
     def fit_clusters(
@@ -199,6 +207,7 @@ class Segmenter(nn.Module):
         full_resolution: bool = True,
         valid: torch.Tensor | None = None,
         check_values: bool = True,
+        upsample: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
@@ -215,6 +224,13 @@ class Segmenter(nn.Module):
         set fitted jointly over the batch; every pixel is still assigned (discard the others).
         ``check_values=False`` skips the NaN/range check of ``rgb`` (it reads values back from
         the device): for inputs the caller made itself, such as a training step's views.
+        ``upsample=False`` may return ``probs`` at 1/f of the input's size (an integer f, or
+        not), leaving out the lane's last step, a bilinear upsampling (align_corners=False) of
+        the probabilities by f: bilinear weights are convex, so a pixel whose (up to) four
+        sources agree on the most probable cluster has that cluster as its label, and a caller
+        that needs only labels computes the full-resolution maps near label edges alone
+        (``seglib.raster``). ``F.interpolate(probs, size=(H, W), mode="bilinear")`` gives
+        what ``upsample=True`` returns.
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
@@ -240,7 +256,7 @@ class Segmenter(nn.Module):
             "clustered": head.clustered,
         }
         if full_resolution:
-            out["probs"] = self.refine(head.probs, head.logits, rgb, lane, smooth_iters)  # (B, K, H, W)
+            out["probs"] = self.refine(head.probs, head.logits, rgb, lane, smooth_iters, upsample)  # (B, K, H, W)
         elif lane == "learned":  # what the learned lane's training loss reads
             out["probs_learned"] = self.refine_learned(head.probs, rgb, smooth_iters)  # (B, K, H/s, W/s)
         return out
