@@ -77,6 +77,9 @@ __all__ = [
 log = logging.getLogger("seglib.raster")
 
 Source = ArraySource | RasterSource
+# A window read for the fit: uint8 (3, h, w), its valid mask, and what the model's head clustered
+# for it ((1, D, h', w'), ``Segmenter.clustered_embeddings``) or None.
+FitWindow = tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]
 Layout = tuple[int, list[int], int, list[int], int]  # stride, row starts, window height, column starts, width
 
 DEFAULT_TILE = 1024
@@ -293,9 +296,10 @@ def _fit(
     fit_pixels: int,
     seed: int,
     times: dict[str, float] | None = None,
-) -> tuple[Clusters, dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]]:
-    """The clusters of ``fit_clusters``, and the windows read for them ((uint8 (3, h, w), valid)
-    by (y, x)), so the pass over the raster does not read them again.
+) -> tuple[Clusters, dict[tuple[int, int], FitWindow]]:
+    """The clusters of ``fit_clusters``, and the windows read for them by (y, x), with what the
+    head clustered for each (``FitWindow``): the pass over the raster neither reads them again
+    nor runs the encoder on them again, only the assignment to the clusters and the refinement.
 
     Nodata pixels are left out of the fit; a sampled window without a valid pixel is replaced
     by the next window (in a seeded order) that has one."""
@@ -323,8 +327,16 @@ def _fit(
             masks = [np.ones(rgb.shape[1:], bool) if v is None else v for rgb, v in reads.values()]
             valid = torch.cat([pad_valid(_valid_tensor(v), m) for v in masks]).to(_device(model))  # (N, lh, lw)
         masked = {} if valid is None else {"valid": valid}  # models without nodata support still work
-        clusters = model.fit_clusters(batch.to(_device(model)), k, **masked).ordered()
-    return clusters, reads
+        batch = batch.to(_device(model))
+        clustered = None
+        if isinstance(model, Segmenter):  # kept for the pass: (N, D, h', w')
+            masked["clustered"] = clustered = model.clustered_embeddings(batch)
+        clusters = model.fit_clusters(batch, k, **masked).ordered()
+    windows = {
+        key: (rgb, v, None if clustered is None else clustered[i : i + 1])
+        for i, (key, (rgb, v)) in enumerate(reads.items())
+    }
+    return clusters, windows
 
 
 def fit_clusters(
@@ -480,7 +492,7 @@ def _cells(
     lane: str | None,
     want_probs: bool,
     progress: bool,
-    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] | None = None,
+    cache: dict[tuple[int, int], FitWindow] | None = None,
     times: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
     """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell.
@@ -502,24 +514,25 @@ def _cells(
     device = _device(model)
     clusters = clusters.to(device)
     cache = {} if cache is None else cache
-    # Leave the last upsampling to the cells (WindowProbs) when only labels are wanted.
-    low = {} if want_probs or not isinstance(model, Segmenter) else {"upsample": False}
+    # Leave the last upsampling to the cells (WindowProbs) when only labels are wanted; the
+    # windows are made here from uint8 pixels, so their values need no check.
+    low = {} if not isinstance(model, Segmenter) else {"upsample": want_probs, "check_values": False}
 
-    def windows() -> Iterator[tuple[int, int, int, int, torch.Tensor, np.ndarray | None]]:  # the reader thread
+    def windows() -> Iterator[tuple]:  # the reader thread
         for r, y in enumerate(ys):
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
                 with timed(times, "read"):
-                    cached = cache.pop((y, x), None)
-                    rgb, valid = source.read_masked(y, x, h, w) if cached is None else cached
+                    rgb, valid, clustered = cache.pop((y, x), None) or (*source.read_masked(y, x, h, w), None)
                     tensor = pad_to_stride(_bands_tensor(rgb), m)  # (1, 3, lh, lw)
-                yield r, c, h, w, tensor, valid
+                yield r, c, h, w, tensor, valid, clustered
 
     @torch.no_grad()  # grad mode is per thread: a worker thread must switch it off itself
     def run(window: tuple) -> tuple[list, dict]:  # the model on one window, in a worker thread
-        r, c, _, _, rgb, valid = window
+        r, c, _, _, rgb, valid, clustered = window
         y, x = ys[r], xs[c]
-        out = model(rgb.to(device), k, lane=lane, clusters=clusters, **low)["probs"]  # (1, K, lh, lw) or 1/f
+        kept = {} if clustered is None else {"clustered": clustered}  # a fit window: the encoder ran in the fit
+        out = model(rgb.to(device), k, lane=lane, clusters=clusters, **low, **kept)["probs"]  # (1, K, lh, lw) or 1/f
         probs = WindowProbs(out[0].float().cpu(), tuple(rgb.shape[-2:]))
         own, parts = [], {}
         # The cells this window has all the weight of: one rectangle per run, labelled at once.
@@ -552,7 +565,7 @@ def _cells(
     with bar, torch_threads(threads):
         windows_read = prefetch(windows(), depth=2, times=times)
         labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")
-        for (r, c, _, _, _, valid), (done, parts) in labelled:
+        for (r, c, _, _, _, valid, _), (done, parts) in labelled:
             y, x = ys[r], xs[c]
             with timed(times, "blend"):
                 for (i, j), part in parts.items():

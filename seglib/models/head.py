@@ -493,9 +493,11 @@ class SoftKMeans(nn.Module):
         group: int = 1,
         clusters: Clusters | None = None,
         valid: torch.Tensor | None = None,
+        denoised: bool = False,
     ) -> HeadOutput:
         """Cluster ``emb`` (B, D, h, w) into ``k`` clusters per image (``k`` is checked by the
-        segmenter that calls the head).
+        segmenter that calls the head). ``denoised``: ``emb`` is already ``denoise_input``'s
+        output (e.g. kept from a fit), so it is not denoised again.
 
         ``group`` > 1 fits one set of prototypes jointly over ``group`` images: images
         ``i, i + B/group, i + 2B/group, ...`` share prototypes (used for the two training
@@ -516,7 +518,7 @@ class SoftKMeans(nn.Module):
             raise ValueError(f"batch {b} is not divisible by group {group}")
         bg = b // group
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            emb = self.denoise(emb.float())
+            emb = emb.float() if denoised else self.denoise(emb.float())
             if valid is not None and clusters is None:
                 if group != b:
                     raise ValueError(f"valid needs one joint fit over the batch (group = B = {b}), got group {group}")
@@ -577,6 +579,12 @@ class SoftKMeans(nn.Module):
         init = torch.gather(init_from, 2, idx[:, None, :].expand(-1, d, -1)).transpose(1, 2)  # (1, K, D)
         out = soft_kmeans(points, k, iters=iters, temperature=temperature, init=init, size_prior=size_prior)
         return Clusters(out.prototypes, out.bias)
+
+    def denoise_input(self, emb: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` clusters: ``emb`` (B, D, h, w) in float32, denoised (``denoised=True``
+        takes it as it is)."""
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self.denoise(emb.float())
 
     def denoise(self, emb: torch.Tensor) -> torch.Tensor:
         """The head's feature-space bilateral filter with its configured strength."""

@@ -117,11 +117,17 @@ def fast_lane(
         h, w = probs.shape[-2:]
         full = tuple(rgb.shape[-2:])
         coarser = guide_scale > 1 and full[0] // guide_scale >= h and full[1] // guide_scale >= w
-        guide = cell_means(rgb, (h, w)) if (h, w) != full else rgb
-        if coarser and full == (h * guide_scale, w * guide_scale):
-            image = guide  # the filter runs at the probabilities' own grid
+        if coarser and not torch.is_grad_enabled() and not (full[0] % guide_scale or full[1] % guide_scale):
+            # Without gradient the pools halve (``mean_pool``): the guide's block means are the
+            # image's, pooled further, with the same operations on the same values.
+            image = mean_pool(rgb, guide_scale)
+            guide = cell_means(image, (h, w)) if (h, w) != tuple(image.shape[-2:]) else image
         else:
-            image = mean_pool(rgb, guide_scale) if coarser else rgb
+            guide = cell_means(rgb, (h, w)) if (h, w) != full else rgb
+            if coarser and full == (h * guide_scale, w * guide_scale):
+                image = guide  # the filter runs at the probabilities' own grid
+            else:
+                image = mean_pool(rgb, guide_scale) if coarser else rgb
         p = probs
         for _ in range(smooth_iters):
             p = _apply(guided_filter_coefficients(guide, p, radius, eps), guide)

@@ -180,15 +180,32 @@ class Segmenter(nn.Module):
         return mean_pool(rgb, ds) if ds > 1 else rgb
 
     @torch.no_grad()
+    def clustered_embeddings(
+        self, rgb: torch.Tensor, *, downsample: int | None = None, check_values: bool = True
+    ) -> torch.Tensor:
+        """What the head clusters for ``rgb`` (B, 3, H, W): the embeddings after its denoising,
+        (B, D, h, w). ``fit_clusters(..., clustered=)`` and ``forward(..., clustered=)`` take
+        them instead of computing them again (a raster's fit windows are also labelled)."""
+        emb, _ = self.embed(self._downsampled(rgb, downsample, check_values))
+        return self.head.denoise_input(emb)
+
+    @torch.no_grad()
     def fit_clusters(
-        self, rgb: torch.Tensor, k: int, *, downsample: int | None = None, valid: torch.Tensor | None = None
+        self,
+        rgb: torch.Tensor,
+        k: int,
+        *,
+        downsample: int | None = None,
+        valid: torch.Tensor | None = None,
+        clustered: torch.Tensor | None = None,
     ) -> Clusters:
         """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over all images
         of ``rgb`` (N, 3, H, W), e.g. windows sampled from one large raster; pass them back as
         ``forward(..., clusters=)`` so every window is labelled with the same clusters.
-        ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``forward``)."""
-        emb, _ = self.embed(self._downsampled(rgb, downsample))
-        out = self.head(emb, check_k(k), group=emb.shape[0], valid=valid_cells(valid, emb.shape[-2:]))
+        ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``forward``).
+        ``clustered``: ``clustered_embeddings(rgb)``, when the caller has them already."""
+        emb = self.clustered_embeddings(rgb, downsample=downsample) if clustered is None else clustered
+        out = self.head(emb, check_k(k), group=emb.shape[0], valid=valid_cells(valid, emb.shape[-2:]), denoised=True)
         return Clusters(out.prototypes[:1], None if out.bias is None else out.bias[:1])
 
     def forward(
@@ -208,6 +225,7 @@ class Segmenter(nn.Module):
         valid: torch.Tensor | None = None,
         check_values: bool = True,
         upsample: bool = True,
+        clustered: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
 
@@ -231,20 +249,29 @@ class Segmenter(nn.Module):
         that needs only labels computes the full-resolution maps near label edges alone
         (``seglib.raster``). ``F.interpolate(probs, size=(H, W), mode="bilinear")`` gives
         what ``upsample=True`` returns.
+        ``clustered``: ``clustered_embeddings(rgb)`` computed before (with ``clusters``): the
+        encoder and the denoising are skipped, and ``embeddings`` and ``features`` are None.
         """
         k = check_k(k)
         lane = self.config.refine.lane if lane is None else lane
         check_lane(lane)
-        emb, features = self.embed(self._downsampled(rgb, downsample, check_values))  # (B, D, h, w)
+        if clustered is not None and clusters is None:
+            raise ValueError("clustered= needs clusters= (fitted clusters to assign the embeddings to)")
+        if clustered is None:
+            emb, features = self.embed(self._downsampled(rgb, downsample, check_values))  # (B, D, h, w)
+        else:
+            emb, features = None, None
+        head_input = emb if clustered is None else clustered
         head = self.head(
-            emb,
+            head_input,
             k,
             iters=iters,
             temperature=temperature,
             size_prior=size_prior,
             group=group,
             clusters=clusters,
-            valid=valid_cells(valid, emb.shape[-2:]),
+            valid=valid_cells(valid, head_input.shape[-2:]),
+            denoised=clustered is not None,
         )
         out = {
             "embeddings": emb,
