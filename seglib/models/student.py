@@ -101,9 +101,10 @@ class StudentCNN(nn.Module):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.heads = nn.ModuleDict({name: nn.Conv2d(d, embed_dim, 1) for name, d in zip(SLICES, dims, strict=True)})
 
-    def forward_all(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embeddings of the three slices and ``fine_features``, the fine slice before its
-        projection (the autoencoder decoder reads these)."""
+    def forward_all(self, rgb: torch.Tensor, slices: tuple[str, ...] = SLICES) -> dict[str, torch.Tensor]:
+        """Embeddings of the three slices (of ``slices``: a segmenter clusters the fine one
+        alone) and ``fine_features``, the fine slice before its projection (the autoencoder
+        decoder reads these)."""
         h, w = rgb.shape[-2:]
         if h % 16 or w % 16:
             raise ValueError(f"StudentCNN needs H and W divisible by 16, got {h}x{w}; pad the image first")
@@ -113,7 +114,7 @@ class StudentCNN(nn.Module):
         mid = self.mid(s8 + self.merge_mid(F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)))
         fine = self.fine(s4 + self.merge_fine(F.interpolate(mid, scale_factor=2, mode="bilinear", align_corners=False)))
         feats = {"coarse": coarse, "mid": mid, "fine": fine}
-        out = {name: self.heads[name](self.dropout(x)) for name, x in feats.items()}
+        out = {name: self.heads[name](self.dropout(x)) for name, x in feats.items() if name in slices}
         out["fine_features"] = fine
         return out
 
@@ -190,7 +191,7 @@ class StudentSegmenter(Segmenter):
         return self.config.model.encoder.embed_dim + 3
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
-        return self.cnn(rgb)["fine"]
+        return self.cnn.forward_all(rgb, slices=("fine",))["fine"]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> StudentSegmenter:
