@@ -446,10 +446,13 @@ def soft_kmeans(
     x2 = x.square().sum(1, keepdim=True)  # (B, 1, N)
     mu = init.float()
 
-    def assign(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def distance_logits(mu: torch.Tensor) -> torch.Tensor:
         # (B, K, N) squared distances without a (B, K, D, N) intermediate.
         d2 = x2 - 2 * torch.bmm(mu, x) + mu.square().sum(-1, keepdim=True)
-        logits = -d2.clamp_min(0) / temperature
+        return -d2.clamp_min(0) / temperature
+
+    def assign(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = distance_logits(mu)
         return logits, logits.softmax(1)
 
     if torch.is_grad_enabled() and not use_reference_ops():
@@ -460,12 +463,14 @@ def soft_kmeans(
             mass = r.sum(2, keepdim=True)  # (B, K, 1)
             # A cluster that lost all mass keeps its previous prototype instead of dividing by 0.
             mu = torch.where(mass > 1e-6, torch.bmm(r, x.transpose(1, 2)) / mass.clamp_min(1e-6), mu)
-    logits, r = assign(mu)
     if bias is None and size_prior:
+        logits, r = assign(mu)
         bias = size_prior * (r.detach().mean(2) + 1e-6).log()  # (B, K)
+    else:  # the assignment without the offsets is not needed
+        logits = distance_logits(mu)
     if bias is not None:
         logits = logits + bias.float()[..., None]
-        r = logits.softmax(1)
+    r = logits.softmax(1)
     return HeadOutput(probs=r, logits=logits, prototypes=mu, bias=bias)
 
 
