@@ -413,7 +413,8 @@ class WindowProbs:
 
     ``probs(ys, xs)`` gives the full-resolution probabilities of a region: the bilinear
     upsampling of the low-resolution rows and columns around it (one cell of margin), the
-    values the whole window's upsampling has there. ``labels(ys, xs)`` gives the region's
+    values the whole window's upsampling has there (bit for bit for the fast lane's output,
+    channels-last with f a power of two; else up to the last bit). ``labels(ys, xs)`` gives the region's
     argmax labels without the full-resolution maps where it can: each output pixel mixes (up
     to) four low-resolution cells with convex weights, so where those four agree on the most
     probable cluster it is the pixel's label (the same rounding for every cluster keeps that

@@ -305,3 +305,73 @@ def test_full_resolution_false_skips_only_the_lane(model):
     full, coarse = model(rgb, 4), model(rgb, 4, full_resolution=False)
     assert "probs" not in coarse and "probs" in full
     assert torch.equal(full["probs_coarse"], coarse["probs_coarse"])
+
+
+def test_pooling_by_halving_gives_the_pools_block_means():
+    """Without gradient, ``mean_pool``/``cell_means`` halve (powers of two dividing the sides)
+    and otherwise fall back to the pools; with gradient they are the pools themselves; the
+    channels-first box mean sums unfolded windows. Same numbers to rounding as the pools."""
+    import torch.nn.functional as F
+
+    from seglib.models.layers import box_mean, cell_means, mean_pool
+
+    x = torch.rand(2, 3, 48, 40)
+    with torch.no_grad():
+        for f in (2, 4, 8, 3):
+            assert torch.allclose(mean_pool(x, f), F.avg_pool2d(x, f), atol=1e-6)
+        assert torch.equal(mean_pool(x, 16), F.avg_pool2d(x, 16))  # 16 does not divide 40: the pool
+        assert torch.allclose(cell_means(x, (6, 5)), F.adaptive_avg_pool2d(x, (6, 5)), atol=1e-6)
+        assert torch.equal(cell_means(x, (7, 5)), F.adaptive_avg_pool2d(x, (7, 5)))  # no one factor
+        assert torch.equal(cell_means(x, (48, 40)), x)
+        # The guide of the fast lane pooled from its pooled image: the same operations.
+        assert torch.equal(cell_means(mean_pool(x, 4), (6, 5)), mean_pool(x, 8))
+        lum = torch.rand(2, 1, 30, 21)
+        plain = F.avg_pool2d(lum, 9, 1, 4, count_include_pad=False)
+        assert torch.allclose(box_mean(lum, 4), plain, atol=1e-6) and not torch.equal(box_mean(lum, 4), plain)
+    assert torch.equal(mean_pool(x.requires_grad_(), 4), F.avg_pool2d(x, 4))
+
+
+@pytest.mark.parametrize("radius,dilation", [(1, 1), (1, 4), (2, 2)])
+def test_neighbour_dots_share_mirrored_offsets(radius, dilation):
+    """One dot product per pair of opposite offsets: every offset's map as its own ``vecdot``."""
+    import torch.nn.functional as F
+
+    from seglib.models.head import _neighbour_dots
+
+    emb = torch.randn(2, 7, 13, 17)
+    reach = radius * dilation
+    padded = F.pad(emb, (reach,) * 4, mode="replicate")
+    centre = torch.linalg.vecdot(emb, emb, dim=1)
+    offsets = [(dy * dilation, dx * dilation) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+    dots = _neighbour_dots(padded, centre, offsets, reach)
+    assert set(dots) == set(offsets)
+    for dy, dx in offsets:
+        one = torch.linalg.vecdot(padded[:, :, dy : dy + 13, dx : dx + 17], emb, dim=1)
+        assert torch.allclose(dots[(dy, dx)], one, atol=1e-5), (dy, dx)
+
+
+def test_kept_clustered_embeddings_and_low_resolution_probs_give_the_forward_results():
+    """``forward(clustered=)`` with embeddings from ``clustered_embeddings`` equals the forward
+    that encodes the image itself; ``fit_clusters`` fits the same clusters from them; and
+    ``upsample=False`` returns the fast lane's maps before their last bilinear step."""
+    import torch.nn.functional as F
+
+    import seglib
+
+    model = seglib.load_model()  # the bundled student: fast lane, guide_scale 4, downsample 2
+    torch.manual_seed(0)
+    rgb = torch.rand(2, 3, 128, 96)
+    with torch.no_grad():
+        kept = model.clustered_embeddings(rgb)
+        clusters = model.fit_clusters(rgb, 4)
+        again = model.fit_clusters(rgb, 4, clustered=kept)
+        assert torch.equal(clusters.prototypes, again.prototypes) and torch.equal(clusters.bias, again.bias)
+        full = model(rgb, 4, clusters=clusters)
+        reused = model(rgb, 4, clusters=clusters, clustered=kept)
+        assert torch.equal(full["clustered"], kept) and reused["features"] is None
+        assert torch.equal(full["probs"], reused["probs"])
+        low = model(rgb, 4, clusters=clusters, upsample=False)["probs"]
+        assert low.shape == (2, 4, 32, 24)
+        assert torch.equal(F.interpolate(low, size=(128, 96), mode="bilinear", align_corners=False), full["probs"])
+        with pytest.raises(ValueError, match="clusters"):
+            model(rgb, 4, clustered=kept)

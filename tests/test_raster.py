@@ -353,3 +353,140 @@ def test_peak_memory_is_bounded_by_the_tile_not_the_raster(tmp_path):
     print(f"\n2048 px: {small}\n4096 px: {large}\nwhole-raster lower bound: {whole_mib:.0f} MiB")
     assert large["added_mib"] < 0.6 * whole_mib
     assert large["added_mib"] < 1.2 * small["added_mib"] + 32
+
+
+# ----------------------------------------------------------------------------- labels without full-resolution maps
+
+
+def _bilinear(p: torch.Tensor, size: tuple[int, int], channels_last: bool) -> torch.Tensor:
+    x = p[None].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("f", [2, 3, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_window_probs_regions_are_the_whole_upsampling(f, channels_last):
+    """``WindowProbs`` at 1/f resolution: every region's probabilities are the whole window's
+    bilinear upsampling there (borders included; bit for bit for the fast lane's channels-last maps and powers of
+    two), and its
+    labels that upsampling's argmax, although only the blocks at label edges are interpolated."""
+    from seglib.raster import WindowProbs, argmax_labels
+
+    gen = torch.Generator().manual_seed(f)
+    k, h, w = 5, 23, 31
+    # Smooth maps with large regions, plus a few single-cell specks: uniform blocks and edges.
+    low = F.interpolate(torch.rand(1, k, 5, 7, generator=gen) * 4, size=(h, w), mode="bilinear")[0]
+    low[:, 10, 10] += 3 * torch.rand(k, generator=gen)
+    probs = low.softmax(0)
+    if channels_last:
+        probs = probs[None].contiguous(memory_format=torch.channels_last)[0]
+    size = (h * f, w * f)
+    whole = _bilinear(probs, size, channels_last)
+    window = WindowProbs(probs, size)
+    assert window.f == f
+    for ys, xs in [
+        (slice(0, size[0]), slice(0, size[1])),
+        (slice(0, 7), slice(3, size[1])),
+        (slice(f + 1, size[0] - 2), slice(size[1] - 9, size[1])),
+        (slice(size[0] // 2, size[0] // 2 + 5), slice(size[1] // 3, size[1] // 2)),
+    ]:
+        if channels_last and not f & (f - 1):  # the fast lane's layout and factors: bit for bit
+            assert torch.equal(window.probs(ys, xs), whole[:, ys, xs])
+        else:  # 1/f inexact, or the channels-first kernel's vector lanes: the last bit may differ
+            torch.testing.assert_close(window.probs(ys, xs), whole[:, ys, xs], atol=1e-6, rtol=0)
+        expected = argmax_labels(whole[:, ys, xs])
+        labels = window.labels(ys, xs)
+        assert labels.shape == expected.shape
+        # Blocks at label edges are interpolated as a matrix product: the same weights, rounded
+        # in another order, so only exact near-ties could differ.
+        assert (labels == expected).mean() >= 0.999
+    full = window.labels(slice(0, size[0]), slice(0, size[1]))
+    assert (full == argmax_labels(whole)).mean() >= 0.999
+
+
+def test_window_probs_at_full_or_odd_resolution_is_upsampled_as_the_model_would():
+    from seglib.raster import WindowProbs, argmax_labels
+
+    probs = torch.rand(3, 10, 12).softmax(0)
+    same = WindowProbs(probs, (10, 12))
+    assert same.f == 1 and torch.equal(same.probs(slice(2, 5), slice(0, 12)), probs[:, 2:5])
+    odd = WindowProbs(probs, (25, 30))  # not an integer factor: upsampled whole, at once
+    whole = _bilinear(probs, (25, 30), False)
+    assert odd.f == 1 and torch.equal(odd.probs(slice(0, 25), slice(0, 30)), whole)
+    np.testing.assert_array_equal(odd.labels(slice(3, 9), slice(4, 30)), argmax_labels(whole[:, 3:9, 4:30]))
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(1000, 256, 64), (700, 320, 128), (200, 256, 32)])
+def test_axis_plan_cells_take_weight_from_the_windows_that_have_it(size, tile, overlap):
+    """The cells partition the axis; a window adds to a cell exactly where its weight is not
+    zero; a cell with one contributor has weight 1 from it; the last contributor is the last
+    window (in order) with weight there; every window with weight somewhere covers those cells."""
+    from seglib.raster import _axis_plan
+
+    starts, length = axis_windows(size, tile, overlap, 16)
+    weights, cuts, cells, sole, last = _axis_plan(starts, length, size)
+    assert cuts[0] == 0 and cuts[-1] == size and cuts == sorted(set(cuts))
+    for i in range(len(cuts) - 1):
+        a, b = cuts[i], cuts[i + 1]
+        having = [r for r, s in enumerate(starts) if s <= a and b <= s + length and weights[r][a - s : b - s].any()]
+        assert having == [r for r in range(len(starts)) if i in cells[r]] and having
+        assert last[i] == having[-1]
+        for r in having:  # constant kind over the cell: all one, or no zero inside
+            v = weights[r][a - starts[r] : b - starts[r]]
+            assert (v == 1).all() or (v > 0).all()
+        if sole[i] is not None:
+            assert having == [sole[i]] and (weights[sole[i]][a - starts[sole[i]] : b - starts[sole[i]]] == 1).all()
+        total = sum(weights[r][a - starts[r] : b - starts[r]] for r in having)
+        np.testing.assert_allclose(total, 1, atol=1e-6)
+    if len(starts) > 1:  # outer thirds of the overlaps: some window adds nothing to a cell it covers
+        covered = sum(1 for r, s in enumerate(starts) for i in range(len(cuts) - 1) if s <= cuts[i] < s + length)
+        assert covered > sum(len(c) for c in cells)
+
+
+def test_labels_only_pass_gives_the_labels_of_the_full_probability_pass():
+    """The bundled student on a real sample tile, windowed: the labels-only pass (probabilities
+    kept at the fast lane's 1/4 resolution, zero-weight thirds skipped) writes the labels of
+    the pass that builds the full-resolution blended probabilities, pixel for pixel."""
+    import seglib
+    from seglib.io import read_image
+    from seglib.paths import SAMPLE_IMAGES
+
+    model = seglib.load_model()
+    img, _ = read_image(sorted(SAMPLE_IMAGES.iterdir())[1])
+    source, k = ArraySource(img), 6
+    protos = fit_clusters(model, source, k, tile=320, overlap=128)
+    labels, _ = collect(model, source, k, tile=320, overlap=128, clusters=protos)
+    probs = np.zeros((k, *img.shape[:2]), np.float32)
+    with_probs, _ = collect(model, source, k, tile=320, overlap=128, clusters=protos, probs_out=probs)
+    np.testing.assert_array_equal(with_probs, probs.argmax(0))
+    assert (labels == with_probs).mean() >= 0.9999, (labels != with_probs).sum()
+
+
+def test_fit_windows_reuse_their_embeddings_with_the_same_labels(monkeypatch):
+    """The windows sampled for the fit are labelled from the embeddings the fit computed (the
+    encoder runs once per window): the labels equal those of a pass that encodes them again."""
+    import seglib
+    import seglib.raster as raster
+    from seglib.io import read_image
+    from seglib.paths import SAMPLE_IMAGES
+
+    model = seglib.load_model()
+    img, _ = read_image(sorted(SAMPLE_IMAGES.iterdir())[0])
+    source, k = ArraySource(img), 6
+    encoded = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda rgb: encoded.append(rgb.shape[0]) or embed(rgb))
+    kept, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
+    n_windows = len(axis_windows(img.shape[0], 320, 128, 32)[0]) * len(axis_windows(img.shape[1], 320, 128, 32)[0])
+    assert encoded[0] == 3 and sum(encoded) == n_windows  # the fit batch, then the other windows
+    fit = raster._fit
+
+    def fit_without_embeddings(*args, **kwargs):
+        clusters, windows = fit(*args, **kwargs)
+        return clusters, {key: (rgb, valid, None) for key, (rgb, valid, _) in windows.items()}
+
+    monkeypatch.setattr(raster, "_fit", fit_without_embeddings)
+    encoded.clear()
+    again, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
+    assert sum(encoded) == n_windows + 3  # the fit windows encoded twice
+    np.testing.assert_array_equal(kept, again)
