@@ -23,9 +23,20 @@ model's stride, cropped back). A larger one is never read whole:
    probabilities are weighted by a separable cosine taper that falls towards every side that
    has a neighbour, and the weights are normalised to sum to one at every pixel, so the blend is
    a convex combination with no visible seams.
-4. **Incremental output.** The raster is cut into cells by all window edges. A cell is finished
-   once the last window covering it has been added; its argmax labels go into a row buffer that
-   is written out (GeoTIFF rows, or a caller's array) as soon as its row of cells is complete.
+4. **Incremental output.** The raster is cut into cells by all window edges and wherever a
+   window's weight changes between zero, a taper and one (``_axis_plan``). A cell that one
+   window has all the weight of takes that window's labels at once; a window adds nothing to a
+   cell where its weight is zero; the other cells are finished once the last window with weight
+   there has been added. Their argmax labels go into a row buffer that is written out (GeoTIFF
+   rows, or a caller's array) as soon as its row of cells is complete.
+5. **Labels without full-resolution maps.** When only labels are wanted, a ``Segmenter`` hands
+   back its probabilities before the lane's last bilinear upsampling (``upsample=False``; 1/4 of
+   the resolution for the bundled student) and ``WindowProbs`` labels the window's own cells
+   from there: a pixel whose four source cells agree on the most probable cluster has it as its
+   label, and only the blocks at label edges are interpolated. Blended cells get their
+   full-resolution probabilities by upsampling just their part (the same values). The windows
+   sampled for the fit keep what the head clustered for them, so the pass over the raster does
+   not encode them again.
 
 Peak memory is the larger of the prototype fit (at most ``fit_pixels`` of windows) and one
 window's forward pass, plus the blended probabilities still waiting for a neighbour (about

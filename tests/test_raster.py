@@ -345,14 +345,17 @@ def measure(tmp_path, size: int, k: int, tile: int, overlap: int, fit_windows: i
 def test_peak_memory_is_bounded_by_the_tile_not_the_raster(tmp_path):
     """4096 x 4096 RGB, K=4, 512 px tiles, prototypes fitted on 4 windows: the windowed run
     adds less memory than the whole raster's float32 RGB + K probabilities alone would take
-    (448 MiB), and about as much as for a raster 4 times smaller."""
+    (448 MiB), and little more than for a raster 4 times smaller: under 30 % of the 336 MiB
+    by which that whole-raster bound grows (what does grow: GDAL's block cache, capped at
+    ``GDAL_CACHE_MB``, holds more of the larger raster's blocks, and the blended overlap rows
+    are twice as wide)."""
     k, tile, overlap, fit = 4, 512, 64, 4
     small = measure(tmp_path, 2048, k, tile, overlap, fit)
     large = measure(tmp_path, 4096, k, tile, overlap, fit)
     whole_mib = 4096 * 4096 * (3 + k) * 4 / 2**20
     print(f"\n2048 px: {small}\n4096 px: {large}\nwhole-raster lower bound: {whole_mib:.0f} MiB")
     assert large["added_mib"] < 0.6 * whole_mib
-    assert large["added_mib"] < 1.2 * small["added_mib"] + 32
+    assert large["added_mib"] - small["added_mib"] < 0.3 * (whole_mib - whole_mib / 4)
 
 
 # ----------------------------------------------------------------------------- labels without full-resolution maps
