@@ -141,9 +141,10 @@ class FlatAdamW(torch.optim.AdamW):
     def __init__(
         self, named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, fused: bool
     ):
-        self.trained = [p for _, p in named_params if p.requires_grad]  # model order
+        named = [(name, p) for name, p in named_params if p.requires_grad]  # model order
+        self.trained = [p for _, p in named]
         groups: dict[tuple, list[int]] = {}
-        for i, (name, p) in enumerate((n, p) for n, p in named_params if p.requires_grad):
+        for i, (name, p) in enumerate(named):
             groups.setdefault((name.split(".")[0], p.device, p.dtype), []).append(i)
         self.settled = False  # whether the groups were split by the first step's gradients
         super().__init__(self._lay_out(list(groups.values())), lr=lr, weight_decay=weight_decay, fused=fused)
