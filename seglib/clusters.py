@@ -275,8 +275,7 @@ def embed_windows(
         x_in = pad_to_stride(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
         if flip:
             x_in = x_in.flip(-1)
-        emb, _ = model.embed(model._downsampled(x_in, None))  # (1, D, h'/s, w'/s)
-        emb = model.head.denoise(emb.float())
+        emb = model.clustered_embeddings(x_in)  # (1, D, h'/s, w'/s)
         embs.append(emb.flip(-1) if flip else emb)
         reads.append(rgb)
     return embs, reads
