@@ -311,6 +311,12 @@ class ClusterConfig:
     # the mean and spread of the colour around each position from luminance texture.
     colourize: float = 0.0  # weight of that L1 loss (0: off)
     colour_radii: tuple[int, ...] = (1, 3)  # window radii (cells) of those colour statistics
+    # IIC (Ji et al. 2019): heads of these many clusters (a main one and over-clustering ones),
+    # each trained to maximise the mutual information of the two views' assignments.
+    iic: float = 0.0  # weight of the summed IIC losses (0: off)
+    iic_heads: tuple[int, ...] = (6, 24)  # clusters of each IIC head (prototypes on the unit sphere)
+    iic_window: int = 2  # displacements up to this many cells pair positions of the two views
+    iic_lamb: float = 1.0  # weight of the marginals' entropy in IIC's loss (1: the mutual information)
 
 
 @dataclass
@@ -342,8 +348,13 @@ class Config:
             raise ConfigError(f"stage must be 'teacher', 'student' or 'cluster', got {self.stage!r}")
         if self.stage == "cluster" and self.cluster.arch not in ("student", "teacher"):
             raise ConfigError(f"cluster.arch must be 'student' or 'teacher', got {self.cluster.arch!r}")
-        if self.stage == "cluster" and not (self.cluster.swap > 0 or self.cluster.colourize > 0):
-            raise ConfigError("stage cluster needs cluster.swap > 0 or cluster.colourize > 0 (a loss to train on)")
+        c = self.cluster
+        if self.stage == "cluster" and not (c.swap > 0 or c.colourize > 0 or c.iic > 0):
+            raise ConfigError(
+                "stage cluster needs cluster.swap, cluster.colourize or cluster.iic above 0 (a loss to train on)"
+            )
+        if self.stage == "cluster" and c.iic > 0 and not (c.iic_heads and all(n >= 2 for n in c.iic_heads)):
+            raise ConfigError(f"cluster.iic_heads: every IIC head needs 2 or more clusters, got {c.iic_heads}")
         if self.data.size <= 0 or self.data.size % 16:
             raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
         if self.train.steps < 1:

@@ -14,6 +14,7 @@ __all__ = [
     "STUDENT_SYNTHETIC_CPU",
     "STUDENT_DUBAI_CPU",
     "STUDENT_CLUSTER_CPU",
+    "STUDENT_IIC_CPU",
 ]
 
 _TRAIN = {"lr": 2e-3, "warmup": 50, "image_every": 100, "seed": 0}
@@ -84,4 +85,12 @@ STUDENT_CLUSTER_CPU: dict = {
     "student": STUDENT_DUBAI_CPU["student"],
     "cluster": {"window": 2},
     "train": {**_TRAIN, "steps": 1000, "checkpoint_every": 250, "image_every": 250, "weight_average_decay": 0.995},
+}
+
+# IIC (Ji et al. 2019) on the same architecture, from scratch: the mutual information of the two
+# views' assignments over displacements of up to 2 cells, a 6-cluster head and a 24-cluster
+# over-clustering head, no swap (seglib.losses.cluster.mutual_information).
+STUDENT_IIC_CPU: dict = {
+    **STUDENT_CLUSTER_CPU,
+    "cluster": {"swap": 0.0, "iic": 1.0, "iic_heads": (6, 24), "iic_window": 2},
 }

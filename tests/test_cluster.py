@@ -11,7 +11,13 @@ from PIL import Image
 
 from seglib.augment import ViewTransform, sample_transforms
 from seglib.config import AugmentConfig
-from seglib.losses.cluster import assignment_stats, balanced_codes, sinkhorn, swapped_prediction
+from seglib.losses.cluster import (
+    assignment_stats,
+    balanced_codes,
+    mutual_information,
+    sinkhorn,
+    swapped_prediction,
+)
 
 
 def test_sinkhorn_codes_are_distributions_with_balanced_columns():
@@ -42,6 +48,52 @@ def test_swapped_prediction_rewards_consistent_confident_views_and_punishes_coll
     assert stats["prototypes_used"] == 4 and stats["usage_entropy"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_mutual_information_is_log_c_for_balanced_consistent_views_and_zero_for_collapse():
+    b, c, h, w = 2, 4, 8, 8
+    regions = torch.zeros(b, h, w, dtype=torch.long)
+    regions[:, :4, 4:], regions[:, 4:, :4], regions[:, 4:, 4:] = 1, 2, 3
+    logits_a = 30 * torch.nn.functional.one_hot(regions, c).permute(0, 3, 1, 2).float()
+    flip = ViewTransform(torch.tensor([[[-1.0, 0, 0], [0, 1, 0]]]).repeat(b, 1, 1))
+    consistent = mutual_information(logits_a, logits_a.flip(-1), flip)  # B is A flipped, as the transform says
+    assert float(consistent) == pytest.approx(-math.log(c), abs=1e-3)
+    # B shifted by 2 cells before the flip: half of each region meets another one. (B merely
+    # not flipped would be a permutation of the regions, which the information ignores.)
+    misaligned = mutual_information(logits_a, logits_a.roll(2, -1).flip(-1), flip)
+    assert float(misaligned) > float(consistent) + 0.5
+    # One cluster everywhere, or uniform probabilities: no information, whatever the window.
+    one = torch.zeros_like(logits_a)
+    one[:, 0] = 30
+    for collapsed in (one, torch.zeros_like(logits_a)):
+        assert abs(float(mutual_information(collapsed, collapsed.flip(-1), flip, window=2))) < 1e-4
+    # The window pairs neighbours: it costs information at region borders only, less on larger regions.
+    large = logits_a.repeat_interleave(4, -1).repeat_interleave(4, -2)  # 16 x 16 cell regions
+    small_cost = float(mutual_information(logits_a, logits_a.flip(-1), flip, window=1)) - float(consistent)
+    large_cost = float(mutual_information(large, large.flip(-1), flip, window=1)) - float(consistent)
+    assert 0 < large_cost < small_cost / 2
+
+
+def test_mutual_information_matches_the_joint_written_out_and_sends_gradient_to_both_views():
+    torch.manual_seed(0)
+    la = torch.randn(2, 3, 6, 6, requires_grad=True)
+    lb = torch.randn(2, 3, 6, 6, requires_grad=True)
+    identity = ViewTransform(torch.tensor([[[1.0, 0, 0], [0, 1, 0]]]).repeat(2, 1, 1))
+    loss = mutual_information(la, lb, identity, window=1)
+    pa, pb = la.detach().softmax(1), lb.detach().softmax(1)
+    joint = torch.zeros(3, 3)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):  # positions of A at p + d paired with B at p, inside the map
+            for y in range(6):
+                for x in range(6):
+                    if 0 <= y + dy < 6 and 0 <= x + dx < 6:
+                        joint += torch.einsum("bi,bj->ij", pa[:, :, y + dy, x + dx], pb[:, :, y, x])
+    joint = 0.5 * (joint + joint.t())
+    joint /= joint.sum()
+    expected = -(joint * (joint.log() - joint.sum(1, keepdim=True).log() - joint.sum(0, keepdim=True).log())).sum()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    loss.backward()
+    assert la.grad.abs().sum() > 0 and lb.grad.abs().sum() > 0
+
+
 def test_colour_statistics_are_window_means_and_spreads():
     from seglib.losses.cluster import colour_statistics
 
@@ -66,8 +118,10 @@ def test_swapped_prediction_sends_gradient_to_both_views():
     assert torch.allclose(q.sum(1), torch.ones(2, 8, 8), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,colourize", [("student", 0.0), ("teacher", 0.0), ("student", 1.0)])
-def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch, colourize):
+@pytest.mark.parametrize(
+    "arch,colourize,iic", [("student", 0.0, 0.0), ("teacher", 0.0, 0.0), ("student", 1.0, 0.0), ("student", 0.0, 1.0)]
+)
+def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch, colourize, iic):
     from seglib.config import Config
     from seglib.models import load_model
     from seglib.training.run import run
@@ -82,7 +136,7 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
             "stage": "cluster",
             "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
             "student": {"size": "tiny", "norm": "batch", "stem": "unshuffle"},
-            "cluster": {"arch": arch, "prototypes": 6, "window": 1, "colourize": colourize},
+            "cluster": {"arch": arch, "prototypes": 6, "window": 1, "colourize": colourize, "iic": iic},
             "data": {"synthetic": False, "data_dir": str(folder), "size": 32, "batch_size": 2},
             "train": {"steps": 3, "warmup": 1, "checkpoint_dir": str(tmp_path / "run"), "image_every": 2},
         }
@@ -91,6 +145,8 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
     assert len(history["loss/swap"]) == 3 and all(math.isfinite(v) for v in history["loss/swap"])
     if colourize:
         assert all(math.isfinite(v) and v > 0 for v in history["loss/colourize"])
+    if iic:  # minus a mutual information: between -(log 6 + log 24) and 0 for the two default heads
+        assert all(-math.log(6 * 24) - 1e-4 <= v <= 1e-4 for v in history["loss/iic"])
     assert 1 <= history["diag/prototypes_used"][-1] <= 6
     model = load_model(tmp_path / "run" / f"{arch}.pt")
     labels = model(torch.rand(1, 3, 64, 64), 3)["probs"].argmax(1)

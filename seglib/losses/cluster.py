@@ -14,6 +14,10 @@ several prototypes instead of being split from its neighbours by the balance.
 IIC's displacement window, Ji et al. ICCV 2019): a position must predict what its
 surroundings are assigned to, which favours region-level rather than pixel-level clusters.
 
+``mutual_information`` is IIC's objective itself (Ji, Henriques and Vedaldi, ICCV 2019): no
+targets, the joint distribution of the two views' assignments over every displacement within a
+small window is made as informative as possible (confident, consistent and balanced).
+
 Every function works on (B, C, h, w) maps; the positions of the whole batch form one
 assignment problem, as in SwAV.
 """
@@ -26,7 +30,14 @@ import torch.nn.functional as F
 from .. import distributed as dist
 from ..augment import ViewTransform
 
-__all__ = ["sinkhorn", "balanced_codes", "swapped_prediction", "assignment_stats", "colour_statistics"]
+__all__ = [
+    "sinkhorn",
+    "balanced_codes",
+    "swapped_prediction",
+    "mutual_information",
+    "assignment_stats",
+    "colour_statistics",
+]
 
 
 @torch.no_grad()
@@ -90,6 +101,38 @@ def swapped_prediction(
     ce_a = -(q_b_in_a * F.log_softmax(logits_a.float(), 1)).sum(1, keepdim=True)
     ce_a = (ce_a * covered).sum() / covered.sum().clamp_min(1.0)
     return 0.5 * (ce_a + ce_b)
+
+
+def mutual_information(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    transform: ViewTransform,
+    *,
+    window: int = 0,
+    lamb: float = 1.0,
+) -> torch.Tensor:
+    """Minus the mutual information of the two views' cluster assignments (IIC's loss).
+
+    ``logits_a`` (B, C, h, w) live in the source frame, ``logits_b`` in view B's frame;
+    ``transform`` maps A's frame to B's. B's probabilities are warped back into A's frame and
+    only the positions B covers count. The joint P (C, C) pairs the assignment of each position
+    of A with that of every position of B up to ``window`` cells away (summed over the
+    displacements, as IIC does), over the whole batch, symmetrised and normalised. The loss is
+    -sum P log(P / (P_i^lamb P_j^lamb)): 0 when every position gets the same cluster,
+    -log C at best (confident, consistent, every cluster used equally). ``lamb`` > 1 favours
+    balanced marginals more. Under DDP each process scores its own batch."""
+    probs_a = logits_a.float().softmax(1)
+    probs_b, covered = transform.to_source(logits_b.float().softmax(1))  # (B, C, h, w), (B, 1, h, w)
+    a = (probs_a * covered).transpose(0, 1)  # (C, B, h, w)
+    b = (probs_b * covered).transpose(0, 1)
+    # conv2d with B's maps as the kernel: out[i, j, dy, dx] = sum over the batch and the
+    # positions of a[i] at p + d times b[j] at p, for every displacement d in the window.
+    joint = F.conv2d(a, b, padding=window).sum((2, 3))  # (C, C)
+    joint = 0.5 * (joint + joint.t())
+    joint = (joint / joint.sum()).clamp_min(1e-8)
+    p_i = joint.sum(1, keepdim=True)  # (C, 1)
+    p_j = joint.sum(0, keepdim=True)  # (1, C)
+    return -(joint * (joint.log() - lamb * p_i.log() - lamb * p_j.log())).sum()
 
 
 @torch.no_grad()

@@ -157,6 +157,25 @@ register(
         about="the bundled architecture and head trained from scratch on the fold's tiles by dense swapped prediction",
     )
 )
+# The bundled recipe's model, then IIC on the same tiles at a quarter of the learning rate.
+STUDENT_DUBAI_IIC = recipes.STUDENT_IIC_CPU | {
+    "train": {**recipes.STUDENT_IIC_CPU["train"], "steps": 300, "lr": 5e-4, "warmup": 20, "checkpoint_every": 300}
+}
+register(
+    Method(
+        "student_iic",
+        recipe="student_iic_cpu",
+        about="the bundled architecture and head trained from scratch on the fold's tiles by IIC's mutual information",
+    )
+)
+register(
+    Method(
+        "student_dubai_iic",
+        recipe=STUDENT_DUBAI_IIC,
+        init_from="student_dubai",
+        about="the bundled recipe's fold model fine-tuned 300 steps on the fold's tiles by IIC's mutual information",
+    )
+)
 for _steps in (10, 30):
     register(
         Method(

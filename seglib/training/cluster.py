@@ -4,7 +4,9 @@ Each step renders two views of every crop (``seglib.augment.make_views``: view A
 only, view B also flipped / rotated / cropped), computes the segmenter's learned features for
 both, scores every position against C shared prototypes (cosine similarity / temperature) and
 applies ``seglib.losses.cluster.swapped_prediction``: each view predicts the other view's
-Sinkhorn-balanced codes, warped exactly into its frame.
+Sinkhorn-balanced codes, warped exactly into its frame. With ``cluster.iic`` > 0, IIC heads
+(their own prototype sets, a main one and over-clustering ones) are trained by
+``seglib.losses.cluster.mutual_information`` on the same view pairs.
 
 The trained module is any seglib segmenter (``cluster.arch``: the student CNN of
 ``student.*`` or the teacher encoder of ``model.*``); inference does not use the prototypes:
@@ -27,7 +29,7 @@ from ..augment import make_views
 from ..checkpoint import FORMAT, save_atomic
 from ..config import Config
 from ..data.batches import sample_rngs
-from ..losses.cluster import assignment_stats, colour_statistics, swapped_prediction
+from ..losses.cluster import assignment_stats, colour_statistics, mutual_information, swapped_prediction
 from ..models.student import StudentModelConfig, StudentSegmenter
 from ..models.teacher import MonolithicSegmenter
 from .loop import StepOutput
@@ -55,12 +57,22 @@ class ClusterModule(nn.Module):
       dim: width of the learned features.
     """
 
-    def __init__(self, segmenter: nn.Module, *, prototypes: int, dim: int, colour_outputs: int = 0):
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        *,
+        prototypes: int,
+        dim: int,
+        colour_outputs: int = 0,
+        iic_heads: tuple[int, ...] = (),
+    ):
         super().__init__()
         self.segmenter = segmenter
         self.prototypes = nn.Parameter(torch.randn(prototypes, dim))
         # Training only: predicts region colour statistics from the learned features.
         self.colour_head = nn.Conv2d(dim, colour_outputs, 1) if colour_outputs else None
+        # Training only: IIC's cluster heads, prototypes like the swap's own.
+        self.iic_heads = nn.ParameterList([nn.Parameter(torch.randn(c, dim)) for c in iic_heads])
 
     def forward(self, rgb: torch.Tensor, *, temperature: float, freeze: bool = False) -> dict[str, torch.Tensor]:
         """{"features": (B, F, h, w), "logits": (B, C, h, w)} for rgb (B, 3, H, W)."""
@@ -69,6 +81,8 @@ class ClusterModule(nn.Module):
         protos = F.normalize(self.prototypes.detach() if freeze else self.prototypes, dim=1)  # (C, F)
         logits = torch.einsum("bfhw,cf->bchw", unit, protos) / temperature  # (B, C, h, w)
         out = {"features": features, "logits": logits}
+        for i, head in enumerate(self.iic_heads):
+            out[f"iic{i}"] = torch.einsum("bfhw,cf->bchw", unit, F.normalize(head, dim=1)) / temperature
         if self.colour_head is not None:
             out["colour"] = self.colour_head(features)  # (B, 6 * radii, h, w)
         return out
@@ -89,9 +103,10 @@ class ClusterTask:
         segmenter = build_segmenter(cfg)
         dim = cfg.model.encoder.embed_dim
         outputs = 6 * len(cfg.cluster.colour_radii) if cfg.cluster.colourize > 0 else 0
-        self.model = ClusterModule(segmenter, prototypes=cfg.cluster.prototypes, dim=dim, colour_outputs=outputs).to(
-            device
-        )
+        heads = tuple(cfg.cluster.iic_heads) if cfg.cluster.iic > 0 else ()
+        self.model = ClusterModule(
+            segmenter, prototypes=cfg.cluster.prototypes, dim=dim, colour_outputs=outputs, iic_heads=heads
+        ).to(device)
 
     @property
     def inference_model(self) -> nn.Module:
@@ -121,12 +136,24 @@ class ClusterTask:
                 ]
             )
             terms["colourize"] = F.l1_loss(out["colour"].float(), target)
-        terms["total"] = c.swap * terms.get("swap", 0.0) + c.colourize * terms.get("colourize", 0.0)
-        stats = assignment_stats(logits_a.detach())
+        if c.iic > 0:
+            # The heads' losses summed (IIC alternates them; one sum per step costs one pass).
+            terms["iic"] = sum(
+                mutual_information(
+                    out[f"iic{i}"][:b], out[f"iic{i}"][b:], transform, window=c.iic_window, lamb=c.iic_lamb
+                )
+                for i in range(len(c.iic_heads))
+            )
+        terms["total"] = (
+            c.swap * terms.get("swap", 0.0) + c.colourize * terms.get("colourize", 0.0) + c.iic * terms.get("iic", 0.0)
+        )
+        # Diagnostics of the assignment being trained: IIC's main head when there is no swap.
+        shown = (out["iic0"][:b] if c.swap <= 0 and c.iic > 0 else logits_a).detach()
+        stats = assignment_stats(shown)
         scalars = {f"diag/{k}": v for k, v in stats.items()}
         scalars["diag/feature_std"] = float(out["features"].detach().std(dim=(0, 2, 3)).mean())
         # TensorBoard's palette has 16 colours: show the winning prototype, modulo 16.
-        winner = F.one_hot(logits_a.detach().argmax(1) % 16, 16).permute(0, 3, 1, 2).float()  # (B, 16, h, w)
+        winner = F.one_hot(shown.argmax(1) % 16, 16).permute(0, 3, 1, 2).float()  # (B, 16, h, w)
         return StepOutput(terms=terms, n_images=b, rgb=view_a, probs=winner, scalars=scalars)
 
     def state_dict(self) -> dict[str, Any]:
