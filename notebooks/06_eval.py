@@ -168,7 +168,8 @@ for what, table in picks.items():
     print(f"{what}: " + ", ".join(f"{row['criterion']} -> {row['pick']}" for row in table))
 print(f"real tiles: model mIoU {real_result['model']['miou']:.2f}, RGB k-means {real_result['rgb_kmeans']['miou']:.2f}")
 print(f"{names[0]} at K={k0} by lane:", {lane: round(r["miou"], 2) for lane, r in by_lane.items()})
-print("leave-one-tile-out, pooled mIoU:", {m: round(loto["methods"][m]["all"]["miou"], 3) for m in DEFAULT_METHODS})
+pooled = {m: round(loto["methods"][m]["all"]["miou"], 3) for m in DEFAULT_METHODS if m in loto["methods"]}
+print("leave-one-tile-out, pooled mIoU:", pooled)
 
 # %% [markdown]
 # ## Plots
