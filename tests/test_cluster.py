@@ -151,8 +151,9 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
     model = load_model(tmp_path / "run" / f"{arch}.pt")
     labels = model(torch.rand(1, 3, 64, 64), 3)["probs"].argmax(1)
     assert labels.shape == (1, 64, 64) and int(labels.max()) < 3
-    protos = torch.load(tmp_path / "run" / "cluster_prototypes.pt", weights_only=True)["model"]["prototypes"]
-    assert protos.shape == (6, 8)
+    saved = torch.load(tmp_path / "run" / "cluster_prototypes.pt", weights_only=True)["model"]
+    assert saved["prototypes"].shape == (6, 8)
+    assert [saved[k].shape for k in sorted(saved) if k.startswith("iic")] == ([(6, 8), (24, 8)] if iic else [])
 
 
 def test_init_from_starts_a_teacher_or_cluster_run_from_saved_weights(tmp_path, tiny_teacher_checkpoint):

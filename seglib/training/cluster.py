@@ -75,14 +75,17 @@ class ClusterModule(nn.Module):
         self.iic_heads = nn.ParameterList([nn.Parameter(torch.randn(c, dim)) for c in iic_heads])
 
     def forward(self, rgb: torch.Tensor, *, temperature: float, freeze: bool = False) -> dict[str, torch.Tensor]:
-        """{"features": (B, F, h, w), "logits": (B, C, h, w)} for rgb (B, 3, H, W)."""
+        """{"features": (B, F, h, w), "logits": (B, C, h, w), "iic<i>": (B, C_i, h, w) per IIC
+        head} for rgb (B, 3, H, W)."""
         features = self.segmenter.features(rgb).float()  # (B, F, h, w)
         unit = F.normalize(features, dim=1)
-        protos = F.normalize(self.prototypes.detach() if freeze else self.prototypes, dim=1)  # (C, F)
-        logits = torch.einsum("bfhw,cf->bchw", unit, protos) / temperature  # (B, C, h, w)
-        out = {"features": features, "logits": logits}
+
+        def cosine_logits(protos: torch.Tensor) -> torch.Tensor:  # (C, F) -> (B, C, h, w)
+            return torch.einsum("bfhw,cf->bchw", unit, F.normalize(protos, dim=1)) / temperature
+
+        out = {"features": features, "logits": cosine_logits(self.prototypes.detach() if freeze else self.prototypes)}
         for i, head in enumerate(self.iic_heads):
-            out[f"iic{i}"] = torch.einsum("bfhw,cf->bchw", unit, F.normalize(head, dim=1)) / temperature
+            out[f"iic{i}"] = cosine_logits(head)
         if self.colour_head is not None:
             out["colour"] = self.colour_head(features)  # (B, 6 * radii, h, w)
         return out
@@ -164,7 +167,7 @@ class ClusterTask:
 
     def export(self, directory: Path) -> None:
         """``student.pt`` or ``teacher.pt`` (the segmenter and the config, what inference
-        needs) and ``cluster_prototypes.pt``."""
+        needs) and ``cluster_prototypes.pt`` (the swap's prototypes and the IIC heads')."""
         directory = Path(directory)
         kind = "student" if self.cfg.cluster.arch == "student" else "teacher"
         cfg = copy.deepcopy(self.cfg)
@@ -182,7 +185,10 @@ class ClusterTask:
                 "format": FORMAT,
                 "kind": "cluster-prototypes",
                 "config": cfg.to_dict(),
-                "model": {"prototypes": self.model.prototypes.detach()},
+                "model": {
+                    "prototypes": self.model.prototypes.detach(),
+                    **{f"iic_head{i}": head.detach() for i, head in enumerate(self.model.iic_heads)},
+                },
             },
             directory / "cluster_prototypes.pt",
         )
