@@ -62,7 +62,7 @@ STUDENT_DUBAI_CPU: dict = {
     "train": {**_TRAIN, "steps": 1500, "checkpoint_every": 250, "weight_average_decay": 0.995},
 }
 
-# Research recipes of the leave-one-tile-out study (docs/results.md, "Leave-one-tile-out"); neither
+# Research recipes of the leave-one-tile-out study (docs/results.md, "Leave-one-tile-out"); none
 # beat the bundled recipe under that protocol, they are kept so that the study can be reproduced.
 #
 # The synthetic teacher fine-tuned on real tiles shrunk by 2 (no labels): pass
