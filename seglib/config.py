@@ -155,6 +155,8 @@ class LossConfig:
     variance_floor: float = 1.0  # the floor (std over the batch's positions)
     covariance: float = 0.04  # decorrelates the raw feature channels
     refine: float = 1.0  # full-resolution terms that train the learned refinement lane
+    region: float = 0.0  # research: contrast of the learned features by synthetic label maps (0: off)
+    region_temperature: float = 0.1  # its softmax temperature over -squared distances
 
 
 @dataclass
@@ -408,6 +410,11 @@ class Config:
             )
         if d.mask_dir and d.synthetic:
             raise ConfigError("data.mask_dir is set but the run trains on synthetic tiles; add --data-dir DIR")
+        if self.loss.region and not d.synthetic:
+            raise ConfigError(
+                "loss.region needs the synthetic tiles' label maps but the run reads a folder; "
+                "set loss.region=0 or train with --synthetic"
+            )
         return self
 
     @classmethod

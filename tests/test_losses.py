@@ -15,6 +15,7 @@ from seglib.losses.teacher import (
     edge_aware_smoothness,
     entropy_terms,
     kl_divergence,
+    region_contrast,
     symmetric_kl,
     symmetric_kl_map,
     variance_floor,
@@ -112,6 +113,36 @@ def test_variance_and_covariance_terms():
     independent = torch.randn(4, 8, 32, 32)
     correlated = independent[:, :1].expand(-1, 8, -1, -1)
     assert covariance_penalty(correlated) > 10 * covariance_penalty(independent)
+
+
+def test_region_contrast_floor_separation_and_images_kept_apart():
+    """At its floor (mean log of each anchor's positives) when classes sit far apart, higher
+    when they mix; a class id is read within its own image only."""
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, :, 8:] = 1  # two halves per image, 8 positions of each class on a 4 x 4 grid
+    apart = torch.zeros(2, 2, 4, 4)
+    apart[:, 0, :, :2] = 5.0
+    apart[:, 1, :, 2:] = 5.0
+    floor = math.log(7)  # 7 other positions of the own class, every one at distance 0
+    assert float(region_contrast(apart, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
+    mixed = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert float(region_contrast(mixed, labels, 0.2)) > floor + 1.0
+    # Image 1 swaps which appearance its class 0 has: separation within each image still counts.
+    swapped = apart.clone()
+    swapped[1] = apart[1].flip(-1)
+    assert float(region_contrast(swapped, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
+    # Gradients pull a mixed embedding toward the floor.
+    x = mixed.clone().requires_grad_(True)
+    region_contrast(x, labels, 0.2).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_region_loss_needs_synthetic_tiles(tmp_path):
+    from seglib.config import Config, ConfigError
+
+    cfg = Config.from_dict({"loss": {"region": 1.0}, "data": {"synthetic": False, "data_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="loss.region"):
+        cfg.check_paths()
 
 
 def test_teacher_loss_dict():

@@ -436,3 +436,19 @@ def test_run_restores_the_thread_count(tmp_path):
     before = torch.get_num_threads()
     run(cfg_for(tmp_path, steps=1, threads=1))
     assert torch.get_num_threads() == before
+
+
+def test_region_term_trains_on_the_synthetic_label_maps(tmp_path):
+    """loss.region adds the label-map contrast to the teacher's total: logged and finite, and at
+    the first step (same weights, same batch) the total is the plain run's plus the term."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides(tmp_path / "region", steps=2)
+    history = run(Config.from_dict({**over, "loss": {"region": 1.0}}))
+    acc = EventAccumulator(str(tmp_path / "region" / "tb"))
+    acc.Reload()
+    values = [e.value for e in acc.Scalars("loss/region")]
+    assert len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values)
+    plain = run(cfg_for(tmp_path / "plain", steps=2))
+    assert "loss/region" not in plain
+    assert history["loss/total"][0] == pytest.approx(plain["loss/total"][0] + history["loss/region"][0], rel=1e-5)

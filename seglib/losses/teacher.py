@@ -10,6 +10,9 @@ Each term is a plain function with a defining property that tests check:
   by log K so their weights mean the same at every K.
 * ``edge_aware_smoothness``: total variation of the probabilities, down-weighted where the RGB
   image has an edge; 0 for piecewise-constant maps whose changes sit on strong edges.
+* ``region_contrast`` (research, synthetic tiles only): a supervised contrast of the learned
+  features by the procedural tiles' label maps; at its floor (the mean log of each anchor's
+  number of positives) when every position is much nearer to its own class than to any other.
 * ``variance_floor``: a hinge on the per-channel spread of the learned embeddings (as in
   VICReg, Bardes et al. 2022). The uniform assignment is a trap of entropy shaping alone
   (it zeroes consistency and smoothness); a floor on the spread makes that collapse expensive.
@@ -41,6 +44,7 @@ __all__ = [
     "edge_aware_smoothness",
     "variance_floor",
     "channel_covariance",
+    "region_contrast",
     "TeacherLoss",
 ]
 
@@ -184,6 +188,29 @@ def invariance_loss(
     if radius > 0:
         target = F.avg_pool2d(target, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
     return F.mse_loss(target, features_b.float())
+
+
+def region_contrast(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrast (Khosla et al. 2020) of the positions of each image by its label map.
+
+    ``emb`` (B, D, h, w): e.g. the unit-normalised learned features; ``labels`` (B, H, W) integer, taken at the
+    nearest position of the h x w grid. Within each image, every position is an anchor whose
+    positives are the other positions of its class, scored by -squared distance / temperature:
+    the loss is the mean over anchors of -mean log softmax of the positives (anchors alone in
+    their class are left out). Images are kept apart: a class id means nothing across tiles.
+    """
+    b, d, h, w = emb.shape
+    lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest").reshape(b, h * w)  # (B, N)
+    x = emb.float().reshape(b, d, h * w).transpose(1, 2)  # (B, N, D)
+    logits = -torch.cdist(x, x).square() / temperature  # (B, N, N)
+    eye = torch.eye(h * w, dtype=torch.bool, device=emb.device)
+    logits = logits.masked_fill(eye, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=2, keepdim=True)  # (B, N, N)
+    positive = (lab[:, :, None] == lab[:, None, :]) & ~eye  # (B, N, N)
+    count = positive.sum(dim=2)  # (B, N)
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=2) / count.clamp(min=1)  # (B, N)
+    has = count > 0
+    return per_anchor[has].mean() if bool(has.any()) else emb.sum() * 0.0
 
 
 class TeacherLoss(nn.Module):

@@ -19,7 +19,7 @@ from ..augment import make_views_batched
 from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config, RandomizeConfig
 from ..data.batches import step_generator
-from ..losses.teacher import TeacherLoss
+from ..losses.teacher import TeacherLoss, region_contrast
 from ..models.teacher import MonolithicSegmenter
 from .loop import StepOutput
 
@@ -96,6 +96,14 @@ class TeacherTask:
             check_values=False,  # the views are clamped to [0, 1]; the check would be a sync
         )
         terms = self.loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane)
+        if cfg.loss.region:
+            # View A has the tile's geometry, so the tile's label map is A's.
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            # On the unit-normalised learned features: the colour channels the head appends are
+            # not the network's to move, and within-class colour spread would swamp the term.
+            unit = torch.nn.functional.normalize(out["features"][:b].float(), dim=1)
+            terms["region"] = region_contrast(unit, labels, cfg.loss.region_temperature)
+            terms["total"] = terms["total"] + cfg.loss.region * terms["region"]
         probs = out.get("probs", out["probs_coarse"])[:b].detach()  # TensorBoard upsamples if needed
         scalars = {
             "diag/k": float(knobs.k),
