@@ -1,0 +1,188 @@
+"""How much can training the bundled student's architecture lift its head on a held-out tile,
+even with labels? A diagnostic, never a method: it reads the masks.
+
+For each leave-one-tile-out fold the architecture (``configs/student_dubai_cpu.py``: tiny CNN,
+high-pass input, colour appended, denoising, soft k-means at half resolution) is trained with the
+masks of the other tiles: nearest-class-mean cross-entropy in the space the head clusters (each
+crop's class means are the prototypes, as if k-means had found the true classes; labels 5 and
+255 left out). The held-out tile is then scored the way ``python -m seglib.loto`` scores
+(K = classes present, Hungarian mIoU), beside the same initial weights untrained, which is the
+protocol's ``student_random``. What this gains over the untrained weights bounds what an
+unsupervised objective can add to this architecture and head at this scale (docs/results.md).
+
+    python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --out docs/supervised_ceiling.json
+    python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
+
+``--in-sample`` trains on every tile and scores the same images: what the model can fit at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seglib import recipes
+from seglib.config import Config
+from seglib.data.tiles import load_labelled_folder
+from seglib.loto.folds import group_by_tile, paired_difference, summarize, tile_of
+from seglib.metrics import segmentation_scores
+from seglib.models.student import StudentModelConfig, StudentSegmenter
+from seglib.raster import predict_labels
+
+IGNORE = (5, 255)
+
+
+def student_config() -> Config:
+    return Config.from_dict({k: v for k, v in recipes.STUDENT_DUBAI_CPU.items() if k != "stage"})
+
+
+def shrink(rgb: np.ndarray, labels: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block means of ``rgb`` (H, W, 3) float and the top-left label of each block."""
+    h, w = rgb.shape[0] // factor, rgb.shape[1] // factor
+    small = rgb[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).mean((1, 3))
+    return small.astype(np.float32), labels[: h * factor : factor, : w * factor : factor]
+
+
+def class_mean_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each position against the class means of its own crop, on
+    -squared distance / temperature (the head's logits with the true classes as prototypes).
+    ``emb`` (B, D, h, w); ``labels`` (B, H, W) taken at the nearest position. Crops with fewer
+    than two scored classes are skipped."""
+    b, d, h, w = emb.shape
+    lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest").reshape(b, h * w).long()
+    x = emb.float().reshape(b, d, h * w).transpose(1, 2)  # (B, N, D)
+    losses = []
+    for i in range(b):
+        keep = ~torch.isin(lab[i], torch.tensor(IGNORE))
+        classes = torch.unique(lab[i][keep])
+        if len(classes) < 2:
+            continue
+        onehot = (lab[i][keep][:, None] == classes[None]).float()  # (N', C)
+        means = onehot.T @ x[i][keep] / onehot.sum(0)[:, None]  # (C, D)
+        logits = -torch.cdist(x[i][keep], means).square() / temperature
+        losses.append(F.cross_entropy(logits, onehot.argmax(1)))
+    return torch.stack(losses).mean() if losses else emb.sum() * 0.0
+
+
+def train_supervised(
+    model: StudentSegmenter,
+    pairs: list,
+    *,
+    steps: int,
+    crop: int = 128,
+    batch: int = 4,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> list[float]:
+    """``steps`` AdamW steps on random crops (flips and quarter turns) of ``pairs`` (shrunk
+    (rgb, labels)); returns the loss of every step."""
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    temperature = model.config.head.temperature
+    model.train()
+    history = []
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(batch):
+            rgb, lab = pairs[int(rng.integers(len(pairs)))]
+            y = int(rng.integers(0, rgb.shape[0] - crop + 1))
+            x = int(rng.integers(0, rgb.shape[1] - crop + 1))
+            img = torch.from_numpy(rgb[y : y + crop, x : x + crop]).permute(2, 0, 1)
+            lbl = torch.from_numpy(lab[y : y + crop, x : x + crop].astype(np.int64))
+            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+            img, lbl = torch.rot90(img, turns, (1, 2)), torch.rot90(lbl, turns, (0, 1))
+            if flip:
+                img, lbl = img.flip(-1), lbl.flip(-1)
+            xs.append(img)
+            ys.append(lbl)
+        out = model(torch.stack(xs).contiguous(), 6, downsample=1, full_resolution=False, check_values=False)
+        loss = class_mean_loss(out["clustered"], torch.stack(ys), temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(float(loss.detach()))
+    return history
+
+
+def score(model: StudentSegmenter, names: list[str], tiles: list, kind: str) -> list[dict]:
+    """Per-image rows scored as the protocol scores (K = classes present)."""
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for name, (rgb, gt) in zip(names, tiles, strict=True):
+            present = np.setdiff1d(np.unique(gt), np.asarray(IGNORE, dtype=gt.dtype))
+            if len(present) < 2:
+                continue
+            s = segmentation_scores(predict_labels(model, rgb, len(present)), gt, IGNORE)
+            rows.append({"image": name, "tile": tile_of(name), "kind": kind, "miou": float(s["miou"])})
+    return rows
+
+
+def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0) -> dict:
+    names, tiles = load_labelled_folder(data / "images", data / "masks")
+    by_tile = group_by_tile(names)
+    cfg = student_config()
+    factor = cfg.data.downscale
+    index = {n: i for i, n in enumerate(names)}
+    splits = [("in-sample", list(by_tile))] if in_sample else [(f, [t for t in by_tile if t != f]) for f in folds]
+    rows, timing = [], {}
+    for fold, train_tiles in splits:
+        scored = [n for n in names if tile_of(n) in (train_tiles if in_sample else [fold])]
+        pairs = [shrink(*tiles[index[n]], factor) for t in train_tiles for n in by_tile[t]]
+        torch.manual_seed(seed)  # the protocol's student_random: seed 0, untrained
+        model = StudentSegmenter(StudentModelConfig.from_config(cfg))
+        rows += score(model, scored, [tiles[index[n]] for n in scored], "untrained")
+        tic = time.perf_counter()
+        losses = train_supervised(model, pairs, steps=steps, seed=seed)
+        timing[fold] = time.perf_counter() - tic
+        rows += score(model, scored, [tiles[index[n]] for n in scored], "supervised")
+        print(
+            f"{fold}: loss {np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f} in {timing[fold]:.0f} s",
+            flush=True,
+        )
+    untrained = [r for r in rows if r["kind"] == "untrained"]
+    supervised = [r for r in rows if r["kind"] == "supervised"]
+    return {
+        "steps": steps,
+        "in_sample": in_sample,
+        "train_seconds": timing,
+        "untrained": summarize(untrained, keys=("miou",)),
+        "supervised": summarize(supervised, keys=("miou",)),
+        "difference": paired_difference(supervised, untrained),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", required=True, help="folder with images/ and masks/")
+    p.add_argument("--folds", default="", help="tiles to hold out (default: every tile)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--in-sample", action="store_true", help="train on every tile and score the same images")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True, help="JSON result")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    folds = [f for f in args.folds.split(",") if f] or list(group_by_tile(q.stem for q in (data / "images").iterdir()))
+    result = run(data, folds, args.steps, args.in_sample)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    for kind in ("untrained", "supervised"):
+        per = "  ".join(f"{t} {v['miou']:.3f}" for t, v in result[kind]["folds"].items())
+        print(f"{kind:10s}  {per}  all {result[kind]['all']['miou']:.3f}")
+    d = result["difference"]
+    print(f"supervised - untrained: {d['mean']:+.3f} (95 % interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

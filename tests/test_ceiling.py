@@ -1,0 +1,64 @@
+"""docs/supervised_ceiling.py, the label-reading diagnostic: its loss has the head's optimum, the
+held-out tile never reaches training, and the untrained rows are the protocol's random weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "seglib" / "assets" / "dubai"
+
+
+@pytest.fixture(scope="module")
+def ceiling():
+    spec = importlib.util.spec_from_file_location("supervised_ceiling", ROOT / "docs" / "supervised_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_class_mean_loss_rewards_compact_classes_and_skips_ignored_labels(ceiling):
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[:, :, 4:] = 1
+    apart = torch.zeros(1, 2, 8, 8)
+    apart[:, 0, :, :4] = 3.0
+    apart[:, 1, :, 4:] = 3.0
+    mixed = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert float(ceiling.class_mean_loss(apart, labels, 0.1)) < 1e-6
+    assert float(ceiling.class_mean_loss(mixed, labels, 0.1)) > 0.1
+    # Label 5 (ignored) on one half leaves a single scored class: nothing to learn from the crop.
+    assert float(ceiling.class_mean_loss(mixed, labels * 5, 0.1)) == 0.0
+
+
+def test_held_out_tile_is_scored_never_trained_and_untrained_rows_are_random_weights(ceiling, monkeypatch):
+    seen = []
+    real = ceiling.train_supervised
+
+    def spy(model, pairs, **kw):
+        seen.extend(rgb.shape for rgb, _ in pairs)
+        return real(model, pairs, **kw)
+
+    monkeypatch.setattr(ceiling, "train_supervised", spy)
+    result = ceiling.run(ASSETS, ["t1"], steps=2, in_sample=False)
+    rows = result["rows"]
+    assert {r["tile"] for r in rows} == {"t1"}
+    assert {r["kind"] for r in rows} == {"untrained", "supervised"}
+    # Training read the two t2 images only (shrunk by the recipe's factor 2), not t1's.
+    assert len(seen) == 2
+    # The untrained rows score the protocol's random weights (seed 0, StudentSegmenter(config)).
+    from seglib.models import random_init_like
+
+    cfg = ceiling.student_config()
+    torch.manual_seed(123)
+    model = random_init_like(ceiling.StudentSegmenter(ceiling.StudentModelConfig.from_config(cfg)))
+    from seglib.data.tiles import load_labelled_folder
+
+    names, tiles = load_labelled_folder(ASSETS / "images", ASSETS / "masks", include=("*t1.*",))
+    again = ceiling.score(model, names, tiles, "untrained")
+    assert [r["miou"] for r in again] == [r["miou"] for r in rows if r["kind"] == "untrained"]
+    json.dumps(result)  # the result is plain JSON
