@@ -77,14 +77,16 @@ def train_supervised(
     steps: int,
     crop: int = 128,
     batch: int = 4,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
+    temperature: float = 1.0,
     seed: int = 0,
 ) -> list[float]:
     """``steps`` AdamW steps on random crops (flips and quarter turns) of ``pairs`` (shrunk
-    (rgb, labels)); returns the loss of every step."""
+    (rgb, labels)); returns the loss of every step. The defaults were set in-sample on tile 1
+    of the dev split: at the head's temperature (0.1) the loss did not fall, and lr 3e-3 fit
+    more than 1e-3."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    temperature = model.config.head.temperature
     model.train()
     history = []
     for _ in range(steps):
