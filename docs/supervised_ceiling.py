@@ -14,6 +14,8 @@ unsupervised objective can add to this architecture and head at this scale (docs
     python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
 
 ``--in-sample`` trains on every tile and scores the same images: what the model can fit at all.
+``--arch teacher`` does the same for the teacher's larger network (``configs/teacher_synthetic_cpu.py``)
+scored with the bundled student's head (half resolution, 1 k-means iteration, size prior 3).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from seglib import recipes
 from seglib.config import Config
 from seglib.data.tiles import load_labelled_folder
 from seglib.loto.folds import group_by_tile, paired_difference, summarize, tile_of
+from seglib.loto.methods import REAL_HEAD
 from seglib.metrics import segmentation_scores
 from seglib.models.student import StudentModelConfig, StudentSegmenter
+from seglib.models.teacher import MonolithicSegmenter
 from seglib.raster import predict_labels
 
 IGNORE = (5, 255)
@@ -40,6 +44,16 @@ IGNORE = (5, 255)
 
 def student_config() -> Config:
     return Config.from_dict({k: v for k, v in recipes.STUDENT_DUBAI_CPU.items() if k != "stage"})
+
+
+def build(arch: str) -> tuple[torch.nn.Module, dict]:
+    """A freshly initialised model of ``arch`` (student | teacher) and its inference settings."""
+    if arch == "student":
+        return StudentSegmenter(StudentModelConfig.from_config(student_config())), {}
+    if arch == "teacher":
+        cfg = Config.from_dict({k: v for k, v in recipes.TEACHER_SYNTHETIC_CPU.items() if k != "stage"})
+        return MonolithicSegmenter(cfg.model), dict(REAL_HEAD)
+    raise ValueError(f"unknown architecture {arch!r}; choose student or teacher")
 
 
 def shrink(rgb: np.ndarray, labels: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +85,7 @@ def class_mean_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float)
 
 
 def train_supervised(
-    model: StudentSegmenter,
+    model: torch.nn.Module,
     pairs: list,
     *,
     steps: int,
@@ -113,7 +127,7 @@ def train_supervised(
     return history
 
 
-def score(model: StudentSegmenter, names: list[str], tiles: list, kind: str) -> list[dict]:
+def score(model: torch.nn.Module, names: list[str], tiles: list, kind: str, infer: dict | None = None) -> list[dict]:
     """Per-image rows scored as the protocol scores (K = classes present)."""
     model.eval()
     rows = []
@@ -122,16 +136,15 @@ def score(model: StudentSegmenter, names: list[str], tiles: list, kind: str) -> 
             present = np.setdiff1d(np.unique(gt), np.asarray(IGNORE, dtype=gt.dtype))
             if len(present) < 2:
                 continue
-            s = segmentation_scores(predict_labels(model, rgb, len(present)), gt, IGNORE)
+            s = segmentation_scores(predict_labels(model, rgb, len(present), **(infer or {})), gt, IGNORE)
             rows.append({"image": name, "tile": tile_of(name), "kind": kind, "miou": float(s["miou"])})
     return rows
 
 
-def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0) -> dict:
+def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0, arch: str = "student") -> dict:
     names, tiles = load_labelled_folder(data / "images", data / "masks")
     by_tile = group_by_tile(names)
-    cfg = student_config()
-    factor = cfg.data.downscale
+    factor = student_config().data.downscale  # both architectures are scored at half resolution
     index = {n: i for i, n in enumerate(names)}
     splits = [("in-sample", list(by_tile))] if in_sample else [(f, [t for t in by_tile if t != f]) for f in folds]
     rows, timing = [], {}
@@ -139,12 +152,12 @@ def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0
         scored = [n for n in names if tile_of(n) in (train_tiles if in_sample else [fold])]
         pairs = [shrink(*tiles[index[n]], factor) for t in train_tiles for n in by_tile[t]]
         torch.manual_seed(seed)  # the protocol's student_random: seed 0, untrained
-        model = StudentSegmenter(StudentModelConfig.from_config(cfg))
-        rows += score(model, scored, [tiles[index[n]] for n in scored], "untrained")
+        model, infer = build(arch)
+        rows += score(model, scored, [tiles[index[n]] for n in scored], "untrained", infer)
         tic = time.perf_counter()
         losses = train_supervised(model, pairs, steps=steps, seed=seed)
         timing[fold] = time.perf_counter() - tic
-        rows += score(model, scored, [tiles[index[n]] for n in scored], "supervised")
+        rows += score(model, scored, [tiles[index[n]] for n in scored], "supervised", infer)
         print(
             f"{fold}: loss {np.mean(losses[:50]):.3f} -> {np.mean(losses[-50:]):.3f} in {timing[fold]:.0f} s",
             flush=True,
@@ -152,6 +165,7 @@ def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0
     untrained = [r for r in rows if r["kind"] == "untrained"]
     supervised = [r for r in rows if r["kind"] == "supervised"]
     return {
+        "arch": arch,
         "steps": steps,
         "in_sample": in_sample,
         "train_seconds": timing,
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="folder with images/ and masks/")
     p.add_argument("--folds", default="", help="tiles to hold out (default: every tile)")
     p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--arch", default="student", choices=("student", "teacher"))
     p.add_argument("--in-sample", action="store_true", help="train on every tile and score the same images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON result")
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     folds = [f for f in args.folds.split(",") if f] or list(group_by_tile(q.stem for q in (data / "images").iterdir()))
-    result = run(data, folds, args.steps, args.in_sample)
+    result = run(data, folds, args.steps, args.in_sample, arch=args.arch)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("untrained", "supervised"):
         per = "  ".join(f"{t} {v['miou']:.3f}" for t, v in result[kind]["folds"].items())
