@@ -218,7 +218,7 @@ def test_loto_result_reads_the_saved_result_or_recomputes_it(labelled_folder, tm
     )
 
 
-@pytest.mark.parametrize("name", ["loto.json", "loto_curve.json"])
+@pytest.mark.parametrize("name", ["loto.json", "loto_curve.json", "loto_iic.json", "loto_region.json"])
 def test_committed_results_score_each_image_once_in_its_own_fold(name):
     """The results docs/results.md and notebook 06 show: per method, every image of the folds
     is scored exactly once, as part of the fold of its own tile, and the pooled mean is the

@@ -176,6 +176,61 @@ register(
         about="the bundled recipe's fold model fine-tuned 300 steps on the fold's tiles by IIC's mutual information",
     )
 )
+register(
+    Method(
+        "teacher_region",
+        recipe="teacher_region_cpu",
+        per_fold=False,
+        about="a teacher trained once on synthetic tiles with loss.region (their label maps; no real label)",
+    )
+)
+register(
+    Method(
+        "teacher_region_real_head",
+        eval_of="teacher_region",
+        per_fold=False,
+        infer=REAL_HEAD,
+        about="that teacher scored with the bundled student's head",
+    )
+)
+register(
+    Method(
+        "teacher_region_features",
+        eval_of="teacher_region",
+        per_fold=False,
+        infer=REAL_HEAD,
+        attrs={"colour_weight": 0.0},
+        about="the same without the colour channels: its learned features alone",
+    )
+)
+register(
+    Method(
+        "teacher_synthetic_features",
+        eval_of="teacher_synthetic",
+        per_fold=False,
+        infer=REAL_HEAD,
+        attrs={"colour_weight": 0.0},
+        about="the synthetic teacher's learned features alone (no colour channels), the same head",
+    )
+)
+register(
+    Method(
+        "teacher_random_features",
+        kind="random",
+        random_of="teacher_synthetic",
+        infer=REAL_HEAD,
+        attrs={"colour_weight": 0.0},
+        about="the teacher at random weights, its features alone, the same head",
+    )
+)
+register(
+    Method(
+        "student_dubai_region",
+        recipe="student_dubai_cpu",
+        teacher="teacher_region",
+        about="the bundled recipe distilled from teacher_region instead of the synthetic teacher",
+    )
+)
 for _steps in (10, 30):
     register(
         Method(
