@@ -171,3 +171,12 @@ def test_symmetric_kl_is_the_average_of_the_two_kls_to_the_bit():
     assert torch.allclose(symmetric_kl_map(p, q).mean(), symmetric_kl(p, q), atol=1e-6)
     full = torch.ones(2, 8, 8)
     assert torch.allclose(symmetric_kl(p, q, full), symmetric_kl(p, q), atol=1e-6)
+
+
+def test_region_contrast_is_zero_without_positives():
+    """Every position its own class: no anchor has a positive, the term is 0 (and differentiable)."""
+    labels = torch.arange(16).reshape(1, 4, 4)
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = region_contrast(x, labels, 0.1)
+    assert float(loss.detach()) == 0.0
+    loss.backward()

@@ -193,11 +193,12 @@ def invariance_loss(
 def region_contrast(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Supervised contrast (Khosla et al. 2020) of the positions of each image by its label map.
 
-    ``emb`` (B, D, h, w): e.g. the unit-normalised learned features; ``labels`` (B, H, W) integer, taken at the
-    nearest position of the h x w grid. Within each image, every position is an anchor whose
-    positives are the other positions of its class, scored by -squared distance / temperature:
-    the loss is the mean over anchors of -mean log softmax of the positives (anchors alone in
-    their class are left out). Images are kept apart: a class id means nothing across tiles.
+    ``emb`` (B, D, h, w), e.g. the unit-normalised learned features; ``labels`` (B, H, W)
+    integer, taken at the nearest position of the h x w grid. Within each image every position
+    is an anchor whose positives are the other positions of its class, scored by -squared
+    distance / temperature: the loss is the mean over anchors of -mean log softmax of the
+    positives (anchors alone in their class are left out; 0 if there are none). Images are kept
+    apart: a class id means nothing across tiles. No value is read back from the device.
     """
     b, d, h, w = emb.shape
     lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest").reshape(b, h * w)  # (B, N)
@@ -209,8 +210,8 @@ def region_contrast(emb: torch.Tensor, labels: torch.Tensor, temperature: float)
     positive = (lab[:, :, None] == lab[:, None, :]) & ~eye  # (B, N, N)
     count = positive.sum(dim=2)  # (B, N)
     per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=2) / count.clamp(min=1)  # (B, N)
-    has = count > 0
-    return per_anchor[has].mean() if bool(has.any()) else emb.sum() * 0.0
+    has = (count > 0).float()
+    return (per_anchor * has).sum() / has.sum().clamp(min=1.0)
 
 
 class TeacherLoss(nn.Module):
