@@ -193,26 +193,18 @@ register(
         about="that teacher scored with the bundled student's head",
     )
 )
-register(
-    Method(
-        "teacher_region_features",
-        eval_of="teacher_region",
-        per_fold=False,
-        infer=REAL_HEAD,
-        attrs={"colour_weight": 0.0},
-        about="the same without the colour channels: its learned features alone",
+# The teachers' learned features alone: the student's head without its colour channels.
+for _base in ("teacher_synthetic", "teacher_region"):
+    register(
+        Method(
+            f"{_base}_features",
+            eval_of=_base,
+            per_fold=False,
+            infer=REAL_HEAD,
+            attrs={"colour_weight": 0.0},
+            about=f"{_base}'s learned features alone (no colour channels), the student's head",
+        )
     )
-)
-register(
-    Method(
-        "teacher_synthetic_features",
-        eval_of="teacher_synthetic",
-        per_fold=False,
-        infer=REAL_HEAD,
-        attrs={"colour_weight": 0.0},
-        about="the synthetic teacher's learned features alone (no colour channels), the same head",
-    )
-)
 register(
     Method(
         "teacher_random_features",
