@@ -7,8 +7,9 @@ masks of the other tiles: nearest-class-mean cross-entropy in the space the head
 crop's class means are the prototypes, as if k-means had found the true classes; labels 5 and
 255 left out). The held-out tile is then scored the way ``python -m seglib.loto`` scores
 (K = classes present, Hungarian mIoU), beside the same initial weights untrained, which is the
-protocol's ``student_random``. What this gains over the untrained weights bounds what an
-unsupervised objective can add to this architecture and head at this scale (docs/results.md).
+protocol's ``student_random``. What this gains over the untrained weights estimates what an
+unsupervised objective could at best add to this architecture and head for that much training;
+it still rises with more steps (docs/results.md, "How far labels go").
 
     python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --out docs/supervised_ceiling.json
     python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
