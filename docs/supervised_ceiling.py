@@ -100,6 +100,11 @@ def train_supervised(
     (rgb, labels)); returns the loss of every step. The defaults were set in-sample on tile 1
     of the dev split: at the head's temperature (0.1) the loss did not fall, and lr 3e-3 fit
     more than 1e-3."""
+    small = [rgb.shape[:2] for rgb, _ in pairs if min(rgb.shape[:2]) < crop]
+    if small:
+        raise ValueError(
+            f"{len(small)} training image(s) are smaller than the {crop} px crop once shrunk (e.g. {small[0]}); leave them out of the folder or pass a smaller crop"
+        )
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()

@@ -62,3 +62,11 @@ def test_held_out_tile_is_scored_never_trained_and_untrained_rows_are_random_wei
     again = ceiling.score(model, names, tiles, "untrained")
     assert [r["miou"] for r in again] == [r["miou"] for r in rows if r["kind"] == "untrained"]
     json.dumps(result)  # the result is plain JSON
+
+
+def test_images_smaller_than_the_crop_are_refused_by_name(ceiling):
+    import numpy as np
+
+    tiny = (np.zeros((40, 300, 3), np.float32), np.zeros((40, 300), np.int64))
+    with pytest.raises(ValueError, match="smaller than the 128 px crop"):
+        ceiling.train_supervised(ceiling.build("student")[0], [tiny], steps=1)
