@@ -17,6 +17,9 @@ it still rises with more steps (docs/results.md, "How far labels go").
 ``--in-sample`` trains on every tile and scores the same images: what the model can fit at all.
 ``--arch teacher`` does the same for the teacher's larger network (``configs/teacher_synthetic_cpu.py``)
 scored with the bundled student's head (half resolution, 1 k-means iteration, size prior 3).
+``--set KEY=VALUE`` changes the architecture or head trained and scored, with the training CLI's
+config keys, e.g. ``--set model.encoder.colour_weight=1.0`` (the untrained rows then score that
+variant's random weights, no longer the protocol's ``student_random``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from seglib import recipes
-from seglib.config import Config
+from seglib.config import Config, apply_overrides, parse_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.loto.folds import group_by_tile, paired_difference, summarize, tile_of
 from seglib.loto.methods import REAL_HEAD
@@ -43,17 +46,17 @@ from seglib.raster import predict_labels
 IGNORE = (5, 255)
 
 
-def student_config() -> Config:
-    return Config.from_dict({k: v for k, v in recipes.STUDENT_DUBAI_CPU.items() if k != "stage"})
+def recipe_config(recipe: dict, overrides: dict | None = None) -> Config:
+    return apply_overrides(Config.from_dict({k: v for k, v in recipe.items() if k != "stage"}), overrides or {})
 
 
-def build(arch: str) -> tuple[torch.nn.Module, dict]:
-    """A freshly initialised model of ``arch`` (student | teacher) and its inference settings."""
+def build(arch: str, overrides: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """A freshly initialised model of ``arch`` (student | teacher), with config ``overrides``
+    (e.g. ``{"model": {"encoder": {"colour_weight": 1.0}}}``), and its inference settings."""
     if arch == "student":
-        return StudentSegmenter(StudentModelConfig.from_config(student_config())), {}
+        return StudentSegmenter(StudentModelConfig.from_config(recipe_config(recipes.STUDENT_DUBAI_CPU, overrides))), {}
     if arch == "teacher":
-        cfg = Config.from_dict({k: v for k, v in recipes.TEACHER_SYNTHETIC_CPU.items() if k != "stage"})
-        return MonolithicSegmenter(cfg.model), dict(REAL_HEAD)
+        return MonolithicSegmenter(recipe_config(recipes.TEACHER_SYNTHETIC_CPU, overrides).model), dict(REAL_HEAD)
     raise ValueError(f"unknown architecture {arch!r}; choose student or teacher")
 
 
@@ -103,7 +106,8 @@ def train_supervised(
     small = [rgb.shape[:2] for rgb, _ in pairs if min(rgb.shape[:2]) < crop]
     if small:
         raise ValueError(
-            f"{len(small)} training image(s) are smaller than the {crop} px crop once shrunk (e.g. {small[0]}); leave them out of the folder or pass a smaller crop"
+            f"{len(small)} training image(s) are smaller than the {crop} px crop once shrunk "
+            f"(e.g. {small[0]}); leave them out of the folder or pass a smaller crop"
         )
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -147,10 +151,18 @@ def score(model: torch.nn.Module, names: list[str], tiles: list, kind: str, infe
     return rows
 
 
-def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0, arch: str = "student") -> dict:
+def run(
+    data: Path,
+    folds: list[str],
+    steps: int,
+    in_sample: bool,
+    seed: int = 0,
+    arch: str = "student",
+    overrides: dict | None = None,
+) -> dict:
     names, tiles = load_labelled_folder(data / "images", data / "masks")
     by_tile = group_by_tile(names)
-    factor = student_config().data.downscale  # both architectures are scored at half resolution
+    factor = recipe_config(recipes.STUDENT_DUBAI_CPU).data.downscale  # both architectures are scored at half resolution
     index = {n: i for i, n in enumerate(names)}
     splits = [("in-sample", list(by_tile))] if in_sample else [(f, [t for t in by_tile if t != f]) for f in folds]
     rows, timing = [], {}
@@ -158,7 +170,7 @@ def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0
         scored = [n for n in names if tile_of(n) in (train_tiles if in_sample else [fold])]
         pairs = [shrink(*tiles[index[n]], factor) for t in train_tiles for n in by_tile[t]]
         torch.manual_seed(seed)  # the protocol's student_random: seed 0, untrained
-        model, infer = build(arch)
+        model, infer = build(arch, overrides)
         rows += score(model, scored, [tiles[index[n]] for n in scored], "untrained", infer)
         tic = time.perf_counter()
         losses = train_supervised(model, pairs, steps=steps, seed=seed)
@@ -172,6 +184,7 @@ def run(data: Path, folds: list[str], steps: int, in_sample: bool, seed: int = 0
     supervised = [r for r in rows if r["kind"] == "supervised"]
     return {
         "arch": arch,
+        "overrides": overrides or {},
         "steps": steps,
         "in_sample": in_sample,
         "train_seconds": timing,
@@ -190,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", default="", help="tiles to hold out (default: every tile)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--arch", default="student", choices=("student", "teacher"))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the architecture or head, e.g. --set model.encoder.colour_weight=1.0 (repeatable)",
+    )
     p.add_argument("--in-sample", action="store_true", help="train on every tile and score the same images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON result")
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     folds = [f for f in args.folds.split(",") if f] or list(group_by_tile(q.stem for q in (data / "images").iterdir()))
-    result = run(data, folds, args.steps, args.in_sample, arch=args.arch)
+    result = run(data, folds, args.steps, args.in_sample, arch=args.arch, overrides=parse_set(args.set))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("untrained", "supervised"):
         per = "  ".join(f"{t} {v['miou']:.3f}" for t, v in result[kind]["folds"].items())

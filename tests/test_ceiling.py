@@ -53,7 +53,7 @@ def test_held_out_tile_is_scored_never_trained_and_untrained_rows_are_random_wei
     # The untrained rows score the protocol's random weights (seed 0, StudentSegmenter(config)).
     from seglib.models import random_init_like
 
-    cfg = ceiling.student_config()
+    cfg = ceiling.recipe_config(ceiling.recipes.STUDENT_DUBAI_CPU)
     torch.manual_seed(123)
     model = random_init_like(ceiling.StudentSegmenter(ceiling.StudentModelConfig.from_config(cfg)))
     from seglib.data.tiles import load_labelled_folder
@@ -70,3 +70,37 @@ def test_images_smaller_than_the_crop_are_refused_by_name(ceiling):
     tiny = (np.zeros((40, 300, 3), np.float32), np.zeros((40, 300), np.int64))
     with pytest.raises(ValueError, match="smaller than the 128 px crop"):
         ceiling.train_supervised(ceiling.build("student")[0], [tiny], steps=1)
+
+
+def test_set_changes_the_head_it_trains_and_scores(ceiling):
+    model, _ = ceiling.build("student", ceiling.parse_set(["model.encoder.colour_weight=0.5"]))
+    assert model.colour_weight == 0.5
+    assert ceiling.build("student")[0].colour_weight == 3.0
+    from seglib.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'model.encoder.colour_weight'"):
+        ceiling.build("student", ceiling.parse_set(["model.encoder.colour_wieght=0.5"]))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs").glob("supervised_ceiling*.json")), ids=lambda p: p.name)
+def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(path):
+    """The ceilings docs/results.md quotes: each kind scores the same images once, held-out
+    rows only on their own fold, the pooled means are the image means, and the bundled
+    architecture's untrained rows are the protocol's student_random to the last digit."""
+    import numpy as np
+
+    result = json.loads(path.read_text())
+    rows = {kind: [r for r in result["rows"] if r["kind"] == kind] for kind in ("untrained", "supervised")}
+    images = sorted(r["image"] for r in rows["untrained"])
+    assert len(images) == len(set(images)) == 44
+    assert sorted(r["image"] for r in rows["supervised"]) == images
+    for kind, kind_rows in rows.items():
+        assert result[kind]["all"]["miou"] == pytest.approx(np.mean([r["miou"] for r in kind_rows]))
+    if not result["in_sample"]:
+        assert set(result["train_seconds"]) == {r["tile"] for r in rows["untrained"]}  # one model per fold
+    if result.get("arch", "student") == "student" and not result.get("overrides"):  # written before --arch: student
+        protocol = {
+            r["image"]: r["miou"]
+            for r in json.loads((ROOT / "docs/loto_region.json").read_text())["per_image"]["student_random"]
+        }
+        assert {r["image"]: r["miou"] for r in rows["untrained"]} == protocol
