@@ -20,6 +20,8 @@ scored with the bundled student's head (half resolution, 1 k-means iteration, si
 ``--set KEY=VALUE`` changes the architecture or head trained and scored, with the training CLI's
 config keys, e.g. ``--set model.encoder.colour_weight=1.0`` (the untrained rows then score that
 variant's random weights, no longer the protocol's ``student_random``).
+``--pseudo-labels runs/loto2/student_dubai`` trains on each fold model's own segmentation
+(K = ``--pseudo-k``) instead of the masks: self-training, which reads no label for training.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from seglib.data.tiles import load_labelled_folder
 from seglib.loto.folds import group_by_tile, paired_difference, summarize, tile_of
 from seglib.loto.methods import REAL_HEAD
 from seglib.metrics import segmentation_scores
+from seglib.models import load_model
 from seglib.models.student import StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.raster import predict_labels
@@ -137,6 +140,16 @@ def train_supervised(
     return history
 
 
+def pseudo_labelled(checkpoint: Path, train: list, k: int) -> list:
+    """``train``'s (rgb, mask) pairs with each mask replaced by the segmentation of the model at
+    ``checkpoint`` at ``k`` clusters, its ids moved clear of the ignored labels."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no fold model {checkpoint}; train it with python -m seglib.loto --runs ...")
+    model = load_model(checkpoint).eval()
+    with torch.no_grad():
+        return [(rgb, predict_labels(model, rgb, k) + 256) for rgb, _ in train]
+
+
 def score(model: torch.nn.Module, names: list[str], tiles: list, kind: str, infer: dict | None = None) -> list[dict]:
     """Per-image rows scored as the protocol scores (K = classes present)."""
     model.eval()
@@ -159,7 +172,15 @@ def run(
     seed: int = 0,
     arch: str = "student",
     overrides: dict | None = None,
+    pseudo: Path | None = None,
+    pseudo_k: int = 6,
 ) -> dict:
+    """Trains and scores every split. With ``pseudo`` (a folder of leave-one-tile-out models,
+    ``<fold>/student.pt``, e.g. ``runs/loto2/student_dubai``) the masks are replaced, for
+    training only, by that fold model's own segmentation at ``pseudo_k``: self-training, which
+    reads no label."""
+    if pseudo is not None and in_sample:
+        raise ValueError("pseudo-labels come from each fold's model; drop --in-sample or --pseudo-labels")
     names, tiles = load_labelled_folder(data / "images", data / "masks")
     by_tile = group_by_tile(names)
     factor = recipe_config(recipes.STUDENT_DUBAI_CPU).data.downscale  # both architectures are scored at half resolution
@@ -168,7 +189,10 @@ def run(
     rows, timing = [], {}
     for fold, train_tiles in splits:
         scored = [n for n in names if tile_of(n) in (train_tiles if in_sample else [fold])]
-        pairs = [shrink(*tiles[index[n]], factor) for t in train_tiles for n in by_tile[t]]
+        train = [tiles[index[n]] for t in train_tiles for n in by_tile[t]]
+        if pseudo is not None:
+            train = pseudo_labelled(pseudo / fold / "student.pt", train, pseudo_k)
+        pairs = [shrink(rgb, labels, factor) for rgb, labels in train]
         torch.manual_seed(seed)  # the protocol's student_random: seed 0, untrained
         model, infer = build(arch, overrides)
         rows += score(model, scored, [tiles[index[n]] for n in scored], "untrained", infer)
@@ -185,6 +209,7 @@ def run(
     return {
         "arch": arch,
         "overrides": overrides or {},
+        "labels": "masks" if pseudo is None else f"{pseudo}/<fold>/student.pt at K = {pseudo_k}",
         "steps": steps,
         "in_sample": in_sample,
         "train_seconds": timing,
@@ -210,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="change the architecture or head, e.g. --set model.encoder.colour_weight=1.0 (repeatable)",
     )
+    p.add_argument(
+        "--pseudo-labels",
+        type=Path,
+        metavar="DIR",
+        help="train on the segmentations of DIR/<fold>/student.pt instead of the masks (self-training)",
+    )
+    p.add_argument("--pseudo-k", type=int, default=6, help="clusters of those segmentations")
     p.add_argument("--in-sample", action="store_true", help="train on every tile and score the same images")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="JSON result")
@@ -217,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     folds = [f for f in args.folds.split(",") if f] or list(group_by_tile(q.stem for q in (data / "images").iterdir()))
-    result = run(data, folds, args.steps, args.in_sample, arch=args.arch, overrides=parse_set(args.set))
+    result = run(
+        data,
+        folds,
+        args.steps,
+        args.in_sample,
+        arch=args.arch,
+        overrides=parse_set(args.set),
+        pseudo=args.pseudo_labels,
+        pseudo_k=args.pseudo_k,
+    )
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("untrained", "supervised"):
         per = "  ".join(f"{t} {v['miou']:.3f}" for t, v in result[kind]["folds"].items())

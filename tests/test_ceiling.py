@@ -104,3 +104,35 @@ def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(p
             for r in json.loads((ROOT / "docs/loto_region.json").read_text())["per_image"]["student_random"]
         }
         assert {r["image"]: r["miou"] for r in rows["untrained"]} == protocol
+
+
+def test_pseudo_labels_replace_the_masks_with_the_fold_models_segmentation(ceiling, monkeypatch, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from seglib.paths import bundled_model_path
+
+    (tmp_path / "t1").mkdir()
+    shutil.copy(bundled_model_path(), tmp_path / "t1" / "student.pt")
+    seen = []
+
+    def spy(model, pairs, **kw):
+        seen.extend(labels for _, labels in pairs)
+        return [0.0]
+
+    monkeypatch.setattr(ceiling, "train_supervised", spy)
+    result = ceiling.run(ASSETS, ["t1"], steps=1, in_sample=False, pseudo=tmp_path, pseudo_k=3)
+    assert "student.pt at K = 3" in result["labels"]
+    # What training saw is the t1 model's own segmentation of the t2 images, at 3 clusters: no mask.
+    names, tiles = ceiling.load_labelled_folder(ASSETS / "images", ASSETS / "masks", include=("*t2.*",))
+    model = ceiling.load_model(tmp_path / "t1" / "student.pt")
+    expected = [ceiling.shrink(rgb, ceiling.predict_labels(model, rgb, 3) + 256, 2)[1] for rgb, _ in tiles]
+    assert len(seen) == len(expected) == 2
+    for got, want in zip(seen, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert set(np.unique(got)) <= {256, 257, 258}
+    with pytest.raises(ValueError, match="drop --in-sample"):
+        ceiling.run(ASSETS, ["t1"], steps=1, in_sample=True, pseudo=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no fold model"):
+        ceiling.run(ASSETS, ["t2"], steps=1, in_sample=False, pseudo=tmp_path)
