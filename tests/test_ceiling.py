@@ -136,3 +136,30 @@ def test_pseudo_labels_replace_the_masks_with_the_fold_models_segmentation(ceili
         ceiling.run(ASSETS, ["t1"], steps=1, in_sample=True, pseudo=tmp_path)
     with pytest.raises(FileNotFoundError, match="no fold model"):
         ceiling.run(ASSETS, ["t2"], steps=1, in_sample=False, pseudo=tmp_path)
+
+
+def test_jitter_changes_the_colours_of_the_crops_and_nothing_else(ceiling):
+    import numpy as np
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.seen = torch.nn.Conv2d(3, 2, 1), []
+
+        def forward(self, rgb, k, **kw):
+            self.seen.append(rgb.clone())
+            return {"clustered": self.proj(rgb)}
+
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((160, 160, 3), dtype=np.float32), rng.integers(0, 3, (160, 160)))]
+    plain, jittered = Recorder(), Recorder()
+    ceiling.train_supervised(plain, pairs, steps=2, jitter=False)
+    ceiling.train_supervised(jittered, pairs, steps=2, jitter=True)
+    # The first step's crops are the same pixels; only jitter moves their colours, within [0, 1].
+    a, b = plain.seen[0], jittered.seen[0]
+    assert a.shape == b.shape and not torch.equal(a, b)
+    assert float(b.min()) >= 0.0 and float(b.max()) <= 1.0
+    assert float((a - b).abs().mean()) < 0.2
+    # Without jitter the crops are exactly the image's pixels (some crop of some turn of it).
+    src = torch.from_numpy(pairs[0][0]).permute(2, 0, 1)
+    assert torch.isin(a[0].flatten(), src.flatten()).all()
