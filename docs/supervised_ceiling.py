@@ -22,6 +22,7 @@ config keys, e.g. ``--set model.encoder.colour_weight=1.0`` (the untrained rows 
 variant's random weights, no longer the protocol's ``student_random``).
 ``--pseudo-labels runs/loto2/student_dubai`` trains on each fold model's own segmentation
 (K = ``--pseudo-k``) instead of the masks: self-training, which reads no label for training.
+``--jitter`` adds the training recipes' photometric jitter to the crops.
 """
 
 from __future__ import annotations
