@@ -7,8 +7,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from seglib.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "seglib" / "assets" / "dubai"
@@ -65,8 +68,6 @@ def test_held_out_tile_is_scored_never_trained_and_untrained_rows_are_random_wei
 
 
 def test_images_smaller_than_the_crop_are_refused_by_name(ceiling):
-    import numpy as np
-
     tiny = (np.zeros((40, 300, 3), np.float32), np.zeros((40, 300), np.int64))
     with pytest.raises(ValueError, match="smaller than the 128 px crop"):
         ceiling.train_supervised(ceiling.build("student")[0], [tiny], steps=1)
@@ -76,8 +77,6 @@ def test_set_changes_the_head_it_trains_and_scores(ceiling):
     model, _ = ceiling.build("student", ceiling.parse_set(["model.encoder.colour_weight=0.5"]))
     assert model.colour_weight == 0.5
     assert ceiling.build("student")[0].colour_weight == 3.0
-    from seglib.config import ConfigError
-
     with pytest.raises(ConfigError, match="did you mean 'model.encoder.colour_weight'"):
         ceiling.build("student", ceiling.parse_set(["model.encoder.colour_wieght=0.5"]))
 
@@ -87,8 +86,6 @@ def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(p
     """The ceilings docs/results.md quotes: each kind scores the same images once, held-out
     rows only on their own fold, the pooled means are the image means, and the bundled
     architecture's untrained rows are the protocol's student_random to the last digit."""
-    import numpy as np
-
     result = json.loads(path.read_text())
     rows = {kind: [r for r in result["rows"] if r["kind"] == kind] for kind in ("untrained", "supervised")}
     images = sorted(r["image"] for r in rows["untrained"])
@@ -108,8 +105,6 @@ def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(p
 
 def test_pseudo_labels_replace_the_masks_with_the_fold_models_segmentation(ceiling, monkeypatch, tmp_path):
     import shutil
-
-    import numpy as np
 
     from seglib.paths import bundled_model_path
 
@@ -139,8 +134,6 @@ def test_pseudo_labels_replace_the_masks_with_the_fold_models_segmentation(ceili
 
 
 def test_jitter_changes_the_colours_of_the_crops_and_nothing_else(ceiling):
-    import numpy as np
-
     class Recorder(torch.nn.Module):
         def __init__(self):
             super().__init__()
