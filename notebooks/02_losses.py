@@ -47,7 +47,7 @@ check_parameters()  # papermill only warns about a parameter this notebook does 
 #
 # The package's teacher (`Config().model`) with the initial weights a run of seed `seed` starts from, and the loss
 # weights of `Config().loss`. Everything below is computed without gradient: the values are those of a training step,
-# rounded slightly differently (`seglib.models.layers.inference_numerics`).
+# rounded slightly differently (`seglib.kernels.numerics.inference_numerics`).
 
 # %%
 set_threads(threads)
@@ -68,7 +68,7 @@ for name, rgb in tiles.items():
     views = torch.cat([view_a, view_b])  # (2, 3, S, S)
     with torch.no_grad():
         out = model(views, k, group=2, full_resolution=False)
-        terms = loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane="fast")
+        terms = loss(out, views, transform, lane="fast")
     scores[name] = {term: float(value) for term, value in terms.items()}
     pa, pb = out["probs_coarse"].chunk(2)  # (1, K, S/4, S/4) each
     a_in_b = transform.to_view(pa)  # view A's probabilities in view B's frame

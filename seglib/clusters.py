@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import check_k
 from .io import ArraySource, open_source, temporary_path
-from .models.head import Clusters, HeadOutput, brightness_order, farthest_point_init, soft_kmeans
+from .models.head import Clusters, HeadOutput, brightness_order
 from .raster import axis_windows, check_tiling, model_stride, pad_to_stride, to_tensor
 
 __all__ = [
@@ -299,7 +298,7 @@ def fit_embeddings(
     k = check_k(k)
     x = torch.cat([e.flatten(2) for e in embs], 2)  # (1, D, N): the windows' positions side by side
     pool = head.init_pool
-    pooled = [F.avg_pool2d(e, pool) if pool > 1 and min(e.shape[-2:]) >= 2 * pool else e for e in embs]
+    pooled = [head.init_cells(e) for e in embs]
     xp = torch.cat([p.flatten(2) for p in pooled], 2)  # (1, D, Np)
     if max_positions is not None and x.shape[2] > max_positions:
         gen = torch.Generator().manual_seed(seed)
@@ -307,9 +306,7 @@ def fit_embeddings(
         x = x[:, :, keep.to(x.device)]
         keep_p = torch.randperm(xp.shape[2], generator=gen)[: max(k, max_positions // pool**2)].sort().values
         xp = xp[:, :, keep_p.to(xp.device)]
-    idx = farthest_point_init(xp, k)  # (1, K)
-    init = torch.gather(xp, 2, idx[:, None, :].expand(-1, xp.shape[1], -1)).transpose(1, 2)  # (1, K, D)
-    return soft_kmeans(x, k, iters=head.iters, temperature=head.temperature, init=init, size_prior=head.size_prior)
+    return head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
 
 
 def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> FittedClusters:

@@ -195,3 +195,15 @@ def test_the_settings_page_is_generated_from_the_dataclasses(tmp_path):
     settings.OUT = tmp_path / "settings.md"  # the check notices a stale page
     settings.OUT.write_text(page.replace("| `train.lr` | `0.002` |", "| `train.lr` | `0.001` |"))
     assert settings.main(["--check"]) == 1
+
+
+def test_checkpoints_from_before_keep_a_full_resolution_learned_lane():
+    """A checkpoint written before ``refine.learned_scale`` existed (the bundled student) loads
+    with the learned lane at full resolution, as it was trained; new configs use half."""
+    from seglib.checkpoint import load_checkpoint
+    from seglib.config import upgrade_config
+    from seglib.paths import BUNDLED_MODEL
+
+    assert Config().model.refine.learned_scale == 2
+    assert load_checkpoint(BUNDLED_MODEL)["config"]["model"]["refine"]["learned_scale"] == 1
+    assert upgrade_config({"model": {"refine": {"learned_width": 8}}}) == {"model": {"refine": {"learned_width": 8}}}

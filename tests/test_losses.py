@@ -154,7 +154,7 @@ def test_teacher_loss_dict():
     a, b, t = make_views(x, rngs(2), AugmentConfig())
     views = torch.cat([a, b])
     out = m(views, 4, lane="learned", group=2)
-    terms = TeacherLoss(LossConfig())(out, views, t, learned_channels=32, lane="learned")
+    terms = TeacherLoss(LossConfig())(out, views, t, lane="learned")
     assert {"total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness", "refine"} <= set(terms)
     assert all(torch.isfinite(v) for v in terms.values())
     terms["total"].backward()

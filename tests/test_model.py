@@ -5,7 +5,8 @@ import torch
 
 from seglib import MonolithicSegmenter
 from seglib.config import ModelConfig
-from seglib.models.head import SoftKMeans, farthest_point_init, soft_kmeans
+from seglib.kernels.kmeans import farthest_point_init
+from seglib.models.head import SoftKMeans, soft_kmeans
 from seglib.models.refine import LearnedRefiner, box_filter, fast_lane
 
 
@@ -101,19 +102,6 @@ def test_head_recovers_separated_clusters():
     assert pred.unique().numel() == 3
 
 
-def test_fused_farthest_point_init_picks_the_same_points():
-    """The training path (distances via vector_norm, points read with a flat take) picks what
-    the plain loop picks, for several images at once and for a non-contiguous x."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 64, 5)[..., :4].transpose(1, 2)  # (B=3, D=4, N=64), strided
-    assert not x.is_contiguous()
-    for k in (1, 2, 7):
-        plain, fused = farthest_point_init(x, k), farthest_point_init(x, k, fused=True)
-        assert fused.shape == (3, k)
-        assert torch.equal(plain, fused)
-        assert all(row.unique().numel() == k for row in fused)  # K distinct points per image
-
-
 def test_size_prior_gives_ambiguous_points_to_the_larger_cluster():
     """Two fixed prototypes at 0 and 1 on a line, 90 points at 0, 10 at 1, one at 0.5: without
     the prior the midpoint is a coin toss; with it, the offsets are size_prior * log(share) and
@@ -158,39 +146,6 @@ def test_head_never_builds_b_k_d_n_tensor(grad):
     assert 0 < largest <= (4.5 if grad else 2) * b * d * h * w * 4 < b * k * d * h * w * 4 / 3
 
 
-@pytest.mark.parametrize("radius", [1, 2, 4])
-def test_box_means_equal_the_plain_2d_pool(radius):
-    """The separable box filters (lane: pools; high-pass input: convolutions) give the numbers
-    of one 2D average pool that divides by the in-image count at the borders."""
-    from seglib.models.layers import box_mean, reference_ops
-
-    x = torch.rand(2, 5, 13, 22)
-    plain = torch.nn.functional.avg_pool2d(x, 2 * radius + 1, 1, radius, count_include_pad=False)
-    with reference_ops():  # the reference training formulation: the plain pool itself
-        assert torch.equal(box_filter(x, radius), plain)
-    with torch.no_grad():  # inference (and the fused training step): the separable pools
-        assert torch.allclose(box_filter(x, radius), plain, atol=1e-6)
-    assert torch.allclose(box_mean(x, radius), plain, atol=1e-6)
-
-
-def test_inference_numerics_match_training_numerics(model):
-    """Without gradient the segmenter uses faster formulations of the high-pass input, the
-    normalisation, the denoising distances and the guided filter: same numbers to rounding as
-    the reference formulations (``reference_ops``)."""
-    from seglib.models.layers import reference_ops
-
-    torch.manual_seed(0)
-    rgb = torch.rand(2, 3, 64, 64)
-    model.eval()
-    with torch.no_grad():
-        fast = model(rgb, 5)
-    with reference_ops():
-        exact = model(rgb, 5)  # gradient recorded: the reference training formulations
-    for key in ("embeddings", "clustered", "probs_coarse", "probs"):
-        assert torch.allclose(fast[key], exact[key].detach(), atol=1e-4), key
-    assert not torch.equal(fast["probs"], exact["probs"].detach())  # the fast path did run
-
-
 def test_fast_lane_at_the_probability_grid_matches_explicit_pooling():
     """guide_scale 4 on stride-4 probabilities filters at their own grid and upsamples."""
     torch.manual_seed(0)
@@ -233,121 +188,11 @@ def test_model_from_config_sizes():
 # ------------------------------------------------------------------ feature denoising
 
 
-def test_denoise_smooths_within_regions_and_keeps_the_edge_between_them():
-    from seglib.models.head import denoise
-
-    torch.manual_seed(0)
-    clean = torch.zeros(1, 4, 16, 16)
-    clean[:, 0, :, 8:] = 3.0  # two regions, far apart in feature space
-    noisy = clean + 0.1 * torch.randn_like(clean)
-    out = denoise(noisy, iters=3, radius=2, bandwidth=0.4)
-    assert (out - clean).square().mean() < 0.3 * (noisy - clean).square().mean()
-    # no mixing across the edge: the columns next to it stay on their own side
-    assert out[0, 0, :, 7].abs().max() < 0.3 and (out[0, 0, :, 8] - 3).abs().max() < 0.3
-    constant = torch.full((1, 3, 8, 8), 0.7)
-    assert torch.allclose(denoise(constant, iters=2, radius=1, bandwidth=0.4), constant)
-
-
-def plain_bilateral(emb, spacings, radius, bandwidth):
-    """The feature-space bilateral filter written plainly: pass i averages the (2r+1)^2
-    neighbours ``spacings[i]`` cells apart (replicate padding), weighted by a softmax over minus
-    squared feature distances / bandwidth^2, the weights without gradient."""
-    import torch.nn.functional as F
-
-    h, w = emb.shape[-2:]
-    for d in spacings:
-        offsets = [(dy * d, dx * d) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
-        padded = F.pad(emb, (radius * d,) * 4, mode="replicate")
-        shifted = [padded[:, :, dy : dy + h, dx : dx + w] for dy, dx in offsets]
-        with torch.no_grad():
-            d2 = torch.stack([(n - emb).square().sum(1) for n in shifted], 1)
-            weights = torch.softmax(-d2 / bandwidth**2, 1)
-        emb = sum(weights[:, i : i + 1] * n for i, n in enumerate(shifted))
-    return emb
-
-
-def test_denoise_gradient_matches_plain_autograd():
-    """The hand-written backward of the weighted shifts equals autograd through slices."""
-    from seglib.models.head import denoise
-
-    torch.manual_seed(1)
-    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
-    probe = torch.randn(2, 5, 9, 11, dtype=torch.float64)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_a, out_b = denoise(a, iters=2, radius=2, bandwidth=0.7), plain_bilateral(b, [1, 1], 2, 0.7)
-    (out_a * probe).sum().backward()
-    (out_b * probe).sum().backward()
-    assert torch.allclose(out_a, out_b) and torch.allclose(a.grad, b.grad)
-
-
-def test_dilated_denoise_reaches_neighbours_at_its_spacing():
-    """Dilation d samples neighbours d cells apart: with a huge bandwidth (plain averaging) an
-    impulse spreads to cells 2 apart, not to the cells next to it; the schedule cycles."""
-    from seglib.models.head import denoise
-
-    impulse = torch.zeros(1, 1, 9, 9)
-    impulse[0, 0, 4, 4] = 1.0
-    out = denoise(impulse, iters=1, radius=1, bandwidth=1e6, dilations=(2,))
-    assert out[0, 0, 4, 6] > 0.1 and out[0, 0, 6, 6] > 0.1
-    assert out[0, 0, 4, 5] == 0 and out[0, 0, 5, 5] == 0
-    # (1, 2): the first pass spreads to the 3x3 block, the second by 2 more cells: reach 3.
-    out = denoise(impulse, iters=2, radius=1, bandwidth=1e6, dilations=(1, 2))
-    assert out[0, 0, 4, 7] > 0 and out[0, 0, 4, 8] == 0
-    # Each pass is the plain bilateral filter at its spacing, the spacings cycling.
-    x = torch.randn(1, 3, 11, 9, dtype=torch.float64)
-    for dilations, spacings in [((1,), [1, 1, 1]), ((2,), [2, 2, 2]), ((1, 2), [1, 2, 1]), ((1, 2, 4), [1, 2, 4])]:
-        out = denoise(x, iters=3, radius=1, bandwidth=0.8, dilations=dilations)
-        assert torch.allclose(out, plain_bilateral(x, spacings, 1, 0.8)), dilations
-
-
 def test_full_resolution_false_skips_only_the_lane(model):
     rgb = torch.rand(1, 3, 32, 32)
     full, coarse = model(rgb, 4), model(rgb, 4, full_resolution=False)
     assert "probs" not in coarse and "probs" in full
     assert torch.equal(full["probs_coarse"], coarse["probs_coarse"])
-
-
-def test_pooling_by_halving_gives_the_pools_block_means():
-    """Without gradient, ``mean_pool``/``cell_means`` halve (powers of two dividing the sides)
-    and otherwise fall back to the pools; with gradient they are the pools themselves; the
-    channels-first box mean sums unfolded windows. Same numbers to rounding as the pools."""
-    import torch.nn.functional as F
-
-    from seglib.models.layers import box_mean, cell_means, mean_pool
-
-    x = torch.rand(2, 3, 48, 40)
-    with torch.no_grad():
-        for f in (2, 4, 8, 3):
-            assert torch.allclose(mean_pool(x, f), F.avg_pool2d(x, f), atol=1e-6)
-        assert torch.equal(mean_pool(x, 16), F.avg_pool2d(x, 16))  # 16 does not divide 40: the pool
-        assert torch.allclose(cell_means(x, (6, 5)), F.adaptive_avg_pool2d(x, (6, 5)), atol=1e-6)
-        assert torch.equal(cell_means(x, (7, 5)), F.adaptive_avg_pool2d(x, (7, 5)))  # no one factor
-        assert torch.equal(cell_means(x, (48, 40)), x)
-        # The guide of the fast lane pooled from its pooled image: the same operations.
-        assert torch.equal(cell_means(mean_pool(x, 4), (6, 5)), mean_pool(x, 8))
-        lum = torch.rand(2, 1, 30, 21)
-        plain = F.avg_pool2d(lum, 9, 1, 4, count_include_pad=False)
-        assert torch.allclose(box_mean(lum, 4), plain, atol=1e-6) and not torch.equal(box_mean(lum, 4), plain)
-    assert torch.equal(mean_pool(x.requires_grad_(), 4), F.avg_pool2d(x, 4))
-
-
-@pytest.mark.parametrize("radius,dilation", [(1, 1), (1, 4), (2, 2)])
-def test_neighbour_dots_share_mirrored_offsets(radius, dilation):
-    """One dot product per pair of opposite offsets: every offset's map as its own ``vecdot``."""
-    import torch.nn.functional as F
-
-    from seglib.models.head import _neighbour_dots
-
-    emb = torch.randn(2, 7, 13, 17)
-    reach = radius * dilation
-    padded = F.pad(emb, (reach,) * 4, mode="replicate")
-    centre = torch.linalg.vecdot(emb, emb, dim=1)
-    offsets = [(dy * dilation, dx * dilation) for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
-    dots = _neighbour_dots(padded, centre, offsets, reach)
-    assert set(dots) == set(offsets)
-    for dy, dx in offsets:
-        one = torch.linalg.vecdot(padded[:, :, dy : dy + 13, dx : dx + 17], emb, dim=1)
-        assert torch.allclose(dots[(dy, dx)], one, atol=1e-5), (dy, dx)
 
 
 def test_kept_clustered_embeddings_and_low_resolution_probs_give_the_forward_results():
@@ -375,3 +220,20 @@ def test_kept_clustered_embeddings_and_low_resolution_probs_give_the_forward_res
         assert torch.equal(F.interpolate(low, size=(128, 96), mode="bilinear", align_corners=False), full["probs"])
         with pytest.raises(ValueError, match="clusters"):
             model(rgb, 4, clustered=kept)
+
+
+def test_learned_lane_runs_at_half_resolution_and_upsamples():
+    cfg = ModelConfig()
+    cfg.encoder.width, cfg.encoder.depth, cfg.encoder.embed_dim = 16, 1, 8
+    torch.manual_seed(0)
+    model = MonolithicSegmenter(cfg).eval()
+    rgb = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model(rgb, 4, lane="learned")
+    train = model(rgb, 4, lane="learned", full_resolution=False)
+    assert full["probs"].shape[-2:] == (64, 64) and train["probs_learned"].shape[-2:] == (32, 32)
+    assert torch.allclose(full["probs"].sum(1), torch.ones(1, 64, 64), atol=1e-5)
+    upsampled = torch.nn.functional.interpolate(
+        train["probs_learned"].detach(), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(full["probs"], upsampled, atol=1e-4)

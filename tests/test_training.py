@@ -452,3 +452,38 @@ def test_region_term_trains_on_the_synthetic_label_maps(tmp_path):
     plain = run(cfg_for(tmp_path / "plain", steps=2))
     assert "loss/region" not in plain
     assert history["loss/total"][0] == pytest.approx(plain["loss/total"][0] + history["loss/region"][0], rel=1e-5)
+
+
+def test_weight_average_skips_with_the_step():
+    """A skipped step (flag on the device) leaves the average and its count alone; a kept one
+    equals the plain update."""
+    from seglib.training.loop import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    a, b = WeightAverage(model, 0.9), WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = {k: v.clone() for k, v in a.state.items()}
+    a.update(skip=torch.tensor(True))
+    assert all(torch.equal(a.state[k], before[k]) for k in before) and int(a.updates) == 0
+    a.update(skip=torch.tensor(False))
+    b.update()
+    assert all(torch.allclose(a.state[k], b.state[k]) for k in before) and a.state_dict()["updates"] == 1
+
+
+def test_compile_falls_back_to_eager_with_a_reason(capsys):
+    from seglib.device import _CompiledOrEager, maybe_compile
+
+    model = torch.nn.Linear(2, 2)
+    assert maybe_compile(model, "") is model
+    with pytest.raises(ValueError, match="train.compile"):
+        maybe_compile(model, "fastest")
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    wrapped = _CompiledOrEager(model, broken, "default")
+    x = torch.randn(1, 2)
+    assert torch.equal(wrapped(x), model(x)) and torch.equal(wrapped(x), model(x))
+    assert wrapped.failed == "RuntimeError: no C++ compiler found" and wrapped.weight is model.weight
+    assert capsys.readouterr().err.count("running eager") == 1  # said once

@@ -32,6 +32,7 @@ from torch import nn
 from .. import distributed as dist
 from ..augment import ViewTransform
 from ..config import LossConfig
+from ..kernels.weighted_sum import weighted_sum
 
 __all__ = [
     "kl_divergence",
@@ -49,20 +50,6 @@ __all__ = [
 ]
 
 _EPS = 1e-6
-_WEIGHT_VECTORS: dict[tuple, torch.Tensor] = {}  # (weights, device, dtype) -> (T,)
-
-
-def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """sum of ``weights[name] * terms[name]`` over the (scalar) terms, as one dot product.
-
-    Each Python weight in a product would be converted to a tensor at every call (four operator
-    calls, twice with the backward pass), and a weight vector made in the step would be a
-    host-to-device copy; the vector is made once per set of weights and device instead."""
-    values = torch.stack(list(terms.values()))  # (T,)
-    key = (tuple(float(weights[name]) for name in terms), values.device, values.dtype)
-    if key not in _WEIGHT_VECTORS:
-        _WEIGHT_VECTORS[key] = torch.tensor(key[0], dtype=values.dtype, device=values.device)
-    return torch.dot(values, _WEIGHT_VECTORS[key])
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -231,11 +218,10 @@ class TeacherLoss(nn.Module):
         rgb: torch.Tensor,
         transform: ViewTransform,
         *,
-        learned_channels: int,
         lane: str,
     ) -> dict[str, torch.Tensor]:
         """Losses of a forward pass over ``rgb`` = cat([view A, view B]) (2B, 3, H, W) run with
-        ``group=2``. ``learned_channels`` is how many leading embedding channels are learned."""
+        ``group=2`` and the refinement lane ``lane``."""
         c = self.config
         coarse = out["probs_coarse"]  # (2B, K, h, w)
         pa, pb = coarse.chunk(2)

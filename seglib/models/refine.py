@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import box_mean, cell_means, inference_numerics, mean_pool, standardize
+from ..kernels.numerics import inference_numerics
+from ..kernels.pooling import cell_means, mean_pool, window_mean
+from .layers import standardize
 
 __all__ = ["box_filter", "guided_filter_coefficients", "fast_lane", "none_lane", "LearnedRefiner"]
 
@@ -35,10 +37,7 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     differently."""
     if radius <= 0:
         return x
-    x = x.contiguous(memory_format=torch.channels_last)
-    if not inference_numerics():
-        return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
-    return box_mean(x, radius)
+    return window_mean(x.contiguous(memory_format=torch.channels_last), radius)
 
 
 _PAIRS = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]  # unique entries of a 3x3 covariance

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HeadConfig, RefineConfig, check_k, check_lane
+from ..kernels.numerics import inference_numerics
+from ..kernels.pooling import cell_means, mean_pool
 from .head import Clusters, SoftKMeans
-from .layers import cell_means, inference_numerics, mean_pool
 from .refine import LearnedRefiner, fast_lane, none_lane
 
 __all__ = ["Segmenter", "check_rgb", "colour_channels", "head_embedding", "valid_cells", "STRIDE"]

@@ -52,6 +52,7 @@ from ..checkpoint import (
 from ..config import Config
 from ..data.batches import batch_loader
 from ..device import autocast, maybe_compile
+from ..kernels.adamw import FlatAdamW
 from ..viz import progress_bar
 from .logging import RunLogger, trim_events
 from .probe import QualityProbe
@@ -112,131 +113,6 @@ def warmup_cosine(steps: int, warmup: int, floor: float = 0.1) -> Callable[[int]
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-class FlatAdamW(torch.optim.AdamW):
-    """AdamW over a few contiguous buffers instead of a few dozen parameter tensors.
-
-    Per-tensor code issues several operator calls for every parameter tensor: gradient
-    clipping measures each one, and even the fused AdamW loops over tensors on the CPU to
-    advance their step counters. Here the parameters are views into flat tensors that the
-    optimizer owns, so gathering the gradients, clipping and the update are a handful of calls
-    whatever the parameter count.
-
-    The update is per-parameter AdamW's, exactly: a buffer holds parameters that always get
-    their gradients together, so that one step count serves them all. They are grouped by
-    top-level submodule (``encoder.*``, ``refiner.*``), and at the first step each group is
-    split into the parameters that got a gradient and those that did not (a submodule the
-    stage never uses, such as the student's refiner in distillation). A buffer without
-    gradients in a step (a refinement lane that sat the step out) is skipped, as a parameter
-    without a gradient is. A buffer used only in part later gets zeros for the missing
-    gradients.
-
-    ``clip_grad_norm_`` replaces ``torch.nn.utils.clip_grad_norm_`` (it gathers the gradients
-    first; the parameters' own ``.grad`` are left unclipped). Moving the model to another
-    device or dtype afterwards detaches it from the buffers: build the optimizer once the
-    model is in place.
-    """
-
-    def __init__(
-        self, named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, fused: bool
-    ):
-        named = [(name, p) for name, p in named_params if p.requires_grad]  # model order
-        self.trained = [p for _, p in named]
-        groups: dict[tuple, list[int]] = {}
-        for i, (name, p) in enumerate(named):
-            groups.setdefault((name.split(".")[0], p.device, p.dtype), []).append(i)
-        self.settled = False  # whether the groups were split by the first step's gradients
-        super().__init__(self._lay_out(list(groups.values())), lr=lr, weight_decay=weight_decay, fused=fused)
-
-    def _lay_out(self, layout: list[list[int]]) -> list[nn.Parameter]:
-        """One flat parameter per list of ``self.trained`` indices; the members become views."""
-        self.layout, self.members, flats = layout, [[self.trained[i] for i in idx] for idx in layout], []
-        for members in self.members:
-            flat = torch.cat([p.detach().reshape(-1) for p in members])
-            offset = 0
-            for p in members:
-                p.data = flat[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
-            flats.append(nn.Parameter(flat))  # shares the storage the members now view
-        return flats
-
-    def _relay_out(self, layout: list[list[int]]) -> None:
-        if layout != self.layout:
-            assert not self.state, "the buffers are laid out before the first update"
-            self.param_groups[0]["params"] = self._lay_out(layout)
-        self.settled = True
-
-    def gather_grads(self) -> None:
-        """Copy the parameters' gradients into the flat buffers' ``.grad`` (None for a buffer
-        whose members have none)."""
-        if not self.settled:  # split each group into the members with and without a gradient
-            has = [p.grad is not None for p in self.trained]
-            split = [[i for i in idx if has[i] == flag] for idx in self.layout for flag in (True, False)]
-            self._relay_out([idx for idx in split if idx])
-        for flat, members in zip(self.param_groups[0]["params"], self.members, strict=True):
-            grads = [p.grad for p in members]
-            if all(g is None for g in grads):
-                flat.grad = None
-            else:
-                flat.grad = torch.cat(
-                    [
-                        torch.zeros_like(p).view(-1) if g is None else g.view(-1)
-                        for p, g in zip(members, grads, strict=True)
-                    ]
-                )
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Gather the gradients, scale them to a total 2-norm of at most ``max_norm`` (``inf``:
-        measure only) and return the total norm before clipping (a tensor; no host read)."""
-        self.gather_grads()
-        return torch.nn.utils.clip_grad_norm_(self.param_groups[0]["params"], max_norm)  # reads their .grad
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102
-        if all(flat.grad is None for flat in self.param_groups[0]["params"]):
-            self.gather_grads()  # clip_grad_norm_ was not called
-        return super().step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
-        super().zero_grad(set_to_none)
-        for p in self.trained:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {**super().state_dict(), "flat_layout": self.layout if self.settled else None}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the buffers' layout too, and reads the state of a per-parameter AdamW over
-        the same parameters (checkpoints written before the flat buffers) by concatenating its
-        moments."""
-        state_dict = dict(state_dict)
-        layout = state_dict.pop("flat_layout", None)
-        if "flat_layout" not in state_dict and len(state_dict["param_groups"][0]["params"]) == len(self.trained):
-            state_dict, layout = self._from_per_parameter(state_dict)
-        if layout is not None:
-            self._relay_out(layout)
-        super().load_state_dict(state_dict)
-
-    def _from_per_parameter(self, old: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]]]:
-        # The old state is keyed by index in model order; parameters without a state never had
-        # a gradient, which splits the groups as the first step would have.
-        seen = old["state"]
-        layout = [[i for i in idx if (i in seen) == flag] for idx in self.layout for flag in (True, False)]
-        layout = [idx for idx in layout if idx]
-        state = {}
-        for b, idx in enumerate(layout):
-            if idx[0] not in seen:
-                continue
-            state[b] = {
-                "step": torch.tensor(max(float(seen[i]["step"]) for i in idx)),
-                **{key: torch.cat([seen[i][key].reshape(-1).cpu() for i in idx]) for key in ("exp_avg", "exp_avg_sq")},
-            }
-        groups = [dict(old["param_groups"][0], params=list(range(len(layout))))]
-        return {"state": state, "param_groups": groups}, layout
 
 
 def make_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float) -> FlatAdamW:
@@ -352,9 +228,8 @@ def train_loop(
     )
     # The step itself never reads a value back from the device: loss terms, gradient norm and
     # the skip decision stay tensors until the records are read, every log_every steps (and
-    # before checkpoints, images and the end). A fused AdamW skips a non-finite step on the
-    # device (``found_inf``); other optimizers need the decision on the host (one sync a step).
-    skip_on_device = _supports_found_inf(opt)
+    # before checkpoints, images and the end). The fused AdamW skips a non-finite step on the
+    # device; without it the decision is read on the host (one sync a step).
     pending: list[dict[str, Any]] = []
     flushed_at = time.perf_counter()
     for step in bar:
@@ -382,17 +257,9 @@ def train_loop(
         bad = ~(torch.isfinite(terms).all() & torch.isfinite(grad_norm))  # () bool, on the device
         if dist.world_size() > 1:  # a term can be non-finite on one rank only
             bad = _any_rank_tensor(bad)
-        if skip_on_device:
-            opt.found_inf = bad.float()  # the fused step leaves weights, moments and count alone
-            opt.step()
-            if ema is not None:
-                ema.update(skip=bad)
-        elif bool(bad):
-            opt.zero_grad(set_to_none=True)  # nothing of this step reaches the weights
-        else:
-            opt.step()
-            if ema is not None:
-                ema.update()
+        skipped = opt.step_unless(bad)
+        if ema is not None:
+            ema.update(skip=skipped)
         sched.step()
         pending.append(
             {
@@ -516,10 +383,13 @@ class WeightAverage:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, skip: torch.Tensor | None = None) -> None:
-        """One averaging step; ``skip`` (a bool tensor, read on the device) leaves the average
-        and its step count as they are, for an optimizer step that was skipped."""
-        if skip is None:
+    def update(self, skip: torch.Tensor | bool = False) -> None:
+        """One averaging step, after an optimizer step; ``skip`` (what ``FlatAdamW.step_unless``
+        returns: a bool, or a bool tensor read on the device) leaves the average and its step
+        count as they are, for an optimizer step that was skipped."""
+        if skip is True:
+            return
+        if skip is False:
             self.updates += 1
             decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
             for key, value in self.model.state_dict().items():
@@ -553,12 +423,6 @@ def _any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
     value = flag.float()
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return value > 0
-
-
-def _supports_found_inf(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt.step()`` honours ``opt.found_inf`` (the fused Adam/AdamW kernels skip the
-    update on the device when it is 1, as they do for a gradient scaler)."""
-    return isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and bool(opt.defaults.get("fused"))
 
 
 def _read_records(pending: list[dict[str, Any]], since: float) -> list[dict[str, Any]]:

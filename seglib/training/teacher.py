@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..augment import make_views_batched
+from ..augment import ViewTransform, make_views_batched
 from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config, RandomizeConfig
 from ..data.batches import step_generator
@@ -81,21 +81,7 @@ class TeacherTask:
         gen = step_generator(cfg.train.seed, _AUGMENT, index, self.device)
         rows = slice(dist.rank() * b, (dist.rank() + 1) * b)
         views, transform = make_views_batched(rgb, cfg.augment, gen, rows=rows, total=dist.world_size() * b)
-        # views: (2B, 3, S, S), view A then view B; image i pairs with i + B.
-        out = model(
-            views,
-            knobs.k,
-            lane=knobs.lane,
-            downsample=knobs.downsample,
-            iters=knobs.iters,
-            smooth_iters=knobs.smooth_iters,
-            group=2,
-            # The fast and none lanes are parameter-free and no loss reads their full-resolution
-            # output; the learned lane's loss reads its output at its working resolution.
-            full_resolution=False,
-            check_values=False,  # the views are clamped to [0, 1]; the check would be a sync
-        )
-        terms = self.loss(out, views, transform, learned_channels=cfg.model.encoder.embed_dim, lane=knobs.lane)
+        out, terms = self.losses(model, views, transform, knobs)
         if cfg.loss.region:
             # View A has the tile's geometry, so the tile's label map is A's.
             labels = batch["labels"].to(self.device, non_blocking=True)
@@ -111,6 +97,26 @@ class TeacherTask:
             "diag/feature_std": out["features"].detach().float().std(dim=(0, 2, 3)).mean(),
         }
         return StepOutput(terms=terms, n_images=b, rgb=views[:b], probs=probs, scalars=scalars)
+
+    def losses(
+        self, model: torch.nn.Module, views: torch.Tensor, transform: ViewTransform, knobs: Knobs
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The forward pass over ``views`` (2B, 3, S, S: view A then view B, image i paired with
+        i + B) with the batch's knobs, and the loss terms of it."""
+        out = model(
+            views,
+            knobs.k,
+            lane=knobs.lane,
+            downsample=knobs.downsample,
+            iters=knobs.iters,
+            smooth_iters=knobs.smooth_iters,
+            group=2,
+            # The fast and none lanes are parameter-free and no loss reads their full-resolution
+            # output; the learned lane's loss reads its output at its working resolution.
+            full_resolution=False,
+            check_values=False,  # the views are clamped to [0, 1]; the check would be a sync
+        )
+        return out, self.loss(out, views, transform, lane=knobs.lane)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
