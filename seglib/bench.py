@@ -213,7 +213,7 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     from .models.student import StudentModelConfig, StudentSegmenter
     from .models.teacher import MonolithicSegmenter
     from .recipes import FAST_STUDENT
-    from .training.loop import make_optimizer
+    from .training.optim import make_optimizer
     from .training.teacher import Knobs, TeacherTask
 
     device = resolve_device(args.device)

@@ -20,8 +20,8 @@ import sys
 from typing import Any
 
 from .config import Config, ConfigError, apply_overrides, load_config_file, merge, nest, parse_set
-from .training.loop import default_checkpoint_dir
 from .training.run import run
+from .training.state import default_checkpoint_dir
 
 __all__ = ["build_parser", "config_from_args", "main"]
 

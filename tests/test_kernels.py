@@ -275,7 +275,7 @@ def test_flat_adamw_is_per_parameter_adamw_with_clipping():
     counts as torch's fused AdamW per parameter after clip_grad_norm_, over steps where the
     refiner sits out (no gradient: skipped, as torch skips such a parameter)."""
     from seglib.kernels.adamw import FlatAdamW
-    from seglib.training.loop import make_optimizer
+    from seglib.training.optim import make_optimizer
 
     flat_model, ref_model = _two_part_model(), _two_part_model()
     opt = make_optimizer(flat_model.named_parameters(), lr=0.05, weight_decay=0.1)
@@ -299,7 +299,7 @@ def test_flat_adamw_is_per_parameter_adamw_with_clipping():
 
 
 def test_flat_adamw_skips_a_step_flagged_on_the_device():
-    from seglib.training.loop import make_optimizer
+    from seglib.training.optim import make_optimizer
 
     model = _two_part_model()
     opt = make_optimizer(model.named_parameters(), lr=0.05, weight_decay=0.1)

@@ -182,7 +182,7 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path):
 
 
 def test_weight_average_is_the_ramped_exponential_average():
-    from seglib.training.loop import WeightAverage
+    from seglib.training.averaging import WeightAverage
 
     model = torch.nn.BatchNorm1d(3)
     ema = WeightAverage(model, decay=0.9)
@@ -222,11 +222,11 @@ def test_time_triggered_checkpoints_bound_what_a_kill_loses(tmp_path, monkeypatc
     """With step checkpoints far apart, a checkpoint is still written once `checkpoint_minutes`
     passed; the kill then loses only the steps since, the resumed run follows the uninterrupted
     trajectory, and the finished folder holds the step checkpoints only."""
-    import seglib.training.loop as loop
+    import seglib.training.state as state
 
     full = run(cfg_for(tmp_path / "full", steps=7, checkpoint_every=100, checkpoint_minutes=1.0))
     now = [0.0]
-    monkeypatch.setattr(loop, "_clock", lambda: now[0])
+    monkeypatch.setattr(state, "_clock", lambda: now[0])
 
     def tick(step, record):  # 40 s of training per step; a kill right after step 6
         now[0] += 40.0
@@ -244,10 +244,10 @@ def test_time_triggered_checkpoints_bound_what_a_kill_loses(tmp_path, monkeypatc
 
 
 def test_no_time_triggered_checkpoint_when_off(tmp_path, monkeypatch):
-    import seglib.training.loop as loop
+    import seglib.training.state as state
 
     now = [0.0]
-    monkeypatch.setattr(loop, "_clock", lambda: now[0])
+    monkeypatch.setattr(state, "_clock", lambda: now[0])
     run(
         cfg_for(tmp_path, steps=4, checkpoint_every=100, checkpoint_minutes=0.0, keep_checkpoints=0),
         callbacks=[lambda step, record: now.__setitem__(0, now[0] + 1e6)],
@@ -457,7 +457,7 @@ def test_region_term_trains_on_the_synthetic_label_maps(tmp_path):
 def test_weight_average_skips_with_the_step():
     """A skipped step (flag on the device) leaves the average and its count alone; a kept one
     equals the plain update."""
-    from seglib.training.loop import WeightAverage
+    from seglib.training.averaging import WeightAverage
 
     model = torch.nn.Linear(3, 2)
     a, b = WeightAverage(model, 0.9), WeightAverage(model, 0.9)

@@ -27,7 +27,8 @@ from ..config import Config
 from ..data.source import make_source
 from ..device import busy_note, resolve_device, training_threads
 from .cluster import ClusterTask
-from .loop import default_checkpoint_dir, train_loop
+from .loop import train_loop
+from .state import default_checkpoint_dir
 from .student import StudentTask
 from .teacher import TeacherTask
 
