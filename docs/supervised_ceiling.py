@@ -40,13 +40,13 @@ from seglib import recipes
 from seglib.augment import photometric
 from seglib.config import AugmentConfig, Config, apply_overrides, parse_set
 from seglib.data.tiles import load_labelled_folder
-from seglib.loto.folds import group_by_tile, paired_difference, summarize, tile_of
-from seglib.loto.methods import REAL_HEAD
-from seglib.metrics import segmentation_scores
+from seglib.evaluation.loto.folds import group_by_tile, paired_difference, summarize, tile_of
+from seglib.evaluation.loto.methods import REAL_HEAD
+from seglib.evaluation.metrics import segmentation_scores
+from seglib.inference.forward import predict_labels
 from seglib.models import load_model
 from seglib.models.student import StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
-from seglib.raster import predict_labels
 
 IGNORE = (5, 255)
 

@@ -21,9 +21,9 @@ import torch
 from seglib.config import Config
 from seglib.data.synthetic import make_tile
 from seglib.device import set_threads
-from seglib.diagnostics import colour_embedding, head_objective
+from seglib.evaluation.diagnostics import colour_embedding, head_objective
+from seglib.evaluation.metrics import proxy_scores, segmentation_scores
 from seglib.losses.teacher import entropy_terms
-from seglib.metrics import proxy_scores, segmentation_scores
 from seglib.models.head import SoftKMeans
 from seglib.models.refine import LearnedRefiner, fast_lane, none_lane
 from seglib.parameters import check_parameters

@@ -25,7 +25,7 @@ from seglib.config import Config
 from seglib.data.batches import sample_rngs
 from seglib.data.synthetic import make_tile
 from seglib.device import set_threads
-from seglib.io import list_images, read_image
+from seglib.io.images import list_images, read_image
 from seglib.losses.teacher import TeacherLoss, entropy_map, smoothness_maps, symmetric_kl_map
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters

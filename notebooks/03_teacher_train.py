@@ -35,11 +35,11 @@ from IPython import get_ipython
 
 from seglib.config import Config
 from seglib.device import resolve_device, set_threads, training_threads
-from seglib.evaluation import evaluate_tiles, run_eval_tiles, summarize
+from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles, summarize
+from seglib.inference.forward import predict_labels
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
-from seglib.raster import predict_labels
 from seglib.runs import run_folder, snapshots, teacher_overrides
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images

@@ -22,16 +22,16 @@
 import matplotlib.pyplot as plt
 import torch
 
-from seglib.bench import cpu_latency_ms
 from seglib.config import Config, merge
 from seglib.data.synthetic import make_tile
 from seglib.device import resolve_device, set_threads, training_threads
-from seglib.diagnostics import slice_maps
-from seglib.evaluation import evaluate_tiles, run_eval_tiles
+from seglib.evaluation.benchmarks import cpu_latency_ms
+from seglib.evaluation.diagnostics import slice_maps
+from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles
+from seglib.inference.forward import predict_labels
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
-from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
 from seglib.runs import resolve_teacher, run_folder, teacher_recipe
 from seglib.training.run import run

@@ -21,12 +21,12 @@ import numpy as np
 
 from seglib.config import Config, merge
 from seglib.device import resolve_device, set_threads, training_threads
-from seglib.diagnostics import colour_probe_r2, reconstruct
-from seglib.evaluation import evaluate_tiles, run_eval_tiles
+from seglib.evaluation.diagnostics import colour_probe_r2, reconstruct
+from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles
+from seglib.inference.forward import predict_labels
 from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
 from seglib.parameters import check_parameters
-from seglib.raster import predict_labels
 from seglib.recipes import FAST_STUDENT
 from seglib.runs import resolve_teacher, run_folder, teacher_recipe
 from seglib.training.run import run

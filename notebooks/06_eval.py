@@ -10,8 +10,8 @@
 # 4. Does training pay off on real tiles a model has not seen? The leave-one-tile-out table of the Dubai development
 #    split (`python -m seglib.loto`), read from the committed result or recomputed.
 #
-# and, at the end, an interactive explorer (tile, K, refinement lane, temperature) over `seglib.evaluation.explore`, a
-# pure function this notebook also calls directly.
+# and, at the end, an interactive explorer (tile, K, refinement lane, temperature) over
+# `seglib.evaluation.scores.explore`, a pure function this notebook also calls directly.
 #
 # **Which model.** `checkpoint` when given (a teacher or student checkpoint, evaluated alone). Otherwise the snapshots
 # of notebook 03's run `teacher_run`; if that run is absent, the same teacher is trained here first with 03's recipe
@@ -24,13 +24,21 @@ from pathlib import Path
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 
-from seglib.baselines import rgb_kmeans
 from seglib.config import LANES, Config, merge
 from seglib.data.synthetic import eval_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.device import resolve_device, set_threads
-from seglib.evaluation import evaluate_tiles, explore, explorer, k_sweep, proxy_picks, scores_with_proxies, summarize
-from seglib.loto import DEFAULT_METHODS, format_table, loto_result
+from seglib.evaluation.baselines import rgb_kmeans
+from seglib.evaluation.loto import DEFAULT_METHODS, format_table, loto_result
+from seglib.evaluation.scores import (
+    evaluate_tiles,
+    explore,
+    explorer,
+    k_sweep,
+    proxy_picks,
+    scores_with_proxies,
+    summarize,
+)
 from seglib.models import load_model
 from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS

@@ -36,7 +36,7 @@ def __getattr__(name: str):
 
         return load_model
     if name in ("segment", "fit_clusters", "load_clusters"):
-        from . import api
+        from .inference import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'seglib' has no attribute {name!r}")

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     run(cfg)
     train_s = time.perf_counter() - tic
 
-    from .evaluation import evaluate_synthetic, summarize
+    from .evaluation.scores import evaluate_synthetic, summarize
     from .models import random_init_like
     from .models.teacher import MonolithicSegmenter
 

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k_auto_study and args.no_model:
         parser.error("--k-auto-study needs a model (drop --no-model)")
     if args.k_auto_study:
-        from .kselect import check_k_range
+        from .inference.kselect import check_k_range
 
         try:
             args.k_range = check_k_range(args.k_range)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["size_prior"] = args.size_prior
     set_threads(args.threads)
 
-    from .evaluation import evaluate_tiles, folder_tiles, k_sweep, synthetic_tiles
+    from .evaluation.scores import evaluate_tiles, folder_tiles, k_sweep, synthetic_tiles
     from .models import load_model, random_init_like
 
     # Everything that can fail on a path or a checkpoint fails here, in one line.
@@ -222,14 +222,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gis_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
     """--shared-clusters and --k-auto-study: print the summary, write everything to --out."""
-    from .kselect import k_auto_study
-    from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+    from .inference.kselect import k_auto_study
+    from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 
     tic = time.perf_counter()
     geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
     head = {"checkpoint": args.checkpoint or "bundled default", "device": str(device), "torch": torch.__version__}
     if args.shared_clusters:
-        from .evaluation import evaluate_shared
+        from .evaluation.scores import evaluate_shared
 
         full = evaluate_shared(
             model,

@@ -7,7 +7,7 @@
     python -m seglib.predict --input new/ --clusters legend.json --output out2/  # the same legend later
     python -m seglib.predict --input ortho.tif --k auto --output out/ --vector gpkg --min-area 50
 
-Every file takes one route, ``seglib.raster.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
+Every file takes one route, ``seglib.inference.engine.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
 uint8 labels with the input's CRS, transform and size, read window by window so rasters of any
 size fit in memory; PNG and JPEG inputs give ``<stem>.png``, a uint8 label image. Images up to
 ``--tile`` pixels go through the model in one piece, larger ones window by window. ``--preview``
@@ -36,12 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .clusters import FittedClusters
 from .config import K_MAX, K_MIN, LANES, check_k
-from .io import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask, write_png
-from .kselect import DEFAULT_RANGE, check_k_range
-from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
-from .vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
+from .inference.kselect import DEFAULT_RANGE, check_k_range
+from .inference.legend import FittedClusters
+from .inference.vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
+from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+from .io.images import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask
+from .io.outputs import write_png
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="first train the model N unsupervised steps on windows of each input (seglib.adapt; default 0: off)",
+        help="first train the model N unsupervised steps on windows of each input (seglib.inference.adapt; "
+        "default 0: off)",
     )
     p.add_argument(
         "--adapt-seconds",
@@ -222,7 +224,7 @@ def check_output_folder(output: Path) -> None:
 def _preview(labels_file: Path, path: Path) -> None:
     """Colour preview of a label file (nodata black); a label GeoTIFF is read decimated so large
     rasters stay cheap."""
-    from .raster import NODATA
+    from .io.outputs import NODATA
     from .viz import colourize
 
     if labels_file.suffix.lower() in GEOTIFF_SUFFIXES:
@@ -264,25 +266,25 @@ def predict_file(
 
     ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
     ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
-    the file (``seglib.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
+    the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
     fitted with the unadapted model, so they cannot be combined with it.
     Returns ``{"target", "k", "auto", "vector", "features"}``.
     """
-    from .raster import segment_raster
+    from .inference.engine import segment_raster
 
     if adapt_steps:
         if clusters is not None:
             raise ValueError("--adapt changes the features that shared or saved clusters were fitted on; drop one")
-        from .adapt import adapt
-        from .io import open_source
+        from .inference.adapt import adapt
+        from .io.rasters import open_source
 
         with open_source(path) as source:
             model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=seed, progress=progress)
 
     fitted = clusters
     if fitted is None and k == "auto":
-        from .io import open_source
-        from .kselect import fit_sources_auto
+        from .inference.kselect import fit_sources_auto
+        from .io.rasters import open_source
 
         with open_source(path) as source:
             fitted = fit_sources_auto(
@@ -312,7 +314,7 @@ def predict_file(
     )
     result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
     if vector is not None:
-        from .vector import polygonize
+        from .inference.vector import polygonize
 
         result["vector"] = target.with_suffix(VECTOR_FORMATS[vector][1])
         result["features"] = polygonize(target, result["vector"], vector_format=vector, min_area=min_area)["features"]
@@ -345,8 +347,8 @@ def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
 
 def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable: bool = False) -> FittedClusters:
     """Clusters fitted once on windows sampled from ``paths`` (K or auto, as the arguments say)."""
-    from .clusters import fit_sources
-    from .kselect import fit_sources_auto
+    from .inference.kselect import fit_sources_auto
+    from .inference.legend import fit_sources
 
     sample = {
         "tile": args.tile,
@@ -399,10 +401,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from .clusters import load_clusters
     from .device import resolve_device, set_threads
+    from .inference.forward import model_stride
+    from .inference.legend import load_clusters
+    from .inference.windows import check_tiling
     from .models import load_model
-    from .raster import check_tiling, model_stride
 
     set_threads(args.threads)
     try:

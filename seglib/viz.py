@@ -53,7 +53,7 @@ def match_labels(pred: np.ndarray, reference: np.ndarray, ignore: Iterable[int] 
     reference label is in ``ignore`` (e.g. 5 and 255 of the sample masks) take no part."""
     from scipy.optimize import linear_sum_assignment
 
-    from .metrics import confusion
+    from .evaluation.metrics import confusion
 
     matrix, classes = confusion(pred, reference, ignore)
     rows, cols = linear_sum_assignment(matrix, maximize=True)

@@ -1,4 +1,4 @@
-"""Adaptation to the input (``seglib.adapt``, ``segment(..., adapt_steps=N)``, ``predict --adapt N``)."""
+"""Adaptation to the input (``seglib.inference.adapt``, ``segment(..., adapt_steps=N)``, ``predict --adapt N``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from seglib.adapt import adapt, sample_windows
-from seglib.io import ArraySource
+from seglib.inference.adapt import adapt, sample_windows
+from seglib.io.rasters import ArraySource
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def student():
 
 @pytest.fixture(scope="module")
 def image():
-    from seglib.io import read_image
+    from seglib.io.images import read_image
     from seglib.paths import SAMPLE_IMAGES
 
     rgb, _ = read_image(sorted(SAMPLE_IMAGES.glob("*.jpg"))[0])
@@ -73,7 +73,7 @@ def test_windows_are_sampled_inside_and_padded_when_the_image_is_small():
 
 def test_segment_and_predict_take_adaptation_steps(student, image, tmp_path, one_thread):
     import seglib
-    from seglib.io import write_png
+    from seglib.io.outputs import write_png
     from seglib.predict import main
 
     labels = seglib.segment(image, 4, student, adapt_steps=2)

@@ -15,8 +15,8 @@ from PIL import Image
 
 import seglib
 from seglib.data.synthetic import make_tile
-from seglib.io import ImageReadError, read_image
-from seglib.raster import segment_raster
+from seglib.inference.engine import segment_raster
+from seglib.io.images import ImageReadError, read_image
 
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from seglib.clusters import (
+from seglib.evaluation.scores import dataset_confusion
+from seglib.inference.engine import fit_clusters
+from seglib.inference.kselect import check_k_range, choose_k, k_statistics, pick_k
+from seglib.inference.legend import (
     ClustersFileError,
     embed_windows,
     fit_embeddings,
@@ -18,18 +21,15 @@ from seglib.clusters import (
     model_fingerprint,
     sample_windows,
 )
-from seglib.evaluation import dataset_confusion
-from seglib.io import ArraySource
-from seglib.kselect import check_k_range, choose_k, k_statistics, pick_k
+from seglib.io.rasters import ArraySource
 from seglib.models.head import Clusters, brightness_order
-from seglib.raster import fit_clusters
 
 rasterio = pytest.importorskip("rasterio")
 fiona = pytest.importorskip("fiona")
 from scipy import ndimage  # noqa: E402
 from test_raster import LocalTeacher, smooth_image, tiny_teacher, write_geotiff  # noqa: E402
 
-from seglib.vector import MinArea, parse_min_area, polygonize  # noqa: E402
+from seglib.inference.vector import MinArea, parse_min_area, polygonize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FIT = {"tile": 128, "overlap": 32, "fit_pixels": 4 << 20}
@@ -245,7 +245,7 @@ def test_windowed_prediction_gives_the_same_polygons_as_the_whole_raster(tmp_pat
     raster, so the same polygons; segments crossing window edges are single features. The
     model double reaches 4 px around a pixel (no denoising, no guided filter), so its windows
     compute exactly what the whole raster computes (docs/inference.md measures the bundled one)."""
-    from seglib.raster import segment_raster
+    from seglib.inference.engine import segment_raster
 
     model, k = LocalTeacher(), 4
     model.head.denoise_iters = 0
@@ -282,7 +282,7 @@ def test_min_area_parsing():
 
 def _sample_geotiffs(folder, n: int = 2) -> list:
     """The first ``n`` shipped sample tiles as UTM GeoTIFFs (0.5 m pixels)."""
-    from seglib.io import read_image
+    from seglib.io.images import read_image
     from seglib.paths import SAMPLE_IMAGES
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
 
 def test_training_folder_policies(tmp_path, caplog):
     from seglib.data.tiles import FolderBatches
-    from seglib.io import ImageReadError
+    from seglib.io.images import ImageReadError
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -12,8 +12,9 @@ from conftest import ROOT
 from PIL import Image
 
 import seglib
-from seglib import api, models, paths, raster
+from seglib import models, paths
 from seglib.data.synthetic import make_tile
+from seglib.inference import api, engine
 
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
@@ -58,8 +59,8 @@ def test_uint8_and_float_inputs_agree(model):
 
 def test_large_image_goes_through_the_windowed_path(model, monkeypatch):
     calls = []
-    original = raster.segment_source
-    monkeypatch.setattr(raster, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
+    original = engine.segment_source
+    monkeypatch.setattr(engine, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
     labels, probs = seglib.segment(image(150, 210, seed=2), 5, model, tile=64, overlap=16, return_probs=True)
     assert calls == [64]
     assert labels.shape == (150, 210) and labels.max() < 5
@@ -94,7 +95,7 @@ def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samp
     """The shipped weights load without arguments and score what docs/results.md reports on the
     three sample tiles (numbers produced by this test's code when the weights were committed)."""
     from seglib.data.tiles import load_labelled_folder
-    from seglib.evaluation import evaluate_tiles
+    from seglib.evaluation.scores import evaluate_tiles
     from seglib.models.student import StudentSegmenter
     from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seglib.loto import folds as F
-from seglib.loto.methods import METHODS, LotoError, Method, register
+from seglib.evaluation.loto import folds as F
+from seglib.evaluation.loto.methods import METHODS, LotoError, Method, register
 
 TILES = ("t1", "t2", "t3")
 
@@ -54,7 +54,7 @@ def tiny_method():
 
 
 def _run(images, masks, runs, **kw):
-    from seglib.loto import run_protocol
+    from seglib.evaluation.loto import run_protocol
 
     return run_protocol(
         images=images,
@@ -175,7 +175,7 @@ def test_tiles_from_names():
 def test_include_exclude_select_images_and_reject_typos(tmp_path):
     from seglib.data.select import select_images
     from seglib.data.tiles import load_folder
-    from seglib.io import ImageReadError
+    from seglib.io.images import ImageReadError
     from seglib.train import build_parser, config_from_args
 
     for name in ("a_t1", "b_t1", "a_t2"):
@@ -198,7 +198,8 @@ def test_include_exclude_select_images_and_reject_typos(tmp_path):
 
 
 def test_loto_result_reads_the_saved_result_or_recomputes_it(labelled_folder, tmp_path):
-    from seglib.loto import loto_result, main
+    from seglib.evaluation.loto import loto_result
+    from seglib.loto import main
 
     images, masks = labelled_folder
     saved = tmp_path / "saved.json"
@@ -223,7 +224,7 @@ def test_committed_results_score_each_image_once_in_its_own_fold(name):
     """The results docs/results.md and notebook 06 show: per method, every image of the folds
     is scored exactly once, as part of the fold of its own tile, and the pooled mean is the
     image-weighted mean of those scores."""
-    from seglib.loto import loto_result
+    from seglib.evaluation.loto import loto_result
 
     result = loto_result(f"docs/{name}")
     folds = result["protocol"]["folds"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from seglib.metrics import (
+from seglib.evaluation.metrics import (
     aggregate,
     confusion,
     hungarian_scores,
@@ -91,7 +91,7 @@ def test_aggregate_means():
 
 
 def test_boundary_f1():
-    from seglib.metrics import boundary_f1
+    from seglib.evaluation.metrics import boundary_f1
 
     gt = np.zeros((20, 20), dtype=int)
     gt[:, 10:] = 1

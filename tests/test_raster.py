@@ -15,18 +15,12 @@ from torch import nn
 
 from seglib.config import ModelConfig
 from seglib.data.synthetic import make_tile
-from seglib.io import ArraySource, ImageReadError, RasterSource
+from seglib.inference.engine import fit_clusters, segment_raster, segment_source
+from seglib.inference.forward import predict_probs, to_tensor
+from seglib.inference.windows import axis_weights, axis_windows, check_tiling
+from seglib.io.images import ImageReadError
+from seglib.io.rasters import ArraySource, RasterSource
 from seglib.models.teacher import MonolithicSegmenter
-from seglib.raster import (
-    axis_weights,
-    axis_windows,
-    check_tiling,
-    fit_clusters,
-    predict_probs,
-    segment_raster,
-    segment_source,
-    to_tensor,
-)
 from seglib.viz import match_labels
 
 rasterio = pytest.importorskip("rasterio")
@@ -215,7 +209,7 @@ def test_bundled_model_windowed_labels_match_whole_image_labels(tile, overlap):
     """The shipped student on a real sample tile: windows (off-grid last windows included, as
     the tile does not divide the image) agree with the one-piece result on >= 99 % of pixels."""
     import seglib
-    from seglib.io import read_image
+    from seglib.io.images import read_image
     from seglib.paths import SAMPLE_IMAGES
 
     model = seglib.load_model()
@@ -291,7 +285,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from seglib.config import ModelConfig
     from seglib.models.teacher import MonolithicSegmenter
-    from seglib.raster import segment_raster
+    from seglib.inference.engine import segment_raster
 
     def peak_mib():
         # VmHWM is this process image's peak RSS. ru_maxrss would do on a fresh interpreter, but
@@ -373,7 +367,8 @@ def test_window_probs_regions_are_the_whole_upsampling(f, channels_last):
     bilinear upsampling there (borders included; bit for bit for the fast lane's channels-last maps and powers of
     two), and its
     labels that upsampling's argmax, although only the blocks at label edges are interpolated."""
-    from seglib.raster import WindowProbs, argmax_labels
+    from seglib.inference.blend import WindowProbs
+    from seglib.inference.forward import argmax_labels
 
     gen = torch.Generator().manual_seed(f)
     k, h, w = 5, 23, 31
@@ -408,7 +403,8 @@ def test_window_probs_regions_are_the_whole_upsampling(f, channels_last):
 
 
 def test_window_probs_at_full_or_odd_resolution_is_upsampled_as_the_model_would():
-    from seglib.raster import WindowProbs, argmax_labels
+    from seglib.inference.blend import WindowProbs
+    from seglib.inference.forward import argmax_labels
 
     probs = torch.rand(3, 10, 12).softmax(0)
     same = WindowProbs(probs, (10, 12))
@@ -424,10 +420,10 @@ def test_axis_plan_cells_take_weight_from_the_windows_that_have_it(size, tile, o
     """The cells partition the axis; a window adds to a cell exactly where its weight is not
     zero; a cell with one contributor has weight 1 from it; the last contributor is the last
     window (in order) with weight there; every window with weight somewhere covers those cells."""
-    from seglib.raster import _axis_plan
+    from seglib.inference.windows import axis_plan
 
     starts, length = axis_windows(size, tile, overlap, 16)
-    weights, cuts, cells, sole, last = _axis_plan(starts, length, size)
+    weights, cuts, cells, sole, last = axis_plan(starts, length, size)
     assert cuts[0] == 0 and cuts[-1] == size and cuts == sorted(set(cuts))
     for i in range(len(cuts) - 1):
         a, b = cuts[i], cuts[i + 1]
@@ -451,7 +447,7 @@ def test_labels_only_pass_gives_the_labels_of_the_full_probability_pass():
     kept at the fast lane's 1/4 resolution, zero-weight thirds skipped) writes the labels of
     the pass that builds the full-resolution blended probabilities, pixel for pixel."""
     import seglib
-    from seglib.io import read_image
+    from seglib.io.images import read_image
     from seglib.paths import SAMPLE_IMAGES
 
     model = seglib.load_model()
@@ -469,8 +465,8 @@ def test_fit_windows_reuse_their_embeddings_with_the_same_labels(monkeypatch):
     """The windows sampled for the fit are labelled from the embeddings the fit computed (the
     encoder runs once per window): the labels equal those of a pass that encodes them again."""
     import seglib
-    import seglib.raster as raster
-    from seglib.io import read_image
+    import seglib.inference.engine as engine
+    from seglib.io.images import read_image
     from seglib.paths import SAMPLE_IMAGES
 
     model = seglib.load_model()
@@ -482,13 +478,13 @@ def test_fit_windows_reuse_their_embeddings_with_the_same_labels(monkeypatch):
     kept, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
     n_windows = len(axis_windows(img.shape[0], 320, 128, 32)[0]) * len(axis_windows(img.shape[1], 320, 128, 32)[0])
     assert encoded[0] == 3 and sum(encoded) == n_windows  # the fit batch, then the other windows
-    fit = raster._fit
+    fit = engine._fit
 
     def fit_without_embeddings(*args, **kwargs):
         clusters, windows = fit(*args, **kwargs)
         return clusters, {key: (rgb, valid, None) for key, (rgb, valid, _) in windows.items()}
 
-    monkeypatch.setattr(raster, "_fit", fit_without_embeddings)
+    monkeypatch.setattr(engine, "_fit", fit_without_embeddings)
     encoded.clear()
     again, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
     assert sum(encoded) == n_windows + 3  # the fit windows encoded twice

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from seglib.baselines import block_features, block_kmeans
-from seglib.io import RasterSource
-from seglib.raster import GDAL_CACHE_MB, argmax_labels, axis_windows, segment_raster, to_tensor
-from seglib.raster_bench import predecessor_raster, write_mosaic
-from seglib.stages import RowWriter, prefetch
+from seglib.evaluation.baselines import block_features, block_kmeans
+from seglib.evaluation.raster_bench import predecessor_raster, write_mosaic
+from seglib.inference.engine import GDAL_CACHE_MB, segment_raster
+from seglib.inference.forward import argmax_labels, to_tensor
+from seglib.inference.pipeline import RowWriter, prefetch
+from seglib.inference.windows import axis_windows
+from seglib.io.rasters import RasterSource
 
 rasterio = pytest.importorskip("rasterio")
 from test_raster import smooth_image, tiny_teacher, write_geotiff  # noqa: E402
@@ -89,11 +91,11 @@ def test_every_window_is_read_once_and_uint8_needs_no_overview(tmp_path, monkeyp
 
 
 def test_window_tensor_has_the_values_of_to_tensor():
-    from seglib.raster import _bands_tensor
+    from seglib.inference.forward import bands_tensor
 
     img = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
     torch.testing.assert_close(
-        _bands_tensor(np.ascontiguousarray(np.moveaxis(img, -1, 0))), to_tensor(img), rtol=0, atol=0
+        bands_tensor(np.ascontiguousarray(np.moveaxis(img, -1, 0))), to_tensor(img), rtol=0, atol=0
     )
 
 
@@ -186,7 +188,7 @@ def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypa
     """On a CPU with 2 threads the windowed pass runs two windows at once, one thread each: the
     same labels as one window at a time with both threads, no gradient recorded in the worker
     threads (grad mode is per thread), and torch's thread count restored afterwards."""
-    import seglib.raster as raster
+    import seglib.inference.pipeline as pipeline
 
     write_geotiff(tmp_path / "in.tif", smooth_image(320, seed=2), tiled=True, blockxsize=64, blockysize=64)
     model, seen = tiny_teacher(), []
@@ -200,7 +202,7 @@ def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypa
     torch.set_num_threads(2)  # the one_thread fixture restores it
     outs = []
     for workers in (1, 2):
-        monkeypatch.setattr(raster, "MODEL_WORKERS", workers)
+        monkeypatch.setattr(pipeline, "MODEL_WORKERS", workers)
         seen.clear()
         out = segment_raster(tmp_path / "in.tif", tmp_path / f"w{workers}.tif", 4, model, tile=128, overlap=32,
                              progress=False)  # fmt: skip
@@ -219,7 +221,7 @@ def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypa
 def test_raster_benchmark_reports_both_pipelines_from_one_run(tmp_path):
     """``bench --raster`` on a small mosaic: both pipelines ran (fresh processes), wrote full-size
     label rasters, and each reports Mpx/s, CPU seconds, peak RSS and its time split."""
-    from seglib.raster_bench import raster_benchmark, summary_lines
+    from seglib.evaluation.raster_bench import raster_benchmark, summary_lines
 
     result = raster_benchmark(size=256, k=4, repeats=1, threads=1, folder=tmp_path)
     assert set(result["median"]) == {"seglib", "predecessor"}

@@ -19,9 +19,10 @@ from scipy.optimize import linear_sum_assignment
 
 import seglib
 from seglib.data.synthetic import make_tile
-from seglib.io import read_image
+from seglib.inference.engine import segment_raster
+from seglib.io.images import read_image
+from seglib.io.outputs import NODATA
 from seglib.paths import SAMPLE_IMAGES
-from seglib.raster import NODATA, segment_raster
 
 rasterio = pytest.importorskip("rasterio")
 from affine import Affine  # noqa: E402
@@ -207,7 +208,7 @@ def test_uint16_with_a_nodata_border_stretches_valid_pixels_only(tmp_path, model
     data = (2000 + rgb_image(128, seed=6).astype(np.uint16) * 2000 // 255).astype(np.uint16)
     write(tmp_path / "alone.tif", data)
     write(tmp_path / "framed.tif", in_border(data, 20, 36, 28, 12), nodata=0)
-    with caplog.at_level(logging.INFO, logger="seglib.raster"):
+    with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
         alone, _ = labels_of(segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", 4, model, progress=False))
         framed, _ = labels_of(segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", 4, model, progress=False))
     stretches = [r.getMessage().split("(lo ")[1] for r in caplog.records if "percentile" in r.getMessage()]
@@ -233,7 +234,7 @@ def test_float_reflectance_is_stretched_like_16bit(tmp_path, model, caplog):
     refl = rgb_image(128, seed=8).astype(np.float32) / 255 * 0.4
     write(tmp_path / "refl.tif", refl)
     write(tmp_path / "u16.tif", np.round(refl * 10000).astype(np.uint16))
-    with caplog.at_level(logging.INFO, logger="seglib.raster"):
+    with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
         a, _ = labels_of(segment_raster(tmp_path / "refl.tif", tmp_path / "a.tif", 4, model, progress=False))
     b, _ = labels_of(segment_raster(tmp_path / "u16.tif", tmp_path / "b.tif", 4, model, progress=False))
     assert any("float32 data: stretched per band" in r.getMessage() for r in caplog.records)
@@ -252,7 +253,7 @@ def test_paletted_geotiff_is_expanded_through_its_colour_table(tmp_path, model, 
         dst.write(paletted[..., 0], 1)
         dst.write_colormap(1, {i: (*c.tolist(), 255) for i, c in enumerate(colours)})
     write(tmp_path / "rgb.tif", colours[index].reshape(96, 96, 3).astype(np.uint8))
-    with caplog.at_level(logging.INFO, logger="seglib.raster"):
+    with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
         a, _ = labels_of(segment_raster(tmp_path / "pal.tif", tmp_path / "a.tif", 4, model, progress=False))
     b, _ = labels_of(segment_raster(tmp_path / "rgb.tif", tmp_path / "b.tif", 4, model, progress=False))
     np.testing.assert_array_equal(a, b)
@@ -308,7 +309,7 @@ def test_output_under_an_existing_file_fails_before_any_work(tmp_path, checkpoin
 
 def test_k_above_the_models_cell_grid_warns_why_fewer_labels(tmp_path, model, caplog):
     """A 12 x 12 px image is 9 cells of the tiny teacher's 4 px grid: at most 9 labels for K=16."""
-    with caplog.at_level(logging.WARNING, logger="seglib.raster"):
+    with caplog.at_level(logging.WARNING, logger="seglib.inference.engine"):
         labels = seglib.segment(rgb_image(12), 16, model)
     assert len(np.unique(labels)) <= 9
     assert any("only 9 cells of 4 x 4 px" in r.getMessage() and "K = 16" in r.getMessage() for r in caplog.records)

@@ -350,7 +350,7 @@ def test_the_probe_logs_quality_without_changing_the_trajectory(tmp_path):
 def test_the_probe_scores_what_the_evaluation_scores(tmp_path):
     """On a folder with masks the probe's mIoU is the evaluation's Hungarian mIoU of the same
     model on the same (shrunk) images with the same ignored ids."""
-    from seglib.evaluation import evaluate_tiles
+    from seglib.evaluation.scores import evaluate_tiles
     from seglib.models import random_init_like
     from seglib.models.teacher import MonolithicSegmenter
     from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS

@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..config import check_patterns
-from ..io import ImageReadError
+from ..io.images import ImageReadError
 
 __all__ = ["check_patterns", "matches", "select_images"]
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..io import ImageReadError, list_images, read_image, read_mask
+from ..io.images import ImageReadError, list_images, read_image, read_mask
 from .select import select_images
 
 __all__ = ["FolderBatches", "load_folder", "load_labelled_folder", "shrink"]

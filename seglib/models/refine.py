@@ -109,7 +109,7 @@ def fast_lane(
     result bilinearly: edges land within a pixel, at about a third of the full-resolution cost
     (the per-pixel work is 4K channels there, K after). ``upsample=False`` leaves that last
     bilinear step out and returns the filter's output at its own resolution (a caller that only
-    needs the labels of most pixels can skip the full-resolution maps, ``seglib.raster``).
+    needs the labels of most pixels can skip the full-resolution maps, ``seglib.inference.engine``).
     """
     with torch.autocast(device_type=probs.device.type, enabled=False):
         probs, rgb = probs.float(), rgb.float()

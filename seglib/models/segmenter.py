@@ -248,7 +248,7 @@ class Segmenter(nn.Module):
         the probabilities by f: bilinear weights are convex, so a pixel whose (up to) four
         sources agree on the most probable cluster has that cluster as its label, and a caller
         that needs only labels computes the full-resolution maps near label edges alone
-        (``seglib.raster``). ``F.interpolate(probs, size=(H, W), mode="bilinear")`` gives
+        (``seglib.inference.engine``). ``F.interpolate(probs, size=(H, W), mode="bilinear")`` gives
         what ``upsample=True`` returns.
         ``clustered``: ``clustered_embeddings(rgb)`` computed before (with ``clusters``): the
         encoder and the denoising are skipped, and ``embeddings`` and ``features`` are None.

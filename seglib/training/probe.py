@@ -4,7 +4,7 @@ Losses say whether the optimiser makes progress, not whether the segmentations g
 probe segments ``probe.images`` fixed images every ``probe.every`` steps (and before the first
 step and after the last) and reports:
 
-* label-free proxies (``seglib.metrics.proxy_scores``): ``view_agreement``, the one-to-one
+* label-free proxies (``seglib.evaluation.metrics.proxy_scores``): ``view_agreement``, the one-to-one
   agreement between the labels of an image and of its mirror image (higher is better);
   ``utilization`` (all K clusters used); ``speckle`` and ``boundary_density`` (lower: cleaner);
 * with ground truth (synthetic tiles, or ``data.mask_dir`` for a folder): Hungarian ``miou`` at
@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..baselines import rgb_kmeans
 from ..config import Config, ConfigError
 from ..data.select import select_images
 from ..data.synthetic import eval_set
 from ..data.tiles import shrink
-from ..io import ImageReadError, list_images, read_image, read_mask
-from ..metrics import proxy_scores, segmentation_scores
+from ..evaluation.baselines import rgb_kmeans
+from ..evaluation.metrics import proxy_scores, segmentation_scores
+from ..io.images import ImageReadError, list_images, read_image, read_mask
 
 __all__ = ["QualityProbe", "PROBE_SEED", "STRIDE"]
 

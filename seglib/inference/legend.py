@@ -40,10 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import check_k
-from .io import ArraySource, open_source, temporary_path
-from .models.head import Clusters, HeadOutput, brightness_order
-from .raster import axis_windows, check_tiling, model_stride, pad_to_stride, to_tensor
+from ..config import check_k
+from ..io.outputs import temporary_path
+from ..io.rasters import ArraySource, open_source
+from ..models.head import Clusters, HeadOutput, brightness_order
+from .forward import model_stride, pad_to_stride, to_tensor
+from .windows import axis_windows, check_tiling
 
 __all__ = [
     "FORMAT",
@@ -371,7 +373,7 @@ def sample_embeddings(
     one at a time). Returns the embeddings and ``{"windows", "files", "skipped"}``;
     ``skip_unreadable`` records an unreadable file in ``skipped`` (name, reason) instead of raising.
     """
-    from .io import ImageReadError
+    from ..io.images import ImageReadError
 
     m = model_stride(model)
     tile = check_tiling(tile, overlap, m)
@@ -417,7 +419,7 @@ def fit_sources(
     skip_unreadable: bool = False,
 ) -> FittedClusters:
     """One set of K clusters fitted on windows sampled from every item (window readers, arrays
-    or file paths; ``sample_embeddings``), in the stable order (``seglib.kselect.fit_sources_auto``
+    or file paths; ``sample_embeddings``), in the stable order (``seglib.inference.kselect.fit_sources_auto``
     picks K too). ``meta["skipped"]`` lists unreadable files when ``skip_unreadable``."""
     k = check_k(k)
     sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}

@@ -13,7 +13,7 @@ one can check whether label-free numbers track the ground truth: ``scores_with_p
 ``proxy_picks`` ask whether they pick the checkpoint and the K ground truth picks. ``explore``
 segments one image with given knobs (the function behind notebook 06's ``explorer`` panel).
 ``evaluate_shared`` scores one legend for a whole set (clusters fitted once on all images,
-``seglib.clusters``) beside per-image fitting, with a dataset-level Hungarian matching (one
+``seglib.inference.legend``) beside per-image fitting, with a dataset-level Hungarian matching (one
 mapping of clusters to classes for all images).
 """
 
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.synthetic import eval_set
+from ..inference.forward import predict_labels, predict_probs, to_tensor
+from ..viz import match_labels
 from .baselines import rgb_kmeans
-from .data.synthetic import eval_set
 from .metrics import aggregate, proxy_scores, segmentation_scores
-from .raster import predict_labels, predict_probs, to_tensor
-from .viz import match_labels
 
 __all__ = [
     "PROXIES",
@@ -51,7 +51,7 @@ __all__ = [
 
 Labeler = Callable[[np.ndarray, int], np.ndarray]
 
-# Label-free proxies of ``seglib.metrics.proxy_scores`` and whether a larger value is better.
+# Label-free proxies of ``seglib.evaluation.metrics.proxy_scores`` and whether a larger value is better.
 PROXIES: dict[str, bool] = {"view_agreement": True, "utilization": True, "speckle": False, "boundary_density": False}
 
 
@@ -145,7 +145,7 @@ def folder_tiles(
     folder spread over its sorted list (0: all), shrunk so the longer side is at most
     ``max_side`` (0: full size). With a ``masks`` folder only images with a mask (``<stem>.png``)
     count and carry it; without, labels are None (``evaluate_tiles`` then reports proxies)."""
-    from .data.tiles import load_folder, load_labelled_folder, shrink
+    from ..data.tiles import load_folder, load_labelled_folder, shrink
 
     if masks:
         names, tiles = load_labelled_folder(images, masks, max_side=max_side)
@@ -353,17 +353,17 @@ def evaluate_shared(
 
     For the model (and ``random_init``): ``per_image`` fits clusters on each image alone
     (``seglib.segment``); ``shared`` fits one set on windows sampled from every image
-    (``seglib.clusters.fit_sources``) and assigns every image to it. RGB k-means likewise:
+    (``seglib.inference.legend.fit_sources``) and assigns every image to it. RGB k-means likewise:
     per image, and once on pixels sampled from every image (``shared_rgb_kmeans``).
     Each gets ``dataset_miou`` (one Hungarian matching of clusters to classes over all images
     together: what a shared legend is for) and ``mean_image_miou`` (matched per image).
     Images with fewer than 2 classes after ``ignore`` are scored too (one legend covers them).
     """
+    from ..inference.engine import segment_array, segment_source
+    from ..inference.legend import fit_sources
+    from ..io.rasters import ArraySource
     from .baselines import shared_rgb_kmeans
-    from .clusters import fit_sources
-    from .io import ArraySource
     from .metrics import hungarian_scores
-    from .raster import segment_array, segment_source
 
     images = [np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb for rgb, _ in tiles]
     gts = [gt for _, gt in tiles]

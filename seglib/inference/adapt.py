@@ -1,7 +1,7 @@
 """Adaptation to the raster being segmented: a few unsupervised training steps of the model on
 random windows of the input itself (no labels), before the final assignment.
 
-    from seglib.adapt import adapt
+    from seglib.inference.adapt import adapt
     adapted = adapt(model, ArraySource(image), steps=20)      # a copy; ``model`` is untouched
     labels = seglib.segment(image, 6, model, adapt_steps=20)   # the same, inside segment
     python -m seglib.predict --input ortho.tif --k 6 --output out/ --adapt 20
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .augment import make_views
-from .baselines import kmeans
-from .config import AugmentConfig
-from .io import ArraySource, RasterSource
-from .losses.cluster import swapped_prediction
+from ..augment import make_views
+from ..config import AugmentConfig
+from ..evaluation.baselines import kmeans
+from ..io.rasters import ArraySource, RasterSource
+from ..losses.cluster import swapped_prediction
 
 __all__ = ["adapt", "sample_windows"]
 
@@ -72,7 +72,7 @@ def adapt(
 
     Arguments:
       model: a seglib segmenter (its ``features`` are trained).
-      source: the raster (``seglib.io.ArraySource`` for an array, ``RasterSource`` for a file).
+      source: the raster (``seglib.io.rasters.ArraySource`` for an array, ``RasterSource`` for a file).
       steps: optimizer steps (0 returns the model itself).
       crop: window side at the model's input scale (``downsample`` times more source pixels).
       batch: windows per step.

@@ -12,11 +12,11 @@
 
 ``image`` is a NumPy array (H, W, 3), uint8 or float in [0, 1], of any H and W. Anything else
 raises ``ValueError`` naming the problem and the fix (docs/bad-inputs.md lists every case).
-Both go to the inference engine, ``seglib.raster``: images up to ``tile`` pixels on each side go
+Both go to the inference engine, ``seglib.inference.engine``: images up to ``tile`` pixels on each side go
 through the model in one piece (reflect-padded to its stride, cropped back), larger ones window
 by window (shared prototypes fitted on sampled windows, overlapping windows blended), so memory
 stays bounded. ``load_model`` is ``seglib.models.load_model``. Label ids follow a documented
-order (the brightness of each cluster's mean colour, darkest first; ``seglib.clusters``).
+order (the brightness of each cluster's mean colour, darkest first; ``seglib.inference.legend``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .clusters import FittedClusters, fit_sources, load_clusters
-from .config import check_k, check_lane
+from ..config import check_k, check_lane
+from ..models import load_model
+from .engine import segment_array
+from .forward import model_stride
 from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
-from .models import load_model
-from .raster import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling, model_stride, segment_array
+from .legend import FittedClusters, fit_sources, load_clusters
+from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling
 
 __all__ = ["load_model", "check_image", "check_mask", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
 
@@ -74,7 +76,7 @@ def check_image(image: object) -> np.ndarray:
         return image
     if not np.issubdtype(image.dtype, np.floating):
         if image.dtype in (np.uint16, np.int16):
-            fix = "16-bit imagery: seglib.io.to_uint8_rgb(image)[0] stretches it (2nd-98th percentile) to uint8"
+            fix = "16-bit imagery: seglib.io.images.to_uint8_rgb(image)[0] stretches it (2nd-98th percentile) to uint8"
         else:
             fix = "pass uint8 (0..255) or float in [0, 1]; e.g. image.astype(np.uint8) if values are 0..255"
         raise ValueError(f"image dtype {image.dtype} is not supported; {fix}")
@@ -118,7 +120,7 @@ def fit_clusters(
 
     Arguments:
       images: the images, or one image; arrays as ``segment`` takes them, files as ``predict``.
-      k: 2..16, or ``"auto"``: picked in ``k_range`` by ``seglib.kselect.AUTO_RULE`` (the
+      k: 2..16, or ``"auto"``: picked in ``k_range`` by ``seglib.inference.kselect.AUTO_RULE`` (the
         chosen K is ``.k``, the evidence ``.meta["k_auto"]``).
       model: a segmenter; None: the bundled default.
       tile, overlap, fit_windows, fit_pixels, seed: the window sample of each image (as a
@@ -202,10 +204,10 @@ def segment(
       lane: refinement lane, fast | learned | none; None uses the model's default.
       return_probs: also return the probabilities (K, H, W) float32 (they sum to 1 over K).
       tile: images with a side above this (default 1024) are segmented in overlapping windows
-        of this size with prototypes shared across windows (``seglib.raster.segment_array``).
+        of this size with prototypes shared across windows (``seglib.inference.engine.segment_array``).
       overlap: minimum overlap of those windows, in pixels (0..tile/2).
       adapt_steps: first train a copy of the model this many unsupervised steps on windows of
-        ``image`` itself (``seglib.adapt``; 0: off, the default). The model passed in is not changed.
+        ``image`` itself (``seglib.inference.adapt``; 0: off, the default). The model passed in is not changed.
       adapt_seconds: stop that adaptation after this many seconds (None: no bound).
       progress: show the adaptation's progress bar.
       mask: (H, W) bool, True where the pixel is image data and False for nodata (GDAL's
@@ -236,8 +238,8 @@ def segment(
             "adapt_steps changes the features the given clusters were fitted on; drop clusters= (or adapt_steps)"
         )
     if adapt_steps:
+        from ..io.rasters import ArraySource
         from .adapt import adapt
-        from .io import ArraySource
 
         source = ArraySource(image, valid=mask)
         model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, progress=progress)

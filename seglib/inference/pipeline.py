@@ -1,4 +1,4 @@
-"""Overlapping the stages of the raster pipeline, and timing them.
+"""The raster pipeline's threads: a read-ahead thread, model workers, a writer thread; stage timers.
 
     times = {}
     for window in prefetch(read_windows(), depth=2):  # read in a background thread
@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-__all__ = ["timed", "prefetch", "ordered_map", "RowWriter"]
+import torch
+
+__all__ = ["timed", "prefetch", "ordered_map", "RowWriter", "MODEL_WORKERS", "model_workers", "torch_threads"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -192,3 +194,32 @@ class RowWriter:
             self.close()
         except BaseException:
             pass
+
+
+MODEL_WORKERS = 2  # windows through the model at once on a CPU, each with its share of the threads
+
+
+def model_workers(device: torch.device) -> tuple[int, int]:
+    """(windows through the model at once, torch threads each) for the windowed pass.
+
+    On a CPU, two windows at once with half the threads each: the models' convolutions scale
+    poorly from one thread to two (the bundled student: 1.25x), while two windows side by side
+    keep both cores busy. One window with every thread on a GPU, or with a single thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        return 1, threads
+    workers = min(MODEL_WORKERS, threads)
+    return workers, threads // workers
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` meanwhile (process-wide), restored afterwards."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)

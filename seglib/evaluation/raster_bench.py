@@ -10,8 +10,8 @@ pixels, the layout of a typical orthophoto. Two pipelines then segment it, each 
 process and in turns (ours, predecessor, ours, ...), so a change of load on a shared machine
 hits both alike:
 
-* **seglib**: ``seglib.raster.segment_raster`` with the bundled model at default settings;
-* **predecessor**: the predecessor QGIS plugin's k-means pipeline (``seglib.baselines``:
+* **seglib**: ``seglib.inference.engine.segment_raster`` with the bundled model at default settings;
+* **predecessor**: the predecessor QGIS plugin's k-means pipeline (``seglib.evaluation.baselines``:
   3 x 3 box smoothing, 4 px block means, k-means on 20 000 sampled block means, labels
   repeated to full resolution), streamed over the raster in strips by ``predecessor_raster``
   and written the same way (uint8 deflate GeoTIFF by a writer thread).
@@ -51,8 +51,8 @@ def write_mosaic(path: str | Path, size: int, *, seed: int = 0) -> Path:
     from affine import Affine
     from rasterio.windows import Window
 
-    from .io import read_image
-    from .paths import SAMPLE_IMAGES
+    from ..io.images import read_image
+    from ..paths import SAMPLE_IMAGES
 
     path = Path(path)
     tiles = [read_image(p)[0] for p in sorted(SAMPLE_IMAGES.iterdir())]
@@ -93,10 +93,11 @@ def predecessor_raster(
     import torch
     from rasterio.windows import Window
 
+    from ..inference.engine import GDAL_CACHE_MB
+    from ..inference.pipeline import RowWriter, timed
+    from ..io.outputs import label_profile, temporary_path
+    from ..io.rasters import RasterSource
     from .baselines import BLOCK, BLOCK_SAMPLE, BLOCK_SMOOTH, block_features, kmeans
-    from .io import RasterSource, temporary_path
-    from .raster import GDAL_CACHE_MB, _label_profile
-    from .stages import RowWriter, timed
 
     halo = BLOCK_SMOOTH // 2  # rows the smoothing reads beyond a strip
     strip = -(-strip // BLOCK) * BLOCK
@@ -119,7 +120,7 @@ def predecessor_raster(
             labels, _ = kmeans(points, k, seed=seed, sample=BLOCK_SAMPLE)
             low = labels.to(torch.uint8).reshape(feats.shape[1:]).numpy()  # (H/4, W/4)
     with RasterSource(path) as source:
-        profile = _label_profile(source)
+        profile = label_profile(source)
     output = Path(output)
     tmp = temporary_path(output)
     with rasterio.open(tmp, "w", **profile) as dst:
@@ -154,8 +155,8 @@ def run_pipeline(pipeline: str, source: str, output: str, k: int, threads: int) 
     times: dict[str, float] = {}
     cpu = 0.0
     if pipeline == "seglib":
-        from .models import load_model
-        from .raster import segment_raster
+        from ..inference.engine import segment_raster
+        from ..models import load_model
 
         model = load_model(None)
         tic, cpu = time.perf_counter(), time.process_time()
@@ -175,7 +176,7 @@ def run_pipeline(pipeline: str, source: str, output: str, k: int, threads: int) 
     }
 
 
-_CHILD = "import json, sys; from seglib.raster_bench import run_pipeline; print(json.dumps(run_pipeline(*sys.argv[1:4], int(sys.argv[4]), int(sys.argv[5]))))"  # noqa: E501
+_CHILD = "import json, sys; from seglib.evaluation.raster_bench import run_pipeline; print(json.dumps(run_pipeline(*sys.argv[1:4], int(sys.argv[4]), int(sys.argv[5]))))"  # noqa: E501
 
 
 def raster_benchmark(
@@ -184,7 +185,7 @@ def raster_benchmark(
     """Write (or reuse) the mosaic in ``folder`` (default ``runs/bench_raster``) and time both
     pipelines on it, ``repeats`` times in turns, each run in a fresh process; medians per
     pipeline and every run's numbers."""
-    from .paths import runs_dir
+    from ..paths import runs_dir
 
     folder = runs_dir("bench_raster") if folder is None else Path(folder)
     source = folder / f"mosaic_{size}_seed{seed}.tif"

@@ -1,27 +1,13 @@
-"""Leave-one-tile-out evaluation of several methods on a labelled folder, in one run.
-
-    python -m seglib.loto --data ../shared/data/dubai_aerial_dev --threads 1 --out docs/loto.json
-    python -m seglib.loto --data DIR --methods rgb_kmeans,student_dubai --folds t1,t2   # screening
-    python -m seglib.loto --data DIR --select head=student_dubai,student_dubai_prior0    # nested choice
-    python -m seglib.loto --list                                                         # the methods
-
-For each fold (a source tile of the folder, ``seglib.loto.folds``) every method's model of
-that fold is trained on the other tiles' images (no masks; cached under ``--runs``, a killed
-run resumes) and scores the fold's images at K = classes present (labels in ``--ignore`` left
-out, images with fewer than 2 classes skipped, Hungarian matching per image). The table shows
-the image-weighted mean of every fold and of all folds; the JSON holds every image's scores,
-paired differences with bootstrap intervals and the nested selections. Per-fold scores are
-cached too, so a second run only computes what is new.
-"""
+"""The leave-one-tile-out protocol: every method on every fold in one run (``run_protocol``),
+per-fold caches of models and scores, the table (``format_table``) and the JSON; the command
+``python -m seglib.loto`` (``seglib/loto.py``) describes each step."""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import glob
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,9 +16,9 @@ import numpy as np
 import torch
 
 from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize
-from .methods import DEFAULT_METHODS, METHODS, FoldContext, LotoError, Method, fold_artifact, fold_model, get_method
+from .methods import DEFAULT_METHODS, FoldContext, LotoError, Method, fold_artifact, fold_model, get_method
 
-__all__ = ["run_protocol", "format_table", "loto_result", "build_parser", "main"]
+__all__ = ["run_protocol", "format_table", "loto_result", "SCORE_KEYS"]
 
 SCORE_KEYS = ("miou", "pixel_acc", "m2o_miou", "boundary_f1")
 
@@ -53,14 +39,14 @@ def _artifacts(method: Method, ctx: FoldContext, fold: str) -> list[str]:
 
 
 def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, seed: int) -> list[dict]:
+    from ...inference.forward import predict_labels
     from ..baselines import rgb_kmeans
     from ..metrics import segmentation_scores
-    from ..raster import predict_labels
 
     rows = []
     if method.adapt:
-        from ..adapt import adapt
-        from ..io import ArraySource
+        from ...inference.adapt import adapt
+        from ...io.rasters import ArraySource
     for name, (rgb, gt) in zip(names, tiles, strict=True):
         present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
         if len(present) < 2:
@@ -104,9 +90,9 @@ def run_protocol(
     """Train (or reuse) every method's fold models, score every held-out image, aggregate.
 
     Returns the result dict that ``main`` writes as JSON (see the module docstring)."""
-    from ..data.tiles import load_labelled_folder
-    from ..device import set_threads
-    from ..io import list_images
+    from ...data.tiles import load_labelled_folder
+    from ...device import set_threads
+    from ...io.images import list_images
 
     set_threads(threads)
     images, masks, runs = Path(images), Path(masks), Path(runs)
@@ -277,7 +263,7 @@ def loto_result(
     root), or, with ``recompute``, a new run on ``data`` (a folder with images/ and masks/) of
     ``methods`` (default: those of the JSON) with the JSON's nested selections, written to
     ``out``. What notebook 06 shows; CI reads the committed JSON, a full run takes hours."""
-    from ..paths import REPO_ROOT
+    from ...paths import REPO_ROOT
 
     def resolve(p: str | Path) -> Path:
         return Path(p) if Path(p).is_absolute() else REPO_ROOT / p
@@ -303,99 +289,3 @@ def loto_result(
         resolve(out).parent.mkdir(parents=True, exist_ok=True)
         resolve(out).write_text(json.dumps(result, indent=1))
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m seglib.loto",
-        description="Leave-one-tile-out: train every method on all tiles but one (images only), score the "
-        "held-out tile's images against their masks, for every tile; baselines in the same run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", default=None, help="folder with images/ and masks/ (sets both)")
-    p.add_argument("--images", default=None, help="folder of the images")
-    p.add_argument("--masks", default=None, help="folder of their label PNGs (same stems)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods (see --list)")
-    p.add_argument("--folds", default="", help="comma-separated tiles to hold out (default: every tile)")
-    p.add_argument("--runs", default="runs/loto", help="root of the cached fold models and scores")
-    p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer")
-    p.add_argument("--ignore", default="5,255", help="label ids left out of the scores")
-    p.add_argument("--seed", type=int, default=123, help="seed of RGB k-means")
-    p.add_argument("--tile-pattern", default=TILE_PATTERN, help="regex whose first group is an image stem's tile id")
-    p.add_argument(
-        "--select",
-        action="append",
-        default=[],
-        metavar="LABEL=M1,M2,...",
-        help="nested choice among these methods: fold f gets the one best on the other folds (repeatable)",
-    )
-    p.add_argument("--compare", action="append", default=[], metavar="A:B", help="paired difference A - B (repeatable)")
-    p.add_argument("--no-train", action="store_true", help="fail instead of training a missing fold model")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (training and evaluation)")
-    p.add_argument("--out", default="runs/loto/loto.json", help="JSON result")
-    p.add_argument("--list", action="store_true", help="print the registered methods and exit")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.list:
-        for name, m in METHODS.items():
-            print(f"{name:<28} {m.kind:<8} {m.about}")
-        return 0
-    images = args.images or (f"{args.data}/images" if args.data else None)
-    masks = args.masks or (f"{args.data}/masks" if args.data else None)
-    if not images or not masks:
-        parser.error("give --data DIR (with images/ and masks/) or --images DIR --masks DIR")
-    for what, path in (("images", images), ("masks", masks)):
-        if not Path(path).is_dir():
-            parser.error(f"--{what} folder not found: {path}")
-    try:
-        k = "present" if args.k == "present" else int(args.k)
-        ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
-    except ValueError:
-        parser.error(f"--k is 'present' or an integer, --ignore integers like 5,255; got {args.k!r}, {args.ignore!r}")
-    select = {}
-    for item in args.select:
-        label, _, names = item.partition("=")
-        if not label or not names:
-            parser.error(f"--select expects LABEL=M1,M2,..., got {item!r}")
-        select[label] = [n for n in names.split(",") if n]
-    compare = []
-    for item in args.compare:
-        a, _, b = item.partition(":")
-        if not a or not b:
-            parser.error(f"--compare expects A:B, got {item!r}")
-        compare.append((a, b))
-    methods = [m for m in args.methods.split(",") if m]
-    try:
-        for name in methods + [n for names in select.values() for n in names]:
-            get_method(name)
-        result = run_protocol(
-            images=images,
-            masks=masks,
-            methods=methods,
-            folds=[f for f in args.folds.split(",") if f] or None,
-            runs=args.runs,
-            k=k,
-            ignore=ignore,
-            seed=args.seed,
-            tile_pattern=args.tile_pattern,
-            threads=args.threads,
-            device=args.device,
-            train=not args.no_train,
-            select=select,
-            compare=compare,
-            log=lambda msg: print(msg, file=sys.stderr),
-        )
-    except LotoError as exc:
-        parser.exit(2, f"python -m seglib.loto: error: {exc}\n")
-    result["command"] = "python -m seglib.loto " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"wrote {out}", file=sys.stderr)
-    return 0

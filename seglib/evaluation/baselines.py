@@ -11,7 +11,7 @@ Quant Civil "QGIS Map Segmentation" plugin's K-Means mode; reimplemented here, n
 3 x 3 box smoothing of the RGB values, their means over 4 x 4 pixel blocks, k-means on a sample
 of those block means, every block assigned to its nearest centre, and the block labels
 repeated back to full resolution. ``block_features`` is its feature step, shared with the
-streaming version over a raster (``seglib.raster_bench``).
+streaming version over a raster (``seglib.evaluation.raster_bench``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     k, scores = choose_k(model, [source], ks=range(2, 9))   # what --k auto / k="auto" runs
 
 For each K in a range, the head's soft k-means is fitted on the same window sample a fit uses
-(``seglib.clusters``), and label-free numbers are computed from that fit:
+(``seglib.inference.legend``), and label-free numbers are computed from that fit:
 
 * ``silhouette``: mean simplified silhouette ``(b - a) / max(a, b)``, ``a`` the distance of a
   position to its cluster's centroid, ``b`` to the nearest other centroid (highest wins);
@@ -40,16 +40,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .clusters import (
-    MAX_POSITIONS,
-    FittedClusters,
-    clusters_from_fit,
-    fit_embeddings,
-    sample_embeddings,
-)
-from .config import K_MAX, K_MIN
-from .io import ArraySource
-from .raster import segment_array
+from ..config import K_MAX, K_MIN
+from ..io.rasters import ArraySource
+from .engine import segment_array
+from .legend import MAX_POSITIONS, FittedClusters, clusters_from_fit, fit_embeddings, sample_embeddings
 
 __all__ = [
     "DEFAULT_RANGE",
@@ -63,7 +57,7 @@ __all__ = [
     "k_auto_study",
 ]
 
-log = logging.getLogger("seglib.kselect")
+log = logging.getLogger("seglib.inference.kselect")
 
 DEFAULT_RANGE = (2, 8)  # --k auto searches K in this range unless told otherwise
 STAT_POSITIONS = 1 << 15  # positions the silhouette and the other statistics are computed on
@@ -325,7 +319,7 @@ def fit_sources_auto(
     max_positions: int = MAX_POSITIONS,
     skip_unreadable: bool = False,
 ) -> FittedClusters:
-    """``seglib.clusters.fit_sources`` with K picked by ``rule`` in ``k_range`` on the same
+    """``seglib.inference.legend.fit_sources`` with K picked by ``rule`` in ``k_range`` on the same
     sample (``choose_k``); the clusters are that K's fit, and ``meta["k_auto"]`` records the
     rule, the range and each K's statistic."""
     lo, hi = check_k_range(k_range)
@@ -402,7 +396,7 @@ def k_auto_study(
     """
     from tqdm.auto import tqdm
 
-    from .metrics import segmentation_scores
+    from ..evaluation.metrics import segmentation_scores
 
     lo, hi = check_k_range(k_range)
     ks = list(range(lo, hi + 1))

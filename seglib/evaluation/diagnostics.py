@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .losses.recon import reconstruction_loss, reconstruction_target
-from .models.autoencoder import ReconstructionDecoder
-from .models.segmenter import head_embedding
-from .raster import to_tensor
-from .viz import pca_rgb
+from ..inference.forward import to_tensor
+from ..losses.recon import reconstruction_loss, reconstruction_target
+from ..models.autoencoder import ReconstructionDecoder
+from ..models.segmenter import head_embedding
+from ..viz import pca_rgb
 
 __all__ = ["colour_embedding", "head_objective", "slice_maps", "reconstruct", "colour_probe_r2"]
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .. import recipes
-from ..config import Config, merge
+from ... import recipes
+from ...config import Config, merge
 
 __all__ = ["Method", "METHODS", "DEFAULT_METHODS", "LotoError", "get_method", "FoldContext", "fold_model"]
 
@@ -60,7 +60,7 @@ class Method:
       infer: inference overrides passed to the model (iters, size_prior, downsample, ...).
       attrs: model attributes set before scoring, dotted paths allowed (``colour_weight``,
         ``head.denoise_iters``): settings of the head that are not arguments of a forward call.
-      adapt: keyword arguments of ``seglib.adapt.adapt`` (``steps``, ...): each image is
+      adapt: keyword arguments of ``seglib.inference.adapt.adapt`` (``steps``, ...): each image is
         segmented by a copy of the fold model adapted to that image first (``eval_of`` methods).
       about: one line for the table's legend.
     """
@@ -229,7 +229,7 @@ for _steps in (10, 30):
             f"student_dubai_adapt{_steps}",
             eval_of="student_dubai",
             adapt={"steps": _steps},
-            about=f"the bundled recipe adapted {_steps} steps to each image first (seglib.adapt)",
+            about=f"the bundled recipe adapted {_steps} steps to each image first (seglib.inference.adapt)",
         )
     )
 for _name, _infer in {"iters3": {"iters": 3}, "prior0": {"size_prior": 0.0}, "prior5": {"size_prior": 5.0}}.items():
@@ -324,7 +324,7 @@ class FoldContext:
 def train_images(ctx: FoldContext, fold: str) -> list[str]:
     """Stems of the images a model of ``fold`` trains on: every image of ``images`` except the
     held-out tile's (images without a tile id are kept: they are never scored)."""
-    from ..io import list_images
+    from ...io.images import list_images
 
     held = set(ctx.tiles.get(fold, []))
     return [p.stem for p in list_images(ctx.images) if p.stem not in held]
@@ -362,7 +362,7 @@ def _fingerprint(cfg: Config) -> dict:
 
 def fold_model(method: Method, ctx: FoldContext, fold: str) -> torch.nn.Module:
     """The model of ``method`` for ``fold`` (trained now if not cached), CPU, eval mode."""
-    from ..models import load_model, random_init_like
+    from ...models import load_model, random_init_like
 
     if method.kind == "random":
         model = random_init_like(fold_model(get_method(method.random_of), ctx, fold))
@@ -418,7 +418,7 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     ctx.log(f"[loto] training {method.name} for fold {where} into {directory}")
-    from ..training.run import run
+    from ...training.run import run
 
     tic = time.perf_counter()
     run(cfg, resume=True)

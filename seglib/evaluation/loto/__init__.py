@@ -3,7 +3,7 @@ tile, for every tile; baselines and random-weight twins in the same run (``pytho
 
 from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize, tile_of
 from .methods import DEFAULT_METHODS, METHODS, FoldContext, LotoError, Method, fold_model, get_method
-from .protocol import format_table, loto_result, main, run_protocol
+from .protocol import format_table, loto_result, run_protocol
 
 __all__ = [
     "TILE_PATTERN",
@@ -22,5 +22,4 @@ __all__ = [
     "run_protocol",
     "format_table",
     "loto_result",
-    "main",
 ]

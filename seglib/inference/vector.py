@@ -1,6 +1,6 @@
 """Segments as polygons: the finished label raster, sieved, traced by GDAL, written with fiona.
 
-    from seglib.vector import polygonize
+    from seglib.inference.vector import polygonize
     polygonize("out/ortho.tif", "out/ortho.gpkg", min_area=MinArea(50.0))  # drop < 50 m2 (metric CRS)
     # python -m seglib.predict --input ortho.tif --k 6 --output out --vector gpkg --min-area 50
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import temporary_path
+from ..io.outputs import temporary_path
 
 __all__ = ["VECTOR_FORMATS", "MinArea", "parse_min_area", "check_vector_format", "polygonize", "ring_area"]
 
