@@ -30,9 +30,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# tests/ only, without the slow ones (no notebook runs, no nbval).
+# tests/ and experiments/tests/, without the slow ones (no notebook runs, no nbval).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -m "not slow" tests experiments/tests
 
 # Every notebook with its CI parameters (PARAMS=full for the real experiments), executed copies in
 # notebooks/_executed/ (figures included; not committed).
@@ -50,8 +50,8 @@ notebooks-refresh: install
 	$(BIN)/python notebooks/refresh.py
 
 lint: install
-	$(BIN)/ruff check seglib tests notebooks
-	$(BIN)/ruff format --check seglib tests
+	$(BIN)/ruff check seglib tests notebooks experiments
+	$(BIN)/ruff format --check seglib tests experiments
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs

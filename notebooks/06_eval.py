@@ -58,7 +58,7 @@ real_max_side = 256  # the real tiles are downscaled to this longer side (0: ful
 ignore = [5, 255]  # mask ids left out of the scores (unlabelled, not annotated)
 device = "cpu"  # cpu | cuda | auto
 threads = 1  # torch CPU threads (0: torch's default)
-loto_json = "docs/loto.json"  # the committed leave-one-tile-out result (relative to the repository root)
+loto_json = "experiments/loto/loto.json"  # the committed leave-one-tile-out result (relative to the repository root)
 loto_recompute = False  # True: rerun the whole protocol on loto_data (hours on a CPU; fold models cached in runs/loto)
 loto_data = "../shared/data/dubai_aerial_dev"  # images/ and masks/ of the split (relative to the repository root)
 
@@ -150,7 +150,7 @@ by_lane = {lane: explore(model, rgb0, gt0, k=k0, lane=lane, ignore=ignore) for l
 # the fifth tile's images; every image is scored once, by the model of its own fold. RGB k-means and each
 # architecture at random weights are scored in the same run on the same images. Rows: per-fold and pooled
 # (image-weighted) Hungarian mIoU at K = classes present; then the nested choices (a setting chosen for fold f from
-# the other folds' scores only) and paired differences with 95 % bootstrap intervals over images. docs/results.md
+# the other folds' scores only) and paired differences with 95 % bootstrap intervals over images. experiments/LOG.md
 # has the commands and the discussion. With `loto_recompute` the protocol runs here (params/06_eval/full.yaml).
 
 # %%
@@ -160,6 +160,7 @@ loto = loto_result(
     data=loto_data,
     threads=threads,
     out=f"runs/06_eval/{run_name}/loto.json",
+    plugins=["experiments/loto/methods.py"],  # the study's research methods, for a recompute
 )
 print(format_table(loto))
 

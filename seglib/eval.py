@@ -5,7 +5,6 @@
     python -m seglib.eval --synthetic --checkpoint ckpt.pt --k-sweep
     python -m seglib.eval --images DIR --masks DIR --k present --ignore 5,255 --checkpoint student.pt
     python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-clusters   # one legend
-    python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --k-auto-study            # --k auto's rule
     python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --checkpoint mine.pt --compare bundled
 
 Prints one JSON summary (aggregated numbers per method; ``--per-image`` adds the rows) and
@@ -66,13 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="score one set of clusters fitted on all images (dataset-level Hungarian mIoU) beside per-image "
         "fitting, for the model, random-init features and RGB k-means; needs an integer --k",
     )
-    p.add_argument(
-        "--k-auto-study",
-        action="store_true",
-        help="score every label-free K criterion against the classes present, chosen in leave-one-tile-out "
-        "folds (tile = the name's part after the last 't'), beside the naive K = 6",
-    )
-    p.add_argument("--k-range", default="2..8", help="K range of --k-auto-study")
     p.add_argument("--ignore", default="", help="comma-separated label ids to ignore, e.g. 5,255")
     p.add_argument(
         "--lane",
@@ -136,15 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
     if args.shared_clusters and not isinstance(k, int):
         parser.error("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
-    if args.k_auto_study and args.no_model:
-        parser.error("--k-auto-study needs a model (drop --no-model)")
-    if args.k_auto_study:
-        from .inference.kselect import check_k_range
-
-        try:
-            args.k_range = check_k_range(args.k_range)
-        except ValueError as exc:
-            parser.error(f"--k-range: {exc}")
     kwargs = {"lane": args.lane} if args.lane else {}
     if args.iters is not None:
         kwargs["iters"] = args.iters
@@ -172,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
 
     tic = time.perf_counter()
-    if args.shared_clusters or args.k_auto_study:
-        return _gis_study(args, model, random_init, names, tiles, ignore, source, device)
+    if args.shared_clusters:
+        return _shared_study(args, model, random_init, names, tiles, ignore, source, device)
     result = evaluate_tiles(
         model,
         tiles,
@@ -220,33 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gis_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
-    """--shared-clusters and --k-auto-study: print the summary, write everything to --out."""
-    from .inference.kselect import k_auto_study
+def _shared_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
+    """--shared-clusters: print the summary, write everything to --out."""
+    from .evaluation.scores import evaluate_shared
     from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 
     tic = time.perf_counter()
     geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
     head = {"checkpoint": args.checkpoint or "bundled default", "device": str(device), "torch": torch.__version__}
-    if args.shared_clusters:
-        from .evaluation.scores import evaluate_shared
-
-        full = evaluate_shared(
-            model,
-            tiles,
-            _parse_k(args.k),
-            ignore=ignore,
-            random_init=random_init,
-            seed=args.seed,
-            names=names,
-            **geometry,
-        )
-        summary = {key: v for key, v in full.items() if key != "images"}
-        out = Path(args.out or f"runs/eval/{source}_shared_k{args.k}.json")
-    else:
-        full = k_auto_study(model, names, tiles, ignore=ignore, k_range=args.k_range, seed=0, **geometry)
-        summary = {key: v for key, v in full.items() if key not in ("per_image", "all_rules_all_images")}
-        out = Path(args.out or f"runs/eval/{source}_k_auto.json")
+    full = evaluate_shared(
+        model, tiles, _parse_k(args.k), ignore=ignore, random_init=random_init, seed=args.seed, names=names, **geometry
+    )
+    summary = {key: v for key, v in full.items() if key != "images"}
+    out = Path(args.out or f"runs/eval/{source}_shared_k{args.k}.json")
     full = dict(head, **full, seconds=round(time.perf_counter() - tic, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=1, default=float))

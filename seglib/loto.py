@@ -1,9 +1,10 @@
 """Leave-one-tile-out evaluation of several methods on a labelled folder, in one run.
 
-    python -m seglib.loto --data ../shared/data/dubai_aerial_dev --threads 1 --out docs/loto.json
+    python -m seglib.loto --data ../shared/data/dubai_aerial_dev --threads 1 --out experiments/loto/loto.json
     python -m seglib.loto --data DIR --methods rgb_kmeans,student_dubai --folds t1,t2   # screening
     python -m seglib.loto --data DIR --select head=student_dubai,student_dubai_prior0    # nested choice
     python -m seglib.loto --list                                                         # the methods
+    python -m seglib.loto --plugin my_methods.py --data DIR --methods rgb_kmeans,mine    # methods of your own
 
 For each fold (a source tile of the folder, ``seglib.evaluation.loto.folds``) every method's model of
 that fold is trained on the other tiles' images (no masks; cached under ``--runs``, a killed
@@ -21,7 +22,16 @@ import json
 import sys
 from pathlib import Path
 
-from .evaluation.loto import DEFAULT_METHODS, METHODS, TILE_PATTERN, LotoError, format_table, get_method, run_protocol
+from .evaluation.loto import (
+    DEFAULT_METHODS,
+    METHODS,
+    TILE_PATTERN,
+    LotoError,
+    format_table,
+    get_method,
+    load_plugin,
+    run_protocol,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -55,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (training and evaluation)")
     p.add_argument("--out", default="runs/loto/loto.json", help="JSON result")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first (a dotted name, or a .py file): it registers methods of its own with "
+        "seglib.evaluation.loto.register (repeatable)",
+    )
     p.add_argument("--list", action="store_true", help="print the registered methods and exit")
     return p
 
@@ -62,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        for plugin in args.plugin:
+            load_plugin(plugin)
+    except LotoError as exc:
+        parser.error(str(exc))
     if args.list:
         for name, m in METHODS.items():
             print(f"{name:<28} {m.kind:<8} {m.about}")

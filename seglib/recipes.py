@@ -1,7 +1,7 @@
 """Named training recipes: config overrides on top of the dataclass defaults.
 
 The files in ``configs/`` are one-line wrappers around these, for ``--config configs/X.py``.
-docs/results.md has what each recipe gave, how long it took and why it is set as it is.
+experiments/LOG.md has what each recipe gave, how long it took and why it is set as it is.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ STUDENT_SYNTHETIC_CPU: dict = {
 
 # The bundled default student: distilled on real tiles shrunk by 2, run on images shrunk by 2,
 # with 1 soft k-means iteration, a size prior of 3 and the weight average of the last steps
-# (each measured on the development tiles: docs/results.md, "Real imagery").
+# (each measured on the development tiles: experiments/LOG.md, "Real imagery").
 STUDENT_DUBAI_CPU: dict = {
     "stage": "student",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
@@ -63,7 +63,7 @@ STUDENT_DUBAI_CPU: dict = {
     "train": {**_TRAIN, "steps": 1500, "checkpoint_every": 250, "weight_average_decay": 0.995},
 }
 
-# Research recipes of the leave-one-tile-out study (docs/results.md, "Leave-one-tile-out"); none
+# Research recipes of the leave-one-tile-out study (experiments/LOG.md, "Leave-one-tile-out"); none
 # beat the bundled recipe under that protocol, they are kept so that the study can be reproduced.
 #
 # The synthetic teacher fine-tuned on real tiles shrunk by 2 (no labels): pass

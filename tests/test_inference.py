@@ -92,7 +92,7 @@ def test_missing_bundled_model_says_what_to_do(monkeypatch, tmp_path):
 
 
 def test_bundled_model_is_the_distilled_student_and_beats_rgb_kmeans_on_the_samples():
-    """The shipped weights load without arguments and score what docs/results.md reports on the
+    """The shipped weights load without arguments and score what experiments/LOG.md reports on the
     three sample tiles (numbers produced by this test's code when the weights were committed)."""
     from seglib.data.tiles import load_labelled_folder
     from seglib.evaluation.scores import evaluate_tiles

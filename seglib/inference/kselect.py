@@ -26,23 +26,20 @@ For each K in a range, the head's soft k-means is fitted on the same window samp
 * ``effective``: ``theta`` times the effective number of clusters ``exp(entropy of the shares)``
   at the largest K, rounded.
 
-``k_auto_study`` scores every criterion and threshold against the number of ground-truth
-classes present on labelled images and picks one inside leave-one-tile-out folds (``python -m
-seglib.eval --k-auto-study``); docs/inference.md ("GIS workflows") has the result and the rule
-``--k auto`` uses.
+The study that scores every criterion and threshold against the number of ground-truth classes
+present and picks the shipped rule inside leave-one-tile-out folds is an experiment
+(``python -m experiments.k_auto``); docs/inference.md ("GIS workflows") has the result.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ..config import K_MAX, K_MIN
-from ..io.rasters import ArraySource
-from .engine import segment_array
 from .legend import MAX_POSITIONS, FittedClusters, clusters_from_fit, fit_embeddings, sample_embeddings
 
 __all__ = [
@@ -54,7 +51,7 @@ __all__ = [
     "pick_k",
     "choose_k",
     "fit_sources_auto",
-    "k_auto_study",
+    "rule_name",
 ]
 
 log = logging.getLogger("seglib.inference.kselect")
@@ -81,7 +78,7 @@ RULES: dict[str, tuple[float | None, ...]] = {
 }
 
 # The rule --k auto uses: picked inside the leave-one-tile-out folds of the dev split
-# (docs/inference.md, "GIS workflows"): 4 of the 5 folds chose it; k_auto_study's output.
+# (docs/inference.md, "GIS workflows"): 4 of the 5 folds chose it (experiments/k_auto).
 AUTO_RULE: tuple[str, float | None] = ("effective", 0.8)
 
 
@@ -331,146 +328,10 @@ def fit_sources_auto(
     stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
     k = pick_k(stats, *rule)
     key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
-    auto = {"rule": _rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
+    auto = {"rule": rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
     return clusters_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, k_auto=auto, **info, **sample)
 
 
-# ----------------------------------------------------------------------------- the study
-
-
-def _rules() -> list[tuple[str, float | None]]:
-    return [(rule, theta) for rule, thetas in RULES.items() for theta in thetas]
-
-
-def _rule_name(rule: tuple[str, float | None]) -> str:
+def rule_name(rule: tuple[str, float | None]) -> str:
+    """``"effective@0.8"`` for ``("effective", 0.8)``, the criterion alone without a threshold."""
     return rule[0] if rule[1] is None else f"{rule[0]}@{rule[1]:g}"
-
-
-def _summary(rows: Sequence[dict], pick: Callable[[dict], int]) -> dict:
-    picks = [pick(r) for r in rows]
-    truth = [r["n_classes"] for r in rows]
-    miou = [r["miou_by_k"][str(k)] for r, k in zip(rows, picks, strict=True)]
-    return {
-        "exact": float(np.mean([p == t for p, t in zip(picks, truth, strict=True)])) if rows else float("nan"),
-        "within_one": float(np.mean([abs(p - t) <= 1 for p, t in zip(picks, truth, strict=True)]))
-        if rows
-        else float("nan"),
-        "miou": float(np.mean(miou)) if rows else float("nan"),
-        "picks": picks,
-    }
-
-
-def _best(rows: Sequence[dict], candidates: Sequence, pick_of: Callable) -> tuple:
-    """The candidate with the most exact hits on ``rows``; ties: within one, then mean mIoU."""
-    scored = []
-    for i, cand in enumerate(candidates):
-        s = _summary(rows, lambda r, c=cand: pick_of(r, c))
-        scored.append((s["exact"], s["within_one"], s["miou"], -i, cand))
-    return max(scored, key=lambda t: t[:4])[4]
-
-
-@torch.no_grad()
-def k_auto_study(
-    model: torch.nn.Module,
-    names: Sequence[str],
-    tiles: Sequence[tuple[np.ndarray, np.ndarray]],
-    *,
-    ignore: Sequence[int] = (5, 255),
-    k_range: tuple[int, int] = DEFAULT_RANGE,
-    naive_k: int = 6,
-    tile: int,
-    overlap: int,
-    fit_pixels: int,
-    fit_windows: int = 16,
-    seed: int = 0,
-    group_of: Callable[[str], str] = lambda name: name.rsplit("t", 1)[-1],
-    progress: bool = True,
-) -> dict:
-    """Every criterion and threshold against the number of ground-truth classes present,
-    chosen inside leave-one-group-out folds (the group of ``image_part_003t4`` is ``4``: its
-    source tile), beside the naive rule K = ``naive_k`` and the best constant K of the same folds.
-
-    Per image it records the statistics per K, each rule's pick and the image's Hungarian mIoU
-    at every K in the range (labels from ``seglib.segment``, the same per-image fit), so a pick
-    can also be judged by the mIoU it gives.
-    """
-    from tqdm.auto import tqdm
-
-    from ..evaluation.metrics import segmentation_scores
-
-    lo, hi = check_k_range(k_range)
-    ks = list(range(lo, hi + 1))
-    rules = _rules()
-    rows = []
-    for name, (rgb, gt) in tqdm(list(zip(names, tiles, strict=True)), desc="images", disable=not progress):
-        present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
-        if len(present) < 2:
-            continue
-        image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
-        source = ArraySource(image, name=name)
-        kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-        embs = sample_embeddings(model, [source], **kw)[0]
-        flipped = sample_embeddings(model, [source], flip=True, **kw)[0]
-        stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=seed)
-        miou = {
-            str(k): segmentation_scores(segment_array(model, image, k, tile=tile, overlap=overlap), gt, ignore)["miou"]
-            for k in sorted({*ks, naive_k})
-        }
-        rows.append(
-            {
-                "image": name,
-                "group": group_of(name),
-                "n_classes": len(present),
-                "picks": {_rule_name(r): pick_k(stats, *r) for r in rules},
-                "stats": {
-                    str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, (float, list))}
-                    for k, s in stats.items()
-                },
-                "miou_by_k": miou,
-            }
-        )
-    names_r = [_rule_name(r) for r in rules]
-    by_rule = lambda r, rule: r["picks"][rule]  # noqa: E731
-    constant = lambda r, k: k  # noqa: E731
-    folds = []
-    for group in sorted({r["group"] for r in rows}):
-        train = [r for r in rows if r["group"] != group]
-        test = [r for r in rows if r["group"] == group]
-        rule = _best(train, names_r, by_rule)
-        const = _best(train, ks, constant)
-        folds.append(
-            {
-                "held_out": group,
-                "n_images": len(test),
-                "rule": rule,
-                "rule_train": _summary(train, lambda r, c=rule: by_rule(r, c)),
-                "rule_test": _summary(test, lambda r, c=rule: by_rule(r, c)),
-                "constant_k": const,
-                "constant_test": _summary(test, lambda r, c=const: c),
-                "naive_test": _summary(test, lambda r: naive_k),
-                "oracle_test": _summary(test, lambda r: min(max(r["n_classes"], lo), hi)),
-            }
-        )
-    n = sum(f["n_images"] for f in folds)
-
-    def pooled(key: str) -> dict:
-        return {
-            metric: sum(f[key][metric] * f["n_images"] for f in folds) / max(n, 1)
-            for metric in ("exact", "within_one", "miou")
-        }
-
-    chosen = [f["rule"] for f in folds]
-    return {
-        "k_range": [lo, hi],
-        "naive_k": naive_k,
-        "n_images": n,
-        "classes_present": {
-            str(c): sum(r["n_classes"] == c for r in rows) for c in sorted({r["n_classes"] for r in rows})
-        },
-        "folds": folds,
-        "held_out": {key: pooled(f"{key}_test") for key in ("rule", "constant", "naive", "oracle")},
-        "fold_rules": chosen,
-        "majority_rule": max(set(chosen), key=chosen.count) if chosen else None,
-        "all_rules_all_images": {name: _summary(rows, lambda r, c=name: by_rule(r, c)) for name in names_r},
-        "per_image": rows,
-    }

@@ -2,7 +2,17 @@
 tile, for every tile; baselines and random-weight twins in the same run (``python -m seglib.loto``)."""
 
 from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize, tile_of
-from .methods import DEFAULT_METHODS, METHODS, FoldContext, LotoError, Method, fold_model, get_method
+from .methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    FoldContext,
+    LotoError,
+    Method,
+    fold_model,
+    get_method,
+    load_plugin,
+    register,
+)
 from .protocol import format_table, loto_result, run_protocol
 
 __all__ = [
@@ -19,6 +29,8 @@ __all__ = [
     "LotoError",
     "fold_model",
     "get_method",
+    "register",
+    "load_plugin",
     "run_protocol",
     "format_table",
     "loto_result",

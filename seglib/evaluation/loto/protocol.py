@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from .folds import TILE_PATTERN, group_by_tile, nested_choice, paired_difference, summarize
-from .methods import DEFAULT_METHODS, FoldContext, LotoError, Method, fold_artifact, fold_model, get_method
+from .methods import (
+    DEFAULT_METHODS,
+    FoldContext,
+    LotoError,
+    Method,
+    fold_artifact,
+    fold_model,
+    get_method,
+    load_plugin,
+)
 
 __all__ = ["run_protocol", "format_table", "loto_result", "SCORE_KEYS"]
 
@@ -258,11 +267,14 @@ def loto_result(
     runs: str | Path = "runs/loto",
     threads: int = 1,
     out: str | Path | None = None,
+    plugins: Sequence[str] = (),
 ) -> dict:
     """A protocol result: the JSON at ``path`` (relative paths are taken from the repository
     root), or, with ``recompute``, a new run on ``data`` (a folder with images/ and masks/) of
     ``methods`` (default: those of the JSON) with the JSON's nested selections, written to
-    ``out``. What notebook 06 shows; CI reads the committed JSON, a full run takes hours."""
+    ``out``; ``plugins`` (``load_plugin``; .py paths from the repository root too) register the
+    methods that are not shipped first. What notebook 06 shows; CI reads the committed JSON, a
+    full run takes hours."""
     from ...paths import REPO_ROOT
 
     def resolve(p: str | Path) -> Path:
@@ -275,6 +287,8 @@ def loto_result(
         return saved
     if not data:
         raise ValueError("recompute needs data: a folder with images/ and masks/")
+    for plugin in plugins:
+        load_plugin(str(resolve(plugin)) if plugin.endswith(".py") else plugin)
     methods = list(methods) or list((saved or {}).get("methods", DEFAULT_METHODS))
     select = {label: sel["candidates"] for label, sel in (saved or {}).get("nested", {}).items()}
     result = run_protocol(

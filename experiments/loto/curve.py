@@ -1,8 +1,8 @@
-"""Draw docs/loto_curve.png, the compute curve of the bundled recipe under leave-one-tile-out,
-from the protocol result docs/loto_curve.json (docs/results.md, "Compute curve" has the commands).
+"""Draw loto_curve.png, the compute curve of the bundled recipe under leave-one-tile-out, from
+the protocol result loto_curve.json beside it (experiments/LOG.md, "Compute curve" has the commands).
 
-    python docs/loto_curve.py                       # read docs/loto_curve.json, write docs/loto_curve.png
-    python docs/loto_curve.py --json R.json --out F.png
+    python -m experiments.loto.curve                # read loto_curve.json, write loto_curve.png
+    python -m experiments.loto.curve --json R.json --out F.png
 
 Points: the pooled (image-weighted) mIoU of each seed at 1x, 4x and 16x the steps (94, 375 and
 1500 steps: 16x is ``student_dubai``, the bundled recipe), the per-fold values thin; horizontal

@@ -1,9 +1,8 @@
-"""docs/supervised_ceiling.py, the label-reading diagnostic: its loss has the head's optimum, the
+"""experiments/supervised_ceiling, the label-reading diagnostic: its loss has the head's optimum, the
 held-out tile never reaches training, and the untrained rows are the protocol's random weights."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,16 @@ import torch
 
 from seglib.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = ROOT / "experiments" / "supervised_ceiling"
 ASSETS = ROOT / "seglib" / "assets" / "dubai"
 
 
 @pytest.fixture(scope="module")
 def ceiling():
-    spec = importlib.util.spec_from_file_location("supervised_ceiling", ROOT / "docs" / "supervised_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from experiments.supervised_ceiling import ceiling
+
+    return ceiling
 
 
 def test_class_mean_loss_rewards_compact_classes_and_skips_ignored_labels(ceiling):
@@ -81,9 +80,9 @@ def test_set_changes_the_head_it_trains_and_scores(ceiling):
         ceiling.build("student", ceiling.parse_set(["model.encoder.colour_wieght=0.5"]))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "docs").glob("supervised_ceiling*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(HERE.glob("supervised_ceiling*.json")), ids=lambda p: p.name)
 def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(path):
-    """The ceilings docs/results.md quotes: each kind scores the same images once, held-out
+    """The ceilings experiments/LOG.md quotes: each kind scores the same images once, held-out
     rows only on their own fold, the pooled means are the image means, and the bundled
     architecture's untrained rows are the protocol's student_random to the last digit."""
     result = json.loads(path.read_text())
@@ -98,7 +97,7 @@ def test_committed_ceilings_score_each_image_once_beside_its_untrained_weights(p
     if result.get("arch", "student") == "student" and not result.get("overrides"):  # written before --arch: student
         protocol = {
             r["image"]: r["miou"]
-            for r in json.loads((ROOT / "docs/loto_region.json").read_text())["per_image"]["student_random"]
+            for r in json.loads((ROOT / "experiments/loto/loto_region.json").read_text())["per_image"]["student_random"]
         }
         assert {r["image"]: r["miou"] for r in rows["untrained"]} == protocol
 

@@ -9,10 +9,11 @@ crop's class means are the prototypes, as if k-means had found the true classes;
 (K = classes present, Hungarian mIoU), beside the same initial weights untrained, which is the
 protocol's ``student_random``. What this gains over the untrained weights estimates what an
 unsupervised objective could at best add to this architecture and head for that much training;
-it still rises with more steps (docs/results.md, "How far labels go").
+it still rises with more steps (experiments/LOG.md, "How far labels go").
 
-    python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --out docs/supervised_ceiling.json
-    python docs/supervised_ceiling.py --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
+    python -m experiments.supervised_ceiling --data ../shared/data/dubai_aerial_dev \
+        --out experiments/supervised_ceiling/supervised_ceiling.json
+    python -m experiments.supervised_ceiling --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
 
 ``--in-sample`` trains on every tile and scores the same images: what the model can fit at all.
 ``--arch teacher`` does the same for the teacher's larger network (``configs/teacher_synthetic_cpu.py``)
@@ -41,12 +42,13 @@ from seglib.augment import photometric
 from seglib.config import AugmentConfig, Config, apply_overrides, parse_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.evaluation.loto.folds import group_by_tile, paired_difference, summarize, tile_of
-from seglib.evaluation.loto.methods import REAL_HEAD
 from seglib.evaluation.metrics import segmentation_scores
 from seglib.inference.forward import predict_labels
 from seglib.models import load_model
 from seglib.models.student import StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
+
+from ..loto.methods import REAL_HEAD
 
 IGNORE = (5, 255)
 
@@ -233,7 +235,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.supervised_ceiling",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data", required=True, help="folder with images/ and masks/")
     p.add_argument("--folds", default="", help="tiles to hold out (default: every tile)")
@@ -279,7 +283,3 @@ def main(argv: list[str] | None = None) -> int:
     d = result["difference"]
     print(f"supervised - untrained: {d['mean']:+.3f} (95 % interval {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

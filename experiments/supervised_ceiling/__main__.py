@@ -1,0 +1,7 @@
+"""``python -m experiments.supervised_ceiling``: see ``ceiling``."""
+
+import sys
+
+from .ceiling import main
+
+sys.exit(main())
