@@ -101,8 +101,6 @@ def enable_plugin(settings: Path, plugin: str = PLUGIN) -> None:
 def install(profile: str | None = None, profiles_path: str | Path | None = None, python: str | None = None) -> Path:
     """Copy the plugin into the profile, record ``python`` (default: this interpreter), enable it.
     Returns the installed plugin folder."""
-    from . import __version__
-
     source = plugin_source()
     folder = profile_folder(profiles_root(profiles_path), profile)
     plugins = folder / "python" / "plugins"
@@ -114,7 +112,7 @@ def install(profile: str | None = None, profiles_path: str | Path | None = None,
             shutil.copy2(source / name, staged / name)
         record = {
             "python": python or sys.executable,
-            "seglib_version": __version__,
+            "seglib_version": _version(),
             "seglib": str(Path(__file__).parent),
         }
         (staged / "installed.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -124,6 +122,15 @@ def install(profile: str | None = None, profiles_path: str | Path | None = None,
         shutil.rmtree(staged, ignore_errors=True)
     enable_plugin(folder / "QGIS" / "QGIS3.ini")
     return target
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seglib")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _missing(modules: tuple[str, ...] = ("torch", "rasterio", "fiona")) -> list[str]:
@@ -139,7 +146,7 @@ def _install_main(args: argparse.Namespace) -> int:
     print(f"installed the QGIS plugin {PLUGIN} in {target} and enabled it")
     print(f"QGIS runs seglib in this Python, in a child process: {sys.executable}")
     print(
-        "  (to use another: Processing > Options > Providers > seglib > 'Python with seglib', "
+        "  (to use another: Settings > Options > Processing > Providers > seglib > 'Python with seglib', "
         "or SEGLIB_PYTHON=/path/to/python; run this command again after moving this environment)"
     )
     missing = _missing()

@@ -319,30 +319,41 @@ def test_qgis_lists_the_algorithms_with_help(qgis):
         assert text in helped.stdout
 
 
-@slow
-def test_qgis_segment_is_the_cli_byte_for_byte(qgis, tiles, tmp_path):
-    """The issue's acceptance command: the input's CRS, transform and K labels, and the file that
-    `python -m seglib.predict` writes with the same settings, byte for byte."""
-    done = qgis.algorithm("seglib:segment", cwd=tiles["a"].parent, INPUT="a.tif", K=6, OUTPUT=tmp_path / "out.tif")
+@pytest.fixture(scope="module")
+def segmented(qgis, tiles, tmp_path_factory) -> Path:
+    """The issue's acceptance command, run in the input's folder: `qgis_process run seglib:segment
+    -- INPUT=a.tif K=6 OUTPUT=.../out.tif`; returns the folder holding out.tif."""
+    folder = tmp_path_factory.mktemp("segmented")
+    done = qgis.algorithm("seglib:segment", cwd=tiles["a"].parent, INPUT="a.tif", K=6, OUTPUT=folder / "out.tif")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    labels, meta = read(tmp_path / "out.tif")
+    return folder
+
+
+@slow
+def test_qgis_segment_is_the_cli_byte_for_byte(segmented, tiles):
+    """The input's CRS, transform and K labels, and the file `python -m seglib.predict` writes
+    with the same settings, byte for byte."""
+    labels, meta = read(segmented / "out.tif")
     _, source = read(tiles["a"])
     assert (meta["crs"], meta["transform"], meta["shape"]) == (source["crs"], source["transform"], source["shape"])
     assert set(np.unique(labels).tolist()) == set(range(6))
-    cli("seglib.predict", "--input", str(tiles["a"]), "--k", "6", "--output", str(tmp_path / "cli"))
-    assert (tmp_path / "out.tif").read_bytes() == (tmp_path / "cli" / "a.tif").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "out.tif"]  # no staging folder left
+    cli("seglib.predict", "--input", str(tiles["a"]), "--k", "6", "--output", str(segmented / "cli"))
+    assert (segmented / "out.tif").read_bytes() == (segmented / "cli" / "a.tif").read_bytes()
+    assert not [p for p in segmented.iterdir() if p.name.startswith(".")]  # no staging folder left
 
-    # The layer QGIS makes of it: paletted, seglib's colours for the K labels, 255 as nodata.
-    layer = qgis.session("layer", str(tmp_path / "out.tif"))
+
+@slow
+def test_qgis_loads_the_output_paletted_in_seglibs_colours(qgis, segmented):
+    """The layer QGIS makes of it: paletted, seglib's colours for the K labels, 255 as nodata."""
+    layer = qgis.session("layer", str(segmented / "out.tif"))
     assert layer["valid"] and layer["renderer"] == "paletted" and layer["crs"] == "EPSG:32640"
     assert layer["size"] == [256, 192] and layer["nodata"] == 255
-    with rasterio.open(tmp_path / "out.tif") as src:
+    with rasterio.open(segmented / "out.tif") as src:
         table = src.colormap(1)
     colours = {int(c[0]): tuple(c[1:]) for c in layer["classes"]}
     assert all(colours[i] == tuple(table[i]) for i in range(6))
-    if not (tmp_path / "out.qml").exists():
+    if not (segmented / "out.qml").exists():
         pytest.xfail(
             f"issue 31: seglib's label GeoTIFF has no .qml style yet, so QGIS shows the colour table's "
             f"{len(layer['classes'])} entries as classes, not K = 6"

@@ -47,9 +47,9 @@ _MODEL_HELP = (
     "learned; none)."
 )
 _RUN_HELP = (
-    "\n\nseglib runs in its own Python (the one `python -m seglib.qgis install` recorded, or Processing > "
-    "Options > Providers > seglib), outside QGIS, as the command shown in the log: the output is that "
-    "command's, byte for byte. Cancel stops it and leaves no output."
+    "\n\nseglib runs in its own Python (the one `python -m seglib.qgis install` recorded, or Settings > "
+    "Options > Processing > Providers > seglib), outside QGIS, as the command shown in the log: the "
+    "output is that command's, byte for byte. Cancel stops it and leaves no output."
 )
 
 
@@ -220,6 +220,8 @@ class Segment(SeglibAlgorithm):
             args += self.model_args(parameters, context)
             if polygons is not None:
                 args += ["--vector", "gpkg"] + (["--min-area", repr(min_area)] if min_area > 0 else [])
+            elif min_area > 0:
+                feedback.pushInfo("MIN_AREA applies to the polygons, and no POLYGONS output was asked for")
             feedback.setProgressText(f"seglib: segmenting {source.name}")
             lines = self.run_seglib(args, feedback, _window_progress(feedback, 0, 90 if polygons else 100))
             if feedback.isCanceled():

@@ -8,7 +8,7 @@ from qgis.PyQt.QtGui import QIcon
 from .algorithms import FitLegend, Segment, SegmentWithLegend
 from .runner import ENV_VAR
 
-PYTHON_SETTING = "SEGLIB_PYTHON"  # Processing > Options > Providers > seglib
+PYTHON_SETTING = "SEGLIB_PYTHON"  # Settings > Options > Processing > Providers > seglib
 
 
 def _config():

@@ -9,7 +9,7 @@ child cannot take QGIS down.
 
 This module uses the standard library only (no QGIS), so the plugin's logic can be tested
 without QGIS; ``feedback`` is anything with QgsProcessingFeedback's ``isCanceled``,
-``setProgress``, ``setProgressText`` and ``pushConsoleInfo``.
+``pushCommandInfo`` and ``pushConsoleInfo``.
 
 Which Python: the first of (1) the provider's setting, (2) the ``SEGLIB_PYTHON`` environment
 variable, (3) the interpreter recorded by ``python -m seglib.qgis install`` in ``installed.json``
@@ -48,8 +48,8 @@ REQUIRED = ("seglib", "torch", "rasterio", "fiona")
 _PROBE = "import importlib.util as u, json, sys; print(json.dumps([m for m in sys.argv[1:] if u.find_spec(m) is None]))"
 
 HOW_TO_SET = (
-    "run `python -m seglib.qgis install` with the Python that has seglib, or set its path in "
-    "Processing > Options > Providers > seglib > 'Python with seglib', or in the environment variable SEGLIB_PYTHON"
+    "run `python -m seglib.qgis install` with the Python that has seglib, or set its path in Settings > "
+    "Options > Processing > Providers > seglib > 'Python with seglib', or in the environment variable SEGLIB_PYTHON"
 )
 
 
@@ -288,7 +288,22 @@ def move_outputs(folder: Path, stem: str, target: Path, extra: dict[str, Path] |
             dest = target
         else:
             dest = target.with_name(target.stem + rest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, dest)
+        _move(path, dest)
         moved.append(dest)
     return moved
+
+
+def _move(source: Path, dest: Path) -> None:
+    """A rename; across file systems a copy under a temporary name beside ``dest``, then a rename,
+    so ``dest`` is never a half-copied file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, dest)
+    except OSError:
+        tmp = dest.with_name(f".{dest.name}.seglib-tmp")
+        try:
+            shutil.copy2(source, tmp)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
