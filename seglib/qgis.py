@@ -154,6 +154,7 @@ def _install_main(args: argparse.Namespace) -> int:
         print(f"warning: this Python lacks {', '.join(missing)}: `{sys.executable} -m pip install {' '.join(missing)}`")
     print("restart QGIS; then Processing Toolbox > seglib, or headless:")
     print("  QT_QPA_PLATFORM=offscreen qgis_process run seglib:segment -- INPUT=tile.tif K=6 OUTPUT=out.tif")
+    print("  (Debian 12's QGIS 3.22: qgis_process.bin instead of its broken qgis_process wrapper)")
     return 0
 
 
