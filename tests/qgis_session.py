@@ -3,6 +3,7 @@ view of seglib's outputs and of the plugin's algorithms, printed as one JSON lin
 
     python3 tests/qgis_session.py layer OUT.tif                  # how QGIS loads and styles a label raster
     python3 tests/qgis_session.py cancel PLUGINS IN.tif OUT.tif  # seglib:segment canceled at its first window
+    python3 tests/qgis_session.py setting PLUGINS PYTHON IN.tif OUT.tif  # with the provider setting PYTHON
 
 Not a test module (pytest does not collect it) and it imports nothing of seglib: it is the QGIS side.
 """
@@ -41,10 +42,12 @@ def layer(path: str) -> dict:
 
 
 class Recorder(QgsProcessingFeedback):
-    """A feedback that keeps the console lines and cancels at the first window seglib finishes."""
+    """A feedback that keeps the console lines and errors; with ``cancel_on_progress``, it
+    cancels when seglib reports its first finished window (as a user pressing Cancel)."""
 
-    def __init__(self):
+    def __init__(self, cancel_on_progress=False):
         super().__init__()
+        self.cancel_on_progress = cancel_on_progress
         self.console, self.errors = [], []
         self.canceled_at = None
         self.progressChanged.connect(self._progress)
@@ -56,24 +59,31 @@ class Recorder(QgsProcessingFeedback):
         self.errors.append(error)
 
     def _progress(self, value):
-        if value > 0 and self.canceled_at is None:
+        if self.cancel_on_progress and value > 0 and self.canceled_at is None:
             self.canceled_at = value
             self.cancel()
 
 
-def cancel(plugins: str, source: str, output: str) -> dict:
-    """Run seglib:segment as the Processing toolbox does, Cancel pressed at its first window."""
+def load_plugin(plugins: str):
+    """Processing, then the plugin as QGIS loads one: classFactory, then initProcessing. Keep the
+    plugin object alive while its algorithms run (QGIS keeps it too)."""
     sys.path.insert(0, os.path.join(QgsApplication.pkgDataPath(), "python", "plugins"))  # Processing itself
     sys.path.insert(0, plugins)
     from processing.core.Processing import Processing
 
     Processing.initialize()
-    import seglib_qgis  # as QGIS loads a plugin: classFactory, then initProcessing
+    import seglib_qgis
 
     plugin = seglib_qgis.classFactory(None)
     plugin.initProcessing()
+    return plugin
+
+
+def cancel(plugins: str, source: str, output: str) -> dict:
+    """Run seglib:segment as the Processing toolbox does, Cancel pressed at its first window."""
+    plugin = load_plugin(plugins)  # noqa: F841 (kept alive)
     algorithm = QgsApplication.processingRegistry().algorithmById("seglib:segment").create()
-    feedback, context = Recorder(), QgsProcessingContext()
+    feedback, context = Recorder(cancel_on_progress=True), QgsProcessingContext()
     start_time = time.perf_counter()
     # As the toolbox runs it: exceptions are caught and reported to the feedback (what the dialog shows).
     _, ok = algorithm.run({"INPUT": source, "K": 4, "OUTPUT": output}, context, feedback)
@@ -86,6 +96,20 @@ def cancel(plugins: str, source: str, output: str) -> dict:
     }
 
 
+def setting(plugins: str, python: str, source: str, output: str) -> dict:
+    """The provider's setting 'Python with seglib' (Settings > Options > Processing > Providers)
+    set to ``python``: which Python seglib:segment then runs, as its error or log says."""
+    plugin = load_plugin(plugins)  # noqa: F841 (kept alive)
+    from processing.core.ProcessingConfig import ProcessingConfig
+
+    ProcessingConfig.setSettingValue("SEGLIB_PYTHON", python)
+    algorithm = QgsApplication.processingRegistry().algorithmById("seglib:segment").create()
+    feedback = Recorder()
+    _, ok = algorithm.run({"INPUT": source, "K": 4, "OUTPUT": output}, QgsProcessingContext(), feedback)
+    ProcessingConfig.setSettingValue("SEGLIB_PYTHON", "")
+    return {"ok": bool(ok), "errors": feedback.errors}
+
+
 def main(argv):
     app = start()
     try:
@@ -93,6 +117,8 @@ def main(argv):
             result = layer(argv[1])
         elif argv[0] == "cancel":
             result = cancel(*argv[1:4])
+        elif argv[0] == "setting":
+            result = setting(*argv[1:5])
         else:
             raise SystemExit(f"unknown command {argv[0]!r}")
     finally:

@@ -428,6 +428,17 @@ def test_qgis_cancel_leaves_nothing(qgis, tiles, tmp_path):
 
 
 @slow
+def test_qgis_provider_setting_chooses_the_python(qgis, tiles, tmp_path):
+    """Settings > Options > Processing > Providers > seglib > 'Python with seglib' comes first."""
+    # QGIS's own Python: it exists (the setting's file check passes) but has no seglib.
+    result = qgis.session("setting", str(qgis.plugins), qgis.python, str(tiles["a"]), str(tmp_path / "o.tif"))
+    assert not result["ok"]
+    expected = f"{qgis.python} (from the provider setting 'Python with seglib'), has no seglib"
+    assert any(expected in e for e in result["errors"]), result
+    assert not list(tmp_path.iterdir())
+
+
+@slow
 def test_qgis_errors_are_seglibs_one_line_messages(qgis, tiles, tmp_path):
     bad = qgis.algorithm("seglib:segment", INPUT=tiles["two_band"], K=4, OUTPUT=tmp_path / "o.tif")
     text = bad.stdout + bad.stderr
