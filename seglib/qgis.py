@@ -168,7 +168,7 @@ def _k_or_auto(text: str) -> int | str:
 
 
 def _fit_legend_main(args: argparse.Namespace) -> int:
-    from .api import fit_clusters, load_model
+    from .inference.api import fit_clusters, load_model
 
     if args.output.suffix.lower() != ".json":
         print(f"error: the clusters file is JSON: name it *.json, got {args.output}", file=sys.stderr)
