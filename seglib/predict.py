@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from .inference.legend import FittedClusters
 from .inference.vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
 from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 from .io.images import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask
-from .io.outputs import write_png
+from .io.outputs import remove_stale_temporaries, write_png
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
@@ -323,6 +325,17 @@ def predict_file(
     return result
 
 
+def _clean_folder(folder: Path) -> None:
+    """Remove what runs killed on this machine left in ``folder`` (their temporary files), and say so."""
+    removed, others = remove_stale_temporaries(folder)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by killed runs: %s", folder, len(removed),
+                 ", ".join(p.name for p in removed))  # fmt: skip
+    if others:
+        log.info("%s: %d temporary file(s) of runs still going or of other machines left alone: %s", folder,
+                 len(others), ", ".join(p.name for p in others))  # fmt: skip
+
+
 def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
     """ValueError for option combinations that cannot work, before any work."""
     if args.k is None and args.clusters is None:
@@ -363,12 +376,28 @@ def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable:
     return fit_sources(model, paths, args.k, **sample)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop), raised in the main thread like Ctrl-C so the
+    same clean-up runs on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C: the temporary files are already removed on the way out
-        print("interrupted: stopped, no partial output left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # the temporary files are already removed on the way out
+        what, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"{what}: stopped, no partial output left", file=sys.stderr)
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -400,6 +429,8 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for folder in {args.output, *([args.save_clusters.parent] if args.save_clusters else [])}:
+        _clean_folder(folder)
 
     from .device import resolve_device, set_threads
     from .inference.forward import model_stride
@@ -473,9 +504,14 @@ def _main(argv: list[str] | None) -> int:
                 f"{time.perf_counter() - start:.1f} s)"
             )
     if args.save_clusters is not None and saved is not None:
-        saved.save(args.save_clusters)
-        if not args.quiet:
-            print(f"clusters (K={saved.k}) -> {args.save_clusters}")
+        try:
+            saved.save(args.save_clusters)
+        except OSError as exc:
+            failed.append(args.save_clusters)
+            print(f"FAILED {args.save_clusters}: {exc}", file=sys.stderr)
+        else:
+            if not args.quiet:
+                print(f"clusters (K={saved.k}) -> {args.save_clusters}")
     if failed:
         print(
             f"{len(failed)} of {len(targets)} file(s) failed: {', '.join(p.name for p in failed)}",

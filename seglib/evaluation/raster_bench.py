@@ -95,7 +95,7 @@ def predecessor_raster(
 
     from ..inference.engine import GDAL_CACHE_MB
     from ..inference.pipeline import RowWriter, timed
-    from ..io.outputs import label_profile, temporary_path
+    from ..io.outputs import label_geotiff, label_profile
     from ..io.rasters import RasterSource
     from .baselines import BLOCK, BLOCK_SAMPLE, BLOCK_SMOOTH, block_features, kmeans
 
@@ -122,18 +122,12 @@ def predecessor_raster(
     with RasterSource(path) as source:
         profile = label_profile(source)
     output = Path(output)
-    tmp = temporary_path(output)
-    with rasterio.open(tmp, "w", **profile) as dst:
-
-        def write_rows(y: int, rows: np.ndarray) -> None:
-            dst.write(rows[None], window=Window(0, y, width, rows.shape[0]))
-
-        with RowWriter(write_rows, times=times) as writer:
-            for y in range(0, height, strip):
-                with timed(times, "upsample"):
-                    rows = low[y // BLOCK : (y + strip) // BLOCK].repeat(BLOCK, 0).repeat(BLOCK, 1)
-                    writer(y, np.ascontiguousarray(rows[: min(strip, height - y), :width]))
-    os.replace(tmp, output)
+    with label_geotiff(output, profile, k) as dst, RowWriter(dst.write, times=times) as writer:
+        for y in range(0, height, strip):
+            with timed(times, "upsample"):
+                rows = low[y // BLOCK : (y + strip) // BLOCK].repeat(BLOCK, 0).repeat(BLOCK, 1)
+                dst.open()
+                writer(y, np.ascontiguousarray(rows[: min(strip, height - y), :width]))
     return output
 
 

@@ -438,15 +438,14 @@ def segment_raster(
             return write_png(labels, output)
 
     import rasterio
-    from rasterio.windows import Window
 
     # rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: the cap is given in bytes.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path) as source:
-        with label_geotiff(output, label_profile(source), k) as dst:
+        with label_geotiff(output, label_profile(source), k) as dst, RowWriter(dst.write, times=times) as writer:
 
             def write_rows(y: int, rows: np.ndarray) -> None:
-                dst.write(rows[None], window=Window(0, y, rows.shape[1], rows.shape[0]))
+                dst.open()  # here, in this thread: the output exists once the first rows are labelled
+                writer(y, rows)
 
-            with RowWriter(write_rows, times=times) as writer:
-                segment_source(model, source, k, write_rows=writer, **options)
+            segment_source(model, source, k, write_rows=write_rows, **options)
     return output

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from ..config import check_k
-from ..io.outputs import temporary_path
+from ..io.outputs import write_text
 from ..io.rasters import ArraySource, open_source
 from ..models.head import Clusters, HeadOutput, brightness_order
 from .forward import model_stride, pad_to_stride, to_tensor
@@ -173,13 +172,8 @@ class FittedClusters:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the JSON clusters file atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)  # unique: runs may share a folder
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        """Write the JSON clusters file (``seglib.io.outputs.write_text``: checked, then renamed)."""
+        return write_text(path, json.dumps(self.to_dict(), indent=1))
 
 
 def _array(data: dict, key: str, shape: tuple[int, ...], path: Path) -> np.ndarray:

@@ -14,7 +14,8 @@ segment that crosses a window edge of the windowed prediction is one polygon.
   tracing), so every feature has at least that area.
 * **Tracing**: ``rasterio.features.shapes`` (GDAL's polygonize) follows pixel edges, so the
   polygons tile the raster exactly: their areas add up to the raster's area.
-* **Writing**: fiona, features streamed in batches into a temporary file renamed when complete.
+* **Writing**: fiona, features streamed in batches into a temporary file, read back, then renamed
+  (``seglib.io.outputs.committed``).
 
 Memory: without a sieve GDAL reads the label raster block by block; with one the labels are
 held in memory twice (one byte per pixel each: 2 x 38 MB for a 37.7 Mpx raster), plus the
@@ -23,15 +24,15 @@ polygons of one batch.
 
 from __future__ import annotations
 
+import errno
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..io.outputs import temporary_path
+from ..io.outputs import committed
 
 __all__ = ["VECTOR_FORMATS", "MinArea", "parse_min_area", "check_vector_format", "polygonize", "ring_area"]
 
@@ -90,6 +91,16 @@ def _polygon_area(geometry: dict) -> float:
     return ring_area(rings[0]) - sum(ring_area(r) for r in rings[1:])
 
 
+def _check_written(path: Path, count: int) -> None:
+    """``OSError`` unless the closed file reads back with ``count`` features (fiona reports most
+    write errors, not all of GDAL's at closing)."""
+    import fiona
+
+    with fiona.open(path) as src:
+        if len(src) != count:
+            raise OSError(errno.EIO, f"{len(src)} of {count} polygons read back")
+
+
 def polygonize(
     labels: str | Path,
     output: str | Path,
@@ -111,8 +122,6 @@ def polygonize(
 
     driver, _ = VECTOR_FORMATS[check_vector_format(vector_format)]
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(output).with_suffix(f".tmp{output.suffix}")  # unique: runs may share a folder
     with warnings.catch_warnings():  # a label PNG has no georeferencing: pixel coordinates, on purpose
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         src = rasterio.open(labels)
@@ -126,14 +135,9 @@ def polygonize(
         else:
             source = rasterio.band(src, 1)  # GDAL reads the band block by block
         count = 0
-        try:
+        with committed(output, keep_suffix=True) as tmp:  # GDAL picks the format by the suffix too
             with fiona.open(
-                tmp,
-                "w",
-                driver=driver,
-                schema=SCHEMA,
-                crs=crs.to_wkt() if crs else None,
-                layer=layer or output.stem,
+                tmp, "w", driver=driver, schema=SCHEMA, crs=crs.to_wkt() if crs else None, layer=layer or output.stem
             ) as dst:
                 batch = []
                 for geometry, value in shapes(source, mask=mask, connectivity=4, transform=transform):
@@ -149,7 +153,5 @@ def polygonize(
                         count, batch = count + len(batch), []
                 dst.writerecords(batch)
                 count += len(batch)
-            os.replace(tmp, output)
-        finally:
-            tmp.unlink(missing_ok=True)
+            _check_written(tmp, count)
     return {"features": count, "min_pixels": min_pixels, "crs": crs.to_string() if crs else None}

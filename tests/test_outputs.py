@@ -1,0 +1,274 @@
+"""Outputs a GIS analyst can trust (docs/bad-inputs.md, "Writing outputs"): one checked write
+path for labels, previews, polygons and clusters files; a full disk never leaves a corrupt file
+or exits 0; killed runs leave nothing behind for long.
+
+The full disk is made two ways: a small tmpfs (needs root and a system that lets it mount;
+skipped otherwise) and ``RLIMIT_FSIZE`` in the child process with ``SIGXFSZ`` ignored, which
+makes every write past the limit fail with ``EFBIG`` the way a full disk fails with ``ENOSPC``
+and works unprivileged anywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from seglib.data.synthetic import make_tile
+from seglib.io.outputs import (
+    AtomicFiles,
+    OutputWriteError,
+    committed,
+    label_geotiff,
+    remove_stale_temporaries,
+    temporary_path,
+    write_text,
+)
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+
+TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 2700000.0)
+
+
+def write(path: Path, bands: np.ndarray) -> Path:
+    h, w, c = bands.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=c, dtype=bands.dtype,
+                       crs="EPSG:32640", transform=TRANSFORM) as dst:  # fmt: skip
+        dst.write(np.moveaxis(bands, -1, 0))
+    return path
+
+
+def textured(size: int = 512) -> np.ndarray:
+    tile = (make_tile(256, seed=0).rgb * 255).round().astype(np.uint8)
+    return np.tile(tile, (size // 256, size // 256, 1))
+
+
+def noise(size: int = 512) -> np.ndarray:
+    """Labels of noise compress badly: the preview PNG (3 bands) is larger than the label GeoTIFF."""
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def flat(size: int = 512) -> np.ndarray:
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, size // 2 :] = 200
+    return image
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def predict(*args: str, file_size: int | None = None, checkpoint: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "seglib.predict", "--threads", "1", "--quiet", "--checkpoint", str(checkpoint), *args]
+    preexec = None if file_size is None else limit_file_size(file_size)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=preexec)
+
+
+def assert_failed_cleanly(run: subprocess.CompletedProcess, *names: str) -> None:
+    """Exit 1, a ``FAILED`` line per named input saying what could not be written, no traceback."""
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    failed = [line for line in run.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == len(names), run.stderr
+    for line, name in zip(failed, names, strict=True):
+        assert name in line and "cannot write" in line and "is unchanged" in line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_teacher_checkpoint):
+    return tiny_teacher_checkpoint
+
+
+# ----------------------------------------------------------------------------- the write path
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    out = write_text(tmp_path / "a.json", "old")
+    with pytest.raises(OutputWriteError, match=r"cannot write .*a\.json: .*the previous a\.json is unchanged"):
+        with committed(out) as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    with pytest.raises(ZeroDivisionError):  # not a write error: passes unchanged
+        with committed(out) as tmp:
+            tmp.write_text("half")
+            1 / 0  # noqa: B018
+    assert out.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_files_of_a_set_are_renamed_together_or_not_at_all(tmp_path):
+    with pytest.raises(RuntimeError), AtomicFiles() as files:
+        files.path(tmp_path / "a.tif").write_text("labels")
+        files.path(tmp_path / "a.qml").write_text("style")
+        raise RuntimeError("the style failed")
+    assert os.listdir(tmp_path) == []
+    with AtomicFiles() as files:
+        files.path(tmp_path / "a.tif").write_text("labels")
+        files.path(tmp_path / "a.qml").write_text("style")
+    assert sorted(os.listdir(tmp_path)) == ["a.qml", "a.tif"]
+
+
+def test_label_geotiff_is_created_only_when_rows_arrive_and_read_back(tmp_path):
+    profile = {"driver": "GTiff", "height": 64, "width": 32, "count": 1, "dtype": "uint8", "nodata": 255}
+    with pytest.raises(ValueError, match="cannot decode"), label_geotiff(tmp_path / "a.tif", profile, 3) as dst:
+        raise ValueError("cannot decode the first window")
+    assert dst.dataset is None and os.listdir(tmp_path) == []  # never created
+    with label_geotiff(tmp_path / "a.tif", profile, 3) as dst:
+        dst.write(0, np.zeros((32, 32), np.uint8))
+        dst.write(32, np.ones((32, 32), np.uint8))
+    with rasterio.open(tmp_path / "a.tif") as src:
+        assert src.read(1).sum() == 32 * 32
+    with pytest.raises(OutputWriteError, match="32 of 64 rows were written"):
+        with label_geotiff(tmp_path / "b.tif", profile, 3) as dst:
+            dst.write(0, np.zeros((32, 32), np.uint8))
+    assert sorted(os.listdir(tmp_path)) == ["a.tif"]
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def test_full_disk_labels_and_previews_keep_the_previous_files(tmp_path, checkpoint):
+    """RLIMIT_FSIZE: 40 kB fails the label GeoTIFF (81 kB), 120 kB only the preview (159 kB)."""
+    src = write(tmp_path / "noise.tif", noise())
+    out = tmp_path / "out"
+    assert (
+        predict("--input", str(src), "--k", "4", "--output", str(out), "--preview", checkpoint=checkpoint).returncode
+        == 0
+    )
+    before = checksums(out)
+    assert before["noise.tif"] and before["noise_preview.png"]
+    labels_fail = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", file_size=40_000,
+                          checkpoint=checkpoint)  # fmt: skip
+    assert_failed_cleanly(labels_fail, "noise.tif")
+    assert "noise.tif:" in labels_fail.stderr.splitlines()[-2] or "out/noise.tif" in labels_fail.stderr
+    assert checksums(out) == before and leftovers(out) == []
+    preview_fails = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", file_size=120_000,
+                            checkpoint=checkpoint)  # fmt: skip
+    assert_failed_cleanly(preview_fails, "noise.tif")
+    assert "noise_preview.png" in preview_fails.stderr
+    after = checksums(out)
+    assert after["noise_preview.png"] == before["noise_preview.png"] and leftovers(out) == []
+    assert after["noise.tif"] != before["noise.tif"]  # the labels themselves fitted: written
+
+
+def test_full_disk_polygons_fail_one_file_and_the_others_are_written(tmp_path, checkpoint):
+    """RLIMIT_FSIZE 200 kB: the textured tile's polygons (~700 kB) fail, the flat one's (~100 kB) not."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "a_textured.tif", textured())
+    write(folder / "b_flat.tif", flat())
+    out = tmp_path / "out"
+    first = predict("--input", str(folder), "--k", "4", "--output", str(out), "--vector", "gpkg", checkpoint=checkpoint)
+    assert first.returncode == 0, first.stderr
+    before = checksums(out)
+    (out / "b_flat.gpkg").unlink()
+    run = predict("--input", str(folder), "--k", "3", "--output", str(out), "--vector", "gpkg", file_size=200_000,
+                  checkpoint=checkpoint)  # fmt: skip
+    assert_failed_cleanly(run, "a_textured.tif")
+    assert "a_textured.gpkg" in run.stderr and "1 of 2 file(s) failed" in run.stderr
+    after = checksums(out)
+    assert after["a_textured.gpkg"] == before["a_textured.gpkg"] and leftovers(out) == []
+    with pytest.importorskip("fiona").open(out / "b_flat.gpkg") as layer:
+        assert len(layer) >= 2
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root and a system that allows mounting), else the test is skipped."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE tests cover a full disk")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(folder: Path, leave: int = 4096) -> None:
+    """Fill the file system of ``folder`` but ``leave`` bytes."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_full_tmpfs_fails_every_output_and_keeps_the_previous_ones(tmp_path, small_tmpfs, checkpoint):
+    """A real full disk (ENOSPC): labels, preview and polygons of the second run all fail."""
+    src = write(tmp_path / "a.tif", textured())
+    out = small_tmpfs / "out"
+    first = predict("--input", str(src), "--k", "4", "--output", str(out), "--preview", checkpoint=checkpoint)
+    assert first.returncode == 0, first.stderr
+    before = checksums(out)
+    fill(small_tmpfs)
+    run = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", "--vector", "gpkg",
+                  checkpoint=checkpoint)  # fmt: skip
+    assert_failed_cleanly(run, "a.tif")
+    assert checksums(out) == before and leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------- killed runs
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temporary_path(tmp_path / "a.tif")
+    killed = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-"))
+    journal = killed.with_name(killed.name + ".gpkg-journal")
+    other_host = tmp_path / ".b.tif.abcdef-1-0123456789ab.tmp"
+    for path in (mine, killed, journal, other_host, tmp_path / ".hidden"):
+        path.write_text("x")
+    removed, others = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([killed, journal])
+    assert sorted(others) == sorted([mine, other_host]) and (tmp_path / ".hidden").exists()
+
+
+def test_sigkill_leftovers_are_removed_and_sigterm_cleans_up(tmp_path, checkpoint):
+    """SIGKILL mid-write leaves a temporary file; the next run on the folder removes it (and
+    says so); SIGTERM mid-write stops like Ctrl-C: one line, exit 143, nothing left."""
+    src = write(tmp_path / "big.tif", np.tile(textured(256), (6, 6, 1)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "seglib.predict", "--threads", "1", "--input", str(src), "--k", "3",
+           "--output", str(out), "--checkpoint", str(checkpoint), "--tile", "128", "--overlap", "32"]  # fmt: skip
+
+    def started() -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not list(out.glob(f".*-{proc.pid}-*.tmp")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # until it writes its own temporary output
+        assert proc.poll() is None, "finished before it could be stopped"
+        return proc
+
+    proc = started()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = leftovers(out)
+    assert left, "SIGKILL should have left the temporary output"
+    proc = started()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "terminated: stopped, no partial output left"
+    assert "Traceback" not in stderr and f"removed {len(left)} temporary file(s) left by killed runs" in stderr
+    assert leftovers(out) == [] and not (out / "big.tif").exists()
