@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU build of PyTorch that this project is tested with. For CUDA, e.g.:
 #   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,notebooks,geo,dev
+EXTRAS ?= test,notebooks,geo,dask,dev
 STAMP := $(VENV)/.seglib-installed
 
 .PHONY: install demo test test-fast lint notebooks notebooks-refresh tensorboard clean

@@ -43,7 +43,7 @@ from .inference.kselect import DEFAULT_RANGE, check_k_range
 from .inference.legend import FittedClusters
 from .inference.vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
 from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
-from .io.images import GEOTIFF_SUFFIXES, IMAGE_SUFFIXES, ImageReadError, list_images, read_mask
+from .io.images import GEOTIFF_SUFFIXES, RASTER_SUFFIXES, list_inputs, read_mask
 from .io.outputs import remove_stale_temporaries, write_png
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
@@ -85,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Unsupervised segmentation of RGB aerial imagery into K segments. "
         "GeoTIFF in -> uint8 label GeoTIFF (same CRS, transform and size); PNG/JPEG in -> uint8 label PNG.",
     )
-    p.add_argument("--input", required=True, type=Path, help="an image (GeoTIFF, PNG, JPEG) or a folder of them")
+    p.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="an image (GeoTIFF, PNG, JPEG) or raster GDAL reads (VRT), a folder of images, or a quoted glob "
+        "pattern ('tiles/*.tif')",
+    )
     p.add_argument(
         "--k",
         type=_k_arg,
@@ -177,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or conversion notes")
+    p.add_argument("--overviews", action="store_true", help="build internal overviews in label GeoTIFFs")
+    p.add_argument(
+        "--mosaic", type=Path, default=None, help="also write a VRT (FILE.vrt) over all label GeoTIFFs of the run"
+    )
+    scale = p.add_argument_group("many rasters and large mosaics (dask.distributed; pip install 'seglib[dask]')")
+    where = scale.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=0, help="run on a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", default=None, help="run on a running dask cluster, e.g. tcp://host:8786")
+    scale.add_argument("--summary", type=Path, default=None, help="run summary JSON (default: OUTPUT/seglib-run.json)")
+    scale.add_argument(
+        "--block-size",
+        type=int,
+        default=8192,
+        help="split rasters of more than N x N pixels into row blocks of about that many, segmented on "
+        "different workers (default 8192; 0: never)",
+    )
     return p
 
 
@@ -192,7 +214,7 @@ def output_paths(
     writes: dict[Path, str] = {}  # every file the run writes -> what writes it
     targets: dict[Path, Path] = {}
     for path in inputs:
-        target = output / (path.stem + (".tif" if path.suffix.lower() in GEOTIFF_SUFFIXES else ".png"))
+        target = output / (path.stem + (".tif" if path.suffix.lower() in RASTER_SUFFIXES else ".png"))
         files = {target: f"the labels of {path.name}"}
         if preview:
             files[preview_path(target)] = f"the preview of {path.name}"
@@ -263,6 +285,7 @@ def predict_file(
     progress: bool = True,
     adapt_steps: int = 0,
     adapt_seconds: float | None = None,
+    overviews: bool = False,
 ) -> dict:
     """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
 
@@ -313,6 +336,7 @@ def predict_file(
         seed=seed,
         clusters=None if fitted is None else fitted.head_clusters(device),
         progress=progress,
+        overviews=overviews,
     )
     result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
     if vector is not None:
@@ -356,6 +380,16 @@ def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
         raise ValueError(f"--save-clusters writes JSON: name the file *.json, got {args.save_clusters}")
     if args.min_area is not None and args.vector is None:
         raise ValueError("--min-area sieves the polygons of --vector; add --vector gpkg")
+    if args.workers < 0 or args.block_size < 0:
+        raise ValueError("--workers and --block-size must be 0 or more")
+    if args.summary is not None and not (args.workers or args.scheduler):
+        raise ValueError("--summary is written by runs on dask (--workers N or --scheduler ADDRESS)")
+    if args.mosaic is not None and args.mosaic.suffix.lower() != ".vrt":
+        raise ValueError(f"--mosaic writes a GDAL VRT: name the file *.vrt, got {args.mosaic}")
+    if (args.workers or args.scheduler) and args.adapt:
+        raise ValueError("--adapt is not supported on dask workers yet; run without --workers")
+    if (args.workers or args.scheduler) and args.k == "auto" and args.shared_clusters:
+        raise ValueError("--k auto with --shared-clusters is not supported on dask workers yet; give --k K")
 
 
 def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable: bool = False) -> FittedClusters:
@@ -413,16 +447,7 @@ def _main(argv: list[str] | None) -> int:
 
     # Everything that can fail without touching an image fails here, before any work.
     try:
-        if args.input.is_dir():
-            inputs = list_images(args.input)
-        elif args.input.is_file():
-            if args.input.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ImageReadError(
-                    f"{args.input}: unsupported file type {args.input.suffix!r}; use PNG, JPEG or GeoTIFF"
-                )
-            inputs = [args.input]
-        else:
-            raise ImageReadError(f"input not found: {args.input}")
+        inputs = list_inputs(args.input)
         check_output_folder(args.output)
         targets = output_paths(inputs, args.output, preview=args.preview, vector=args.vector)
         _check_options(args, len(targets))
@@ -431,6 +456,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     for folder in {args.output, *([args.save_clusters.parent] if args.save_clusters else [])}:
         _clean_folder(folder)
+    if args.workers or args.scheduler:  # the same run on dask workers (seglib.inference.archive)
+        from .inference.archive.command import run_on_dask
+
+        return run_on_dask(args, inputs)
 
     from .device import resolve_device, set_threads
     from .inference.forward import model_stride
@@ -491,6 +520,7 @@ def _main(argv: list[str] | None) -> int:
                 progress=not args.quiet,
                 adapt_steps=args.adapt,
                 adapt_seconds=args.adapt_seconds,
+                overviews=args.overviews,
             )
         except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
             failed.append(path)
@@ -512,6 +542,17 @@ def _main(argv: list[str] | None) -> int:
         else:
             if not args.quiet:
                 print(f"clusters (K={saved.k}) -> {args.save_clusters}")
+    if args.mosaic is not None:
+        from .io.vrt import write_vrt
+
+        written = [t for p, t in targets.items() if p not in failed and t.suffix == ".tif"]
+        try:
+            write_vrt(args.mosaic, written)
+            if not args.quiet:
+                print(f"mosaic of {len(written)} label GeoTIFF(s) -> {args.mosaic}")
+        except (ValueError, OSError) as exc:
+            print(f"error: --mosaic: {exc}", file=sys.stderr)
+            return 1
     if failed:
         print(
             f"{len(failed)} of {len(targets)} file(s) failed: {', '.join(p.name for p in failed)}",

@@ -126,6 +126,7 @@ def blended_cells(
     progress: bool,
     cache: dict[tuple[int, int], FitWindow] | None = None,
     times: dict[str, float] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
     """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell.
 
@@ -137,9 +138,19 @@ def blended_cells(
     the resolution its last bilinear step starts from (``WindowProbs``): labels come from there,
     full-resolution maps only for the blended cells. The worker threads label their window's
     own cells and weight its share of the blended ones. Nodata pixels get the label ``NODATA``.
+
+    ``rows`` = (top, bottom), two cell edges (``block_edges``): only the cells of those rows, from
+    only the rows of windows with weight there, each as the whole pass computes it (a block of a
+    raster segmented on its own, e.g. by another process).
     """
     m, ys, lh, xs, lw = layout
     wy, cuts_y, rows_of, sole_y, last_row = axis_plan(ys, lh, source.height)
+    wanted = range(len(cuts_y) - 1)  # the rows of cells to yield
+    if rows is not None:
+        if rows[0] not in cuts_y or rows[1] not in cuts_y:
+            raise ValueError(f"rows {rows} are not both cell edges of the window grid (block_edges)")
+        wanted = range(cuts_y.index(rows[0]), cuts_y.index(rows[1]))
+    needed = [r for r in range(len(ys)) if any(i in wanted for i in rows_of[r])]  # window rows with weight there
     wx, cuts_x, cols_of, sole_x, last_col = axis_plan(xs, lw, source.width)
     wy = [torch.from_numpy(w) for w in wy]
     wx = [torch.from_numpy(w) for w in wx]
@@ -151,7 +162,8 @@ def blended_cells(
     low = {} if not isinstance(model, Segmenter) else {"upsample": want_probs, "check_values": False}
 
     def windows() -> Iterator[tuple]:  # the reader thread
-        for r, y in enumerate(ys):
+        for r in needed:
+            y = ys[r]
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
                 with timed(times, "read"):
@@ -168,7 +180,7 @@ def blended_cells(
         probs = WindowProbs(out[0].float().cpu(), tuple(rgb.shape[-2:]))
         own, parts = [], {}
         # The cells this window has all the weight of: one rectangle per run, labelled at once.
-        for i0, i1 in consecutive_runs([i for i in rows_of[r] if sole_y[i] == r]):
+        for i0, i1 in consecutive_runs([i for i in rows_of[r] if sole_y[i] == r and i in wanted]):
             for j0, j1 in consecutive_runs([j for j in cols_of[c] if sole_x[j] == c]):
                 ry = slice(cuts_y[i0] - y, cuts_y[i1 + 1] - y)
                 rx = slice(cuts_x[j0] - x, cuts_x[j1 + 1] - x)
@@ -184,6 +196,8 @@ def blended_cells(
                         ]
                         own.append((cuts_y[i], cuts_x[j], cell, probs.probs(cy, cx).numpy() if want_probs else None))
         for i in rows_of[r]:
+            if i not in wanted:
+                continue
             for j in cols_of[c]:
                 if sole_y[i] == r and sole_x[j] == c:
                     continue
@@ -193,7 +207,7 @@ def blended_cells(
 
     pending: dict[tuple[int, int], torch.Tensor] = {}  # cell -> blended probs so far (K, ch, cw)
     workers, threads = model_workers(device)
-    bar = progress_bar(total=len(ys) * len(xs), desc="windows", unit="win", disable=not progress)
+    bar = progress_bar(total=len(needed) * len(xs), desc="windows", unit="win", disable=not progress)
     with bar, torch_threads(threads):
         windows_read = prefetch(windows(), depth=2, times=times)
         labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")

@@ -406,9 +406,10 @@ def segment_raster(
     clusters: Clusters | None = None,
     progress: bool = True,
     times: dict[str, float] | None = None,
+    overviews: bool = False,
 ) -> Path:
     """Segment the image at ``path`` (GeoTIFF, PNG or JPEG) into ``k`` clusters; write uint8
-    labels to ``output`` and return it.
+    labels to ``output`` and return it (``overviews``: a GeoTIFF gets internal overviews).
 
     A ``.tif`` output has the input's CRS and transform (when it has them), width and height,
     one uint8 band, deflate compression and 256 px tiles, written block row by block row (by a
@@ -441,7 +442,10 @@ def segment_raster(
 
     # rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: the cap is given in bytes.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path) as source:
-        with label_geotiff(output, label_profile(source), k) as dst, RowWriter(dst.write, times=times) as writer:
+        with (
+            label_geotiff(output, label_profile(source), k, overviews=overviews) as dst,
+            RowWriter(dst.write, times=times) as writer,
+        ):
 
             def write_rows(y: int, rows: np.ndarray) -> None:
                 dst.open()  # here, in this thread: the output exists once the first rows are labelled

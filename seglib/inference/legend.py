@@ -413,13 +413,29 @@ def fit_sources(
     skip_unreadable: bool = False,
 ) -> FittedClusters:
     """One set of K clusters fitted on windows sampled from every item (window readers, arrays
-    or file paths; ``sample_embeddings``), in the stable order (``seglib.inference.kselect.fit_sources_auto``
-    picks K too). ``meta["skipped"]`` lists unreadable files when ``skip_unreadable``."""
+    or file paths, opened one at a time), in the stable order (``seglib.inference.kselect.fit_sources_auto``
+    picks K too). The k-means runs on at most ``max_positions`` cells, a bottom-k sample over all
+    items (``seglib.inference.budget``): memory does not grow with the number of items, and with
+    fewer cells than that every cell is used. ``meta["skipped"]`` lists unreadable files when
+    ``skip_unreadable``."""
+    from ..io.images import ImageReadError
+    from .budget import PositionBudget, file_sample
+
     k = check_k(k)
     sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs, info = sample_embeddings(model, items, skip_unreadable=skip_unreadable, **sample)
-    out = fit_embeddings(model.head, embs, k, max_positions=max_positions, seed=seed)
-    return clusters_from_fit(model, embs, out, max_positions=max_positions, **info, **sample)
+    budget = PositionBudget(max_positions, k=k, init_pool=model.head.init_pool)
+    skipped = []
+    for index, item in enumerate(items):
+        try:
+            budget.add(
+                file_sample(model, item, index, k=k, positions=max_positions, threshold=budget.threshold, **sample)
+            )
+        except (ImageReadError, OSError) as exc:
+            if not skip_unreadable:
+                raise
+            skipped.append((str(item), str(exc)))
+    settings = {key: value for key, value in sample.items() if key != "seed"}
+    return budget.fit(model, k, seed=seed, meta={"skipped": skipped, **settings})
 
 
 def clusters_from_fit(

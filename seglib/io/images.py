@@ -22,6 +22,7 @@ GeoTIFFs are read with rasterio (its wheels carry GDAL); other formats with Pill
 
 from __future__ import annotations
 
+import glob
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "ImageReadError",
     "IMAGE_SUFFIXES",
     "GEOTIFF_SUFFIXES",
+    "RASTER_SUFFIXES",
     "BandStretch",
     "bands_error",
     "decode_error",
@@ -39,6 +41,7 @@ __all__ = [
     "read_image",
     "to_uint8_rgb",
     "list_images",
+    "list_inputs",
     "read_mask",
 ]
 
@@ -49,6 +52,11 @@ GEOTIFF_SUFFIXES = (".tif", ".tiff")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + GEOTIFF_SUFFIXES
+
+# Rasters read through GDAL (rasterio), window by window: GeoTIFFs and GDAL virtual rasters (VRT
+# mosaics, ``seglib.io.vrt``). A folder is listed for IMAGE_SUFFIXES only: a mosaic VRT beside its
+# tiles would otherwise be segmented a second time; a VRT is named as the input itself.
+RASTER_SUFFIXES = GEOTIFF_SUFFIXES + (".vrt",)
 
 
 class ImageReadError(ValueError):
@@ -67,6 +75,31 @@ def list_images(folder: str | Path) -> list[Path]:
             "point --data-dir/--input at a folder of RGB tiles"
         )
     return files
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def list_inputs(spec: str | Path) -> list[Path]:
+    """The input files of ``--input``: a folder (its images, sorted by name), a glob pattern
+    (the images and rasters it matches, sorted), or one file (PNG, JPEG, GeoTIFF or VRT).
+    ``ImageReadError`` when nothing usable is named."""
+    text = str(spec)
+    if _is_glob(text) and not Path(text).exists():
+        suffixes = IMAGE_SUFFIXES + RASTER_SUFFIXES
+        files = sorted(Path(p) for p in glob.glob(text) if Path(p).suffix.lower() in suffixes and Path(p).is_file())
+        if not files:
+            raise ImageReadError(f"no images match {text} (looked for {', '.join(suffixes)})")
+        return files
+    path = Path(spec)
+    if path.is_dir():
+        return list_images(path)
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES + RASTER_SUFFIXES:
+            raise ImageReadError(f"{path}: unsupported file type {path.suffix!r}; use PNG, JPEG, GeoTIFF or VRT")
+        return [path]
+    raise ImageReadError(f"input not found: {path}")
 
 
 def bands_error(name: str, count: int) -> ImageReadError:
@@ -196,9 +229,9 @@ def read_file_bands(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ImageReadError(f"image not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        raise ImageReadError(f"{path}: unsupported file type {suffix!r}; use PNG, JPEG or GeoTIFF")
-    return _read_tiff(path) if suffix in GEOTIFF_SUFFIXES else _read_pillow(path)
+    if suffix not in IMAGE_SUFFIXES + RASTER_SUFFIXES:
+        raise ImageReadError(f"{path}: unsupported file type {suffix!r}; use PNG, JPEG, GeoTIFF or VRT")
+    return _read_tiff(path) if suffix in RASTER_SUFFIXES else _read_pillow(path)
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -237,6 +270,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     try:
         import rasterio
     except ImportError:  # plain TIFFs still work through Pillow
+        if path.suffix.lower() not in GEOTIFF_SUFFIXES:
+            raise ImageReadError(f"{path}: reading a VRT needs rasterio: pip install 'seglib[geo]'") from None
         return _read_pillow(path)
     try:
         with rasterio.open(path) as src:

@@ -49,6 +49,7 @@ __all__ = [
     "write_text",
     "remove_stale_temporaries",
     "label_profile",
+    "overview_factors",
     "LabelGeoTIFF",
     "label_geotiff",
 ]
@@ -329,6 +330,16 @@ def label_profile(source: Source) -> dict:
     return profile
 
 
+def overview_factors(height: int, width: int, smallest: int = 256) -> list[int]:
+    """Decimation factors 2, 4, 8, ... of a raster's overviews, down to one whose larger side is
+    at most ``smallest`` pixels (none for a raster that small already)."""
+    factors, f = [], 2
+    while max(height, width) / (f // 2) > smallest:
+        factors.append(f)
+        f *= 2
+    return factors
+
+
 class LabelGeoTIFF:
     """Label rows written into a GeoTIFF at a temporary path; see ``label_geotiff``.
 
@@ -337,8 +348,9 @@ class LabelGeoTIFF:
     ``counts`` holds each label's pixel count so far (256,), for the legend's shares.
     """
 
-    def __init__(self, tmp: Path, profile: dict, tags: dict[str, str], *, output: Path):
+    def __init__(self, tmp: Path, profile: dict, tags: dict[str, str], *, output: Path, overviews: bool = False):
         self.tmp, self.profile, self.tags, self.output = tmp, profile, tags, output
+        self.overviews = overviews
         self.dataset = None
         self.counts = np.zeros(256, np.int64)
         self._written: list[tuple[int, int, int]] = []  # (y, h, CRC-32 of the rows)
@@ -377,6 +389,12 @@ class LabelGeoTIFF:
         """Close the dataset and check the file: every row written reads back the same."""
         try:
             self.open()
+            factors = overview_factors(self.dataset.height, self.dataset.width) if self.overviews else []
+            if factors:  # nearest label: an overview pixel is one of the labels
+                from rasterio.enums import Resampling
+
+                self.dataset.build_overviews(factors, Resampling.nearest)
+                self.dataset.update_tags(ns="rio_overview", resampling="nearest")
             self.dataset.close()
             self.verify()
         except Exception as exc:
@@ -420,16 +438,18 @@ def label_geotiff(
     k: int,
     *,
     sidecars: Callable[[LabelGeoTIFF, AtomicFiles], None] | None = None,
+    overviews: bool = False,
 ) -> Iterator[LabelGeoTIFF]:
     """A ``LabelGeoTIFF`` writing ``output`` (``profile`` from ``label_profile``, K in its tags).
 
     When the block ends without an error the dataset is closed and read back (``verify``),
     ``sidecars(writer, files)`` adds the files that go beside it (legend, style) to ``files``,
     and all are renamed together (``AtomicFiles``); the temporary files are removed otherwise.
-    Errors of the writer leave as ``OutputWriteError``; the block's own pass unchanged."""
+    Errors of the writer leave as ``OutputWriteError``; the block's own pass unchanged.
+    ``overviews``: internal overviews (``overview_factors``) are built before it is closed."""
     tags = {"seglib_k": str(k), "seglib_label_order": "brightness of the cluster colour, darkest first"}
     with AtomicFiles() as files:
-        writer = LabelGeoTIFF(files.path(output), profile, tags, output=Path(output))
+        writer = LabelGeoTIFF(files.path(output), profile, tags, output=Path(output), overviews=overviews)
         try:
             yield writer
         except BaseException:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import GEOTIFF_SUFFIXES, BandStretch, ImageReadError, bands_error, decode_error, read_file_bands
+from .images import RASTER_SUFFIXES, BandStretch, ImageReadError, bands_error, decode_error, read_file_bands
 
 __all__ = ["ArraySource", "RasterSource", "Source", "open_source", "valid_box", "fill_masked"]
 
@@ -273,10 +273,10 @@ class RasterSource(_WindowReader):
 
 
 def open_source(path: str | Path) -> ArraySource | RasterSource:
-    """A window reader for an image file: GeoTIFFs through rasterio, window by window (never
-    read whole); PNG and JPEG decoded whole by ``read_image``."""
+    """A window reader for an image file: GeoTIFFs and VRTs through rasterio, window by window
+    (never read whole); PNG and JPEG decoded whole by ``read_image``."""
     path = Path(path)
-    if path.suffix.lower() in GEOTIFF_SUFFIXES:
+    if path.suffix.lower() in RASTER_SUFFIXES:
         try:
             import rasterio  # noqa: F401
         except ImportError:  # plain TIFFs still work through Pillow

@@ -1,0 +1,55 @@
+"""``python -m seglib.predict ... --workers N | --scheduler ADDRESS``: the arguments turned into an
+archive run (``segment_archive``) on a dask client, its outcome printed in a few lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .jobs import Settings
+
+__all__ = ["settings_from_args", "run_on_dask"]
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        k=args.k, checkpoint=None if args.checkpoint is None else str(args.checkpoint.resolve()), device=args.device,
+        tile=args.tile, overlap=args.overlap, lane=args.lane, fit_windows=args.fit_windows, seed=args.seed,
+        k_range=tuple(args.k_range), vector=args.vector, min_area=args.min_area, preview=args.preview,
+        overviews=args.overviews, block_size=args.block_size,
+    )  # fmt: skip
+
+
+def run_on_dask(args: argparse.Namespace, inputs: list[Path]) -> int:
+    """Exit status: 0 when every input is done (or was, in an earlier run), 1 when any failed
+    (each named on stderr, in one line), 2 for unusable arguments."""
+    from .cluster import dashboard_note, dask_client
+    from .run import segment_archive
+
+    try:
+        with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
+            print(dashboard_note(client), flush=True)
+            report = segment_archive(
+                client, [p.resolve() for p in inputs], args.output.resolve(), settings_from_args(args),
+                clusters=args.clusters, shared=args.shared_clusters, save_clusters=args.save_clusters,
+                mosaic=args.mosaic, summary=args.summary, progress=not args.quiet,
+                echo=(lambda line: None) if args.quiet else print,
+            )  # fmt: skip
+    except (ValueError, OSError) as exc:  # a clusters file for another model, dask missing, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in report["files"] if r["status"] == "failed"]
+    for record in failed:
+        print(f"FAILED {record['input']}: {record['error']}", file=sys.stderr)
+    if report.get("mosaic_error"):
+        print(f"error: --mosaic: {report['mosaic_error']}", file=sys.stderr)
+    counts = report["counts"]
+    line = (
+        f"{counts['done']} done, {counts['skipped']} complete from an earlier run, {counts['failed']} failed "
+        f"of {report['inputs']} input(s) in {report['seconds']:.1f} s; summary -> {report['summary']}"
+    )
+    if report.get("mosaic"):
+        line += f"; mosaic -> {report['mosaic']}"
+    print(line, file=sys.stderr if failed else sys.stdout)
+    return 1 if failed or report.get("mosaic_error") else 0

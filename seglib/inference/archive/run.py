@@ -1,0 +1,262 @@
+"""The client side of an archive run: the legend, the tasks, the manifest, the summary, the mosaic.
+
+from dask.distributed import Client
+from seglib.inference.archive import Settings, segment_archive
+with Client("tcp://scheduler:8786") as client:
+    summary = segment_archive(client, "/data/ortho/*.tif", "/data/labels", Settings(k=6), shared=True,
+                              mosaic="/data/labels/mosaic.vrt")
+    print(summary["counts"])  # {'done': 998, 'skipped': 0, 'failed': 2}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ...io.outputs import remove_stale_temporaries
+from ...io.vrt import write_vrt
+from ...viz import progress_bar
+from .jobs import Settings, expand_inputs, input_identity
+from .record import Manifest, output_key, write_summary
+from .tasks import block_task, describe_error, sample_task, segment_task
+
+__all__ = ["segment_archive", "fit_legend"]
+
+SUMMARY = "seglib-run.json"
+
+
+def _workers(client) -> int:
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
+def fit_legend(client, model, paths: Sequence[Path], settings: Settings, *, positions: int, progress: bool = True):
+    """One legend fitted on every input's window sample, embedded on the workers a few files at a
+    time (``budget.file_sample``); the client keeps a fixed budget of cells (``PositionBudget``)
+    and runs the soft k-means once. Returns ``(FittedClusters, {input: error})`` for the inputs
+    that could not be read. Equal to ``legend.fit_sources`` on the same inputs."""
+    from dask.distributed import as_completed
+
+    from ...config import check_k
+    from ..budget import FileSample, PositionBudget
+    from ..legend import model_fingerprint
+    from ..windows import FIT_PIXELS
+
+    k = check_k(settings.k)
+    fingerprint = model_fingerprint(model)
+    budget = PositionBudget(positions, k=k, init_pool=model.head.init_pool)
+    failed: dict[str, str] = {}
+    todo = list(enumerate(paths))[::-1]
+    in_flight = as_completed()
+
+    def submit() -> None:
+        index, path = todo.pop()
+        args = (str(path), index, settings, k, positions, budget.threshold, fingerprint)
+        in_flight.add(client.submit(sample_task, *args, pure=False, key=f"seglib-sample-{index}-{time.time_ns()}"))
+
+    for _ in range(min(len(todo), 2 * _workers(client) + 1)):  # a few ahead: later ones get a lower threshold
+        submit()
+    bar = progress_bar(total=len(paths), desc="legend sample", unit="file", disable=not progress)
+    with bar:
+        for future in in_flight:
+            result = future.result()
+            future.release()
+            if isinstance(result, FileSample):
+                budget.add(result)
+            else:
+                failed[result["input"]] = result["error"]
+            if todo:
+                submit()
+            bar.update()
+    meta = {"skipped": sorted(failed.items()), "tile": settings.tile, "overlap": settings.overlap}
+    meta |= {"fit_windows": settings.fit_windows, "fit_pixels": FIT_PIXELS}
+    return budget.fit(model, k, seed=settings.seed, meta=meta), failed
+
+
+def _legend_digest(legend) -> str | None:
+    if legend is None:
+        return None
+    return hashlib.sha256(json.dumps(legend.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def segment_archive(
+    client,
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    settings: Settings,
+    *,
+    clusters=None,
+    shared: bool = False,
+    save_clusters: str | Path | None = None,
+    mosaic: str | Path | None = None,
+    summary: str | Path | None = None,
+    max_positions: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Segment every input on the workers of ``client`` (a ``dask.distributed.Client``) into
+    ``output``; returns the run summary (also written to ``summary``, default
+    ``<output>/seglib-run.json``).
+
+    ``inputs``: a folder, a glob pattern, a file, or a list of files. ``clusters``: a legend
+    (``FittedClusters`` or a clusters file) every file is assigned to; ``shared``: fit one on all
+    inputs first (``fit_legend``, at most ``max_positions`` cells; saved to ``save_clusters``).
+    Inputs whose outputs are complete from an earlier run with the same model, legend and
+    settings are skipped (``record.Manifest``); a failing input is recorded and the others go on.
+    ``mosaic``: a VRT over every label output, written at the end. Every path must be readable
+    (inputs, checkpoint) and writable (output) by the workers at the same name.
+    """
+    from ...predict import output_paths
+    from ..legend import FittedClusters, load_clusters
+    from .cluster import dashboard_link
+    from .tasks import worker_model
+
+    started = time.perf_counter()
+    output = Path(output)
+    paths = expand_inputs(inputs) if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    targets = output_paths(paths, output, preview=settings.preview, vector=settings.vector)
+    output.mkdir(parents=True, exist_ok=True)
+    summary_path = Path(summary) if summary is not None else output / SUMMARY
+    model, fingerprint = worker_model(settings.checkpoint, "cpu")  # the client's copy: fingerprint, legend fit
+    records: dict[str, dict] = {str(p): {"input": str(p), "status": "pending"} for p in paths}
+    report = {"inputs": len(paths), "output": str(output), "workers": _workers(client)}
+    report["dashboard"] = dashboard_link(client)
+
+    legend = clusters
+    if isinstance(legend, (str, Path)):
+        legend = load_clusters(legend, model=model, k=settings.k if isinstance(settings.k, int) else None)
+    elif isinstance(legend, FittedClusters):
+        legend.check_model(model)
+    if shared:
+        from ..legend import MAX_POSITIONS
+
+        identities = [input_identity(p) for p in paths if p.exists()]
+        digest = hashlib.sha256(json.dumps([settings.key(), fingerprint, identities]).encode()).hexdigest()
+        cache = output / f".seglib-legend-{digest[:16]}.json"
+        if cache.is_file():
+            legend = load_clusters(cache, model=model)
+            echo(f"shared clusters: K={legend.k}, from the earlier run's fit ({cache.name})")
+        else:
+            tic = time.perf_counter()
+            legend, unreadable = fit_legend(
+                client, model, paths, settings, positions=max_positions or MAX_POSITIONS, progress=progress
+            )
+            for path, error in unreadable.items():
+                records[path].update(status="failed", error=error)
+            legend.save(cache)
+            echo(
+                f"shared clusters: K={legend.k}, fitted on {legend.meta['windows']} windows of "
+                f"{len(legend.meta['files'])} file(s), {legend.meta['positions']} cells "
+                f"({time.perf_counter() - tic:.1f} s)"
+            )
+    if save_clusters is not None and legend is not None:
+        legend.save(save_clusters)
+    report["legend"] = None if legend is None else {"k": legend.k, "digest": _legend_digest(legend)}
+    legend_digest = _legend_digest(legend)
+
+    manifest = Manifest(output)
+    removed, _ = remove_stale_temporaries(output)  # of killed runs on this machine (process gone)
+    if removed:
+        echo(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+    keys = {}
+    todo = []
+    for path, target in targets.items():
+        if records[str(path)]["status"] == "failed":
+            continue
+        try:
+            keys[path] = output_key(input_identity(path), fingerprint, legend_digest, settings.key())
+        except OSError as exc:
+            records[str(path)].update(status="failed", error=describe_error(exc))
+            continue
+        if manifest.done(keys[path]):
+            files = list(manifest.entries[keys[path]])
+            vrt = str(target.with_suffix(".vrt"))
+            records[str(path)].update(status="skipped", output=vrt if vrt in files else str(target), files=files)
+        else:
+            todo.append(path)
+    skipped = sum(r["status"] == "skipped" for r in records.values())
+    if skipped:
+        echo(f"{skipped} input(s) complete from an earlier run: skipped; {len(todo)} to do")
+
+    scattered = client.scatter(legend, broadcast=True) if legend is not None else None
+    _run_tasks(client, todo, targets, settings, scattered, records, manifest, keys, progress)
+
+    if mosaic is not None:
+        tiles = [f for r in records.values() if r["status"] in ("done", "skipped") for f in r.get("files", [])]
+        tiles = [Path(f) for f in tiles if f.endswith(".tif")]
+        try:
+            report["mosaic"] = str(write_vrt(mosaic, tiles))
+        except (ValueError, OSError) as exc:
+            report["mosaic_error"] = describe_error(exc)
+    counts = {status: sum(r["status"] == status for r in records.values()) for status in ("done", "skipped", "failed")}
+    report.update(counts=counts, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
+    write_summary(summary_path, report)
+    report["summary"] = str(summary_path)
+    return report
+
+
+def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys, progress) -> None:
+    """Submit one task per input (and per block of a split raster) and record each result as it
+    comes; the manifest gets an input as soon as all its outputs are written."""
+    from dask.distributed import as_completed
+
+    token = time.time_ns()
+    futures = as_completed()
+    owner: dict[str, tuple[Path, tuple | None]] = {}  # task key -> (input, rows of a block or None)
+    for i, path in enumerate(todo):
+        key = f"seglib-file-{i}-{token}"
+        owner[key] = (path, None)
+        futures.add(client.submit(segment_task, str(path), str(targets[path]), settings, legend, pure=False, key=key))
+    splits: dict[Path, dict] = {}  # a split raster -> its blocks still to come, their files and errors
+    bar = progress_bar(total=len(todo), desc="files", unit="file", disable=not progress)
+    with bar:
+        for future in futures:
+            path, rows = owner.pop(future.key)
+            try:
+                result = future.result()
+            except Exception as exc:  # the worker died (killed, out of memory) while running it
+                result = {"input": str(path), "status": "failed", "error": f"worker lost: {describe_error(exc)}"}
+            future.release()
+            if rows is not None:  # one block of a split raster
+                state = splits[path]
+                state["left"] -= 1
+                if result["status"] == "failed":
+                    state["errors"].append(f"rows {rows[0]}-{rows[1]}: {result['error']}")
+                else:
+                    state["files"].append((result["first_row"], result["output"]))
+                if state["left"]:
+                    continue
+                result = _finish_split(path, targets[path], state)
+            elif result["status"] == "split":
+                plan = {key: result[key] for key in ("k", "box", "clusters")}
+                edges = result["blocks"]
+                splits[path] = {"left": len(edges), "errors": [], "files": [], "k": result["k"]}
+                for j, block in enumerate(edges):
+                    key = f"seglib-block-{token}-{len(owner)}-{j}"
+                    owner[key] = (path, tuple(block))
+                    args = (str(path), str(targets[path]), tuple(block), j == len(edges) - 1, settings, plan)
+                    futures.add(client.submit(block_task, *args, pure=False, key=key))
+                continue
+            if result["status"] == "done":
+                files = result.get("files") or [result["output"], result.get("vector")]
+                if settings.preview and not result.get("files"):
+                    from ...predict import preview_path
+
+                    files.append(str(preview_path(Path(result["output"]))))
+                result["files"] = [str(f) for f in files if f]
+                manifest.add(keys[path], str(path), result["files"])
+            records[str(path)].update(result)
+            bar.update()
+
+
+def _finish_split(path: Path, target: Path, state: dict) -> dict:
+    """The record of a split raster once its last block is in: a VRT over its block files."""
+    vrt = target.with_suffix(".vrt")
+    record = {"input": str(path), "output": str(vrt), "k": state["k"], "error": None}
+    if state["errors"]:
+        return {**record, "status": "failed", "error": "; ".join(state["errors"])}
+    rows, blocks = zip(*sorted(state["files"]), strict=True)
+    write_vrt(vrt, blocks, offsets=[(row, 0) for row in rows])
+    return {**record, "status": "done", "blocks": len(blocks), "files": [str(vrt), *blocks]}

@@ -1,0 +1,187 @@
+"""The positions a shared legend is fitted on: a fixed budget over any number of files.
+
+    budget = PositionBudget(MAX_POSITIONS, k=6)
+    for index, path in enumerate(paths):          # in any order, in any process
+        budget.add(file_sample(model, path, index, k=6, **sample, threshold=budget.threshold))
+    legend = budget.fit(model, 6, meta={...})     # FittedClusters, stable order
+
+Each file contributes the window sample a single-file fit draws from it (``sample_windows``),
+embedded one window at a time. Every embedding cell (a k-means position) gets a random key from
+a generator seeded by ``(seed, the file's index)``, and the legend is fitted on the ``positions``
+cells with the smallest keys over all files (a bottom-k sample: uniform over the cells, the same
+whatever order the files arrive in, whichever process embedded them). The farthest-point
+initialisation's pooled cells are sampled alike, ``positions / init_pool**2`` of them.
+
+So memory is bounded whatever the number of files: a ``PositionBudget`` holds at most twice its
+budget (D + 2 numbers per cell: 35 floats for the bundled student, 2^18 cells, ~40 MB), and one
+file's sample at a time is embedded. ``threshold`` (the largest key still in the budget once it
+is full) lets a file drop at once the cells that cannot make the cut, so later files send less.
+
+When all files together have no more cells than the budget, every cell is kept, in file order
+then window order then position: exactly the positions (and so the clusters) of fitting all the
+windows jointly (``fit_embeddings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .forward import model_stride
+from .windows import check_tiling
+
+__all__ = ["FileSample", "PositionBudget", "file_sample"]
+
+
+@dataclass
+class FileSample:
+    """The kept cells of one file's fit sample: ``x`` (D, n) positions and ``pooled`` (D, m)
+    initialisation cells, each with its keys and its index in the file's full sample."""
+
+    index: int
+    name: str
+    windows: int
+    x: torch.Tensor
+    keys: np.ndarray
+    order: np.ndarray
+    pooled: torch.Tensor
+    pooled_keys: np.ndarray
+    pooled_order: np.ndarray
+
+
+def _keep(values: torch.Tensor, keys: np.ndarray, budget: int, threshold: float):
+    """(values, keys, order) of the at most ``budget`` cells with the smallest keys below
+    ``threshold``, in their original order."""
+    order = np.flatnonzero(keys < threshold)
+    if len(order) > budget:
+        order = np.sort(order[np.argpartition(keys[order], budget - 1)[:budget]])
+    return values[:, torch.from_numpy(order)], keys[order], order
+
+
+@torch.no_grad()
+def file_sample(
+    model: torch.nn.Module,
+    item,
+    index: int,
+    *,
+    k: int,
+    tile: int,
+    overlap: int,
+    fit_windows: int,
+    fit_pixels: int,
+    seed: int,
+    positions: int,
+    threshold: tuple[float, float] = (1.0, 1.0),
+) -> FileSample:
+    """The cells of ``item``'s fit sample (a path, an array or a window reader) that can be in a
+    budget of ``positions`` cells: at most that many, with keys below ``threshold`` (one for the
+    positions, one for the pooled cells: ``PositionBudget.threshold``). Raises what opening or
+    reading the file raises (``ImageReadError`` for a corrupt file)."""
+    from .legend import _opened, embed_windows, sample_windows
+
+    m = model_stride(model)
+    tile = check_tiling(tile, overlap, m)
+    head = model.head
+    with _opened(item) as source:
+        windows = sample_windows(
+            source.height, source.width, tile=tile, overlap=overlap, multiple=m,
+            fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed,
+        )  # fmt: skip
+        embs = embed_windows(model, source, windows)[0]
+        name = Path(getattr(source, "name", "image")).name
+    x = torch.cat([e.flatten(2)[0] for e in embs], 1)  # (D, n): the windows' cells side by side
+    pooled = torch.cat([head.init_cells(e).flatten(2)[0] for e in embs], 1)  # (D, m)
+    rng = np.random.default_rng([seed, index])
+    keys, pooled_keys = rng.random(x.shape[1]), rng.random(pooled.shape[1])
+    x, keys, order = _keep(x.float().cpu(), keys, positions, threshold[0])
+    pooled, pooled_keys, pooled_order = _keep(
+        pooled.float().cpu(), pooled_keys, max(k, positions // head.init_pool**2), threshold[1]
+    )
+    return FileSample(index, name, len(windows), x, keys, order, pooled, pooled_keys, pooled_order)
+
+
+class _Reservoir:
+    """The cells with the smallest keys seen so far, at most ``size`` (``2 * size`` between
+    compactions)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.parts: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []  # (values, keys, sort key)
+        self.held = 0
+        self.threshold = 1.0
+
+    def add(self, values: torch.Tensor, keys: np.ndarray, index: int, order: np.ndarray) -> None:
+        if not len(keys):
+            return
+        self.parts.append((values, keys, index * (1 << 40) + order.astype(np.int64)))
+        self.held += len(keys)
+        if self.held >= 2 * self.size:
+            self._compact()
+
+    def _compact(self) -> None:
+        values = torch.cat([p[0] for p in self.parts], 1)
+        keys = np.concatenate([p[1] for p in self.parts])
+        where = np.concatenate([p[2] for p in self.parts])
+        if len(keys) > self.size:
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            values, keys, where = values[:, torch.from_numpy(keep)], keys[keep], where[keep]
+            self.threshold = float(keys.max())
+        self.parts, self.held = [(values, keys, where)], len(keys)
+
+    def cells(self) -> torch.Tensor:
+        """(1, D, n) the kept cells in file order, then each file's own order."""
+        self._compact()
+        values, _, where = self.parts[0]
+        return values[:, torch.from_numpy(np.argsort(where, kind="stable"))][None]
+
+
+class PositionBudget:
+    """The bottom-k sample of the cells of many files' fit samples (see the module docstring)."""
+
+    def __init__(self, positions: int, *, k: int, init_pool: int):
+        self.positions, self.k = positions, k
+        self.cells = _Reservoir(positions)
+        self.pooled = _Reservoir(max(k, positions // init_pool**2))
+        self.windows = 0
+        self.files: list[tuple[int, str]] = []
+
+    @property
+    def threshold(self) -> tuple[float, float]:
+        """Keys at or above these (positions, pooled cells) can no longer be kept (1.0 until
+        that part of the budget has been full): ``file_sample(..., threshold=)``."""
+        return self.cells.threshold, self.pooled.threshold
+
+    def add(self, sample: FileSample) -> None:
+        self.cells.add(sample.x, sample.keys, sample.index, sample.order)
+        self.pooled.add(sample.pooled, sample.pooled_keys, sample.index, sample.pooled_order)
+        self.windows += sample.windows
+        self.files.append((sample.index, sample.name))
+
+    @torch.no_grad()
+    def fit(self, model: torch.nn.Module, k: int, *, seed: int, meta: dict):
+        """``FittedClusters`` (stable order, shares, colours, fingerprint) fitted on the kept cells
+        with the head's soft k-means; ``meta`` is stored with them."""
+        from .legend import _ordered, head_settings, model_fingerprint
+
+        if not self.files:
+            from ..io.images import ImageReadError
+
+            raise ImageReadError("no readable image to fit the clusters on")
+        head = model.head
+        x, xp = self.cells.cells(), self.pooled.cells()
+        out = head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
+        weight = float(model.colour_weight) or 1.0
+        colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
+        meta = {
+            "positions": int(x.shape[2]),
+            "max_positions": self.positions,
+            "seed": seed,
+            "head": head_settings(model) | {"iters": int(head.iters)},
+            "windows": self.windows,
+            "files": [name for _, name in sorted(self.files)],
+            **meta,
+        }
+        return _ordered(out, colours, model_fingerprint(model), meta)
