@@ -195,7 +195,7 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
             transform = source.profile.get("transform")
             profile.update(height=last_out - first_out)
             if transform is not None and "gcps" not in profile:
-                profile["transform"] = transform * rasterio.Affine.translation(0, first_out)
+                profile["transform"] = transform @ rasterio.Affine.translation(0, first_out)
             if profile["height"] < 256:
                 profile.pop("tiled", None), profile.pop("blockxsize", None), profile.pop("blockysize", None)
             output = block_path(target_, first_out)
