@@ -36,21 +36,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .config import K_MAX, K_MIN, LANES, check_k
+from .inference.files import check_output_folder, output_paths, predict_file
 from .inference.kselect import DEFAULT_RANGE, check_k_range
 from .inference.legend import FittedClusters
-from .inference.vector import VECTOR_FORMATS, MinArea, check_vector_format, parse_min_area
+from .inference.vector import VECTOR_FORMATS, check_vector_format, parse_min_area
 from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
-from .io.images import GEOTIFF_SUFFIXES, RASTER_SUFFIXES, list_inputs, read_mask
-from .io.outputs import remove_stale_temporaries, write_png
+from .io.images import list_inputs
+from .io.outputs import remove_stale_temporaries
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
 log = logging.getLogger("seglib.predict")
-
-PREVIEW_MAX_SIDE = 2048  # previews of large rasters are decimated to at most this many pixels
 
 
 def _k_arg(text: str) -> int | str:
@@ -200,153 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         "different workers (default 8192; 0: never)",
     )
     return p
-
-
-def output_paths(
-    inputs: list[Path], output: Path, *, preview: bool = False, vector: str | None = None
-) -> dict[Path, Path]:
-    """The label file of every input: ``<stem>.tif`` for GeoTIFFs, ``<stem>.png`` otherwise.
-
-    Any two files of the run that would be the same file (two inputs' labels, or one input's
-    ``<stem>_preview.png`` (``preview``) or polygons (``vector``) and another's labels), or an
-    output that is an input, raise ``ValueError`` naming both: nothing is overwritten by its own run."""
-    sources = {p.resolve() for p in inputs}
-    writes: dict[Path, str] = {}  # every file the run writes -> what writes it
-    targets: dict[Path, Path] = {}
-    for path in inputs:
-        target = output / (path.stem + (".tif" if path.suffix.lower() in RASTER_SUFFIXES else ".png"))
-        files = {target: f"the labels of {path.name}"}
-        if preview:
-            files[preview_path(target)] = f"the preview of {path.name}"
-        if vector is not None:
-            files[target.with_suffix(VECTOR_FORMATS[vector][1])] = f"the polygons of {path.name}"
-        for file, what in files.items():
-            if file in writes:
-                raise ValueError(f"{writes[file]} and {what} would both be {file}; rename one of the inputs")
-            if file.resolve() in sources:
-                raise ValueError(f"{file} ({what}) would overwrite an input image; choose another --output folder")
-            writes[file] = what
-        targets[path] = target
-    return targets
-
-
-def preview_path(target: Path) -> Path:
-    """``<stem>_preview.png`` beside a label file."""
-    return target.with_name(target.stem + "_preview.png")
-
-
-def check_output_folder(output: Path) -> None:
-    """``ValueError`` when ``--output`` is, or lies under, something that is not a folder."""
-    for folder in (output, *output.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is" if folder == output else f"lies under {folder}, which is"
-                raise ValueError(f"--output {output} {where} a file, not a folder; choose a folder")
-            return
-
-
-def _preview(labels_file: Path, path: Path) -> None:
-    """Colour preview of a label file (nodata black); a label GeoTIFF is read decimated so large
-    rasters stay cheap."""
-    from .io.outputs import NODATA
-    from .viz import colourize
-
-    if labels_file.suffix.lower() in GEOTIFF_SUFFIXES:
-        import rasterio
-        from rasterio.enums import Resampling
-
-        with rasterio.open(labels_file) as src:
-            scale = max(1.0, max(src.height, src.width) / PREVIEW_MAX_SIDE)
-            shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-            labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
-    else:
-        labels = read_mask(labels_file)
-    rgb = colourize(labels).astype(np.uint8)
-    rgb[labels == NODATA] = 0
-    write_png(rgb, path)
-
-
-def predict_file(
-    path: Path,
-    target: Path,
-    model,
-    k: int | str | None,
-    *,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    lane: str | None = None,
-    fit_windows: int = 16,
-    seed: int = 0,
-    clusters: FittedClusters | None = None,
-    k_range: tuple[int, int] = DEFAULT_RANGE,
-    vector: str | None = None,
-    min_area: MinArea | None = None,
-    preview: bool = False,
-    progress: bool = True,
-    adapt_steps: int = 0,
-    adapt_seconds: float | None = None,
-    overviews: bool = False,
-) -> dict:
-    """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
-
-    ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
-    ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
-    the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
-    fitted with the unadapted model, so they cannot be combined with it.
-    Returns ``{"target", "k", "auto", "vector", "features"}``.
-    """
-    from .inference.engine import segment_raster
-
-    if adapt_steps:
-        if clusters is not None:
-            raise ValueError("--adapt changes the features that shared or saved clusters were fitted on; drop one")
-        from .inference.adapt import adapt
-        from .io.rasters import open_source
-
-        with open_source(path) as source:
-            model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=seed, progress=progress)
-
-    fitted = clusters
-    if fitted is None and k == "auto":
-        from .inference.kselect import fit_sources_auto
-        from .io.rasters import open_source
-
-        with open_source(path) as source:
-            fitted = fit_sources_auto(
-                model,
-                [source],
-                k_range=k_range,
-                tile=tile,
-                overlap=overlap,
-                fit_windows=fit_windows,
-                fit_pixels=FIT_PIXELS,
-                seed=seed,
-            )
-    k = fitted.k if fitted is not None else k
-    device = next(model.parameters()).device
-    segment_raster(
-        path,
-        target,
-        k,
-        model,
-        tile=tile,
-        overlap=overlap,
-        lane=lane,
-        fit_windows=fit_windows,
-        seed=seed,
-        clusters=None if fitted is None else fitted.head_clusters(device),
-        progress=progress,
-        overviews=overviews,
-    )
-    result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
-    if vector is not None:
-        from .inference.vector import polygonize
-
-        result["vector"] = target.with_suffix(VECTOR_FORMATS[vector][1])
-        result["features"] = polygonize(target, result["vector"], vector_format=vector, min_area=min_area)["features"]
-    if preview:
-        _preview(target, preview_path(target))
-    return result
 
 
 def _clean_folder(folder: Path) -> None:

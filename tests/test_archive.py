@@ -170,7 +170,14 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
     the same whatever order the files come in, and a later file's threshold drops nothing that
     would have been kept."""
     from seglib.inference.budget import PositionBudget, file_sample
-    from seglib.inference.legend import MAX_POSITIONS, embed_windows, fit_embeddings, fit_sources, sample_windows
+    from seglib.inference.legend import (
+        MAX_POSITIONS,
+        embed_windows,
+        fit_embeddings,
+        fit_positions,
+        fit_sources,
+        sample_windows,
+    )
     from seglib.io.rasters import open_source
 
     torch.set_num_threads(1)
@@ -194,7 +201,7 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
             threshold = budget.threshold if use_threshold else (1.0, 1.0)
             budget.add(file_sample(model, paths[i], i, k=K, positions=500, threshold=threshold, **sample))
         assert budget.cells.held <= 2 * 500
-        return budget.fit(model, K, seed=0, meta={})
+        return fit_positions(model, budget, K, seed=0, meta={})
 
     a, b, c = fit(range(6), True), fit([5, 2, 0, 4, 1, 3], True), fit(range(6), False)
     assert a.meta["positions"] == 500

@@ -3,7 +3,7 @@
     budget = PositionBudget(MAX_POSITIONS, k=6)
     for index, path in enumerate(paths):          # in any order, in any process
         budget.add(file_sample(model, path, index, k=6, **sample, threshold=budget.threshold))
-    legend = budget.fit(model, 6, meta={...})     # FittedClusters, stable order
+    legend = seglib.inference.legend.fit_positions(model, budget, 6, seed=0, meta={})
 
 Each file contributes the window sample a single-file fit draws from it (``sample_windows``),
 embedded one window at a time. Every embedding cell (a k-means position) gets a random key from
@@ -24,16 +24,71 @@ windows jointly (``fit_embeddings``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .forward import model_stride
-from .windows import check_tiling
+from ..io.rasters import ArraySource, open_source
+from .forward import model_stride, pad_to_stride, to_tensor
+from .windows import axis_windows, check_tiling
 
-__all__ = ["FileSample", "PositionBudget", "file_sample"]
+__all__ = ["sample_windows", "embed_windows", "opened", "FileSample", "PositionBudget", "file_sample"]
+
+
+def sample_windows(
+    height: int, width: int, *, tile: int, overlap: int, multiple: int, fit_windows: int, fit_pixels: int, seed: int
+) -> list[tuple[int, int, int, int]]:
+    """``(y, x, h, w)`` of a seeded sample of the window grid, spread over the raster: the grid is
+    split row-major into ``n`` equal runs and one window is drawn from each, ``n`` being at most
+    ``fit_windows`` and at most ``fit_pixels`` pixels' worth of windows (at least one)."""
+    ys, lh = axis_windows(height, tile, overlap, multiple)
+    xs, lw = axis_windows(width, tile, overlap, multiple)
+    grid = [(y, x) for y in ys for x in xs]
+    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
+    edges = np.linspace(0, len(grid), n + 1).astype(int)
+    rng = np.random.default_rng(seed)
+    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(y, x, min(lh, height - y), min(lw, width - x)) for y, x in (grid[i] for i in pick)]
+
+
+@torch.no_grad()
+def embed_windows(
+    model: torch.nn.Module, source, windows: Iterable[tuple[int, int, int, int]], *, flip: bool = False
+) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """The head's denoised embeddings (1, D, h, w) of each window of ``source``, one window
+    through the model at a time, and the windows' uint8 RGB (for cluster colours).
+
+    ``flip`` embeds the horizontally flipped window and flips the embedding back, so its cells
+    line up with the unflipped ones (a second view for agreement scores)."""
+    m = model_stride(model)
+    device = next(model.parameters()).device
+    embs, reads = [], []
+    for y, x, h, w in windows:
+        rgb = source.read(y, x, h, w)
+        x_in = pad_to_stride(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
+        if flip:
+            x_in = x_in.flip(-1)
+        emb = model.clustered_embeddings(x_in)  # (1, D, h'/s, w'/s)
+        embs.append(emb.flip(-1) if flip else emb)
+        reads.append(rgb)
+    return embs, reads
+
+
+@contextlib.contextmanager
+def opened(item) -> Iterator:
+    """A window reader for ``item``: a source as it is, an array wrapped, a path opened (and
+    closed after use, so a set of files is never held in memory at once)."""
+    if isinstance(item, np.ndarray):
+        yield ArraySource(item)
+    elif isinstance(item, (str, Path)):
+        with open_source(item) as source:
+            yield source
+    else:
+        yield item
 
 
 @dataclass
@@ -80,12 +135,10 @@ def file_sample(
     budget of ``positions`` cells: at most that many, with keys below ``threshold`` (one for the
     positions, one for the pooled cells: ``PositionBudget.threshold``). Raises what opening or
     reading the file raises (``ImageReadError`` for a corrupt file)."""
-    from .legend import _opened, embed_windows, sample_windows
-
     m = model_stride(model)
     tile = check_tiling(tile, overlap, m)
     head = model.head
-    with _opened(item) as source:
+    with opened(item) as source:
         windows = sample_windows(
             source.height, source.width, tile=tile, overlap=overlap, multiple=m,
             fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed,
@@ -159,29 +212,3 @@ class PositionBudget:
         self.pooled.add(sample.pooled, sample.pooled_keys, sample.index, sample.pooled_order)
         self.windows += sample.windows
         self.files.append((sample.index, sample.name))
-
-    @torch.no_grad()
-    def fit(self, model: torch.nn.Module, k: int, *, seed: int, meta: dict):
-        """``FittedClusters`` (stable order, shares, colours, fingerprint) fitted on the kept cells
-        with the head's soft k-means; ``meta`` is stored with them."""
-        from .legend import _ordered, head_settings, model_fingerprint
-
-        if not self.files:
-            from ..io.images import ImageReadError
-
-            raise ImageReadError("no readable image to fit the clusters on")
-        head = model.head
-        x, xp = self.cells.cells(), self.pooled.cells()
-        out = head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
-        weight = float(model.colour_weight) or 1.0
-        colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
-        meta = {
-            "positions": int(x.shape[2]),
-            "max_positions": self.positions,
-            "seed": seed,
-            "head": head_settings(model) | {"iters": int(head.iters)},
-            "windows": self.windows,
-            "files": [name for _, name in sorted(self.files)],
-            **meta,
-        }
-        return _ordered(out, colours, model_fingerprint(model), meta)

@@ -29,10 +29,9 @@ assignment. Loading it with another model or another K is refused with a message
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +40,10 @@ import torch
 
 from ..config import check_k
 from ..io.outputs import write_text
-from ..io.rasters import ArraySource, open_source
 from ..models.head import Clusters, HeadOutput, brightness_order
-from .forward import model_stride, pad_to_stride, to_tensor
-from .windows import axis_windows, check_tiling
+from .budget import PositionBudget, embed_windows, file_sample, opened, sample_windows
+from .forward import model_stride
+from .windows import check_tiling
 
 __all__ = [
     "FORMAT",
@@ -58,6 +57,7 @@ __all__ = [
     "fit_embeddings",
     "sample_embeddings",
     "fit_sources",
+    "fit_positions",
     "clusters_from_fit",
     "load_clusters",
 ]
@@ -237,45 +237,6 @@ def load_clusters(path: str | Path, *, model: torch.nn.Module | None = None, k: 
 # ----------------------------------------------------------------------------- fitting
 
 
-def sample_windows(
-    height: int, width: int, *, tile: int, overlap: int, multiple: int, fit_windows: int, fit_pixels: int, seed: int
-) -> list[tuple[int, int, int, int]]:
-    """``(y, x, h, w)`` of a seeded sample of the window grid, spread over the raster: the grid is
-    split row-major into ``n`` equal runs and one window is drawn from each, ``n`` being at most
-    ``fit_windows`` and at most ``fit_pixels`` pixels' worth of windows (at least one)."""
-    ys, lh = axis_windows(height, tile, overlap, multiple)
-    xs, lw = axis_windows(width, tile, overlap, multiple)
-    grid = [(y, x) for y in ys for x in xs]
-    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
-    edges = np.linspace(0, len(grid), n + 1).astype(int)
-    rng = np.random.default_rng(seed)
-    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return [(y, x, min(lh, height - y), min(lw, width - x)) for y, x in (grid[i] for i in pick)]
-
-
-@torch.no_grad()
-def embed_windows(
-    model: torch.nn.Module, source, windows: Iterable[tuple[int, int, int, int]], *, flip: bool = False
-) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-    """The head's denoised embeddings (1, D, h, w) of each window of ``source``, one window
-    through the model at a time, and the windows' uint8 RGB (for cluster colours).
-
-    ``flip`` embeds the horizontally flipped window and flips the embedding back, so its cells
-    line up with the unflipped ones (a second view for agreement scores)."""
-    m = model_stride(model)
-    device = next(model.parameters()).device
-    embs, reads = [], []
-    for y, x, h, w in windows:
-        rgb = source.read(y, x, h, w)
-        x_in = pad_to_stride(to_tensor(rgb), m).to(device)  # (1, 3, h', w'), h' and w' multiples of the stride
-        if flip:
-            x_in = x_in.flip(-1)
-        emb = model.clustered_embeddings(x_in)  # (1, D, h'/s, w'/s)
-        embs.append(emb.flip(-1) if flip else emb)
-        reads.append(rgb)
-    return embs, reads
-
-
 def fit_embeddings(
     head: torch.nn.Module,
     embs: Sequence[torch.Tensor],
@@ -335,19 +296,6 @@ def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.nd
     return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
 
 
-@contextlib.contextmanager
-def _opened(item) -> Iterator:
-    """A window reader for ``item``: a source as it is, an array wrapped, a path opened (and
-    closed after use, so a set of files is never held in memory at once)."""
-    if isinstance(item, np.ndarray):
-        yield ArraySource(item)
-    elif isinstance(item, (str, Path)):
-        with open_source(item) as source:
-            yield source
-    else:
-        yield item
-
-
 def sample_embeddings(
     model: torch.nn.Module,
     items: Sequence,
@@ -375,7 +323,7 @@ def sample_embeddings(
     info: dict = {"windows": 0, "files": [], "skipped": []}
     for item in items:
         try:
-            with _opened(item) as source:
+            with opened(item) as source:
                 windows = sample_windows(
                     source.height,
                     source.width,
@@ -419,7 +367,6 @@ def fit_sources(
     fewer cells than that every cell is used. ``meta["skipped"]`` lists unreadable files when
     ``skip_unreadable``."""
     from ..io.images import ImageReadError
-    from .budget import PositionBudget, file_sample
 
     k = check_k(k)
     sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
@@ -435,7 +382,32 @@ def fit_sources(
                 raise
             skipped.append((str(item), str(exc)))
     settings = {key: value for key, value in sample.items() if key != "seed"}
-    return budget.fit(model, k, seed=seed, meta={"skipped": skipped, **settings})
+    return fit_positions(model, budget, k, seed=seed, meta={"skipped": skipped, **settings})
+
+
+@torch.no_grad()
+def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, seed: int, meta: dict) -> FittedClusters:
+    """``FittedClusters`` (stable order, shares, colours, fingerprint) fitted with the head's soft
+    k-means on the cells a ``PositionBudget`` kept; ``meta`` is stored with them."""
+    if not budget.files:
+        from ..io.images import ImageReadError
+
+        raise ImageReadError("no readable image to fit the clusters on")
+    head = model.head
+    x, xp = budget.cells.cells(), budget.pooled.cells()
+    out = head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
+    weight = float(model.colour_weight) or 1.0
+    colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
+    meta = {
+        "positions": int(x.shape[2]),
+        "max_positions": budget.positions,
+        "seed": seed,
+        "head": head_settings(model) | {"iters": int(head.iters)},
+        "windows": budget.windows,
+        "files": [name for _, name in sorted(budget.files)],
+        **meta,
+    }
+    return _ordered(out, colours, model_fingerprint(model), meta)
 
 
 def clusters_from_fit(

@@ -41,7 +41,7 @@ def fit_legend(client, model, paths: Sequence[Path], settings: Settings, *, posi
 
     from ...config import check_k
     from ..budget import FileSample, PositionBudget
-    from ..legend import model_fingerprint
+    from ..legend import fit_positions, model_fingerprint
     from ..windows import FIT_PIXELS
 
     k = check_k(settings.k)
@@ -72,7 +72,7 @@ def fit_legend(client, model, paths: Sequence[Path], settings: Settings, *, posi
             bar.update()
     meta = {"skipped": sorted(failed.items()), "tile": settings.tile, "overlap": settings.overlap}
     meta |= {"fit_windows": settings.fit_windows, "fit_pixels": FIT_PIXELS}
-    return budget.fit(model, k, seed=settings.seed, meta=meta), failed
+    return fit_positions(model, budget, k, seed=settings.seed, meta=meta), failed
 
 
 def _legend_digest(legend) -> str | None:
@@ -108,7 +108,7 @@ def segment_archive(
     ``mosaic``: a VRT over every label output, written at the end. Every path must be readable
     (inputs, checkpoint) and writable (output) by the workers at the same name.
     """
-    from ...predict import output_paths
+    from ..files import output_paths
     from ..legend import FittedClusters, load_clusters
     from .cluster import dashboard_link
     from .tasks import worker_model
@@ -242,7 +242,7 @@ def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys,
             if result["status"] == "done":
                 files = result.get("files") or [result["output"], result.get("vector")]
                 if settings.preview and not result.get("files"):
-                    from ...predict import preview_path
+                    from ..files import preview_path
 
                     files.append(str(preview_path(Path(result["output"]))))
                 result["files"] = [str(f) for f in files if f]

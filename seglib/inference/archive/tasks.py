@@ -88,7 +88,7 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
     """Segment one input into ``target`` (and its preview and polygons) as ``python -m
     seglib.predict`` would; a raster of more than ``settings.block_size**2`` pixels is not
     segmented here but planned into blocks: ``{"status": "split", "blocks": [...], "clusters"}``."""
-    from ...predict import predict_file
+    from ..files import predict_file
 
     start = time.perf_counter()
     path_, target_ = Path(path), Path(target)
