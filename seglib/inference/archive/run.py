@@ -228,7 +228,7 @@ def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys,
                     state["files"].append((result["first_row"], result["output"]))
                 if state["left"]:
                     continue
-                result = _finish_split(path, targets[path], state)
+                result = _finish_split(path, targets[path], state, settings)
             elif result["status"] == "split":
                 plan = {key: result[key] for key in ("k", "box", "clusters")}
                 edges = result["blocks"]
@@ -251,7 +251,7 @@ def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys,
             bar.update()
 
 
-def _finish_split(path: Path, target: Path, state: dict) -> dict:
+def _finish_split(path: Path, target: Path, state: dict, settings: Settings) -> dict:
     """The record of a split raster once its last block is in: a VRT over its block files."""
     vrt = target.with_suffix(".vrt")
     record = {"input": str(path), "output": str(vrt), "k": state["k"], "error": None}
@@ -259,4 +259,7 @@ def _finish_split(path: Path, target: Path, state: dict) -> dict:
         return {**record, "status": "failed", "error": "; ".join(state["errors"])}
     rows, blocks = zip(*sorted(state["files"]), strict=True)
     write_vrt(vrt, blocks, offsets=[(row, 0) for row in rows])
-    return {**record, "status": "done", "blocks": len(blocks), "files": [str(vrt), *blocks]}
+    record.update(status="done", blocks=len(blocks), files=[str(vrt), *blocks])
+    if settings.vector or settings.preview:
+        record["note"] = "no polygons or preview for a raster split into blocks"
+    return record
