@@ -11,7 +11,7 @@ import torch
 
 from seglib.evaluation.scores import dataset_confusion
 from seglib.inference.engine import fit_clusters
-from seglib.inference.kselect import check_k_range, choose_k, k_statistics, pick_k
+from seglib.inference.kselect import AUTO_RULE, check_k_range, choose_k, k_statistics, pick_k
 from seglib.inference.legend import (
     ClustersFileError,
     embed_windows,
@@ -175,10 +175,16 @@ def test_k_rules_on_known_statistics():
 
 
 def test_auto_k_follows_the_number_of_colours():
-    """Flat squares of 2..6 well-separated colours: the shipped rule picks K within one of the
-    number of colours, more colours never fewer clusters than two; the statistics of every K
-    of the range are returned."""
+    """Flat squares of 2..6 well-separated colours. Fitted at the top of the range (K = 8, more
+    clusters than colours), the statistics count one cluster per colour, with the colours' area
+    shares exactly: prototypes left on one colour are one cluster, whatever the CPU's rounding
+    (on an AVX2 CPU, unmerged, two colours read as K = 3). The shipped rule then picks
+    round(0.8 * effective number of colours): two colours give K = 2, more colours never fewer
+    clusters, every pick within one of the number of colours. The statistics of every K of the
+    range are returned."""
     model = LocalTeacher()
+    rule, theta = AUTO_RULE
+    assert rule == "effective"  # the expected picks below are this rule's
     colours = [(30, 40, 120), (60, 170, 60), (230, 220, 200), (200, 60, 50), (120, 120, 120), (250, 200, 40)]
     picks = {}
     for n in range(2, 7):
@@ -187,8 +193,13 @@ def test_auto_k_follows_the_number_of_colours():
         img = np.asarray(colours[:n], np.uint8)[np.kron(grid, np.ones((128, 128), int))]  # (384, 384, 3)
         picks[n], stats = choose_k(model, [ArraySource(img)], k_range=(2, 8), **(FIT | {"tile": 384}))
         assert sorted(stats) == list(range(2, 9))
-    assert all(abs(k - n) <= 1 for n, k in picks.items()), picks
-    assert picks[2] == 2 and min(picks[n] for n in range(3, 7)) > 2, picks
+        true_shares = np.sort(np.bincount(grid.ravel()) / grid.size)[::-1]
+        np.testing.assert_allclose(stats[8]["shares"], np.pad(true_shares, (0, 8 - n)), atol=1e-9)
+        effective = theta * np.exp(-(true_shares * np.log(true_shares)).sum())
+        assert abs(effective % 1 - 0.5) > 0.01, effective  # not on a rounding tie: the pick is exact
+        assert picks[n] == max(2, round(effective)), (n, effective, picks)
+    assert picks[2] == 2 and all(abs(k - n) <= 1 for n, k in picks.items()), picks
+    assert list(picks.values()) == sorted(picks.values()), picks
 
 
 def test_k_statistics_flip_agreement_is_one_on_a_symmetric_image():

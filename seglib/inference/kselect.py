@@ -26,6 +26,13 @@ For each K in a range, the head's soft k-means is fitted on the same window samp
 * ``effective``: ``theta`` times the effective number of clusters ``exp(entropy of the shares)``
   at the largest K, rounded.
 
+Every statistic counts clusters whose prototypes coincide (closer than ``COINCIDENT`` times the
+data's RMS spread) as one. Asked for more clusters than the data has distinct points (flat
+colours), the head leaves several prototypes on one point; which of them a position's argmax
+picks is then decided by rounding, so the shares, and the rules read from them, changed with the
+CPU's vector kernels. On the dev tiles the closest two prototypes of a fit are 0.45 of the RMS
+spread apart or more, coincident ones 1e-6.
+
 The study that scores every criterion and threshold against the number of ground-truth classes
 present and picks the shipped rule inside leave-one-tile-out folds is an experiment
 (``python -m experiments.k_auto``); docs/inference.md ("GIS workflows") has the result.
@@ -57,6 +64,7 @@ __all__ = [
 log = logging.getLogger("seglib.inference.kselect")
 
 DEFAULT_RANGE = (2, 8)  # --k auto searches K in this range unless told otherwise
+COINCIDENT = 1e-3  # prototypes closer than this times the data's RMS spread are one cluster
 STAT_POSITIONS = 1 << 15  # positions the silhouette and the other statistics are computed on
 GAP_POSITIONS = 1 << 13  # positions of the gap statistic's data and reference sets
 GAP_REFERENCES = 5
@@ -165,6 +173,15 @@ def _boundary_density(labels: np.ndarray, shapes: Sequence[tuple[int, int]]) -> 
     return changes / max(pairs, 1)
 
 
+def _distinct_labels(fit, scale: float) -> torch.Tensor:
+    """Hard labels (N,) of a head fit, each cluster whose prototype coincides with a lower-numbered
+    one's (within ``COINCIDENT * scale``) relabelled to that one: one point, one cluster."""
+    p = fit.prototypes[0].double().cpu()  # (K, D)
+    near = torch.cdist(p, p) <= COINCIDENT * scale  # (K, K), reflexive
+    first = near.int().argmax(0)  # (K,): the lowest-numbered prototype coinciding with each
+    return first[fit.probs[0].argmax(0).cpu()]
+
+
 def _log_w(x: torch.Tensor, head, k: int) -> float:
     """log of the mean within-cluster squared distance of the head's fit on points x (N, D)."""
     out = fit_embeddings(head, [x.T[None, :, None, :].float()], k)
@@ -189,6 +206,7 @@ def k_statistics(
     x_all = torch.cat([e.flatten(2) for e in embs], 2)[0].T.double().cpu()  # (N, D)
     pick = _subsample(x_all.shape[0], STAT_POSITIONS, seed)
     x = x_all if pick is None else x_all[pick]
+    scale = float((x - x.mean(0)).square().sum(1).mean().sqrt())  # the data's RMS spread
     # Gap statistic reference: uniform in the box of the data's principal axes (Tibshirani's
     # method b), GAP_REFERENCES sets, each clustered by the head like the data.
     gpick = _subsample(x_all.shape[0], GAP_POSITIONS, seed + 1)
@@ -206,13 +224,13 @@ def k_statistics(
     k_list = sorted(set(ks))
     for k in k_list:
         fit = fit_embeddings(head, embs, k, max_positions=max_positions, seed=seed)
-        labels_all = fit.probs[0].argmax(0).cpu()
+        labels_all = _distinct_labels(fit, scale)
         labels = labels_all if pick is None else labels_all[pick]
         row: dict = {"fit": fit, **_hard_stats(x, labels, k)}
         row["boundary_density"] = _boundary_density(labels_all.numpy(), shapes)
         if flipped is not None:
-            other = fit_embeddings(head, flipped, k, max_positions=max_positions, seed=seed).probs[0].argmax(0)
-            row["flip_agreement"] = _agreement(labels_all.numpy(), other.cpu().numpy(), k)
+            other = _distinct_labels(fit_embeddings(head, flipped, k, max_positions=max_positions, seed=seed), scale)
+            row["flip_agreement"] = _agreement(labels_all.numpy(), other.numpy(), k)
         ref_logs = np.array([_log_w(r, head, k) for r in refs])
         row["gap"] = float(ref_logs.mean() - _log_w(xg, head, k))
         row["gap_sd"] = float(ref_logs.std() * np.sqrt(1 + 1 / GAP_REFERENCES))
@@ -222,7 +240,7 @@ def k_statistics(
     if k0 == 1:
         below = float((x - x.mean(0)).square().sum(1).mean())
     else:
-        labels = fit_embeddings(head, embs, k0, max_positions=max_positions, seed=seed).probs[0].argmax(0).cpu()
+        labels = _distinct_labels(fit_embeddings(head, embs, k0, max_positions=max_positions, seed=seed), scale)
         below = _hard_stats(x, labels if pick is None else labels[pick], k0)["distortion"]
     out[k_list[0]]["distortion_below"] = below
     return out
