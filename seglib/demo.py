@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, apply_overrides, load_config_file
+from .device import resolve_device, training_threads
 from .training.run import run
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "teacher_synthetic_cpu.py"
@@ -37,6 +38,10 @@ def recipe_config() -> Config:
     return cfg
 
 
+def _cpu_threads(n: int) -> str:
+    return f"{n} CPU thread{'s' * (n != 1)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m seglib.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=800, help="teacher training steps (the full recipe uses its own count)")
@@ -48,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe_config()
     cfg.train.steps, cfg.train.seed, cfg.train.checkpoint_dir = args.steps, args.seed, args.out
     cfg.train.warmup = min(cfg.train.warmup, max(1, args.steps // 10))
-    print(f"training a teacher for {args.steps} steps on synthetic tiles (CPU, {torch.get_num_threads()} threads) ...")
+    device = resolve_device(cfg.train.device)
+    n = training_threads(cfg.train.threads, device)  # what run() will use: 1 on a 2-core CPU
+    where = _cpu_threads(n) if device.type == "cpu" else str(device)
+    print(f"training a teacher for {args.steps} steps on synthetic tiles ({where}) ...")
     tic = time.perf_counter()
     run(cfg)
     train_s = time.perf_counter() - tic
@@ -58,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models.teacher import MonolithicSegmenter
 
     model = MonolithicSegmenter.from_checkpoint(Path(args.out) / "teacher.pt")
-    print(f"evaluating on {args.eval_images} synthetic test tiles (512x512, seed 123) at K = classes present ...")
+    print(
+        f"evaluating on {args.eval_images} synthetic test tiles (512x512, seed 123) at K = classes present "
+        f"({_cpu_threads(torch.get_num_threads())}) ..."
+    )
     tic = time.perf_counter()
     result = evaluate_synthetic(model, n=args.eval_images, size=512, seed=123, random_init=random_init_like(model))
     eval_s = time.perf_counter() - tic
