@@ -69,11 +69,11 @@ class SeglibAlgorithm(QgsProcessingAlgorithm):
         return ""
 
     # --- parameters shared by the algorithms
-    def add_k(self, optional_text=""):
+    def add_k(self):
         self.addParameter(
             QgsProcessingParameterNumber(
                 "K",
-                f"Number of segments K ({K_MIN}..{K_MAX}){optional_text}",
+                f"Number of segments K ({K_MIN}..{K_MAX})",
                 QgsProcessingParameterNumber.Integer,
                 defaultValue=6,
                 minValue=K_MIN,
