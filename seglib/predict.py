@@ -44,6 +44,7 @@ from .inference.vector import VECTOR_FORMATS, check_vector_format, parse_min_are
 from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 from .io.images import list_inputs
 from .io.outputs import remove_stale_temporaries
+from .io.rasters import ALPHA_CHOICES
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
@@ -176,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop the adaptation of each input after S seconds even if fewer than N steps ran",
     )
+    p.add_argument(
+        "--alpha",
+        choices=ALPHA_CHOICES,
+        default="auto",
+        help="is the 4th band of a 4-band raster (2nd of 2) transparency, a mask? auto (default): when it is tagged "
+        "alpha and holds only 0 and its maximum (a NIR band that GDAL tagged alpha is ignored); yes; no",
+    )
     p.add_argument("--preview", action="store_true", help="also write <stem>_preview.png in label colours")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -246,7 +254,9 @@ def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable:
     """Clusters fitted once on windows sampled from ``paths`` (K or auto, as the arguments say)."""
     from .inference.kselect import fit_sources_auto
     from .inference.legend import fit_sources
+    from .io.rasters import SourceFile
 
+    paths = [SourceFile(Path(p), alpha=args.alpha) for p in paths]  # opened one at a time, with --alpha
     sample = {
         "tile": args.tile,
         "overlap": args.overlap,
@@ -371,6 +381,7 @@ def _main(argv: list[str] | None) -> int:
                 adapt_steps=args.adapt,
                 adapt_seconds=args.adapt_seconds,
                 overviews=args.overviews,
+                alpha=args.alpha,
             )
         except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
             failed.append(path)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io.rasters import ArraySource, open_source
+from ..io.rasters import ArraySource, SourceFile, open_source
 from .forward import model_stride, pad_to_stride, to_tensor
 from .windows import axis_windows, check_tiling
 
@@ -86,6 +86,9 @@ def opened(item) -> Iterator:
         yield ArraySource(item)
     elif isinstance(item, (str, Path)):
         with open_source(item) as source:
+            yield source
+    elif isinstance(item, SourceFile):  # a file with its read options (--alpha)
+        with item.open() as source:
             yield source
     else:
         yield item

@@ -36,7 +36,6 @@ cache (capped while ``segment_raster`` runs); docs/inference.md has measured num
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch
 
 from ..config import check_k, check_lane
 from ..io.images import GEOTIFF_SUFFIXES
-from ..io.outputs import NODATA, label_geotiff, label_profile, write_png
+from ..io.outputs import NODATA, label_geotiff, label_profile, write_label_png
 from ..io.rasters import ArraySource, Source, open_source, valid_box
 from ..models.head import Clusters
 from ..models.segmenter import Segmenter
@@ -190,7 +189,8 @@ def _segment_box(
         full[:, left:right] = rows
         write_rows(top + y, full)
 
-    log.info("%s: segmenting the data's extent, rows %d-%d, columns %d-%d", Path(source.name).name, *box)
+    log.info("%s: segmenting the data's extent, rows %d-%d, columns %d-%d", Path(source.name).name,
+             top, bottom, left, right)  # fmt: skip
     inner_probs = None
     if probs_out is not None:
         probs_out[:] = 0  # nodata pixels have no probabilities
@@ -207,14 +207,19 @@ def _cell_size(model: torch.nn.Module) -> int:
 
 
 def _warn_small(model: torch.nn.Module, height: int, width: int, k: int, name: str) -> None:
-    """Warn when an image has fewer of the model's cells than K: fewer labels must come out."""
-    size = _cell_size(model)
-    cells = math.ceil(height / size) * math.ceil(width / size)
+    """Warn when an image gives the model fewer cells than K (counted on the image padded to the
+    model's stride, the grid the head clusters). No bound on the labels is claimed: the
+    probabilities are interpolated between cells, so pixels can take other labels at edges;
+    ``_warn_fewer_labels`` reports how many came out."""
+    size, stride = _cell_size(model), model_stride(model)
+    cells = (-(-height // stride) * stride // size) * (-(-width // stride) * stride // size)
     if cells < k:
+        padded = f" (padded to the model's stride of {stride} px)" if stride > size else ""
         log.warning(
-            "%s: %d x %d px is only %d cells of %d x %d px, the grid the model clusters, fewer than K = %d: "
-            "at most %d labels can come out; use a smaller K or a larger image",
-            Path(name).name, width, height, cells, size, size, k, cells,
+            "%s: %d x %d px gives the model only %d cells of %d x %d px%s, the grid it clusters, fewer than "
+            "K = %d: the clusters are fitted on %d cells, so some labels stay empty or split one segment; "
+            "use a smaller K or a larger image",
+            Path(name).name, width, height, cells, size, size, padded, k, cells,
         )  # fmt: skip
 
 
@@ -407,17 +412,20 @@ def segment_raster(
     progress: bool = True,
     times: dict[str, float] | None = None,
     overviews: bool = False,
+    alpha: str = "auto",
 ) -> Path:
-    """Segment the image at ``path`` (GeoTIFF, PNG or JPEG) into ``k`` clusters; write uint8
-    labels to ``output`` and return it (``overviews``: a GeoTIFF gets internal overviews).
+    """Segment the image at ``path`` (GeoTIFF, JPEG 2000, VRT, PNG or JPEG) into ``k`` clusters;
+    write uint8 labels to ``output`` and return it (``overviews``: a GeoTIFF gets internal overviews).
 
-    A ``.tif`` output has the input's CRS and transform (when it has them), width and height,
-    one uint8 band, deflate compression and 256 px tiles, written block row by block row (by a
-    writer thread, while the model computes the next rows); any other output is a label PNG.
-    Either is written to a temporary file that replaces ``output`` only when complete. GeoTIFF
-    inputs are read window by window, PNG/JPEG inputs whole. The other arguments are those of
-    ``segment_source`` (``times`` also gets the writer's seconds under "write"); GDAL's block
-    cache is capped at ``GDAL_CACHE_MB`` meanwhile.
+    A ``.tif`` output has the input's georeferencing (CRS and transform, GCPs, RPCs), width and
+    height, one uint8 band, deflate compression and 256 px tiles, written block row by block row
+    (by a writer thread, while the model computes the next rows); any other output is a label
+    PNG, with a world file and an ``.aux.xml`` (CRS) beside it when the input has them. Either
+    goes through ``seglib.io.outputs`` (temporary file, checked, renamed when complete).
+    GeoTIFF, JPEG 2000 and VRT inputs are read window by window, PNG/JPEG inputs whole. ``alpha``:
+    whether a 4th (2nd) band is a mask (``seglib.io.rasters.RasterSource``). The other arguments
+    are those of ``segment_source`` (``times`` also gets the writer's seconds under "write");
+    GDAL's block cache is capped at ``GDAL_CACHE_MB`` meanwhile.
     """
     k = check_k(k)
     check_lane(lane)
@@ -428,7 +436,7 @@ def segment_raster(
     options.update(clusters=clusters, progress=progress, times=times)
     geotiff = output.suffix.lower() in GEOTIFF_SUFFIXES
     if not geotiff:
-        with open_source(path) as source:
+        with open_source(path, alpha=alpha) as source:
             labels = np.empty((source.height, source.width), np.uint8)
 
             def fill_rows(y: int, rows: np.ndarray) -> None:
@@ -436,12 +444,12 @@ def segment_raster(
 
             segment_source(model, source, k, write_rows=fill_rows, **options)
         with timed(times, "write"):
-            return write_png(labels, output)
+            return write_label_png(labels, output, profile=source.profile)
 
     import rasterio
 
     # rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: the cap is given in bytes.
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path) as source:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path, alpha=alpha) as source:
         with (
             label_geotiff(output, label_profile(source), k, overviews=overviews) as dst,
             RowWriter(dst.write, times=times) as writer,

@@ -84,6 +84,29 @@ def _preview(labels_file: Path, path: Path) -> None:
     write_png(rgb, path)
 
 
+def _check_min_area(path: Path, min_area: MinArea) -> None:
+    """``ValueError`` when ``min_area`` cannot work for the polygons of ``path`` (see
+    ``seglib.inference.vector.min_area_pixels``), from the input's georeferencing alone."""
+    import warnings
+
+    import rasterio
+
+    from ..io.rasters import sidecar_georeferencing
+    from .vector import min_area_pixels
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                transform, crs, size = src.transform, src.crs, src.shape
+    except rasterio.errors.RasterioError:
+        return  # unreadable: the segmentation says why
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        georef = sidecar_georeferencing(path)
+        transform, crs = georef.get("transform", transform), georef.get("crs")
+    min_area_pixels(min_area, transform, crs, size, path.name)
+
+
 def predict_file(
     path: Path,
     target: Path,
@@ -104,16 +127,22 @@ def predict_file(
     adapt_steps: int = 0,
     adapt_seconds: float | None = None,
     overviews: bool = False,
+    alpha: str = "auto",
 ) -> dict:
     """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
 
     ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
     ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
     the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
-    fitted with the unadapted model, so they cannot be combined with it.
+    fitted with the unadapted model, so they cannot be combined with it. ``alpha``: whether a
+    4th band is a mask (``seglib.io.rasters.RasterSource``). A ``min_area`` that cannot work
+    for the file (its whole area, e.g. square degrees) fails before it is segmented.
     Returns ``{"target", "k", "auto", "vector", "features"}``.
     """
     from .engine import segment_raster
+
+    if vector is not None and min_area is not None:
+        _check_min_area(path, min_area)
 
     if adapt_steps:
         if clusters is not None:
@@ -121,7 +150,7 @@ def predict_file(
         from ..io.rasters import open_source
         from .adapt import adapt
 
-        with open_source(path) as source:
+        with open_source(path, alpha=alpha) as source:
             model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=seed, progress=progress)
 
     fitted = clusters
@@ -129,7 +158,7 @@ def predict_file(
         from ..io.rasters import open_source
         from .kselect import fit_sources_auto
 
-        with open_source(path) as source:
+        with open_source(path, alpha=alpha) as source:
             fitted = fit_sources_auto(
                 model,
                 [source],
@@ -155,6 +184,7 @@ def predict_file(
         clusters=None if fitted is None else fitted.head_clusters(device),
         progress=progress,
         overviews=overviews,
+        alpha=alpha,
     )
     result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
     if vector is not None:

@@ -25,6 +25,7 @@ polygons of one batch.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -34,7 +35,19 @@ import numpy as np
 
 from ..io.outputs import committed
 
-__all__ = ["VECTOR_FORMATS", "MinArea", "parse_min_area", "check_vector_format", "polygonize", "ring_area"]
+__all__ = [
+    "VECTOR_FORMATS",
+    "MinArea",
+    "parse_min_area",
+    "check_vector_format",
+    "min_area_pixels",
+    "pixel_space",
+    "raster_frame",
+    "polygonize",
+    "ring_area",
+]
+
+log = logging.getLogger("seglib.inference.vector")
 
 # --vector NAME -> (GDAL/OGR driver, file suffix)
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "geojson": ("GeoJSON", ".geojson"), "fgb": ("FlatGeobuf", ".fgb")}
@@ -79,6 +92,55 @@ def parse_min_area(text: str) -> MinArea:
     return MinArea(value, pixels)
 
 
+def pixel_space(transform, crs) -> bool:
+    """True for a raster with neither a CRS nor a transform (a PNG without a world file, a GCP-
+    or RPC-georeferenced raster): its polygons can only be in pixel coordinates."""
+    return crs is None and transform.is_identity
+
+
+def raster_frame(transform, crs):
+    """The transform polygons are traced with: the raster's, or for a raster in pixel space
+    (``pixel_space``) x = column, y = -row, the frame QGIS shows such a raster in (its top-left
+    corner at 0, 0 and rows going down), so the polygons lie on it and are not upside down."""
+    from affine import Affine
+
+    return Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0) if pixel_space(transform, crs) else transform
+
+
+def units(crs) -> str:
+    """The square units of a CRS's map coordinates, in words ("m2", "square degrees", ...)."""
+    if crs is None:
+        return "px"
+    if crs.is_geographic:
+        return "square degrees"
+    unit = (crs.linear_units or "").lower()
+    return {"metre": "m2", "meter": "m2", "foot": "ft2", "us survey foot": "US ft2"}.get(
+        unit, f"square {unit or 'map units'}"
+    )
+
+
+def min_area_pixels(min_area: MinArea | None, transform, crs, size: tuple[int, int], name: str) -> tuple[int, str]:
+    """(the smallest region kept, in pixels; the ``--min-area`` in words, units included) for a
+    raster of ``size`` (H, W). ``ValueError`` naming the units and the fix when it covers the
+    whole raster (50 square degrees on EPSG:4326: the sieve cannot work)."""
+    if min_area is None:
+        return 0, ""
+    pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
+    if min_area.pixels or pixel_space(transform, crs):
+        n = math.ceil(min_area.value)
+        return n, f"--min-area {min_area.value:g} px"
+    n = min_area.to_pixels(pixel_area)
+    text = f"--min-area {min_area.value:g} {units(crs)} ({crs.to_string()} units) = {n} px"
+    if n >= size[0] * size[1]:
+        hint = ("it is a geographic CRS, so the units are degrees: give pixels instead (e.g. --min-area 12px), or "
+                "reproject to a projected CRS first (gdalwarp -t_srs EPSG:...)") if crs.is_geographic else (
+                "give a smaller area, or pixels (e.g. --min-area 12px)")  # fmt: skip
+        raise ValueError(
+            f"{name}: {text}, at least the whole {size[1]} x {size[0]} px raster, so every segment would merge; {hint}"
+        )
+    return n, text
+
+
 def ring_area(ring: list) -> float:
     """Unsigned shoelace area of a closed ring of (x, y) points."""
     xy = np.asarray(ring, dtype=np.float64)
@@ -112,8 +174,10 @@ def polygonize(
     """Write the segments of the label raster ``labels`` (a single-band integer GeoTIFF or
     PNG) as polygons to ``output``; returns ``{"features", "min_pixels", "crs"}``.
 
-    ``min_area`` sieves regions below it into their largest neighbour first. A raster without
-    georeferencing (a PNG) gets polygons in pixel coordinates and no CRS.
+    ``min_area`` sieves regions below it into their largest neighbour first (``min_area_pixels``:
+    ``ValueError`` when it covers the whole raster). A raster without georeferencing (a PNG
+    without a world file) gets polygons in pixel coordinates, y = -row (``raster_frame``), no
+    CRS, and a warning that says so.
     """
     import fiona
     import rasterio
@@ -126,9 +190,18 @@ def polygonize(
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         src = rasterio.open(labels)
     with src:
-        transform, crs = src.transform, src.crs
+        crs = src.crs
+        min_pixels, what = min_area_pixels(min_area, src.transform, crs, src.shape, Path(labels).name)
+        transform = raster_frame(src.transform, crs)
         pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
-        min_pixels = 0 if min_area is None else min_area.to_pixels(pixel_area)
+        if pixel_space(src.transform, crs):
+            log.warning(
+                "%s: not georeferenced (no CRS or transform%s), so its polygons are in pixel coordinates: x = column, "
+                "y = -row (where QGIS shows the raster), no CRS; areas in px",
+                Path(labels).name, "; GCPs and RPCs are not applied" if src.gcps[0] or src.rpcs else "",
+            )  # fmt: skip
+        if what:
+            log.info("%s: %s", Path(output).name, what)
         mask = src.read_masks(1) > 0 if src.nodata is not None else None
         if min_pixels > 1:
             source = sieve(src.read(1), min_pixels, mask=mask, connectivity=4)

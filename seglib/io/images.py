@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "GEOTIFF_SUFFIXES",
     "RASTER_SUFFIXES",
+    "KINDS",
+    "unsupported_error",
+    "complex_error",
     "BandStretch",
     "bands_error",
     "decode_error",
@@ -49,14 +53,13 @@ log = logging.getLogger("seglib.io.images")
 
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + GEOTIFF_SUFFIXES
-
-# Rasters read through GDAL (rasterio), window by window: GeoTIFFs and GDAL virtual rasters (VRT
-# mosaics, ``seglib.io.vrt``). A folder is listed for IMAGE_SUFFIXES only: a mosaic VRT beside its
-# tiles would otherwise be segmented a second time; a VRT is named as the input itself.
-RASTER_SUFFIXES = GEOTIFF_SUFFIXES + (".vrt",)
+# Rasters read through GDAL (rasterio), window by window, their labels written as GeoTIFF:
+# GeoTIFFs, JPEG 2000 (Sentinel-2 tiles, many orthophoto deliveries) and GDAL virtual rasters
+# (VRT mosaics, ``seglib.io.vrt``). A folder is listed for IMAGE_SUFFIXES only: a mosaic VRT
+# beside its tiles would otherwise be segmented a second time; a VRT is named as the input itself.
+RASTER_SUFFIXES = GEOTIFF_SUFFIXES + (".jp2", ".vrt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg") + GEOTIFF_SUFFIXES + (".jp2",)
+KINDS = "PNG, JPEG, GeoTIFF, JPEG 2000 or VRT"
 
 
 class ImageReadError(ValueError):
@@ -64,7 +67,7 @@ class ImageReadError(ValueError):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files (PNG, JPEG, GeoTIFF) directly in ``folder``, sorted by name."""
+    """Image files (PNG, JPEG, GeoTIFF, JPEG 2000) directly in ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"image folder not found: {folder}")
@@ -83,7 +86,7 @@ def _is_glob(text: str) -> bool:
 
 def list_inputs(spec: str | Path) -> list[Path]:
     """The input files of ``--input``: a folder (its images, sorted by name), a glob pattern
-    (the images and rasters it matches, sorted), or one file (PNG, JPEG, GeoTIFF or VRT).
+    (the images and rasters it matches, sorted), or one file (PNG, JPEG, GeoTIFF, JPEG 2000 or VRT).
     ``ImageReadError`` when nothing usable is named."""
     text = str(spec)
     if _is_glob(text) and not Path(text).exists():
@@ -97,7 +100,7 @@ def list_inputs(spec: str | Path) -> list[Path]:
         return list_images(path)
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES + RASTER_SUFFIXES:
-            raise ImageReadError(f"{path}: unsupported file type {path.suffix!r}; use PNG, JPEG, GeoTIFF or VRT")
+            raise ImageReadError(f"{path}: unsupported file type {path.suffix!r}; use {KINDS}")
         return [path]
     raise ImageReadError(f"input not found: {path}")
 
@@ -110,8 +113,28 @@ def bands_error(name: str, count: int) -> ImageReadError:
 
 
 def decode_error(path: Path, exc: Exception) -> ImageReadError:
+    text = str(exc)
+    if "missing codec" in text or "not supported" in text.lower():  # GDAL: a valid file this build cannot read
+        return unsupported_error(path, text)
     return ImageReadError(
         f"{path}: cannot decode ({type(exc).__name__}: {exc}); the file is corrupt or truncated, re-export it"
+    )
+
+
+def unsupported_error(path: Path, what: str) -> ImageReadError:
+    """A valid file of a kind this build cannot decode: say what, not that the file is broken."""
+    return ImageReadError(
+        f"{path}: {what}, which the GDAL that seglib uses cannot decode (the file itself is probably fine); "
+        "convert it where it can be read, e.g. `gdal_translate -ot Byte -scale -co COMPRESS=DEFLATE in.tif out.tif`"
+    )
+
+
+def complex_error(path: Path | str, dtype: str) -> ImageReadError:
+    """Complex pixels (SAR, interferograms, FFTs) are not imagery seglib segments: one policy for every complex type."""
+    return ImageReadError(
+        f"{path}: complex pixel values ({dtype}): seglib segments RGB imagery, not complex data such as SAR; "
+        "derive a real image first, e.g. its amplitude: `gdal_calc.py -A in.tif --calc='abs(A)' --type=Float32 "
+        "--outfile=amplitude.tif`"
     )
 
 
@@ -203,8 +226,10 @@ class BandStretch:
         rgb = bands[:3] if self.identity else bands[list(self.bands)]
         if self.lo is None:
             return np.ascontiguousarray(rgb)
-        data = np.nan_to_num(rgb.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        lo = self.lo.astype(np.float32)[:, None, None]
+        lo, hi = self.lo.astype(np.float32)[:, None, None], self.hi.astype(np.float32)[:, None, None]
+        # Clipped to [lo, hi] before any arithmetic: values far outside (a nodata value such as
+        # -3.4e38, painted over later) never overflow.
+        data = np.clip(np.nan_to_num(rgb.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), lo, hi)
         scale = np.maximum(self.hi - self.lo, 1e-12).astype(np.float32)[:, None, None]
         return np.round(np.clip((data - lo) / scale, 0, 1) * 255).astype(np.uint8)
 
@@ -230,7 +255,7 @@ def read_file_bands(path: Path) -> np.ndarray:
         raise ImageReadError(f"image not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES + RASTER_SUFFIXES:
-        raise ImageReadError(f"{path}: unsupported file type {suffix!r}; use PNG, JPEG, GeoTIFF or VRT")
+        raise ImageReadError(f"{path}: unsupported file type {suffix!r}; use {KINDS}")
     return _read_tiff(path) if suffix in RASTER_SUFFIXES else _read_pillow(path)
 
 
@@ -271,12 +296,20 @@ def _read_tiff(path: Path) -> np.ndarray:
         import rasterio
     except ImportError:  # plain TIFFs still work through Pillow
         if path.suffix.lower() not in GEOTIFF_SUFFIXES:
-            raise ImageReadError(f"{path}: reading a VRT needs rasterio: pip install 'seglib[geo]'") from None
+            raise ImageReadError(
+                f"{path}: reading {path.suffix} files needs rasterio: pip install 'seglib[geo]'"
+            ) from None
         return _read_pillow(path)
     try:
-        with rasterio.open(path) as src:
+        with warnings.catch_warnings():  # a raster without georeferencing is fine here
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
             if src.count > 4 or src.count == 2:
                 raise bands_error(str(path), src.count)
+            complex_type = next((t for t in src.dtypes if t.startswith("complex")), None)
+            if complex_type is not None:
+                raise complex_error(path, complex_type)
             return np.moveaxis(src.read(), 0, -1)  # (H, W, C)
     except ImageReadError:
         raise

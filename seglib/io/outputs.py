@@ -38,6 +38,7 @@ import numpy as np
 
 from ..viz import PALETTE
 from .rasters import Source
+from .sidecars import pam_path, pam_xml, world_file, world_file_path
 
 __all__ = [
     "NODATA",
@@ -46,6 +47,7 @@ __all__ = [
     "AtomicFiles",
     "committed",
     "write_png",
+    "write_label_png",
     "write_text",
     "remove_stale_temporaries",
     "label_profile",
@@ -167,6 +169,21 @@ class AtomicFiles:
 
     def __init__(self) -> None:
         self._files: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._stale: list[Path] = []  # removed at the commit: files a previous run wrote beside
+
+    def remove(self, path: str | Path) -> None:
+        """Remove ``path`` (if it exists) when the set is committed: a sidecar of an earlier run
+        that this output does not have (a world file of a now ungeoreferenced image)."""
+        self._stale.append(Path(path))
+
+    def write_text(self, output: str | Path, text: str) -> Path:
+        """Add ``output`` with ``text`` (UTF-8) to the set; a write error names ``output``."""
+        tmp = self.path(output)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise write_error(Path(output), exc) from exc
+        return tmp
 
     def path(self, output: str | Path, *, keep_suffix: bool = False) -> Path:
         """The temporary path to write ``output`` to (its folder is created)."""
@@ -183,6 +200,8 @@ class AtomicFiles:
                 _sync(tmp)
             except OSError as exc:
                 raise write_error(output, exc) from exc
+        for path in self._stale:
+            path.unlink(missing_ok=True)
         for tmp, output in reversed(self._files):  # the first file last: its arrival means all are there
             os.replace(tmp, output)
         for folder in {output.parent for _, output in self._files}:
@@ -273,6 +292,32 @@ def write_png(array: np.ndarray, path: str | Path) -> Path:
     with committed(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path
+
+
+def write_label_png(labels: np.ndarray, output: str | Path, *, profile: dict | None = None, band_xml: str = "") -> Path:
+    """Write uint8 labels (H, W) as a PNG, with what GIS software needs beside it: a world file
+    when ``profile`` has a transform, an ``.aux.xml`` with its CRS (and ``band_xml``, the legend);
+    sidecars of an earlier run that this one does not write are removed. All through ``AtomicFiles``."""
+    from PIL import Image
+
+    output, profile = Path(output), profile or {}
+    transform, crs = profile.get("transform"), profile.get("crs")
+    with AtomicFiles() as files:
+        tmp = files.path(output)
+        try:
+            Image.fromarray(labels).save(tmp, format="PNG")
+        except OSError as exc:
+            raise write_error(output, exc) from exc
+        world, pam = world_file_path(output), pam_path(output)
+        if transform is not None and not transform.is_identity:
+            files.write_text(world, world_file(transform))
+        else:
+            files.remove(world)
+        if crs or band_xml:
+            files.write_text(pam, pam_xml(crs_wkt=crs.to_wkt() if crs else None, band=band_xml))
+        else:
+            files.remove(pam)
+    return output
 
 
 def remove_stale_temporaries(folder: str | Path) -> tuple[list[Path], list[Path]]:

@@ -13,13 +13,34 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .images import RASTER_SUFFIXES, BandStretch, ImageReadError, bands_error, decode_error, read_file_bands
+from .images import (
+    RASTER_SUFFIXES,
+    BandStretch,
+    ImageReadError,
+    bands_error,
+    complex_error,
+    decode_error,
+    read_file_bands,
+    unsupported_error,
+)
 
-__all__ = ["ArraySource", "RasterSource", "Source", "open_source", "valid_box", "fill_masked"]
+__all__ = [
+    "ArraySource",
+    "RasterSource",
+    "Source",
+    "open_source",
+    "sidecar_georeferencing",
+    "SourceFile",
+    "valid_box",
+    "fill_masked",
+    "check_alpha",
+    "ALPHA_CHOICES",
+]
 
 
 OVERVIEW_PIXELS = 1 << 20  # a large raster's stretch comes from an overview of at most ~1 Mpx
@@ -59,13 +80,21 @@ class ArraySource(_WindowReader):
         meaning of a GDAL mask; NaN pixels of a float image count as nodata too.
       float_is_rgb: float data in [0, 1] is RGB as it is (the Python API's contract; the
         default), not stretched like any other non-uint8 data (False: the file policy).
+      profile: georeferencing to carry to the outputs (``crs``, ``transform``), e.g. what a
+        PNG's world file and .aux.xml say.
     """
 
     def __init__(
-        self, image: np.ndarray, *, name: str = "image", valid: np.ndarray | None = None, float_is_rgb: bool = True
+        self,
+        image: np.ndarray,
+        *,
+        name: str = "image",
+        valid: np.ndarray | None = None,
+        float_is_rgb: bool = True,
+        profile: dict | None = None,
     ):
         image = image[..., None] if image.ndim == 2 else image
-        self.image, self.name, self.profile = image, name, {}
+        self.image, self.name, self.profile = image, name, dict(profile or {})
         self.height, self.width = image.shape[:2]
         if valid is not None and valid.all():
             valid = None
@@ -123,26 +152,46 @@ def _masked(rgb: np.ndarray, valid: np.ndarray, fill: np.ndarray) -> tuple[np.nd
     return fill_masked(rgb, valid, fill), valid
 
 
+ALPHA_CHOICES = ("auto", "yes", "no")
+MAX_BLOCK_BYTES = 256 << 20  # a block GDAL must decode whole to read any window of it, at most
+BLOCK_CHECKS = 64  # blocks per band whose offset and size are checked against the file's size
+
+
+def check_alpha(alpha: str) -> str:
+    """``auto``, ``yes`` or ``no``; ``ValueError`` naming them for anything else."""
+    if alpha not in ALPHA_CHOICES:
+        raise ValueError(f"alpha must be one of {', '.join(ALPHA_CHOICES)}, got {alpha!r}")
+    return alpha
+
+
 class RasterSource(_WindowReader):
-    """A raster file (GeoTIFF or anything GDAL reads) read window by window with rasterio.
+    """A raster file (GeoTIFF, JPEG 2000 or anything GDAL reads) read window by window with rasterio.
 
     Arguments:
-      path: the raster; a missing, corrupt or non-RGB file raises ``ImageReadError``.
+      path: the raster; a missing, corrupt, complex or non-RGB file raises ``ImageReadError``.
+      alpha: whether the last band of a 2- or 4-band raster is transparency (a mask, 0 is
+        nodata): ``auto`` (default) when it is tagged alpha *and* holds only 0 and its maximum
+        (a 4-band RGBN GeoTIFF that GDAL wrote with its defaults tags the NIR band alpha: its
+        content says otherwise, it is ignored), ``yes`` whatever its tag or content, ``no`` never.
 
     Use as a context manager (``with RasterSource(path) as src:``) so the file is closed.
-    ``profile`` is the file's rasterio profile (CRS, transform, GCPs, ...). Nodata comes from
-    the file the way GDAL defines it: an alpha band (0 is nodata), an internal or sidecar mask
-    band, a nodata value (a pixel is nodata when every band has it), NaN in float bands.
-    ``masked`` says whether the file has any of these (for a float raster, only when its
-    overview holds NaN). A single band with a colour table is expanded through it (entries
-    with alpha 0 are nodata), as ``gdal_translate -expand rgb`` would.
+    ``profile`` is the file's rasterio profile (CRS, transform, GCPs, ...); ``gcps`` and
+    ``rpcs`` the georeferencing a label GeoTIFF copies. Bands tagged red, green and blue are
+    used in that order, whatever their order in the file. Nodata comes from the file the way
+    GDAL defines it: an alpha band, an internal or sidecar mask band, a nodata value (a pixel
+    is nodata when every band has it), NaN in float bands. ``valid_box`` is the box around
+    every valid pixel (found at full resolution). A single band with a colour table is expanded
+    through it (entries with alpha 0 are nodata), as ``gdal_translate -expand rgb`` would.
+    Before any pixel is read, the header's sizes are checked against the file (a header that
+    claims more than the file holds is refused at once, not decoded for minutes).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, alpha: str = "auto"):
         import rasterio
 
         self.path = Path(path)
         self.name = str(self.path)
+        self.alpha_policy = check_alpha(alpha)
         if not self.path.is_file():
             raise ImageReadError(f"image not found: {self.path}")
         try:
@@ -151,6 +200,7 @@ class RasterSource(_WindowReader):
                 self.dataset = rasterio.open(self.path)
         except Exception as exc:  # rasterio raises its own error types for corrupt files
             raise decode_error(self.path, exc) from exc
+        self.unsupported = None  # what this GDAL may not decode, said if a read fails
         try:
             self._open()
         except ImageReadError:
@@ -161,15 +211,24 @@ class RasterSource(_WindowReader):
             raise decode_error(self.path, exc) from exc
 
     def _open(self) -> None:
-        from rasterio.enums import ColorInterp, MaskFlags, Resampling
+        from rasterio.enums import ColorInterp, Compression, MaskFlags, Resampling
 
         ds = self.dataset
         self.height, self.width, self.profile = ds.height, ds.width, dict(ds.profile)
         if self.height < 1 or self.width < 1:
             raise ImageReadError(f"{self.path}: empty image")
+        complex_type = next((t for t in ds.dtypes if t.startswith("complex")), None)
+        if complex_type is not None:
+            raise complex_error(self.path, complex_type)
+        self._check_blocks()
+        if ds.compression == Compression.jpeg and ds.dtypes[0] != "uint8":
+            self.unsupported = "12-bit JPEG compression inside a TIFF"
         gcps, gcp_crs = ds.gcps
         self.gcps = (gcps, gcp_crs) if gcps and gcp_crs is not None else None
+        self.rpcs = ds.rpcs
         notes = ["GCPs without a CRS: not copied to the output (GDAL needs both)"] if gcps and gcp_crs is None else []
+        if self.rpcs is not None:
+            notes.append("RPCs (rational polynomial coefficients): copied to the output")
         self.lut = None  # (256, 4) uint8 colour table of a paletted band
         if ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
             table = ds.colormap(1)
@@ -178,14 +237,10 @@ class RasterSource(_WindowReader):
                 if 0 <= index < 256:
                     self.lut[index] = colour
             notes.append(f"paletted band: expanded to RGB through its colour table ({len(table)} entries)")
-        count = 3 if self.lut is not None else ds.count
-        self.alpha = next((i for i, ci in enumerate(ds.colorinterp) if ci == ColorInterp.alpha), None)
-        if self.alpha is not None and count in (2, 4):
-            count -= 1  # the alpha band is a mask, not a colour
-        elif count == 2 or count > 4:
-            raise bands_error(str(self.path), ds.count)
+        self.alpha, self.colour_bands = self._bands(notes)
         flags = ds.mask_flag_enums[0]
-        self.mask_band = MaskFlags.per_dataset in flags and self.alpha is None
+        # A mask band of its own (internal or .msk), not GDAL's view of a band tagged alpha.
+        self.mask_band = MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags and self.alpha is None
         self.nodata = ds.nodata if MaskFlags.nodata in flags else None
         self.float = any(np.issubdtype(np.dtype(t), np.floating) for t in ds.dtypes)
         kinds = [
@@ -195,7 +250,7 @@ class RasterSource(_WindowReader):
         ]
         self.masked = bool(kinds)
         self.valid_box = None
-        self.colour_bands = [b for b in range(ds.count) if b != self.alpha][:count] if self.lut is None else [0]
+        count = len(self.colour_bands) if self.lut is None else 3
         if set(ds.dtypes) == {"uint8"} and not self.masked:
             # Used as they are: nothing to measure, no pass over the file for an overview.
             self.stretch = BandStretch.measure(np.zeros((1, 1, count), np.uint8), self.name)
@@ -204,7 +259,7 @@ class RasterSource(_WindowReader):
             shape = (math.ceil(self.height / step), math.ceil(self.width / step))
             sample, valid = self._read(None, shape, Resampling.nearest)
             if valid is not None and valid.any():
-                self.valid_box = valid_box(valid, (self.height, self.width))
+                self.valid_box = self._exact_box(valid)
             if self.float and not np.isfinite(sample).all():
                 self.masked, kinds = True, [*kinds, "NaN"]
             self.stretch = BandStretch.measure(np.moveaxis(sample, 0, -1), self.name, overview=True, valid=valid)
@@ -214,9 +269,137 @@ class RasterSource(_WindowReader):
                     f"nodata ({', '.join(kinds)}): {share:.1f} % of the overview; left out of the stretch, "
                     f"the clusters and the labels (written as the output's nodata)"
                 )
-        if not (ds.crs or self.gcps) and ds.transform.is_identity:
-            notes.append("not georeferenced (no CRS, transform or GCPs): neither is the output")
+        if not (ds.crs or self.gcps or self.rpcs) and ds.transform.is_identity:
+            notes.append("not georeferenced (no CRS, transform, GCPs or RPCs): neither is the output")
         self.stretch = dataclasses.replace(self.stretch, notes=(*notes, *self.stretch.notes))
+
+    def _check_blocks(self) -> None:
+        """Refuse a header that claims more than the file holds (blocks ending past its end) or
+        blocks too large to decode for a window, before anything is decoded (GDAL's test raster
+        dos_strip_chop.tif claims 2048 x 1,073,741,824 px in a file of a few hundred bytes)."""
+        ds = self.dataset
+        size = self.path.stat().st_size
+        bh, bw = ds.block_shapes[0]
+        rows, cols = math.ceil(self.height / bh), math.ceil(self.width / bw)
+        per_block = bh * bw * np.dtype(ds.dtypes[0]).itemsize * (ds.count if ds.interleaving is not None and
+                                                                   ds.interleaving.value == "PIXEL" else 1)  # fmt: skip
+        claim = f"its header claims {self.width} x {self.height} px"
+        n = rows * cols
+        picks = sorted({0, n - 1, *np.linspace(0, n - 1, min(n, BLOCK_CHECKS)).astype(int).tolist()})
+        for band in sorted({1, ds.count}):
+            for index in picks:
+                y, x = divmod(index, cols)
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=band)
+                length = ds.get_tag_item(f"BLOCK_SIZE_{x}_{y}", "TIFF", bidx=band)
+                if offset is None or length is None:
+                    break  # not a TIFF: nothing to check this way
+                end = int(offset) + int(length)
+                if int(offset) and end > size:
+                    raise ImageReadError(
+                        f"{self.path}: cannot decode: {claim}, but block {index} of band {band} would end at byte "
+                        f"{end:,} of a {size:,}-byte file; the file is corrupt or truncated, re-export it"
+                    )
+        if ds.driver == "GTiff" and per_block > MAX_BLOCK_BYTES:
+            raise ImageReadError(
+                f"{self.path}: {claim} in blocks of {bw} x {bh} px ({per_block / 2**20:.0f} MiB each, decoded "
+                "whole to read any window of them); re-tile it, e.g. "
+                "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif tiled.tif`"
+            )
+
+    def _bands(self, notes: list[str]) -> tuple[int | None, list[int]]:
+        """(the alpha band or None, the colour bands as R, G, B (or the grey band)), 0-based, by
+        the colour interpretation, the ``alpha`` policy and, for ``auto``, the alpha band's content."""
+        from rasterio.enums import ColorInterp
+
+        ds = self.dataset
+        if self.lut is not None:
+            return None, [0]
+        interp = list(ds.colorinterp)
+        alpha = next((i for i, ci in enumerate(interp) if ci == ColorInterp.alpha), None)
+        if self.alpha_policy == "yes" and ds.count in (2, 4):
+            alpha = ds.count - 1
+        elif self.alpha_policy == "no":
+            alpha = None
+        elif alpha is not None and not self._looks_like_alpha(alpha):
+            notes.append(
+                f"band {alpha + 1} is tagged alpha but holds a range of values, not a mask (0 and its maximum): "
+                "read as a colour band (NIR?) and ignored; pass --alpha yes if it is transparency"
+            )
+            alpha = None
+        tagged = [interp.index(c) if interp.count(c) == 1 else None for c in (ColorInterp.red, ColorInterp.green,
+                                                                              ColorInterp.blue)]  # fmt: skip
+        if None not in tagged and alpha not in tagged:
+            rest = [b + 1 for b in range(ds.count) if b not in tagged and b != alpha]
+            if tagged != [0, 1, 2]:
+                order = ", ".join(interp[b].name for b in range(ds.count) if b in tagged)
+                notes.append(
+                    f"bands tagged {order}: used as red = band {tagged[0] + 1}, green = band {tagged[1] + 1}, "
+                    f"blue = band {tagged[2] + 1}"
+                )
+            if rest:
+                used = ", ".join(str(b + 1) for b in tagged)
+                notes.append(
+                    f"{ds.count} bands: used bands {used} as RGB, band(s) {', '.join(map(str, rest))} (NIR or "
+                    "another band, not a mask) ignored"
+                )
+            return alpha, tagged
+        colour = [b for b in range(ds.count) if b != alpha]
+        if len(colour) == 4:
+            notes.append("4 bands: used bands 1-3 as RGB, band 4 (NIR or another band, not a mask) ignored")
+            colour = colour[:3]
+        if len(colour) not in (1, 3):
+            raise bands_error(str(self.path), ds.count)
+        return alpha, colour
+
+    def _looks_like_alpha(self, band: int) -> bool:
+        """Whether a band tagged alpha holds a mask: at least 99 % of its overview 0 or its maximum."""
+        from rasterio.enums import Resampling
+
+        dtype = np.dtype(self.dataset.dtypes[band])
+        if not np.issubdtype(dtype, np.integer):
+            return True
+        step = _overview_step(self.height, self.width)
+        shape = (math.ceil(self.height / step), math.ceil(self.width / step))
+        try:
+            values = self.dataset.read(band + 1, out_shape=shape, resampling=Resampling.nearest)
+        except Exception as exc:
+            raise self._read_error(exc) from exc
+        return np.isin(values, [0, np.iinfo(dtype).max]).mean() >= 0.99
+
+    def _exact_box(self, overview: np.ndarray) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right) of every valid pixel, exactly. A decimated ``overview`` of
+        the valid mask can miss a strip a few pixels wide, so it only gives a core that surely
+        lies inside the valid pixels' box (its valid samples, less one sample step on every side);
+        everything outside the core is read at full resolution, window by window."""
+        from rasterio.windows import Window
+
+        sy, sx = self.height / overview.shape[0], self.width / overview.shape[1]
+        rows, cols = np.flatnonzero(overview.any(1)), np.flatnonzero(overview.any(0))
+        top, bottom = math.ceil((rows[0] + 1) * sy), math.floor(rows[-1] * sy)
+        left, right = math.ceil((cols[0] + 1) * sx), math.floor(cols[-1] * sx)
+        if top >= bottom or left >= right:  # no core: read it all
+            top, left, bottom, right = 0, 0, 0, 0
+        found = [top, left, bottom, right] if bottom else [self.height, self.width, 0, 0]
+        outside = [(0, 0, top, self.width), (bottom, 0, self.height, self.width), (top, 0, bottom, left),
+                   (top, right, bottom, self.width)]  # fmt: skip
+        step = 1024
+        for y0, x0, y1, x1 in outside:
+            for y in range(y0, y1, step):
+                for x in range(x0, x1, step):
+                    h, w = min(step, y1 - y), min(step, x1 - x)
+                    valid = self._read(Window(x, y, w, h))[1]
+                    if valid is not None and not valid.any():
+                        continue
+                    r = np.arange(h) if valid is None else np.flatnonzero(valid.any(1))
+                    c = np.arange(w) if valid is None else np.flatnonzero(valid.any(0))
+                    found = [min(found[0], y + r[0]), min(found[1], x + c[0]),
+                             max(found[2], y + r[-1] + 1), max(found[3], x + c[-1] + 1)]  # fmt: skip
+        return tuple(int(v) for v in found)
+
+    def _read_error(self, exc: Exception) -> ImageReadError:
+        if self.unsupported is not None:
+            return unsupported_error(self.path, self.unsupported)
+        return decode_error(self.path, exc)
 
     def _read(self, window, out_shape=None, resampling=None) -> tuple[np.ndarray, np.ndarray | None]:
         """(colour bands (C, h, w) in the file's dtype, the palette expanded; valid (h, w) or
@@ -232,7 +415,7 @@ class RasterSource(_WindowReader):
                 mask_kw = dict(kw, out_shape=data.shape[1:]) if out_shape is not None else kw
                 mask = self.dataset.read_masks(1, **mask_kw) > 0
         except Exception as exc:  # a truncated file can open fine and fail on a later block
-            raise decode_error(self.path, exc) from exc
+            raise self._read_error(exc) from exc
         bands = data[: len(self.colour_bands)]
         valid = mask
         if self.alpha is not None:
@@ -272,23 +455,68 @@ class RasterSource(_WindowReader):
         self.dataset.close()
 
 
-def open_source(path: str | Path) -> ArraySource | RasterSource:
-    """A window reader for an image file: GeoTIFFs and VRTs through rasterio, window by window
-    (never read whole); PNG and JPEG decoded whole by ``read_image``."""
+def open_source(path: str | Path, *, alpha: str = "auto") -> ArraySource | RasterSource:
+    """A window reader for an image file: GeoTIFF, JPEG 2000 and VRT through rasterio, window by
+    window (never read whole); PNG and JPEG decoded whole, with the georeferencing GDAL finds in
+    their sidecars (world file, .aux.xml). ``alpha`` as ``RasterSource`` takes it; the alpha of
+    a PNG (grey + alpha, RGBA) is transparency unless ``alpha="no"``."""
     path = Path(path)
+    check_alpha(alpha)
     if path.suffix.lower() in RASTER_SUFFIXES:
         try:
             import rasterio  # noqa: F401
         except ImportError:  # plain TIFFs still work through Pillow
             pass
         else:
-            return RasterSource(path)
+            return RasterSource(path, alpha=alpha)
     bands = read_file_bands(path)
     if min(bands.shape[:2]) < 1:
         raise ImageReadError(f"{path}: empty image")
     # The last band of grey + alpha and of RGBA (Pillow's LA, RGBA) is transparency: a mask.
-    alpha = bands[..., -1] if bands.ndim == 3 and bands.shape[-1] in (2, 4) else None
-    return ArraySource(bands, name=str(path), valid=None if alpha is None else alpha > 0, float_is_rgb=False)
+    has_alpha = bands.ndim == 3 and bands.shape[-1] in (2, 4) and alpha != "no"
+    valid = bands[..., -1] > 0 if has_alpha else None
+    profile = sidecar_georeferencing(path)
+    source = ArraySource(bands, name=str(path), valid=valid, float_is_rgb=False, profile=profile)
+    if profile:
+        note = (
+            "georeferenced by its world file or .aux.xml: carried to the labels (world file and .aux.xml beside them)"
+        )
+        source.stretch = dataclasses.replace(source.stretch, notes=(note, *source.stretch.notes))
+    return source
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file to open when its turn comes, with its read options (``open_source``): a list of
+    them is fitted on one file at a time (``seglib.inference.legend.sample_embeddings``)."""
+
+    path: Path
+    alpha: str = "auto"
+
+    def open(self) -> ArraySource | RasterSource:
+        return open_source(self.path, alpha=self.alpha)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def sidecar_georeferencing(path: Path) -> dict:
+    """The CRS and transform GDAL finds for a PNG or JPEG in the files beside it (a world file
+    ``.wld``/``.pgw``/``.jgw``..., an ``.aux.xml``), as ``{"crs", "transform"}`` (either may be
+    missing), or ``{}`` (none, or rasterio not installed)."""
+    try:
+        import rasterio
+    except ImportError:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                crs, transform = ds.crs, ds.transform
+    except Exception:  # noqa: BLE001 - Pillow decoded it; GDAL's view is only for georeferencing
+        return {}
+    found = {} if transform.is_identity else {"transform": transform}
+    return found | ({"crs": crs} if crs else {})
 
 
 Source = ArraySource | RasterSource  # what the inference engine reads windows from

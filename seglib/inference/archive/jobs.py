@@ -43,6 +43,7 @@ class Settings:
     preview: bool = False
     overviews: bool = False
     block_size: int = BLOCK_SIZE
+    alpha: str = "auto"
 
     def key(self) -> str:
         """A SHA-256 of the settings that shape the outputs (not where the work runs)."""

@@ -102,7 +102,7 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
             path_, target_, model, settings.k, tile=settings.tile, overlap=settings.overlap, lane=settings.lane,
             fit_windows=settings.fit_windows, seed=settings.seed, clusters=legend, k_range=settings.k_range,
             vector=settings.vector, min_area=settings.min_area, preview=settings.preview, progress=False,
-            overviews=settings.overviews,
+            overviews=settings.overviews, alpha=settings.alpha,
         )  # fmt: skip
         record.update(
             status="done", k=int(result["k"]), vector=None if result["vector"] is None else str(result["vector"])
@@ -138,7 +138,7 @@ def _plan_blocks(model, path: Path, settings: Settings, legend) -> dict:
     if settings.k == "auto" and legend is None:
         raise ValueError("--k auto picks K per file on one worker; a raster split into blocks needs --k K")
     tile = check_tiling(settings.tile, settings.overlap, model_stride(model))
-    with open_source(path) as source:
+    with open_source(path, alpha=settings.alpha) as source:
         view, box = _view(source)
         layout = window_layout(view.height, view.width, tile, settings.overlap, model_stride(model))
         if legend is not None:
@@ -186,7 +186,7 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
         tile = check_tiling(settings.tile, settings.overlap, model_stride(model))
         protos, bias = plan["clusters"]
         clusters, k = Clusters(protos, bias), plan["k"]
-        with open_source(path_) as source:
+        with open_source(path_, alpha=settings.alpha) as source:
             view, _ = _view(source)
             layout = window_layout(view.height, view.width, tile, settings.overlap, model_stride(model))
             first_out = 0 if top_row == 0 else box_top + top_row  # rows of the full raster this block writes
