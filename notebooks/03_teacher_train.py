@@ -36,7 +36,7 @@ from IPython import get_ipython
 from seglib.config import Config
 from seglib.device import resolve_device, set_threads, training_threads
 from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles, summarize
-from seglib.inference.forward import predict_labels
+from seglib.inference.predictor import Predictor
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
@@ -188,7 +188,7 @@ plt.show()
 rows, titles = [], []
 for entry in result["per_image"][:3]:
     rgb, gt = tiles[names.index(entry["image"])]
-    maps = [predict_labels(m, rgb, entry["k"]) for _, m in snaps]
+    maps = [Predictor(m, entry["k"]).labels(rgb) for _, m in snaps]
     maps = [label_image(match_labels(m, gt, ignore) if gt is not None else m) for m in maps]
     truth = [label_image(gt, ignore)] if gt is not None else []
     rows.append([rgb, *truth, *maps])

@@ -28,7 +28,7 @@ from seglib.device import resolve_device, set_threads, training_threads
 from seglib.evaluation.benchmarks import cpu_latency_ms
 from seglib.evaluation.diagnostics import slice_maps
 from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles
-from seglib.inference.forward import predict_labels
+from seglib.inference.predictor import Predictor
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
@@ -178,7 +178,7 @@ slices = slice_maps(student.cpu(), rgb, first["k"])
 truth = [label_image(gt, ignore)] if gt is not None else []
 show_images(
     [
-        [rgb, *truth, *[shown(predict_labels(m.cpu(), rgb, first["k"]), gt) for m in (teacher, student)]],
+        [rgb, *truth, *[shown(Predictor(m.cpu(), first["k"]).labels(rgb), gt) for m in (teacher, student)]],
         [s["pca"] for s in slices.values()],
         [shown(s["labels"], gt) for s in slices.values()],
     ],
@@ -199,7 +199,7 @@ rows = []
 for entry in quality["teacher"]["per_image"][:4]:
     rgb, gt = tiles[names.index(entry["image"])]
     truth = [label_image(gt, ignore)] if gt is not None else []
-    rows.append([rgb, *truth, *[shown(predict_labels(m, rgb, entry["k"]), gt) for m in (teacher, student)]])
+    rows.append([rgb, *truth, *[shown(Predictor(m, entry["k"]).labels(rgb), gt) for m in (teacher, student)]])
 show_images(rows, ["image", *["ground truth"] * len(truth), "teacher", "student"])
 plt.show()
 

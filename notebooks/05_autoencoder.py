@@ -23,7 +23,7 @@ from seglib.config import Config, merge
 from seglib.device import resolve_device, set_threads, training_threads
 from seglib.evaluation.diagnostics import colour_probe_r2, reconstruct
 from seglib.evaluation.scores import evaluate_tiles, run_eval_tiles
-from seglib.inference.forward import predict_labels
+from seglib.inference.predictor import Predictor
 from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
 from seglib.parameters import check_parameters
@@ -149,7 +149,7 @@ plt.show()
 rows = []
 for entry in result["per_image"][:4]:
     rgb, gt = tiles[names.index(entry["image"])]
-    maps = [predict_labels(s.cpu(), rgb, entry["k"]) for s in students.values()]
+    maps = [Predictor(s.cpu(), entry["k"]).labels(rgb) for s in students.values()]
     maps = [label_image(match_labels(m, gt, ignore) if gt is not None else m) for m in maps]
     truth = [label_image(gt, ignore)] if gt is not None else []
     rows.append([rgb, *truth, *maps])

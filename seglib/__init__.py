@@ -3,6 +3,7 @@
 from seglib import MonolithicSegmenter, StudentCNN, segment, load_model
 labels = segment(image_uint8_hxwx3, k=5)     # bundled default model, any H and W
 legend = fit_clusters([a, b, "c.tif"], 6)     # one legend for many images: segment(x, clusters=legend)
+labels = Predictor(load_model(), 6).labels(image)  # a model at K for inference, lower level
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "segment",
     "fit_clusters",
     "load_clusters",
+    "Predictor",
     "__version__",
 ]
 
@@ -35,6 +37,10 @@ def __getattr__(name: str):
         from .models import load_model
 
         return load_model
+    if name == "Predictor":
+        from .inference.predictor import Predictor
+
+        return Predictor
     if name in ("segment", "fit_clusters", "load_clusters"):
         from .inference import api
 

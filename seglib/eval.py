@@ -26,6 +26,7 @@ import torch
 
 from .config import LANES, check_k
 from .device import resolve_device, set_threads
+from .inference.predictor import InferenceSettings
 
 __all__ = ["build_parser", "main"]
 
@@ -104,9 +105,8 @@ def _parse_k(text: str) -> int | str:
     return "present" if text == "present" else check_k(int(text))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int | str, list[int]]:
+    """(K, ignored labels) of the arguments; a usage error for a combination that cannot work."""
     if bool(args.synthetic) == bool(args.images):
         parser.error("choose the data: --synthetic, or --images DIR --masks DIR")
     if args.images and not args.masks and args.k == "present":
@@ -128,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
     if args.shared_clusters and not isinstance(k, int):
         parser.error("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
-    kwargs = {"lane": args.lane} if args.lane else {}
-    if args.iters is not None:
-        kwargs["iters"] = args.iters
-    if args.size_prior is not None:
-        kwargs["size_prior"] = args.size_prior
+    return k, ignore
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    k, ignore = _checked(parser, args)
+    settings = InferenceSettings(lane=args.lane, iters=args.iters, size_prior=args.size_prior)
     set_threads(args.threads)
 
     from .evaluation.scores import evaluate_tiles, folder_tiles, k_sweep, synthetic_tiles
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         proxies=args.proxies,
         seed=args.seed,
         names=names,
-        **kwargs,
+        settings=settings,
     )
     summary = {
         "source": source,
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k_sweep:
         summary["k_sweep"] = [
             {key: round(v, 4) for key, v in row.items()}
-            for row in k_sweep(model, tiles, ignore=ignore, seed=args.seed, **kwargs)
+            for row in k_sweep(model, tiles, ignore=ignore, seed=args.seed, settings=settings)
         ]
     full = dict(summary, per_image=result["per_image"])
     out = Path(args.out or f"runs/eval/{source}.json")
@@ -206,13 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 def _shared_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
     """--shared-clusters: print the summary, write everything to --out."""
     from .evaluation.scores import evaluate_shared
-    from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
 
     tic = time.perf_counter()
-    geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
     head = {"checkpoint": args.checkpoint or "bundled default", "device": str(device), "torch": torch.__version__}
     full = evaluate_shared(
-        model, tiles, _parse_k(args.k), ignore=ignore, random_init=random_init, seed=args.seed, names=names, **geometry
+        model, tiles, _parse_k(args.k), ignore=ignore, random_init=random_init, seed=args.seed, names=names
     )
     summary = {key: v for key, v in full.items() if key != "images"}
     out = Path(args.out or f"runs/eval/{source}_shared_k{args.k}.json")

@@ -41,7 +41,7 @@ from .inference.files import check_output_folder, output_paths, predict_file
 from .inference.kselect import DEFAULT_RANGE, check_k_range
 from .inference.legend import FittedClusters
 from .inference.vector import VECTOR_FORMATS, check_vector_format, parse_min_area
-from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling
 from .io.images import list_inputs
 from .io.outputs import remove_stale_temporaries
 from .io.rasters import ALPHA_CHOICES
@@ -257,17 +257,15 @@ def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable:
     from .io.rasters import SourceFile
 
     paths = [SourceFile(Path(p), alpha=args.alpha) for p in paths]  # opened one at a time, with --alpha
-    sample = {
-        "tile": args.tile,
-        "overlap": args.overlap,
-        "fit_windows": args.fit_windows,
-        "fit_pixels": FIT_PIXELS,
-        "seed": args.seed,
-        "skip_unreadable": skip_unreadable,
-    }
     if args.k == "auto":
-        return fit_sources_auto(model, paths, k_range=args.k_range, **sample)
-    return fit_sources(model, paths, args.k, **sample)
+        return fit_sources_auto(
+            model, paths, tiling=_tiling(args), k_range=args.k_range, skip_unreadable=skip_unreadable
+        )
+    return fit_sources(model, paths, args.k, tiling=_tiling(args), skip_unreadable=skip_unreadable)
+
+
+def _tiling(args: argparse.Namespace) -> Tiling:
+    return Tiling(args.tile, args.overlap, args.fit_windows, FIT_PIXELS, args.seed)
 
 
 class Terminated(KeyboardInterrupt):
@@ -322,16 +320,15 @@ def _main(argv: list[str] | None) -> int:
         return run_on_dask(args, inputs)
 
     from .device import resolve_device, set_threads
-    from .inference.forward import model_stride
     from .inference.legend import load_clusters
-    from .inference.windows import check_tiling
+    from .inference.predictor import model_stride
     from .models import load_model
 
     set_threads(args.threads)
     try:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint).to(device)
-        check_tiling(args.tile, args.overlap, model_stride(model))
+        _tiling(args).checked(model_stride(model))
         clusters = None if args.clusters is None else load_clusters(args.clusters, model=model, k=args.k)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -367,11 +364,8 @@ def _main(argv: list[str] | None) -> int:
                 target,
                 model,
                 args.k,
-                tile=args.tile,
-                overlap=args.overlap,
+                tiling=_tiling(args),
                 lane=args.lane,
-                fit_windows=args.fit_windows,
-                seed=args.seed,
                 clusters=clusters if clusters is not None else saved,
                 k_range=args.k_range,
                 vector=args.vector,

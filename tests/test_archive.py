@@ -176,20 +176,18 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
         fit_embeddings,
         fit_positions,
         fit_sources,
-        sample_windows,
     )
+    from seglib.inference.windows import Tiling
     from seglib.io.rasters import open_source
 
     torch.set_num_threads(1)
     model, paths = tiny_teacher_model, sorted(archive.glob("*.tif"))[:6]
-    sample = dict(tile=64, overlap=16, fit_windows=4, fit_pixels=1 << 20, seed=0)
-    whole = fit_sources(model, paths, K, **sample)
+    tiling = Tiling(tile=64, overlap=16, fit_windows=4, fit_pixels=1 << 20, seed=0)
+    whole = fit_sources(model, paths, K, tiling=tiling)
     embs = []
     for p in paths:
         with open_source(p) as src:
-            windows = sample_windows(
-                src.height, src.width, multiple=4, **{k: sample[k] for k in sample if k != "seed"}, seed=0
-            )
+            windows = tiling.sample_windows(src.height, src.width, 4)
             embs += embed_windows(model, src, windows)[0]
     joint = fit_embeddings(model.head, embs, K, max_positions=MAX_POSITIONS)
     assert whole.meta["positions"] == sum(e.shape[-1] * e.shape[-2] for e in embs)
@@ -199,7 +197,7 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
         budget = PositionBudget(500, k=K, init_pool=model.head.init_pool)
         for i in order:
             threshold = budget.threshold if use_threshold else (1.0, 1.0)
-            budget.add(file_sample(model, paths[i], i, k=K, positions=500, threshold=threshold, **sample))
+            budget.add(file_sample(model, paths[i], i, k=K, tiling=tiling, positions=500, threshold=threshold))
         assert budget.cells.held <= 2 * 500
         return fit_positions(model, budget, K, seed=0, meta={})
 
@@ -224,6 +222,8 @@ def test_single_process_never_imports_dask(tiny_teacher_checkpoint, archive, tmp
 
 def test_overviews_and_vrt_input(tiny_teacher_model, archive, tmp_path):
     from seglib.inference.engine import segment_raster
+    from seglib.inference.predictor import Predictor
+    from seglib.inference.windows import Tiling
     from seglib.io.vrt import write_vrt
 
     vrt = write_vrt(tmp_path / "in.vrt", [archive / f"tile_{i:05d}.tif" for i in (0, 1, 8, 9)])
@@ -231,17 +231,17 @@ def test_overviews_and_vrt_input(tiny_teacher_model, archive, tmp_path):
     with rasterio.open(vrt) as src:  # the same pixels as one GeoTIFF
         write_geotiff(one, np.moveaxis(src.read(), 0, -1), left=src.transform.c, top=src.transform.f)
     torch.set_num_threads(1)
-    a = segment_raster(vrt, tmp_path / "a.tif", K, tiny_teacher_model, tile=64, overlap=16, progress=False)
-    b = segment_raster(
-        one, tmp_path / "b.tif", K, tiny_teacher_model, tile=64, overlap=16, progress=False, overviews=True
-    )
+    predictor = Predictor(tiny_teacher_model, K)
+    a = segment_raster(vrt, tmp_path / "a.tif", predictor, tiling=Tiling(64, 16), progress=False)
+    b = segment_raster(one, tmp_path / "b.tif", predictor, tiling=Tiling(64, 16), progress=False, overviews=True)
     assert np.array_equal(_labels(a), _labels(b))
     with rasterio.open(b) as src:
         assert src.overviews(1) == [] and src.height == 128  # 128 px: no overview needed
     big = tmp_path / "big.tif"
     write_geotiff(big, np.zeros((600, 520, 3), np.uint8) + 90, left=0.0, top=0.0)
     out = segment_raster(
-        big, tmp_path / "c.tif", 2, tiny_teacher_model, tile=256, overlap=32, progress=False, overviews=True
-    )
+        big, tmp_path / "c.tif", Predictor(tiny_teacher_model, 2), tiling=Tiling(256, 32), progress=False,
+        overviews=True,
+    )  # fmt: skip
     with rasterio.open(out) as src:
         assert src.overviews(1) == [2, 4] and set(np.unique(src.read(1, out_shape=(150, 130)))) <= {0, 1}

@@ -16,6 +16,8 @@ from PIL import Image
 import seglib
 from seglib.data.synthetic import make_tile
 from seglib.inference.engine import segment_raster
+from seglib.inference.predictor import Predictor
+from seglib.inference.windows import Tiling
 from seglib.io.images import ImageReadError, read_image
 
 rasterio = pytest.importorskip("rasterio")
@@ -68,7 +70,7 @@ def test_wrong_band_count(tmp_path, model):
     with pytest.raises(ImageReadError, match=r"five.tif: 5 bands.*gdal_translate -b 3 -b 2 -b 1"):
         read_image(tmp_path / "five.tif")
     with pytest.raises(ImageReadError, match="5 bands"):
-        segment_raster(tmp_path / "five.tif", tmp_path / "out.tif", 3, model, progress=False)
+        segment_raster(tmp_path / "five.tif", tmp_path / "out.tif", Predictor(model, 3), progress=False)
     with pytest.raises(ValueError, match=r"3 channels.*image\[\.\.\., \[r, g, b\]\]"):
         seglib.segment(np.zeros((16, 16, 5), np.uint8), 3, model)
 
@@ -79,7 +81,9 @@ def test_grayscale(tmp_path, model, caplog):
     write_geotiff(tmp_path / "grey.tif", grey[..., None])
     with caplog.at_level(logging.INFO):
         rgb, notes = read_image(tmp_path / "grey.png")
-        segment_raster(tmp_path / "grey.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
+        segment_raster(
+            tmp_path / "grey.tif", tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(64, 16), progress=False
+        )
     assert rgb.shape == (48, 64, 3) and (rgb == grey[..., None]).all()
     assert notes == ["grayscale: replicated to 3 channels"]
     assert sum("grayscale: replicated" in r.getMessage() for r in caplog.records) == 2  # PNG and GeoTIFF
@@ -95,7 +99,9 @@ def test_rgba(tmp_path, model, caplog):
     write_geotiff(tmp_path / "rgbn.tif", rgba, photometric="RGB")  # band 4 undefined: NIR, not alpha
     with caplog.at_level(logging.INFO):
         rgb, notes = read_image(tmp_path / "rgba.png")
-        segment_raster(tmp_path / "rgbn.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
+        segment_raster(
+            tmp_path / "rgbn.tif", tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(64, 16), progress=False
+        )
     np.testing.assert_array_equal(rgb, rgba[..., :3])
     assert "band 4 (alpha or NIR) ignored" in notes[0]
     assert any("rgbn.tif: 4 bands" in r.getMessage() for r in caplog.records)
@@ -110,7 +116,7 @@ def test_16bit(tmp_path, model, caplog):
     with caplog.at_level(logging.INFO):
         png, notes = read_image(tmp_path / "grey16.png")
         out = segment_raster(
-            tmp_path / "rgb16.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False
+            tmp_path / "rgb16.tif", tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(64, 16), progress=False
         )
     assert png.dtype == np.uint8 and png.min() == 0 and png.max() == 255
     assert any("stretched per band from the 2nd-98th percentile" in n for n in notes)
@@ -134,7 +140,7 @@ def test_corrupt_file(tmp_path, model, name):
     truncate(path)
     with pytest.raises(ImageReadError, match=rf"{name}: cannot decode.*corrupt or truncated"):
         if name.endswith(".tif"):
-            segment_raster(path, tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
+            segment_raster(path, tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(64, 16), progress=False)
         else:
             read_image(path)
 
@@ -169,7 +175,7 @@ def test_image_smaller_than_a_tile(tmp_path, model):
     labels = seglib.segment(small, 4, model)  # default tile 1024
     assert labels.shape == (20, 30) and labels.max() < 4
     write_geotiff(tmp_path / "small.tif", small)
-    out = segment_raster(tmp_path / "small.tif", tmp_path / "out.tif", 4, model, progress=False)
+    out = segment_raster(tmp_path / "small.tif", tmp_path / "out.tif", Predictor(model, 4), progress=False)
     with rasterio.open(out) as dst:
         assert (dst.height, dst.width) == (20, 30)
     assert seglib.segment(small[:1, :1], 2, model).shape == (1, 1)  # a single pixel still works
@@ -219,7 +225,9 @@ def test_nan_or_inf_pixels(tmp_path, model, caplog):
     assert labels[5, 7] == 255 and (np.delete(labels.ravel(), 5 * 64 + 7) < 3).all()
     write_geotiff(tmp_path / "nan.tif", img)  # a float raster with a missing pixel: nodata
     with caplog.at_level(logging.INFO):
-        segment_raster(tmp_path / "nan.tif", tmp_path / "out.tif", 3, model, tile=64, overlap=16, progress=False)
+        segment_raster(
+            tmp_path / "nan.tif", tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(64, 16), progress=False
+        )
     assert any("NaN/inf pixels: nodata" in r.getMessage() for r in caplog.records)
     with rasterio.open(tmp_path / "out.tif") as dst:
         out = dst.read(1)

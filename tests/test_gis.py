@@ -4,13 +4,14 @@ polygons, and K chosen without labels."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from seglib.evaluation.scores import dataset_confusion
-from seglib.inference.engine import fit_clusters
+from seglib.inference.engine import fit_source_clusters
 from seglib.inference.kselect import AUTO_RULE, check_k_range, choose_k, k_statistics, pick_k
 from seglib.inference.legend import (
     ClustersFileError,
@@ -19,8 +20,9 @@ from seglib.inference.legend import (
     fit_sources,
     load_clusters,
     model_fingerprint,
-    sample_windows,
 )
+from seglib.inference.predictor import Predictor
+from seglib.inference.windows import Tiling
 from seglib.io.rasters import ArraySource
 from seglib.models.head import Clusters, brightness_order
 
@@ -32,7 +34,7 @@ from test_raster import LocalTeacher, smooth_image, tiny_teacher, write_geotiff 
 from seglib.inference.vector import MinArea, parse_min_area, polygonize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FIT = {"tile": 128, "overlap": 32, "fit_pixels": 4 << 20}
+FIT = Tiling(128, 32, fit_pixels=4 << 20)
 
 
 def blocks(colours, size: int = 128, seed: int = 0) -> np.ndarray:
@@ -52,8 +54,8 @@ def test_joint_fit_over_windows_is_the_models_grouped_fit():
     model, img = tiny_teacher(), smooth_image(256, seed=3)
     model.head.size_prior = 3.0
     source = ArraySource(img)
-    ref = fit_clusters(model, source, 5, tile=128, overlap=32)
-    windows = sample_windows(256, 256, tile=128, overlap=32, multiple=4, fit_windows=16, fit_pixels=4 << 20, seed=0)
+    ref = fit_source_clusters(Predictor(model, 5), source, tiling=Tiling(128, 32))
+    windows = Tiling(128, 32, fit_windows=16, fit_pixels=4 << 20, seed=0).sample_windows(256, 256, 4)
     embs, _ = embed_windows(model, source, windows)
     fit = fit_embeddings(model.head, embs, 5)
     out = Clusters(fit.prototypes, fit.bias).ordered()
@@ -68,12 +70,12 @@ def test_shared_legend_gives_one_colour_one_label_in_every_image():
     model = LocalTeacher()
     colours = [(20, 30, 40), (90, 160, 60), (170, 150, 120), (240, 240, 230)]
     a, b = blocks(colours, seed=1), blocks(colours[1:], seed=2)
-    fitted = fit_sources(model, [ArraySource(a), ArraySource(b)], 4, **FIT)
+    fitted = fit_sources(model, [ArraySource(a), ArraySource(b)], 4, tiling=FIT)
     assert fitted.k == 4 and fitted.bias is None
     assert np.all(np.diff(fitted.colours.sum(1)) > 0)  # the stable order: darkest first
     clusters = fitted.head_clusters()
     for img, present in ((a, colours), (b, colours[1:])):
-        probs = model(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255, 4, clusters=clusters)["probs"]
+        probs = Predictor(model, 4, clusters=clusters).probs(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
         labels = probs[0].argmax(0).numpy()
         for colour in present:
             inside = np.all(img == colour, axis=-1)
@@ -94,7 +96,7 @@ def test_brightness_order_is_a_function_of_the_prototypes():
 def test_clusters_file_round_trips_exactly_and_refuses_another_model_or_k(tmp_path):
     model = tiny_teacher()
     model.head.size_prior = 3.0
-    fitted = fit_sources(model, [ArraySource(smooth_image(128, seed=1))], 4, **FIT)
+    fitted = fit_sources(model, [ArraySource(smooth_image(128, seed=1))], 4, tiling=FIT)
     path = fitted.save(tmp_path / "legend.json")
     data = json.loads(path.read_text())
     assert data["format"] == "seglib-clusters" and data["k"] == 4 and len(data["prototypes"]) == 4
@@ -191,7 +193,7 @@ def test_auto_k_follows_the_number_of_colours():
         grid = np.random.default_rng(4).integers(n, size=(3, 3))
         grid.flat[:n] = np.arange(n)  # every colour present
         img = np.asarray(colours[:n], np.uint8)[np.kron(grid, np.ones((128, 128), int))]  # (384, 384, 3)
-        picks[n], stats = choose_k(model, [ArraySource(img)], k_range=(2, 8), **(FIT | {"tile": 384}))
+        picks[n], stats = choose_k(model, [ArraySource(img)], tiling=replace(FIT, tile=384), k_range=(2, 8))
         assert sorted(stats) == list(range(2, 9))
         true_shares = np.sort(np.bincount(grid.ravel()) / grid.size)[::-1]
         np.testing.assert_allclose(stats[8]["shares"], np.pad(true_shares, (0, 8 - n)), atol=1e-9)
@@ -262,10 +264,13 @@ def test_windowed_prediction_gives_the_same_polygons_as_the_whole_raster(tmp_pat
     model.head.denoise_iters = 0
     img = smooth_image(320, seed=7)[:300, :290]
     write_geotiff(tmp_path / "in.tif", img)
-    fitted = fit_clusters(model, ArraySource(img), k, tile=128, overlap=48)
+    fitted = fit_source_clusters(Predictor(model, k, lane="none"), ArraySource(img), tiling=Tiling(128, 48))
     for name, tile in (("win", 128), ("whole", 320)):
         segment_raster(
-            tmp_path / "in.tif", tmp_path / f"{name}.tif", k, model, tile=tile, overlap=48, clusters=fitted, lane="none"
+            tmp_path / "in.tif",
+            tmp_path / f"{name}.tif",
+            Predictor(model, k, lane="none", clusters=fitted),
+            tiling=Tiling(tile, 48),
         )
     polys = {}
     for name in ("win", "whole"):

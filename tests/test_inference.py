@@ -60,7 +60,9 @@ def test_uint8_and_float_inputs_agree(model):
 def test_large_image_goes_through_the_windowed_path(model, monkeypatch):
     calls = []
     original = engine.segment_source
-    monkeypatch.setattr(engine, "segment_source", lambda *a, **kw: calls.append(kw["tile"]) or original(*a, **kw))
+    monkeypatch.setattr(
+        engine, "segment_source", lambda *a, **kw: calls.append(kw["tiling"].tile) or original(*a, **kw)
+    )
     labels, probs = seglib.segment(image(150, 210, seed=2), 5, model, tile=64, overlap=16, return_probs=True)
     assert calls == [64]
     assert labels.shape == (150, 210) and labels.max() < 5

@@ -196,7 +196,7 @@ def test_full_resolution_false_skips_only_the_lane(model):
 
 
 def test_kept_clustered_embeddings_and_low_resolution_probs_give_the_forward_results():
-    """``forward(clustered=)`` with embeddings from ``clustered_embeddings`` equals the forward
+    """``predict(clustered=)`` with embeddings from ``clustered_embeddings`` equals the call
     that encodes the image itself; ``fit_clusters`` fits the same clusters from them; and
     ``upsample=False`` returns the fast lane's maps before their last bilinear step."""
     import torch.nn.functional as F
@@ -211,15 +211,19 @@ def test_kept_clustered_embeddings_and_low_resolution_probs_give_the_forward_res
         clusters = model.fit_clusters(rgb, 4)
         again = model.fit_clusters(rgb, 4, clustered=kept)
         assert torch.equal(clusters.prototypes, again.prototypes) and torch.equal(clusters.bias, again.bias)
-        full = model(rgb, 4, clusters=clusters)
-        reused = model(rgb, 4, clusters=clusters, clustered=kept)
+        own = {"lane": None, "downsample": None, "iters": None, "temperature": None, "size_prior": None}
+        full = model.predict(rgb, 4, **own, clusters=clusters)
+        reused = model.predict(rgb, 4, **own, clusters=clusters, clustered=kept)
         assert torch.equal(full["clustered"], kept) and reused["features"] is None
         assert torch.equal(full["probs"], reused["probs"])
-        low = model(rgb, 4, clusters=clusters, upsample=False)["probs"]
+        low = model.predict(rgb, 4, **own, clusters=clusters, upsample=False)["probs"]
         assert low.shape == (2, 4, 32, 24)
         assert torch.equal(F.interpolate(low, size=(128, 96), mode="bilinear", align_corners=False), full["probs"])
         with pytest.raises(ValueError, match="clusters"):
-            model(rgb, 4, clustered=kept)
+            model.predict(rgb, 4, **own, clustered=kept)
+        # The Predictor's window call is this assignment.
+        window = seglib.Predictor(model, 4, clusters=clusters).window(rgb[:1], clustered=kept[:1])
+        torch.testing.assert_close(window, reused["probs"][:1], atol=1e-6, rtol=0)
 
 
 def test_learned_lane_runs_at_half_resolution_and_upsamples():

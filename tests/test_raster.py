@@ -15,9 +15,9 @@ from torch import nn
 
 from seglib.config import ModelConfig
 from seglib.data.synthetic import make_tile
-from seglib.inference.engine import fit_clusters, segment_raster, segment_source
-from seglib.inference.forward import predict_probs, to_tensor
-from seglib.inference.windows import axis_weights, axis_windows, check_tiling
+from seglib.inference.engine import fit_source_clusters, segment_raster, segment_source
+from seglib.inference.predictor import Predictor, to_tensor
+from seglib.inference.windows import Tiling, axis_weights, axis_windows, check_tiling
 from seglib.io.images import ImageReadError
 from seglib.io.rasters import ArraySource, RasterSource
 from seglib.models.teacher import MonolithicSegmenter
@@ -88,7 +88,9 @@ def write_geotiff(path, bands: np.ndarray, **profile) -> None:
         dst.write(np.moveaxis(bands, -1, 0))
 
 
-def collect(model, source, k, **kwargs) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def collect(
+    model, source, k, tiling: Tiling, *, clusters=None, probs_out=None
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Labels (H, W) of the windowed path, and the (y, rows) chunks in the order written."""
     labels = np.full((source.height, source.width), 255, np.uint8)
     chunks = []
@@ -97,8 +99,17 @@ def collect(model, source, k, **kwargs) -> tuple[np.ndarray, list[tuple[int, int
         labels[y : y + rows.shape[0]] = rows
         chunks.append((y, rows.shape[0]))
 
-    segment_source(model, source, k, write_rows=write_rows, **kwargs)
+    predictor = Predictor(model, k, clusters=clusters)
+    segment_source(predictor, source, write_rows=write_rows, tiling=tiling, probs_out=probs_out)
     return labels, chunks
+
+
+def fit(model, source, k, tiling: Tiling):
+    return fit_source_clusters(Predictor(model, k), source, tiling=tiling)
+
+
+def whole_probs(model, img, k, clusters):
+    return Predictor(model, k, clusters=clusters).probs(to_tensor(img))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -173,7 +184,9 @@ def test_raster_source_reads_windows_and_rejects_five_bands(tmp_path):
 def test_geotiff_output_keeps_crs_transform_and_size(tmp_path):
     img = smooth_image(160, seed=3)[:150, :130]  # not a multiple of the stride or the tile
     write_geotiff(tmp_path / "in.tif", img, tiled=True, blockxsize=64, blockysize=64)
-    out = segment_raster(tmp_path / "in.tif", tmp_path / "out" / "labels.tif", 4, tiny_teacher(), tile=64, overlap=16)
+    out = segment_raster(
+        tmp_path / "in.tif", tmp_path / "out" / "labels.tif", Predictor(tiny_teacher(), 4), tiling=Tiling(64, 16)
+    )
     with rasterio.open(tmp_path / "in.tif") as a, rasterio.open(out) as b:
         assert b.crs == a.crs and b.crs.to_epsg() == 32640
         assert b.transform == a.transform
@@ -191,10 +204,10 @@ def test_windowed_labels_match_whole_image_labels(size_prior):
     model, img, k = LocalTeacher(), smooth_image(448, seed=1), 5
     model.head.size_prior = size_prior
     source = ArraySource(img)
-    protos = fit_clusters(model, source, k, tile=192, overlap=64)
+    protos = fit(model, source, k, Tiling(192, 64))
     assert (protos.bias is None) == (size_prior == 0)
-    windowed, chunks = collect(model, source, k, tile=192, overlap=64, clusters=protos)
-    whole = predict_probs(model, to_tensor(img), k, clusters=protos)[0].argmax(0).numpy()
+    windowed, chunks = collect(model, source, k, Tiling(192, 64), clusters=protos)
+    whole = whole_probs(model, img, k, protos)[0].argmax(0).numpy()
     assert len(axis_windows(448, 192, 64, 4)[0]) >= 3  # really a grid of windows
     agreement = (match_labels(windowed, whole) == whole).mean()
     assert agreement >= 0.99, agreement
@@ -215,10 +228,10 @@ def test_bundled_model_windowed_labels_match_whole_image_labels(tile, overlap):
     model = seglib.load_model()
     img, _ = read_image(sorted(SAMPLE_IMAGES.iterdir())[0])  # 797 x 644
     source, k = ArraySource(img), 6
-    protos = fit_clusters(model, source, k, tile=tile, overlap=overlap)
+    protos = fit(model, source, k, Tiling(tile, overlap))
     assert protos.bias is not None and protos.bias.shape == (1, k)  # the bundled size prior
-    windowed, _ = collect(model, source, k, tile=tile, overlap=overlap, clusters=protos)
-    whole = predict_probs(model, to_tensor(img), k, clusters=protos)[0].argmax(0).numpy()
+    windowed, _ = collect(model, source, k, Tiling(tile, overlap), clusters=protos)
+    whole = whole_probs(model, img, k, protos)[0].argmax(0).numpy()
     assert (windowed == whole).mean() >= 0.99
 
 
@@ -226,12 +239,11 @@ def test_single_window_equals_the_whole_image_path():
     """An image within one tile goes through the model exactly once: identical probabilities."""
     model, img = tiny_teacher(), smooth_image(96, seed=2)
     source = ArraySource(img)
-    protos = fit_clusters(model, source, 3, tile=128, overlap=16)
+    protos = fit(model, source, 3, Tiling(128, 16))
     probs = np.zeros((3, 96, 96), np.float32)
-    segment_source(
-        model, source, 3, write_rows=lambda y, r: None, tile=128, overlap=16, clusters=protos, probs_out=probs
-    )
-    whole = predict_probs(model, to_tensor(img), 3, clusters=protos)[0].numpy()
+    predictor = Predictor(model, 3, clusters=protos)
+    segment_source(predictor, source, write_rows=lambda y, r: None, tiling=Tiling(128, 16), probs_out=probs)
+    whole = whole_probs(model, img, 3, protos)[0].numpy()
     np.testing.assert_allclose(probs, whole, atol=1e-5)
 
 
@@ -239,7 +251,7 @@ def test_rows_are_written_once_in_order_and_probabilities_sum_to_one():
     model, img, k = tiny_teacher(), smooth_image(256, seed=4)[:200, :230], 3
     source = ArraySource(img)
     probs = np.zeros((k, 200, 230), np.float32)
-    labels, chunks = collect(model, source, k, tile=96, overlap=24, probs_out=probs)
+    labels, chunks = collect(model, source, k, Tiling(96, 24), probs_out=probs)
     starts = [y for y, _ in chunks]
     assert starts == sorted(starts) and sum(n for _, n in chunks) == 200  # every row exactly once
     assert max(n for _, n in chunks) <= 96  # never more than a tile of rows in flight
@@ -250,15 +262,15 @@ def test_rows_are_written_once_in_order_and_probabilities_sum_to_one():
 def test_clusters_come_from_a_seeded_bounded_sample():
     model, img = tiny_teacher(), smooth_image(256, seed=5)
     seen = []
-    fit = model.fit_clusters
+    original = model.fit_clusters
 
     def spy(rgb, k, **kw):
         seen.append(rgb.shape)
-        return fit(rgb, k, **kw)
+        return original(rgb, k, **kw)
 
     model.fit_clusters = spy
-    a = fit_clusters(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
-    b = fit_clusters(model, ArraySource(img), 4, tile=64, overlap=16, fit_windows=5, seed=1)
+    a = fit(model, ArraySource(img), 4, Tiling(64, 16, fit_windows=5, seed=1))
+    b = fit(model, ArraySource(img), 4, Tiling(64, 16, fit_windows=5, seed=1))
     assert seen[0] == (5, 3, 64, 64)  # 5 of the 25 windows, at the tile size
     torch.testing.assert_close(a.prototypes, b.prototypes)
 
@@ -270,8 +282,9 @@ def test_truncated_geotiff_fails_with_its_name_and_leaves_no_output(tmp_path):
     (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="cut.tif"):
         segment_raster(
-            tmp_path / "cut.tif", tmp_path / "out.tif", 3, tiny_teacher(), tile=128, overlap=16, progress=False
-        )
+            tmp_path / "cut.tif", tmp_path / "out.tif", Predictor(tiny_teacher(), 3), tiling=Tiling(128, 16),
+            progress=False,
+        )  # fmt: skip
     assert not (tmp_path / "out.tif").exists()
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -286,6 +299,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     from seglib.config import ModelConfig
     from seglib.models.teacher import MonolithicSegmenter
     from seglib.inference.engine import segment_raster
+    from seglib.inference.predictor import Predictor
+    from seglib.inference.windows import Tiling
 
     def peak_mib():
         # VmHWM is this process image's peak RSS. ru_maxrss would do on a fresh interpreter, but
@@ -302,7 +317,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     model = MonolithicSegmenter(cfg).eval()
     src, dst, k, tile, overlap, fit = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
     before, start = peak_mib(), time.time()
-    segment_raster(src, dst, k, model, tile=tile, overlap=overlap, fit_windows=fit, progress=False)
+    segment_raster(src, dst, Predictor(model, k), tiling=Tiling(tile, overlap, fit_windows=fit), progress=False)
     print(json.dumps({"before_mib": before, "peak_mib": peak_mib(), "seconds": time.time() - start}))
     """
 )
@@ -368,7 +383,7 @@ def test_window_probs_regions_are_the_whole_upsampling(f, channels_last):
     two), and its
     labels that upsampling's argmax, although only the blocks at label edges are interpolated."""
     from seglib.inference.blend import WindowProbs
-    from seglib.inference.forward import argmax_labels
+    from seglib.inference.predictor import argmax_labels
 
     gen = torch.Generator().manual_seed(f)
     k, h, w = 5, 23, 31
@@ -404,7 +419,7 @@ def test_window_probs_regions_are_the_whole_upsampling(f, channels_last):
 
 def test_window_probs_at_full_or_odd_resolution_is_upsampled_as_the_model_would():
     from seglib.inference.blend import WindowProbs
-    from seglib.inference.forward import argmax_labels
+    from seglib.inference.predictor import argmax_labels
 
     probs = torch.rand(3, 10, 12).softmax(0)
     same = WindowProbs(probs, (10, 12))
@@ -453,10 +468,10 @@ def test_labels_only_pass_gives_the_labels_of_the_full_probability_pass():
     model = seglib.load_model()
     img, _ = read_image(sorted(SAMPLE_IMAGES.iterdir())[1])
     source, k = ArraySource(img), 6
-    protos = fit_clusters(model, source, k, tile=320, overlap=128)
-    labels, _ = collect(model, source, k, tile=320, overlap=128, clusters=protos)
+    protos = fit(model, source, k, Tiling(320, 128))
+    labels, _ = collect(model, source, k, Tiling(320, 128), clusters=protos)
     probs = np.zeros((k, *img.shape[:2]), np.float32)
-    with_probs, _ = collect(model, source, k, tile=320, overlap=128, clusters=protos, probs_out=probs)
+    with_probs, _ = collect(model, source, k, Tiling(320, 128), clusters=protos, probs_out=probs)
     np.testing.assert_array_equal(with_probs, probs.argmax(0))
     assert (labels == with_probs).mean() >= 0.9999, (labels != with_probs).sum()
 
@@ -475,7 +490,7 @@ def test_fit_windows_reuse_their_embeddings_with_the_same_labels(monkeypatch):
     encoded = []
     embed = model.embed
     monkeypatch.setattr(model, "embed", lambda rgb: encoded.append(rgb.shape[0]) or embed(rgb))
-    kept, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
+    kept, _ = collect(model, source, k, Tiling(320, 128, fit_windows=3))
     n_windows = len(axis_windows(img.shape[0], 320, 128, 32)[0]) * len(axis_windows(img.shape[1], 320, 128, 32)[0])
     assert encoded[0] == 3 and sum(encoded) == n_windows  # the fit batch, then the other windows
     fit = engine._fit
@@ -486,6 +501,6 @@ def test_fit_windows_reuse_their_embeddings_with_the_same_labels(monkeypatch):
 
     monkeypatch.setattr(engine, "_fit", fit_without_embeddings)
     encoded.clear()
-    again, _ = collect(model, source, k, tile=320, overlap=128, fit_windows=3)
+    again, _ = collect(model, source, k, Tiling(320, 128, fit_windows=3))
     assert sum(encoded) == n_windows + 3  # the fit windows encoded twice
     np.testing.assert_array_equal(kept, again)

@@ -21,7 +21,9 @@ from test_real_rasters import TRANSFORM, agreement, labels_of, rgb_image, run_cl
 
 import seglib
 from seglib.inference.engine import segment_raster
+from seglib.inference.predictor import Predictor
 from seglib.inference.vector import MinArea, min_area_pixels, polygonize
+from seglib.inference.windows import Tiling
 from seglib.io.images import ImageReadError, read_image
 from seglib.io.outputs import NODATA
 from seglib.io.rasters import RasterSource
@@ -44,9 +46,9 @@ def checkpoint(tiny_teacher_checkpoint):
     return tiny_teacher_checkpoint
 
 
-def segment(path, out, model, k: int = 3, **kw):
-    kw = {"tile": 128, "overlap": 32, "progress": False, **kw}
-    return labels_of(segment_raster(path, out, k, model, **kw))[0]
+def segment(path, out, model, k: int = 3, alpha: str = "auto"):
+    out = segment_raster(path, out, Predictor(model, k), tiling=Tiling(128, 32), progress=False, alpha=alpha)
+    return labels_of(out)[0]
 
 
 # ----------------------------------------------------------------------------- valid pixels
@@ -132,7 +134,7 @@ def test_rpcs_are_copied_to_the_output(tmp_path, model, caplog):
     write(tmp_path / "rpc.tif", rgb_image(96), crs=None, transform=None, rpcs=rpcs)
     with caplog.at_level(logging.INFO), warnings.catch_warnings():
         warnings.simplefilter("error", rasterio.errors.NotGeoreferencedWarning)
-        out = segment_raster(tmp_path / "rpc.tif", tmp_path / "out.tif", 3, model, progress=False)
+        out = segment_raster(tmp_path / "rpc.tif", tmp_path / "out.tif", Predictor(model, 3), progress=False)
     with rasterio.open(out) as dst:
         assert dst.rpcs is not None and dst.rpcs.to_dict() == rpcs.to_dict() | {"err_bias": -1.0, "err_rand": -1.0}
     assert not any("not georeferenced" in r.getMessage() for r in caplog.records)
@@ -163,7 +165,7 @@ def test_world_file_and_aux_xml_georeferencing_reaches_labels_and_polygons(tmp_p
     if "aux.xml" in kind:
         pam = aux_xml("EPSG:32640", None if "gw" in kind else TRANSFORM)
         src.with_name(src.name + ".aux.xml").write_text(pam)
-    out = segment_raster(src, tmp_path / "out" / "scene.png", 3, model, progress=False)
+    out = segment_raster(src, tmp_path / "out" / "scene.png", Predictor(model, 3), progress=False)
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert b.transform == a.transform == TRANSFORM
         assert b.crs == a.crs if "aux.xml" in kind else b.crs is None
@@ -176,7 +178,7 @@ def test_world_file_and_aux_xml_georeferencing_reaches_labels_and_polygons(tmp_p
             assert rasterio.crs.CRS.from_wkt(layer.crs_wkt).to_epsg() == 32640
     for sidecar in ("scene.pgw", "scene.jgw", f"scene{suffix}.aux.xml"):  # no longer georeferenced:
         (tmp_path / sidecar).unlink(missing_ok=True)  # the labels lose their world file and .aux.xml
-    out = segment_raster(src, tmp_path / "out" / "scene.png", 3, model, progress=False)
+    out = segment_raster(src, tmp_path / "out" / "scene.png", Predictor(model, 3), progress=False)
     assert not (tmp_path / "out" / "scene.pgw").exists() and not (tmp_path / "out" / "scene.png.aux.xml").exists()
 
 
@@ -184,7 +186,7 @@ def test_polygons_of_an_ungeoreferenced_image_are_in_pixel_space_right_way_up(tm
     """No CRS, no transform: polygons in pixel coordinates with y = -row, where QGIS shows the
     raster (its extent is 0, -H to W, 0), said in a warning; --min-area is in pixels, logged."""
     Image.fromarray(rgb_image(96, seed=10)).save(tmp_path / "photo.png")
-    out = segment_raster(tmp_path / "photo.png", tmp_path / "photo_labels.png", 3, model, progress=False)
+    out = segment_raster(tmp_path / "photo.png", tmp_path / "photo_labels.png", Predictor(model, 3), progress=False)
     with caplog.at_level(logging.INFO, logger="seglib.inference.vector"):
         result = polygonize(out, tmp_path / "photo.gpkg", min_area=MinArea(20))
     with fiona.open(tmp_path / "photo.gpkg") as layer:
@@ -275,7 +277,7 @@ def test_valid_files_of_an_unsupported_kind_are_not_called_corrupt(tmp_path, mod
     what is unsupported and that the file is probably fine; no output is created."""
     j12 = tiff(tmp_path / "j12.tif", 64, 64, byte_count=200, bits=12, compression=7, data=bytes(range(200)))
     with pytest.raises(ImageReadError, match=r"12-bit JPEG compression .*cannot decode \(the file itself is prob"):
-        segment_raster(j12, tmp_path / "out" / "j12.tif", 3, model, progress=False)
+        segment_raster(j12, tmp_path / "out" / "j12.tif", Predictor(model, 3), progress=False)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 

@@ -14,9 +14,9 @@ import torch
 from seglib.evaluation.baselines import block_features, block_kmeans
 from seglib.evaluation.raster_bench import predecessor_raster, write_mosaic
 from seglib.inference.engine import GDAL_CACHE_MB, segment_raster
-from seglib.inference.forward import argmax_labels, to_tensor
 from seglib.inference.pipeline import RowWriter, prefetch
-from seglib.inference.windows import axis_windows
+from seglib.inference.predictor import Predictor, argmax_labels, to_tensor
+from seglib.inference.windows import Tiling, axis_windows
 from seglib.io.rasters import RasterSource
 
 rasterio = pytest.importorskip("rasterio")
@@ -47,14 +47,16 @@ def test_gdal_block_cache_in_force_during_a_raster_run_is_the_cap_in_mib(tmp_pat
     64-byte cache, and every compressed block was decoded again for every row reading it."""
     write_geotiff(tmp_path / "in.tif", smooth_image(256), tiled=True, blockxsize=64, blockysize=64, compress="deflate")
     model, seen = tiny_teacher(), []
-    forward = model.forward
+    predict = model.predict
 
     def spy(*args, **kwargs):  # runs once per window, while the raster is open
         seen.append(gdal_cache_max())
-        return forward(*args, **kwargs)
+        return predict(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", spy)
-    segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", 3, model, tile=128, overlap=32, progress=False)
+    monkeypatch.setattr(model, "predict", spy)
+    segment_raster(
+        tmp_path / "in.tif", tmp_path / "out.tif", Predictor(model, 3), tiling=Tiling(128, 32), progress=False
+    )
     assert len(seen) > 4  # the windowed path ran
     assert set(seen) == {GDAL_CACHE_MB * 2**20}
     assert GDAL_CACHE_MB * 2**20 >= 16 * 2**20  # a cache that holds many 256 px RGB blocks
@@ -79,7 +81,9 @@ def test_every_window_is_read_once_and_uint8_needs_no_overview(tmp_path, monkeyp
 
     monkeypatch.setattr(RasterSource, "read_masked", count_window)
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", count_overview)
-    segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", 3, tiny_teacher(), tile=128, overlap=32, progress=False)
+    segment_raster(
+        tmp_path / "in.tif", tmp_path / "out.tif", Predictor(tiny_teacher(), 3), tiling=Tiling(128, 32), progress=False
+    )
     starts, _ = axis_windows(320, 128, 32, 4)
     assert len(reads) == len(set(reads)) == len(starts) ** 2  # each window of the grid once, fit sample included
     assert overview == []
@@ -91,7 +95,7 @@ def test_every_window_is_read_once_and_uint8_needs_no_overview(tmp_path, monkeyp
 
 
 def test_window_tensor_has_the_values_of_to_tensor():
-    from seglib.inference.forward import bands_tensor
+    from seglib.inference.predictor import bands_tensor
 
     img = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
     torch.testing.assert_close(
@@ -192,23 +196,28 @@ def test_two_windows_at_once_give_the_labels_of_one_at_a_time(tmp_path, monkeypa
 
     write_geotiff(tmp_path / "in.tif", smooth_image(320, seed=2), tiled=True, blockxsize=64, blockysize=64)
     model, seen = tiny_teacher(), []
-    forward = model.forward
+    predict = model.predict
 
     def spy(*args, **kwargs):
         seen.append((threading.current_thread().name, torch.is_grad_enabled(), torch.get_num_threads()))
-        return forward(*args, **kwargs)
+        return predict(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", spy)
+    monkeypatch.setattr(model, "predict", spy)
     torch.set_num_threads(2)  # the one_thread fixture restores it
     outs = []
     for workers in (1, 2):
         monkeypatch.setattr(pipeline, "MODEL_WORKERS", workers)
         seen.clear()
-        out = segment_raster(tmp_path / "in.tif", tmp_path / f"w{workers}.tif", 4, model, tile=128, overlap=32,
-                             progress=False)  # fmt: skip
+        out = segment_raster(
+            tmp_path / "in.tif",
+            tmp_path / f"w{workers}.tif",
+            Predictor(model, 4),
+            tiling=Tiling(128, 32),
+            progress=False,
+        )
         with rasterio.open(out) as dst:
             outs.append(dst.read(1))
-        windows = seen  # forward runs once per window (the fit calls fit_clusters)
+        windows = seen  # predict runs once per window (the fit calls fit_clusters)
         assert len(windows) == 16 and not any(grad for _, grad, _ in windows)
         assert {n for _, _, n in windows} == {2 // workers}
         if workers == 2:

@@ -20,6 +20,8 @@ from scipy.optimize import linear_sum_assignment
 import seglib
 from seglib.data.synthetic import make_tile
 from seglib.inference.engine import segment_raster
+from seglib.inference.predictor import Predictor
+from seglib.inference.windows import Tiling
 from seglib.io.images import read_image
 from seglib.io.outputs import NODATA
 from seglib.paths import SAMPLE_IMAGES
@@ -98,8 +100,12 @@ def test_nodata_border_of_an_aerial_tile(tmp_path):
     write(tmp_path / "alone.tif", tile, nodata=0)
     write(tmp_path / "framed.tif", framed, nodata=0)
     for k in (5, 6):
-        alone, _ = labels_of(segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", k, model, progress=False))
-        out, nodata = labels_of(segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", k, model, progress=False))
+        alone, _ = labels_of(
+            segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", Predictor(model, k), progress=False)
+        )
+        out, nodata = labels_of(
+            segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", Predictor(model, k), progress=False)
+        )
         assert nodata == NODATA == 255
         np.testing.assert_array_equal(out == NODATA, border | ~framed.any(-1))  # exactly the nodata pixels
         inner, valid = out[61:-68, 77:-74], tile.any(-1)
@@ -119,7 +125,9 @@ def test_nodata_inside_windows(tmp_path, model, monkeypatch):
     seen = []
     fit = model.fit_clusters
     monkeypatch.setattr(model, "fit_clusters", lambda rgb, k, **kw: seen.append(kw.get("valid")) or fit(rgb, k, **kw))
-    out = segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", 4, model, tile=128, overlap=32, progress=False)
+    out = segment_raster(
+        tmp_path / "in.tif", tmp_path / "out.tif", Predictor(model, 4), tiling=Tiling(128, 32), progress=False
+    )
     labels, _ = labels_of(out)
     np.testing.assert_array_equal(labels == NODATA, (data == 7).all(-1))
     assert labels[~hole].max() < 4
@@ -137,7 +145,9 @@ def test_nodata_values_do_not_change_labels(tmp_path, model):
         data[hole] = value
         alpha = np.where(hole, 0, 255).astype(np.uint8)[..., None]
         write(tmp_path / "rgba.tif", np.concatenate([data, alpha], -1))  # 4 uint8 bands: RGBA
-        out = segment_raster(tmp_path / "rgba.tif", tmp_path / "out.tif", 4, model, tile=96, overlap=24, progress=False)
+        out = segment_raster(
+            tmp_path / "rgba.tif", tmp_path / "out.tif", Predictor(model, 4), tiling=Tiling(96, 24), progress=False
+        )
         outs.append(labels_of(out)[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0] == NODATA, hole)
@@ -150,8 +160,12 @@ def test_alpha_masked_scene_edge(tmp_path, model):
     rgba = np.concatenate([img, np.where(edge, 0, 255).astype(np.uint8)[..., None]], -1)
     write(tmp_path / "scene.tif", rgba)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "scene.png")
-    tif, nodata = labels_of(segment_raster(tmp_path / "scene.tif", tmp_path / "a.tif", 3, model, progress=False))
-    png = np.asarray(Image.open(segment_raster(tmp_path / "scene.png", tmp_path / "b.png", 3, model, progress=False)))
+    tif, nodata = labels_of(
+        segment_raster(tmp_path / "scene.tif", tmp_path / "a.tif", Predictor(model, 3), progress=False)
+    )
+    png = np.asarray(
+        Image.open(segment_raster(tmp_path / "scene.png", tmp_path / "b.png", Predictor(model, 3), progress=False))
+    )
     for out in (tif, png):
         np.testing.assert_array_equal(out == NODATA, edge)
         assert out[~edge].max() < 3
@@ -174,7 +188,7 @@ def test_api_mask_around_a_scene_gives_the_labels_of_the_scene_alone(tmp_path, m
     np.testing.assert_allclose(probs[:, inside].sum(0), 1, atol=1e-5)
     alpha = np.where(inside, 255, 0).astype(np.uint8)[..., None]
     write(tmp_path / "rgba.tif", np.concatenate([framed, alpha], -1))
-    out, _ = labels_of(segment_raster(tmp_path / "rgba.tif", tmp_path / "out.tif", 4, model, progress=False))
+    out, _ = labels_of(segment_raster(tmp_path / "rgba.tif", tmp_path / "out.tif", Predictor(model, 4), progress=False))
     np.testing.assert_array_equal(out, labels)
 
 
@@ -195,7 +209,9 @@ def test_mask_band_internal_or_sidecar_is_nodata(tmp_path, model, internal):
     assert (tmp_path / "masked.tif.msk").exists() != internal
     with rasterio.open(tmp_path / "masked.tif") as src:
         assert src.nodata is None and src.count == 3  # the mask band is the only nodata
-    out, nodata = labels_of(segment_raster(tmp_path / "masked.tif", tmp_path / "m.tif", 3, model, progress=False))
+    out, nodata = labels_of(
+        segment_raster(tmp_path / "masked.tif", tmp_path / "m.tif", Predictor(model, 3), progress=False)
+    )
     np.testing.assert_array_equal(out == NODATA, cut)
     assert nodata == NODATA and out[~cut].max() < 3
     masked = seglib.segment(img, 3, model, mask=~cut)  # the Python API's mask= means the same
@@ -209,8 +225,12 @@ def test_uint16_with_a_nodata_border_stretches_valid_pixels_only(tmp_path, model
     write(tmp_path / "alone.tif", data)
     write(tmp_path / "framed.tif", in_border(data, 20, 36, 28, 12), nodata=0)
     with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
-        alone, _ = labels_of(segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", 4, model, progress=False))
-        framed, _ = labels_of(segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", 4, model, progress=False))
+        alone, _ = labels_of(
+            segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", Predictor(model, 4), progress=False)
+        )
+        framed, _ = labels_of(
+            segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", Predictor(model, 4), progress=False)
+        )
     stretches = [r.getMessage().split("(lo ")[1] for r in caplog.records if "percentile" in r.getMessage()]
     assert len(stretches) == 2 and stretches[0] == stretches[1]  # the same lo/hi with and without the collar
     assert (framed == NODATA).sum() == framed.size - data.shape[0] * data.shape[1]
@@ -222,8 +242,12 @@ def test_float_nan_nodata_border(tmp_path, model):
     framed = in_border(data, 10, 30, 22, 8, value=np.nan)
     write(tmp_path / "alone.tif", data)
     write(tmp_path / "framed.tif", framed)
-    alone, _ = labels_of(segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", 4, model, progress=False))
-    out, nodata = labels_of(segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", 4, model, progress=False))
+    alone, _ = labels_of(
+        segment_raster(tmp_path / "alone.tif", tmp_path / "a.tif", Predictor(model, 4), progress=False)
+    )
+    out, nodata = labels_of(
+        segment_raster(tmp_path / "framed.tif", tmp_path / "f.tif", Predictor(model, 4), progress=False)
+    )
     np.testing.assert_array_equal(out == NODATA, np.isnan(framed).any(-1))
     assert nodata == NODATA and agreement(out[10:-22, 30:-8], alone) >= 0.97
 
@@ -235,8 +259,8 @@ def test_float_reflectance_is_stretched_like_16bit(tmp_path, model, caplog):
     write(tmp_path / "refl.tif", refl)
     write(tmp_path / "u16.tif", np.round(refl * 10000).astype(np.uint16))
     with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
-        a, _ = labels_of(segment_raster(tmp_path / "refl.tif", tmp_path / "a.tif", 4, model, progress=False))
-    b, _ = labels_of(segment_raster(tmp_path / "u16.tif", tmp_path / "b.tif", 4, model, progress=False))
+        a, _ = labels_of(segment_raster(tmp_path / "refl.tif", tmp_path / "a.tif", Predictor(model, 4), progress=False))
+    b, _ = labels_of(segment_raster(tmp_path / "u16.tif", tmp_path / "b.tif", Predictor(model, 4), progress=False))
     assert any("float32 data: stretched per band" in r.getMessage() for r in caplog.records)
     assert agreement(a, b) >= 0.99
 
@@ -254,8 +278,8 @@ def test_paletted_geotiff_is_expanded_through_its_colour_table(tmp_path, model, 
         dst.write_colormap(1, {i: (*c.tolist(), 255) for i, c in enumerate(colours)})
     write(tmp_path / "rgb.tif", colours[index].reshape(96, 96, 3).astype(np.uint8))
     with caplog.at_level(logging.INFO, logger="seglib.inference.engine"):
-        a, _ = labels_of(segment_raster(tmp_path / "pal.tif", tmp_path / "a.tif", 4, model, progress=False))
-    b, _ = labels_of(segment_raster(tmp_path / "rgb.tif", tmp_path / "b.tif", 4, model, progress=False))
+        a, _ = labels_of(segment_raster(tmp_path / "pal.tif", tmp_path / "a.tif", Predictor(model, 4), progress=False))
+    b, _ = labels_of(segment_raster(tmp_path / "rgb.tif", tmp_path / "b.tif", Predictor(model, 4), progress=False))
     np.testing.assert_array_equal(a, b)
     assert any("colour table" in r.getMessage() for r in caplog.records)
 

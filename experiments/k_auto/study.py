@@ -28,7 +28,8 @@ from seglib.evaluation.scores import folder_tiles
 from seglib.inference.engine import segment_array
 from seglib.inference.kselect import DEFAULT_RANGE, RULES, check_k_range, k_statistics, pick_k, rule_name
 from seglib.inference.legend import sample_embeddings
-from seglib.inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+from seglib.inference.predictor import Predictor
+from seglib.inference.windows import Tiling
 from seglib.io.rasters import ArraySource
 from seglib.models import load_model
 
@@ -71,11 +72,7 @@ def k_auto_study(
     ignore: Sequence[int] = (5, 255),
     k_range: tuple[int, int] = DEFAULT_RANGE,
     naive_k: int = 6,
-    tile: int,
-    overlap: int,
-    fit_pixels: int,
-    fit_windows: int = 16,
-    seed: int = 0,
+    tiling: Tiling | None = None,
     group_of: Callable[[str], str] = lambda name: name.rsplit("t", 1)[-1],
     progress: bool = True,
 ) -> dict:
@@ -85,8 +82,10 @@ def k_auto_study(
 
     Per image it records the statistics per K, each rule's pick and the image's Hungarian mIoU
     at every K in the range (labels from ``seglib.segment``, the same per-image fit), so a pick
-    can also be judged by the mIoU it gives.
+    can also be judged by the mIoU it gives. ``tiling``: the windows and the fit sample (default
+    ``Tiling()``).
     """
+    tiling = tiling or Tiling()
     lo, hi = check_k_range(k_range)
     ks = list(range(lo, hi + 1))
     rules = _rules()
@@ -97,12 +96,12 @@ def k_auto_study(
             continue
         image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
         source = ArraySource(image, name=name)
-        kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-        embs = sample_embeddings(model, [source], **kw)[0]
-        flipped = sample_embeddings(model, [source], flip=True, **kw)[0]
-        stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=seed)
+        embs = sample_embeddings(model, [source], tiling=tiling)[0]
+        flipped = sample_embeddings(model, [source], tiling=tiling, flip=True)[0]
+        stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=tiling.seed)
+        alone = Tiling(tiling.tile, tiling.overlap)  # as seglib.segment fits each image
         miou = {
-            str(k): segmentation_scores(segment_array(model, image, k, tile=tile, overlap=overlap), gt, ignore)["miou"]
+            str(k): segmentation_scores(segment_array(Predictor(model, k), image, tiling=alone), gt, ignore)["miou"]
             for k in sorted({*ks, naive_k})
         }
         rows.append(
@@ -199,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tic = time.perf_counter()
-    geometry = {"tile": DEFAULT_TILE, "overlap": DEFAULT_OVERLAP, "fit_pixels": FIT_PIXELS}
-    full = k_auto_study(model, names, tiles, ignore=ignore, k_range=k_range, seed=0, **geometry)
+    full = k_auto_study(model, names, tiles, ignore=ignore, k_range=k_range)
     head = {"checkpoint": args.checkpoint or "bundled default", "torch": torch.__version__}
     summary = {key: v for key, v in full.items() if key not in ("per_image", "all_rules_all_images")}
     full = dict(head, **full, seconds=round(time.perf_counter() - tic, 1))

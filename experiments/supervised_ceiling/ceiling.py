@@ -43,7 +43,7 @@ from seglib.config import AugmentConfig, Config, apply_overrides, parse_set
 from seglib.data.tiles import load_labelled_folder
 from seglib.evaluation.loto.folds import group_by_tile, paired_difference, summarize, tile_of
 from seglib.evaluation.metrics import segmentation_scores
-from seglib.inference.forward import predict_labels
+from seglib.inference.predictor import InferenceSettings, Predictor
 from seglib.models import load_model
 from seglib.models.student import StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
@@ -158,7 +158,7 @@ def pseudo_labelled(checkpoint: Path, train: list, k: int) -> list:
         raise FileNotFoundError(f"no fold model {checkpoint}; train it with python -m seglib.loto --runs ...")
     model = load_model(checkpoint).eval()
     with torch.no_grad():
-        return [(rgb, predict_labels(model, rgb, k) + 256) for rgb, _ in train]
+        return [(rgb, Predictor(model, k).labels(rgb) + 256) for rgb, _ in train]
 
 
 def score(model: torch.nn.Module, names: list[str], tiles: list, kind: str, infer: dict | None = None) -> list[dict]:
@@ -170,7 +170,8 @@ def score(model: torch.nn.Module, names: list[str], tiles: list, kind: str, infe
             present = np.setdiff1d(np.unique(gt), np.asarray(IGNORE, dtype=gt.dtype))
             if len(present) < 2:
                 continue
-            s = segmentation_scores(predict_labels(model, rgb, len(present), **(infer or {})), gt, IGNORE)
+            labels = Predictor.of(model, len(present), InferenceSettings(**(infer or {}))).labels(rgb)
+            s = segmentation_scores(labels, gt, IGNORE)
             rows.append({"image": name, "tile": tile_of(name), "kind": kind, "miou": float(s["miou"])})
     return rows
 

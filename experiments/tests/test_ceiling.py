@@ -121,7 +121,7 @@ def test_pseudo_labels_replace_the_masks_with_the_fold_models_segmentation(ceili
     # What training saw is the t1 model's own segmentation of the t2 images, at 3 clusters: no mask.
     names, tiles = ceiling.load_labelled_folder(ASSETS / "images", ASSETS / "masks", include=("*t2.*",))
     model = ceiling.load_model(tmp_path / "t1" / "student.pt")
-    expected = [ceiling.shrink(rgb, ceiling.predict_labels(model, rgb, 3) + 256, 2)[1] for rgb, _ in tiles]
+    expected = [ceiling.shrink(rgb, ceiling.Predictor(model, 3).labels(rgb) + 256, 2)[1] for rgb, _ in tiles]
     assert len(seen) == len(expected) == 2
     for got, want in zip(seen, expected, strict=True):
         np.testing.assert_array_equal(got, want)

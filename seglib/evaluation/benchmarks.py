@@ -81,7 +81,7 @@ def _paired_median_times(
 def cpu_latency_ms(model: torch.nn.Module, rgb, k: int, *, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time (ms) of one forward pass of ``model`` over one (H, W, 3) image ``rgb`` at
     ``k`` clusters, on the CPU (notebook 04)."""
-    from ..inference.forward import to_tensor
+    from ..inference.predictor import to_tensor
 
     x = to_tensor(rgb)
     return 1000 * _median_time(lambda: model(x, k), torch.device("cpu"), warmup, repeats)
@@ -135,13 +135,6 @@ def profile_steps(step: Callable[[], object], device: torch.device, steps: int) 
 
 def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     """Run the measurements of the module docstring; returns the result dict."""
-    from ..data.synthetic import make_tile
-    from ..models.student import StudentModelConfig, StudentSegmenter
-    from ..models.teacher import MonolithicSegmenter
-    from ..recipes import FAST_STUDENT
-    from ..training.optim import make_optimizer
-    from ..training.teacher import Knobs, TeacherTask
-
     device = resolve_device(args.device)
     torch.manual_seed(0)
     result: dict = {
@@ -158,68 +151,86 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
         "lane": args.lane,
     }
     if not args.skip_train:
-        task = TeacherTask(cfg, device)
-        model = task.model.train()
-        opt = make_optimizer(model.named_parameters(), lr=1e-4, weight_decay=1e-2)
-        tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
-        rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
-        batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
-        knobs = Knobs(
-            k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane=args.lane
-        )
-        forward = maybe_compile(model, args.compile)
-        result["compile"] = args.compile or "off"
-
-        def train_step(knobs: Knobs = knobs) -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, bool(args.amp)):
-                out = task.step(forward, batch, 0, knobs=knobs)
-            out.terms["total"].backward()
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-
-        views = torch.cat([rgb, rgb.flip(-1)]).to(device)  # same shapes as the two views
-
-        def backbone_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(device, bool(args.amp)):
-                feats = model.encoder(views)
-            feats.float().square().mean().backward()
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if args.versus_lane:
-            # Both lanes' steps in turns (a, b, a, b, ...): their ratio survives a load change.
-            versus = dataclasses.replace(knobs, lane=args.versus_lane)
-            paired = _paired_median_times(
-                {"main": train_step, "versus": lambda: train_step(versus)}, device, args.warmup, args.repeats
-            )
-            step_s = paired["main"]
-            result.update(
-                versus_lane=args.versus_lane,
-                train_step_s_versus=round(paired["versus"], 4),
-                lane_step_ratio=round(paired["versus"] / step_s, 2),
-            )
-        else:
-            step_s = _median_time(train_step, device, args.warmup, args.repeats)
-        if device.type == "cuda":
-            result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        backbone_s = _median_time(backbone_step, device, args.warmup, args.repeats)
-        result.update(
-            train_step_s=round(step_s, 4),
-            train_img_per_s=round(args.batch / step_s, 2),
-            backbone_step_s=round(backbone_s, 4),
-            head_loss_overhead=round(step_s / backbone_s - 1, 3),
-        )
-        if getattr(forward, "failed", None):
-            result["compile"] = f"failed, eager ({forward.failed})"
-        if args.profile:
-            result["profile"] = profile_steps(train_step, device, args.profile_steps)
+        _train_measurements(cfg, args, device, result)
     if device.type != "cuda":
         # ru_maxrss is in KiB on Linux.
         result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if args.skip_infer:
-        return result
+    if not args.skip_infer:
+        _infer_measurements(cfg, args, device, result)
+    return result
+
+
+def _train_measurements(cfg: Config, args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    """The training step's times (and profile) into ``result``."""
+    from ..data.synthetic import make_tile
+    from ..training.optim import make_optimizer
+    from ..training.teacher import Knobs, TeacherTask
+
+    task = TeacherTask(cfg, device)
+    model = task.model.train()
+    opt = make_optimizer(model.named_parameters(), lr=1e-4, weight_decay=1e-2)
+    tiles = [make_tile(args.size, seed=i) for i in range(args.batch)]
+    rgb = torch.stack([torch.from_numpy(t.rgb).permute(2, 0, 1) for t in tiles])
+    batch = {"rgb": rgb.to(device), "index": torch.arange(args.batch)}
+    knobs = Knobs(
+        k=args.k, downsample=1, iters=args.cluster_iters, smooth_iters=cfg.model.refine.smooth_iters, lane=args.lane
+    )
+    forward = maybe_compile(model, args.compile)
+    result["compile"] = args.compile or "off"
+
+    def train_step(knobs: Knobs = knobs) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, bool(args.amp)):
+            out = task.step(forward, batch, 0, knobs=knobs)
+        out.terms["total"].backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+
+    views = torch.cat([rgb, rgb.flip(-1)]).to(device)  # same shapes as the two views
+
+    def backbone_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, bool(args.amp)):
+            feats = model.encoder(views)
+        feats.float().square().mean().backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.versus_lane:
+        # Both lanes' steps in turns (a, b, a, b, ...): their ratio survives a load change.
+        versus = dataclasses.replace(knobs, lane=args.versus_lane)
+        paired = _paired_median_times(
+            {"main": train_step, "versus": lambda: train_step(versus)}, device, args.warmup, args.repeats
+        )
+        step_s = paired["main"]
+        result.update(
+            versus_lane=args.versus_lane,
+            train_step_s_versus=round(paired["versus"], 4),
+            lane_step_ratio=round(paired["versus"] / step_s, 2),
+        )
+    else:
+        step_s = _median_time(train_step, device, args.warmup, args.repeats)
+    if device.type == "cuda":
+        result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    backbone_s = _median_time(backbone_step, device, args.warmup, args.repeats)
+    result.update(
+        train_step_s=round(step_s, 4),
+        train_img_per_s=round(args.batch / step_s, 2),
+        backbone_step_s=round(backbone_s, 4),
+        head_loss_overhead=round(step_s / backbone_s - 1, 3),
+    )
+    if getattr(forward, "failed", None):
+        result["compile"] = f"failed, eager ({forward.failed})"
+    if args.profile:
+        result["profile"] = profile_steps(train_step, device, args.profile_steps)
+
+
+def _infer_measurements(cfg: Config, args: argparse.Namespace, device: torch.device, result: dict) -> None:
+    """The teacher's and the student's inference latencies, timed in turns, into ``result``."""
+    from ..data.synthetic import make_tile
+    from ..models.student import StudentModelConfig, StudentSegmenter
+    from ..models.teacher import MonolithicSegmenter
+    from ..recipes import FAST_STUDENT
 
     tile = torch.from_numpy(make_tile(args.infer_size, seed=99).rgb).permute(2, 0, 1)[None].to(device)
     if args.teacher_checkpoint:
@@ -252,4 +263,3 @@ def benchmark(cfg: Config, args: argparse.Namespace) -> dict:
     result.update(infer_size=args.infer_size, infer_k=args.infer_k, student_size=student_size)
     result["student_params"] = sum(p.numel() for p in student.parameters())
     result["teacher_params"] = sum(p.numel() for p in teacher.parameters())
-    return result

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference.forward import to_tensor
+from ..inference.predictor import to_tensor
 from ..losses.recon import reconstruction_loss, reconstruction_target
 from ..models.autoencoder import ReconstructionDecoder
 from ..models.segmenter import head_embedding

@@ -150,11 +150,12 @@ def run_pipeline(pipeline: str, source: str, output: str, k: int, threads: int) 
     cpu = 0.0
     if pipeline == "seglib":
         from ..inference.engine import segment_raster
+        from ..inference.predictor import Predictor
         from ..models import load_model
 
-        model = load_model(None)
+        predictor = Predictor(load_model(None), k)
         tic, cpu = time.perf_counter(), time.process_time()
-        segment_raster(source, output, k, model, progress=False, times=times)
+        segment_raster(source, output, predictor, progress=False, times=times)
     elif pipeline == "predecessor":
         tic, cpu = time.perf_counter(), time.process_time()
         predecessor_raster(source, output, k, times=times)

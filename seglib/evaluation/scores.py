@@ -20,6 +20,7 @@ mapping of clusters to classes for all images).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from ..data.synthetic import eval_set
-from ..inference.forward import predict_labels, predict_probs, to_tensor
+from ..inference.predictor import InferenceSettings, Predictor, to_tensor
+from ..inference.windows import Tiling
 from ..viz import match_labels
 from .baselines import rgb_kmeans
 from .metrics import aggregate, proxy_scores, segmentation_scores
@@ -55,8 +57,8 @@ Labeler = Callable[[np.ndarray, int], np.ndarray]
 PROXIES: dict[str, bool] = {"view_agreement": True, "utilization": True, "speckle": False, "boundary_density": False}
 
 
-def _model_labeler(model: torch.nn.Module, **kwargs) -> Labeler:
-    return lambda rgb, k: predict_labels(model, rgb, k, **kwargs)
+def _model_labeler(model: torch.nn.Module, settings: InferenceSettings | None = None) -> Labeler:
+    return lambda rgb, k: Predictor.of(model, k, settings).labels(rgb)
 
 
 def _score(
@@ -82,7 +84,7 @@ def evaluate_tiles(
     seed: int = 0,
     names: Sequence[str] | None = None,
     min_classes: int = 2,
-    **model_kwargs,
+    settings: InferenceSettings | None = None,
 ) -> dict:
     """Score ``model`` and the baselines on (rgb (H, W, 3) float, labels (H, W)) pairs.
 
@@ -91,16 +93,16 @@ def evaluate_tiles(
     without ground truth (labels None: a folder without masks) get the label-free proxies of
     every method instead, at an integer ``k``.
     ``compare`` adds other models (name -> model, e.g. ``{"bundled": ...}``), scored on the same
-    images with their own head settings (``model_kwargs`` apply to ``model`` and ``random_init``).
+    images with their own head settings (``settings`` apply to ``model`` and ``random_init``).
     Returns {"model": ..., "rgb_kmeans": ..., ["random_init": ...], [<compare names>...],
     "per_image": [...], "skipped": [...]} with aggregated means per method.
     """
     methods: dict[str, Labeler] = {}
     if model is not None:
-        methods["model"] = _model_labeler(model, **model_kwargs)
+        methods["model"] = _model_labeler(model, settings)
     methods["rgb_kmeans"] = lambda rgb, kk: rgb_kmeans(rgb, kk, seed=seed)
     if random_init is not None:
-        methods["random_init"] = _model_labeler(random_init, **model_kwargs)
+        methods["random_init"] = _model_labeler(random_init, settings)
     for name, other in (compare or {}).items():
         if name in methods:
             raise ValueError(f"compare: the name {name!r} is taken; use another")
@@ -173,12 +175,18 @@ def run_eval_tiles(
 
 
 def evaluate_synthetic(
-    model: torch.nn.Module | None, *, n: int = 32, size: int = 512, seed: int = 123, **kwargs
+    model: torch.nn.Module | None,
+    *,
+    n: int = 32,
+    size: int = 512,
+    seed: int = 123,
+    random_init: torch.nn.Module | None = None,
+    settings: InferenceSettings | None = None,
 ) -> dict:
-    """``evaluate_tiles`` on the seeded synthetic test set (``n`` tiles of ``size`` px); ``seed``
-    also seeds RGB k-means."""
+    """``evaluate_tiles`` at K = classes present on the seeded synthetic test set (``n`` tiles of
+    ``size`` px); ``seed`` also seeds RGB k-means."""
     names, tiles = synthetic_tiles(n, size, seed)
-    return evaluate_tiles(model, tiles, seed=seed, names=names, **kwargs)
+    return evaluate_tiles(model, tiles, seed=seed, names=names, random_init=random_init, settings=settings)
 
 
 def k_sweep(
@@ -188,12 +196,12 @@ def k_sweep(
     *,
     ignore: Sequence[int] = (),
     seed: int = 0,
-    **model_kwargs,
+    settings: InferenceSettings | None = None,
 ) -> list[dict]:
     """Mean Hungarian and many-to-one mIoU of the model and RGB k-means at each K."""
     rows = []
     for k in ks:
-        res = evaluate_tiles(model, tiles, k=k, ignore=ignore, seed=seed, **model_kwargs)
+        res = evaluate_tiles(model, tiles, k=k, ignore=ignore, seed=seed, settings=settings)
         row = {"k": k}
         for method in ("model", "rgb_kmeans"):
             if method in res:
@@ -286,7 +294,7 @@ def explore(
     proxies and, with ground truth ``gt``, its scores (``miou``, ``m2o_miou``, ...) and
     ``labels_matched`` (clusters renumbered to the classes they overlap most, for colours).
     """
-    probs = predict_probs(model, to_tensor(rgb), k, lane=lane, temperature=temperature)[0].float().cpu()  # (K, H, W)
+    probs = Predictor(model, k, lane=lane, temperature=temperature).probs(to_tensor(rgb))[0].float().cpu()  # (K, H, W)
     labels = probs.argmax(0).numpy()
     out: dict[str, Any] = {"k": k, "lane": lane, "temperature": temperature, "labels": labels}
     out["confidence"] = probs.max(0).values.numpy()
@@ -344,10 +352,7 @@ def evaluate_shared(
     random_init: torch.nn.Module | None = None,
     seed: int = 0,
     names: Sequence[str] | None = None,
-    tile: int,
-    overlap: int,
-    fit_pixels: int,
-    fit_windows: int = 16,
+    tiling: Tiling | None = None,
 ) -> dict:
     """One legend for all ``tiles`` against per-image fitting, at one K, in one run.
 
@@ -358,6 +363,8 @@ def evaluate_shared(
     Each gets ``dataset_miou`` (one Hungarian matching of clusters to classes over all images
     together: what a shared legend is for) and ``mean_image_miou`` (matched per image).
     Images with fewer than 2 classes after ``ignore`` are scored too (one legend covers them).
+    ``tiling``: the windows of large images and of the fits (default ``Tiling()``; its seed is
+    ``seed``).
     """
     from ..inference.engine import segment_array, segment_source
     from ..inference.legend import fit_sources
@@ -369,18 +376,19 @@ def evaluate_shared(
     gts = [gt for _, gt in tiles]
     classes = np.setdiff1d(np.unique(np.concatenate([np.unique(g) for g in gts])), np.asarray(list(ignore)))
 
+    tiling = replace(tiling or Tiling(), seed=seed)  # the shared fit's; each image alone fits as segment does
+    alone = Tiling(tiling.tile, tiling.overlap)
+
     def assign(m: torch.nn.Module, fitted) -> list[np.ndarray]:
         out = []
-        clusters = fitted.head_clusters(next(m.parameters()).device)
+        predictor = Predictor(m, k, clusters=fitted.head_clusters())
         for image in images:
             labels = np.empty(image.shape[:2], np.uint8)
 
             def write_rows(y: int, rows: np.ndarray, labels=labels) -> None:
                 labels[y : y + rows.shape[0]] = rows
 
-            segment_source(
-                m, ArraySource(image), k, write_rows=write_rows, tile=tile, overlap=overlap, clusters=clusters
-            )
+            segment_source(predictor, ArraySource(image), write_rows=write_rows, tiling=tiling)
             out.append(labels)
         return out
 
@@ -388,17 +396,8 @@ def evaluate_shared(
     for name, m in (("model", model), ("random_init", random_init)):
         if m is None:
             continue
-        preds[f"{name}/per_image"] = [segment_array(m, image, k, tile=tile, overlap=overlap) for image in images]
-        fitted = fit_sources(
-            m,
-            [ArraySource(i) for i in images],
-            k,
-            tile=tile,
-            overlap=overlap,
-            fit_windows=fit_windows,
-            fit_pixels=fit_pixels,
-            seed=seed,
-        )
+        preds[f"{name}/per_image"] = [segment_array(Predictor(m, k), image, tiling=alone) for image in images]
+        fitted = fit_sources(m, [ArraySource(i) for i in images], k, tiling=tiling)
         preds[f"{name}/shared"] = assign(m, fitted)
     preds["rgb_kmeans/per_image"] = [rgb_kmeans(image.astype(np.float32) / 255, k, seed=seed) for image in images]
     preds["rgb_kmeans/shared"] = shared_rgb_kmeans([i.astype(np.float32) / 255 for i in images], k, seed=seed)[0]

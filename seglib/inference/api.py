@@ -31,10 +31,10 @@ import torch
 from ..config import check_k, check_lane
 from ..models import load_model
 from .engine import segment_array
-from .forward import model_stride
 from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
 from .legend import FittedClusters, fit_sources, load_clusters
-from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, check_tiling
+from .predictor import Predictor, model_stride
+from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling
 
 __all__ = ["load_model", "check_image", "check_mask", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
 
@@ -130,23 +130,23 @@ def fit_clusters(
     """
     k = _check_k_or_auto(k)
     model = _default_model() if model is None else model
-    tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    tiling = Tiling(DEFAULT_TILE if tile is None else tile, overlap, fit_windows, fit_pixels, seed)
+    tiling = tiling.checked(model_stride(model))
     if isinstance(images, (np.ndarray, str, Path)):
         images = [images]
     if not images:
         raise ValueError("fit_clusters needs at least one image")
     items = [check_image(i) if isinstance(i, np.ndarray) else Path(i) for i in images]  # files: opened one by one
-    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
     if k == "auto":
-        return fit_sources_auto(model, items, k_range=check_k_range(k_range), **sample)
-    return fit_sources(model, items, k, **sample)
+        return fit_sources_auto(model, items, tiling=tiling, k_range=check_k_range(k_range))
+    return fit_sources(model, items, k, tiling=tiling)
 
 
 def resolve_clusters(
     clusters: FittedClusters | str | Path, model: torch.nn.Module, k: int | None = None
 ) -> FittedClusters:
-    """``clusters`` (fitted, or a clusters file) checked against ``model`` and ``k``: a
-    ``ClustersFileError`` says when they were made with another model or K."""
+    """``clusters`` (fitted, or a clusters file) checked against ``model`` (and ``k``, when
+    given): a ``ClustersFileError`` says when they were made with another model or K."""
     if isinstance(clusters, (str, Path)):
         return load_clusters(clusters, model=model, k=k)
     if not isinstance(clusters, FittedClusters):
@@ -223,14 +223,21 @@ def segment(
         image = np.where(mask[..., None], image, 0.0).astype(image.dtype)  # nodata may be NaN
     image = check_image(image)
     mask = check_mask(mask, image)
-    k = None if k is None and clusters is not None else _check_k_or_auto(k)  # None alone: check_k says so
-    if clusters is not None and k == "auto":
+    auto = isinstance(k, str) and k.strip().lower() == "auto"
+    if clusters is not None and auto:
         raise ValueError("k='auto' picks K for a new fit; with clusters= the clusters' K is used (pass k=None)")
-    if mask is not None and k == "auto":
+    if mask is not None and auto:
         raise ValueError("k='auto' does not take a mask yet; pass an integer K (or fit_clusters on the valid part)")
-    check_lane(lane)
     model = _default_model() if model is None else model
-    tile = check_tiling(DEFAULT_TILE if tile is None else tile, overlap, model_stride(model))
+    if auto:  # K comes from the fit below
+        check_lane(lane)
+        predictor = None
+    elif clusters is not None:
+        fitted = resolve_clusters(clusters, model, k)  # a K that is not the clusters' is refused here
+        predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
+    else:
+        predictor = Predictor(model, k, lane=lane)  # K checked here, the one time on its way to the head
+    tiling = Tiling(DEFAULT_TILE if tile is None else tile, overlap).checked(model_stride(model))
     if isinstance(adapt_steps, bool) or not isinstance(adapt_steps, int) or adapt_steps < 0:
         raise ValueError(f"adapt_steps must be an integer >= 0, got {adapt_steps!r}")
     if adapt_steps and clusters is not None:
@@ -241,22 +248,10 @@ def segment(
         from ..io.rasters import ArraySource
         from .adapt import adapt
 
-        source = ArraySource(image, valid=mask)
-        model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, progress=progress)
-    if k == "auto":
-        clusters = fit_clusters(image, "auto", model, k_range=k_range, tile=tile, overlap=overlap)
-    if clusters is not None:
-        fitted = resolve_clusters(clusters, model, k)
-        device = next(model.parameters()).device
-        return segment_array(
-            model,
-            image,
-            fitted.k,
-            lane=lane,
-            tile=tile,
-            overlap=overlap,
-            return_probs=return_probs,
-            clusters=fitted.head_clusters(device),
-            mask=mask,
-        )
-    return segment_array(model, image, k, lane=lane, tile=tile, overlap=overlap, return_probs=return_probs, mask=mask)
+        model = adapt(model, ArraySource(image, valid=mask), steps=adapt_steps, max_seconds=adapt_seconds,
+                      progress=progress)  # fmt: skip
+        predictor = None if predictor is None else predictor.with_model(model)
+    if auto:
+        fitted = fit_clusters(image, "auto", model, k_range=k_range, tile=tiling.tile, overlap=overlap)
+        predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
+    return segment_array(predictor, image, tiling=tiling, return_probs=return_probs, mask=mask)

@@ -24,12 +24,10 @@ import torch.nn.functional as F
 
 from ..io.outputs import NODATA
 from ..io.rasters import Source
-from ..models.head import Clusters
-from ..models.segmenter import Segmenter
 from ..viz import progress_bar
-from .forward import argmax_labels, bands_tensor, model_device, model_stride, pad_to_stride
 from .pipeline import model_workers, ordered_map, prefetch, timed, torch_threads
-from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, Layout, axis_plan, consecutive_runs, window_layout
+from .predictor import Predictor, argmax_labels, bands_tensor, pad_to_stride
+from .windows import Layout, Tiling, axis_plan, consecutive_runs
 
 __all__ = ["FitWindow", "WindowProbs", "blended_cells", "iter_blended"]
 
@@ -39,7 +37,7 @@ FitWindow = tuple[np.ndarray, np.ndarray | None, torch.Tensor | None]
 
 class WindowProbs:
     """A window's probabilities (K, H, W), held as the model returned them: at full resolution,
-    or at 1/f of it (``forward(..., upsample=False)``) with the last bilinear step done for each
+    or at 1/f of it (``Predictor.window(..., upsample=False)``) with the last bilinear step done for each
     region that asks for it.
 
     ``probs(ys, xs)`` gives the full-resolution probabilities of a region: the bilinear
@@ -113,22 +111,83 @@ class WindowProbs:
         return blocks[y0 : y0 + ys.stop - ys.start, x0 : x0 + xs.stop - xs.start]
 
 
+class _CellPlan:
+    """How the windows of a layout share a ``height`` x ``width`` raster's cells: ``axis_plan``
+    along both axes, and what one window contributes to each of its cells."""
+
+    def __init__(self, layout: Layout, height: int, width: int, rows: tuple[int, int] | None = None):
+        _, self.ys, lh, self.xs, lw = layout
+        wy, self.cuts_y, self.rows_of, self.sole_y, self.last_row = axis_plan(self.ys, lh, height)
+        wx, self.cuts_x, self.cols_of, self.sole_x, self.last_col = axis_plan(self.xs, lw, width)
+        self.wy = [torch.from_numpy(w) for w in wy]
+        self.wx = [torch.from_numpy(w) for w in wx]
+        self.wanted = range(len(self.cuts_y) - 1)  # the rows of cells to yield
+        if rows is not None:
+            if rows[0] not in self.cuts_y or rows[1] not in self.cuts_y:
+                raise ValueError(f"rows {rows} are not both cell edges of the window grid (block_edges)")
+            self.wanted = range(self.cuts_y.index(rows[0]), self.cuts_y.index(rows[1]))
+        # The rows of windows with weight in the wanted cells.
+        self.needed = [r for r in range(len(self.ys)) if any(i in self.wanted for i in self.rows_of[r])]
+
+    def cell(self, i: int, j: int, r: int, c: int) -> tuple[slice, slice]:
+        """Cell (i, j) in the coordinates of window (r, c)."""
+        y, x = self.ys[r], self.xs[c]
+        return slice(self.cuts_y[i] - y, self.cuts_y[i + 1] - y), slice(self.cuts_x[j] - x, self.cuts_x[j + 1] - x)
+
+    def own(self, r: int, c: int, probs: WindowProbs, valid: np.ndarray | None, want_probs: bool) -> list:
+        """``(y, x, labels, probs or None)`` of the cells window (r, c) has all the weight of,
+        labelled one rectangle per run of such cells."""
+        cells = []
+        rows = [i for i in self.rows_of[r] if self.sole_y[i] == r and i in self.wanted]
+        cols = [j for j in self.cols_of[c] if self.sole_x[j] == c]
+        for i0, i1 in consecutive_runs(rows):
+            for j0, j1 in consecutive_runs(cols):
+                (y0, x0), (y1, x1) = self.cell(i0, j0, r, c), self.cell(i1, j1, r, c)
+                ry, rx = slice(y0.start, y1.stop), slice(x0.start, x1.stop)
+                labels = probs.labels(ry, rx)
+                if valid is not None:
+                    labels[~valid[ry, rx]] = NODATA
+                for i in range(i0, i1 + 1):
+                    for j in range(j0, j1 + 1):
+                        cy, cx = self.cell(i, j, r, c)
+                        oy, ox = cy.start - y0.start, cx.start - x0.start
+                        cell = labels[oy : oy + cy.stop - cy.start, ox : ox + cx.stop - cx.start]
+                        cell_probs = probs.probs(cy, cx).numpy() if want_probs else None
+                        cells.append((self.cuts_y[i], self.cuts_x[j], cell, cell_probs))
+        return cells
+
+    def parts(self, r: int, c: int, probs: WindowProbs) -> dict[tuple[int, int], torch.Tensor]:
+        """Window (r, c)'s weighted probabilities (K, ch, cw) in each cell it shares."""
+        parts = {}
+        for i in self.rows_of[r]:
+            if i not in self.wanted:
+                continue
+            for j in self.cols_of[c]:
+                if self.sole_y[i] == r and self.sole_x[j] == c:
+                    continue
+                cy, cx = self.cell(i, j, r, c)
+                parts[(i, j)] = probs.probs(cy, cx) * (self.wy[r][cy, None] * self.wx[c][None, cx])
+        return parts
+
+    def last(self, i: int, j: int, r: int, c: int) -> bool:
+        """Whether window (r, c) is the last with weight in cell (i, j)."""
+        return self.last_row[i] == r and self.last_col[j] == c
+
+
 @torch.no_grad()
 def blended_cells(
-    model: torch.nn.Module,
+    predictor: Predictor,
     source: Source,
-    k: int,
-    clusters: Clusters,
     layout: Layout,
     *,
-    lane: str | None,
     want_probs: bool,
     progress: bool,
     cache: dict[tuple[int, int], FitWindow] | None = None,
     times: dict[str, float] | None = None,
     rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray | None]]:
-    """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell.
+    """Yield ``(y, x, labels (h, w) uint8, probs (K, h, w) or None)`` for every finished cell,
+    each window assigned to the predictor's clusters.
 
     Windows are read (and stretched) one or two ahead in a background thread while the model
     runs. Cells are cut by ``axis_plan``: a cell that one window has all the weight of takes
@@ -138,81 +197,40 @@ def blended_cells(
     the resolution its last bilinear step starts from (``WindowProbs``): labels come from there,
     full-resolution maps only for the blended cells. The worker threads label their window's
     own cells and weight its share of the blended ones. Nodata pixels get the label ``NODATA``.
-
+    ``cache``: windows read for the fit, by (y, x), with what the head clustered for them.
     ``rows`` = (top, bottom), two cell edges (``block_edges``): only the cells of those rows, from
     only the rows of windows with weight there, each as the whole pass computes it (a block of a
     raster segmented on its own, e.g. by another process).
     """
     m, ys, lh, xs, lw = layout
-    wy, cuts_y, rows_of, sole_y, last_row = axis_plan(ys, lh, source.height)
-    wanted = range(len(cuts_y) - 1)  # the rows of cells to yield
-    if rows is not None:
-        if rows[0] not in cuts_y or rows[1] not in cuts_y:
-            raise ValueError(f"rows {rows} are not both cell edges of the window grid (block_edges)")
-        wanted = range(cuts_y.index(rows[0]), cuts_y.index(rows[1]))
-    needed = [r for r in range(len(ys)) if any(i in wanted for i in rows_of[r])]  # window rows with weight there
-    wx, cuts_x, cols_of, sole_x, last_col = axis_plan(xs, lw, source.width)
-    wy = [torch.from_numpy(w) for w in wy]
-    wx = [torch.from_numpy(w) for w in wx]
-    device = model_device(model)
-    clusters = clusters.to(device)
+    plan = _CellPlan(layout, source.height, source.width, rows)
     cache = {} if cache is None else cache
-    # Leave the last upsampling to the cells (WindowProbs) when only labels are wanted; the
-    # windows are made here from uint8 pixels, so their values need no check.
-    low = {} if not isinstance(model, Segmenter) else {"upsample": want_probs, "check_values": False}
 
     def windows() -> Iterator[tuple]:  # the reader thread
-        for r in needed:
+        for r in plan.needed:
             y = ys[r]
             for c, x in enumerate(xs):
                 h, w = min(lh, source.height - y), min(lw, source.width - x)  # the last may stick out
                 with timed(times, "read"):
                     rgb, valid, clustered = cache.pop((y, x), None) or (*source.read_masked(y, x, h, w), None)
                     tensor = pad_to_stride(bands_tensor(rgb), m)  # (1, 3, lh, lw)
-                yield r, c, h, w, tensor, valid, clustered
+                yield r, c, tensor, valid, clustered
 
     @torch.no_grad()  # grad mode is per thread: a worker thread must switch it off itself
     def run(window: tuple) -> tuple[list, dict]:  # the model on one window, in a worker thread
-        r, c, _, _, rgb, valid, clustered = window
-        y, x = ys[r], xs[c]
-        kept = {} if clustered is None else {"clustered": clustered}  # a fit window: the encoder ran in the fit
-        out = model(rgb.to(device), k, lane=lane, clusters=clusters, **low, **kept)["probs"]  # (1, K, lh, lw) or 1/f
+        r, c, rgb, valid, clustered = window
+        # Labels alone: the last upsampling is left to the cells; a fit window: the encoder ran in the fit.
+        out = predictor.window(rgb, upsample=want_probs, clustered=clustered)  # (1, K, lh, lw) or 1/f
         probs = WindowProbs(out[0].float().cpu(), tuple(rgb.shape[-2:]))
-        own, parts = [], {}
-        # The cells this window has all the weight of: one rectangle per run, labelled at once.
-        for i0, i1 in consecutive_runs([i for i in rows_of[r] if sole_y[i] == r and i in wanted]):
-            for j0, j1 in consecutive_runs([j for j in cols_of[c] if sole_x[j] == c]):
-                ry = slice(cuts_y[i0] - y, cuts_y[i1 + 1] - y)
-                rx = slice(cuts_x[j0] - x, cuts_x[j1 + 1] - x)
-                labels = probs.labels(ry, rx)
-                if valid is not None:
-                    labels[~valid[ry, rx]] = NODATA
-                for i in range(i0, i1 + 1):
-                    for j in range(j0, j1 + 1):
-                        cy = slice(cuts_y[i] - y, cuts_y[i + 1] - y)
-                        cx = slice(cuts_x[j] - x, cuts_x[j + 1] - x)
-                        cell = labels[
-                            cy.start - ry.start : cy.stop - ry.start, cx.start - rx.start : cx.stop - rx.start
-                        ]
-                        own.append((cuts_y[i], cuts_x[j], cell, probs.probs(cy, cx).numpy() if want_probs else None))
-        for i in rows_of[r]:
-            if i not in wanted:
-                continue
-            for j in cols_of[c]:
-                if sole_y[i] == r and sole_x[j] == c:
-                    continue
-                cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
-                parts[(i, j)] = probs.probs(cy, cx) * (wy[r][cy, None] * wx[c][None, cx])  # (K, ch, cw), weighted
-        return own, parts
+        return plan.own(r, c, probs, valid, want_probs), plan.parts(r, c, probs)
 
     pending: dict[tuple[int, int], torch.Tensor] = {}  # cell -> blended probs so far (K, ch, cw)
-    workers, threads = model_workers(device)
-    bar = progress_bar(total=len(needed) * len(xs), desc="windows", unit="win", disable=not progress)
+    workers, threads = model_workers(predictor.device)
+    bar = progress_bar(total=len(plan.needed) * len(xs), desc="windows", unit="win", disable=not progress)
     with bar, torch_threads(threads):
         windows_read = prefetch(windows(), depth=2, times=times)
         labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")
-        for (r, c, _, _, _, valid, _), (done, parts) in labelled:
-            y, x = ys[r], xs[c]
+        for (r, c, _, valid, _), (done, parts) in labelled:
             with timed(times, "blend"):
                 for (i, j), part in parts.items():
                     acc = pending.get((i, j))
@@ -220,36 +238,27 @@ def blended_cells(
                         pending[(i, j)] = acc = part
                     else:
                         acc += part
-                    if last_row[i] == r and last_col[j] == c:
+                    if plan.last(i, j, r, c):
                         del pending[(i, j)]
                         labels = argmax_labels(acc)
                         if valid is not None:  # the cell's pixels, as every window covering it reads them
-                            cy, cx = slice(cuts_y[i] - y, cuts_y[i + 1] - y), slice(cuts_x[j] - x, cuts_x[j + 1] - x)
-                            labels[~valid[cy, cx]] = NODATA
-                        done.append((cuts_y[i], cuts_x[j], labels, acc.numpy() if want_probs else None))
+                            labels[~valid[plan.cell(i, j, r, c)]] = NODATA
+                        done.append((plan.cuts_y[i], plan.cuts_x[j], labels, acc.numpy() if want_probs else None))
                 done.sort(key=lambda cell: cell[:2])  # rows of cells finish top to bottom
             yield from done
             bar.update()
 
 
 def iter_blended(
-    model: torch.nn.Module,
-    source: Source,
-    k: int,
-    clusters: Clusters,
-    *,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    lane: str | None = None,
-    progress: bool = False,
+    predictor: Predictor, source: Source, *, tiling: Tiling | None = None, progress: bool = False
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(y, x, probs (K, h, w))`` for every finished cell of the blended probabilities.
+    """Yield ``(y, x, probs (K, h, w))`` for every finished cell of the blended probabilities of
+    ``source``'s windows, assigned to the predictor's clusters.
 
     Cells are cut by all window edges; rows of cells finish top to bottom. Only cells still
-    waiting for a later window are held in memory. ``tile`` as ``check_tiling`` returns it.
+    waiting for a later window are held in memory. ``tiling``: the windows (default ``Tiling()``).
     """
-    layout = window_layout(source.height, source.width, tile, overlap, model_stride(model))
-    for y, x, _, probs in blended_cells(
-        model, source, k, clusters, layout, lane=lane, want_probs=True, progress=progress
-    ):
+    tiling = (tiling or Tiling()).checked(predictor.stride)
+    layout = tiling.layout(source.height, source.width, predictor.stride)
+    for y, x, _, probs in blended_cells(predictor, source, layout, want_probs=True, progress=progress):
         yield y, x, probs

@@ -5,7 +5,7 @@
         budget.add(file_sample(model, path, index, k=6, **sample, threshold=budget.threshold))
     legend = seglib.inference.legend.fit_positions(model, budget, 6, seed=0, meta={})
 
-Each file contributes the window sample a single-file fit draws from it (``sample_windows``),
+Each file contributes the window sample a single-file fit draws from it (``Tiling.sample_windows``),
 embedded one window at a time. Every embedding cell (a k-means position) gets a random key from
 a generator seeded by ``(seed, the file's index)``, and the legend is fitted on the ``positions``
 cells with the smallest keys over all files (a bottom-k sample: uniform over the cells, the same
@@ -33,26 +33,10 @@ import numpy as np
 import torch
 
 from ..io.rasters import ArraySource, SourceFile, open_source
-from .forward import model_stride, pad_to_stride, to_tensor
-from .windows import axis_windows, check_tiling
+from .predictor import model_stride, pad_to_stride, to_tensor
+from .windows import Tiling
 
-__all__ = ["sample_windows", "embed_windows", "opened", "FileSample", "PositionBudget", "file_sample"]
-
-
-def sample_windows(
-    height: int, width: int, *, tile: int, overlap: int, multiple: int, fit_windows: int, fit_pixels: int, seed: int
-) -> list[tuple[int, int, int, int]]:
-    """``(y, x, h, w)`` of a seeded sample of the window grid, spread over the raster: the grid is
-    split row-major into ``n`` equal runs and one window is drawn from each, ``n`` being at most
-    ``fit_windows`` and at most ``fit_pixels`` pixels' worth of windows (at least one)."""
-    ys, lh = axis_windows(height, tile, overlap, multiple)
-    xs, lw = axis_windows(width, tile, overlap, multiple)
-    grid = [(y, x) for y in ys for x in xs]
-    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
-    edges = np.linspace(0, len(grid), n + 1).astype(int)
-    rng = np.random.default_rng(seed)
-    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return [(y, x, min(lh, height - y), min(lw, width - x)) for y, x in (grid[i] for i in pick)]
+__all__ = ["embed_windows", "opened", "FileSample", "PositionBudget", "file_sample"]
 
 
 @torch.no_grad()
@@ -126,31 +110,25 @@ def file_sample(
     index: int,
     *,
     k: int,
-    tile: int,
-    overlap: int,
-    fit_windows: int,
-    fit_pixels: int,
-    seed: int,
+    tiling: Tiling,
     positions: int,
     threshold: tuple[float, float] = (1.0, 1.0),
 ) -> FileSample:
     """The cells of ``item``'s fit sample (a path, an array or a window reader) that can be in a
     budget of ``positions`` cells: at most that many, with keys below ``threshold`` (one for the
     positions, one for the pooled cells: ``PositionBudget.threshold``). Raises what opening or
-    reading the file raises (``ImageReadError`` for a corrupt file)."""
+    reading the file raises (``ImageReadError`` for a corrupt file). ``tiling``: the file's
+    windows and fit sample; its seed and ``index`` seed the keys."""
     m = model_stride(model)
-    tile = check_tiling(tile, overlap, m)
+    tiling = tiling.checked(m)
     head = model.head
     with opened(item) as source:
-        windows = sample_windows(
-            source.height, source.width, tile=tile, overlap=overlap, multiple=m,
-            fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed,
-        )  # fmt: skip
+        windows = tiling.sample_windows(source.height, source.width, m)
         embs = embed_windows(model, source, windows)[0]
         name = Path(getattr(source, "name", "image")).name
     x = torch.cat([e.flatten(2)[0] for e in embs], 1)  # (D, n): the windows' cells side by side
     pooled = torch.cat([head.init_cells(e).flatten(2)[0] for e in embs], 1)  # (D, m)
-    rng = np.random.default_rng([seed, index])
+    rng = np.random.default_rng([tiling.seed, index])
     keys, pooled_keys = rng.random(x.shape[1]), rng.random(pooled.shape[1])
     x, keys, order = _keep(x.float().cpu(), keys, positions, threshold[0])
     pooled, pooled_keys, pooled_order = _keep(

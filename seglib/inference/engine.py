@@ -2,8 +2,8 @@
 by window, with memory bounded by the tile size.
 
     from seglib.inference.engine import segment_raster
-    segment_raster("ortho.tif", "labels.tif", k=6, model=model)  # uint8 labels, same CRS/transform
-    segment_raster("photo.jpg", "labels.png", k=6, model=model)  # the same route for PNG/JPEG
+    segment_raster("ortho.tif", "labels.tif", Predictor(model, 6))  # uint8 labels, same CRS/transform
+    segment_raster("photo.jpg", "labels.png", Predictor(model, 6))  # the same route for PNG/JPEG
 
 Every entry point lands here: ``seglib.segment`` (arrays), ``python -m seglib.predict`` and
 ``segment_raster`` (files: GeoTIFF, PNG, JPEG), evaluation (``predict_probs``). An image whose
@@ -37,116 +37,82 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import check_k, check_lane
 from ..io.images import GEOTIFF_SUFFIXES
 from ..io.outputs import NODATA, label_geotiff, label_profile, write_label_png
 from ..io.rasters import ArraySource, Source, open_source, valid_box
 from ..models.head import Clusters
-from ..models.segmenter import Segmenter
 from .blend import FitWindow, blended_cells
-from .forward import (
-    argmax_labels,
-    bands_tensor,
-    forward_padded,
-    model_device,
-    model_stride,
-    pad_to_stride,
-    pad_valid,
-    predict_probs,
-    to_tensor,
-    valid_tensor,
-)
 from .pipeline import RowWriter, timed
-from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Layout, check_tiling, fit_sample, window_layout
+from .predictor import Predictor, argmax_labels, bands_tensor, pad_to_stride, pad_valid, to_tensor, valid_tensor
+from .windows import DEFAULT_TILE, Layout, Tiling
 
-__all__ = ["GDAL_CACHE_MB", "fit_clusters", "segment_source", "segment_array", "segment_raster"]
+__all__ = ["GDAL_CACHE_MB", "fit_source_clusters", "segment_source", "segment_array", "segment_raster"]
 
 log = logging.getLogger("seglib.inference.engine")
-
 
 GDAL_CACHE_MB = 64  # GDAL's block cache in MiB (default: 5% of RAM) while a raster is segmented
 
 
-@torch.no_grad()
-def _fit(
-    model: torch.nn.Module,
-    source: Source,
-    k: int,
-    layout: Layout,
-    *,
-    fit_windows: int,
-    fit_pixels: int,
-    seed: int,
-    times: dict[str, float] | None = None,
-) -> tuple[Clusters, dict[tuple[int, int], FitWindow]]:
-    """The clusters of ``fit_clusters``, and the windows read for them by (y, x), with what the
-    head clustered for each (``FitWindow``): the pass over the raster neither reads them again
-    nor runs the encoder on them again, only the assignment to the clusters and the refinement.
-
-    Nodata pixels are left out of the fit; a sampled window without a valid pixel is replaced
-    by the next window (in a seeded order) that has one."""
-    m, ys, lh, xs, lw = layout
-    sample = fit_sample(layout, fit_windows, fit_pixels, seed)
+def _read_fit_windows(
+    source: Source, layout: Layout, tiling: Tiling
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]]:
+    """The windows ``tiling.sample`` draws, read: ``{(y, x): (uint8 (3, h, w), valid or None)}``.
+    A sampled window without a valid pixel is replaced by the next window (in a seeded order)
+    that has one."""
+    _, ys, lh, xs, lw = layout
+    sample = tiling.sample(layout)
     grid = [(y, x) for y in ys for x in xs]
-    spare = [grid[i] for i in np.random.default_rng(seed).permutation(len(grid)) if grid[i] not in sample]
+    spare = [grid[i] for i in np.random.default_rng(tiling.seed).permutation(len(grid)) if grid[i] not in sample]
     reads: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
-    with timed(times, "read"):
-        for y, x in sample:
-            while True:
-                rgb, valid = source.read_masked(y, x, min(lh, source.height - y), min(lw, source.width - x))
-                if valid is None or valid.any():
-                    reads[(y, x)] = (rgb, valid)
-                    break
-                if not spare:  # every window left is nodata
-                    break
-                y, x = spare.pop(0)  # all nodata: another window instead
+    for y, x in sample:
+        while True:
+            rgb, valid = source.read_masked(y, x, min(lh, source.height - y), min(lw, source.width - x))
+            if valid is None or valid.any():
+                reads[(y, x)] = (rgb, valid)
+                break
+            if not spare:  # every window left is nodata
+                break
+            y, x = spare.pop(0)  # all nodata: another window instead
     if not reads:
         raise ValueError(f"{Path(source.name).name}: no valid pixels (all nodata or masked); nothing to segment")
+    return reads
+
+
+@torch.no_grad()
+def _fit(
+    predictor: Predictor, source: Source, layout: Layout, tiling: Tiling, times: dict[str, float] | None = None
+) -> tuple[Clusters, dict[tuple[int, int], FitWindow]]:
+    """The clusters of ``fit_source_clusters``, and the windows read for them by (y, x), with
+    what the head clustered for each (``FitWindow``): the pass over the raster neither reads
+    them again nor runs the encoder on them again, only the assignment and the refinement.
+    Nodata pixels are left out of the fit."""
+    m = layout[0]
+    with timed(times, "read"):
+        reads = _read_fit_windows(source, layout, tiling)
     with timed(times, "fit"):
         batch = torch.cat([pad_to_stride(bands_tensor(rgb), m) for rgb, _ in reads.values()])  # (N, 3, lh, lw)
         valid = None
         if any(v is not None for _, v in reads.values()):
             masks = [np.ones(rgb.shape[1:], bool) if v is None else v for rgb, v in reads.values()]
-            valid = torch.cat([pad_valid(valid_tensor(v), m) for v in masks]).to(model_device(model))  # (N, lh, lw)
-        masked = {} if valid is None else {"valid": valid}  # models without nodata support still work
-        batch = batch.to(model_device(model))
-        clustered = None
-        if isinstance(model, Segmenter):  # kept for the pass: (N, D, h', w')
-            masked["clustered"] = clustered = model.clustered_embeddings(batch)
-        clusters = model.fit_clusters(batch, k, **masked).ordered()
-    windows = {
-        key: (rgb, v, None if clustered is None else clustered[i : i + 1])
-        for i, (key, (rgb, v)) in enumerate(reads.items())
-    }
+            valid = torch.cat([pad_valid(valid_tensor(v), m) for v in masks])  # (N, lh, lw)
+        clusters, clustered = predictor.fit(batch, valid=valid)  # clustered: kept for the pass, (N, D, h', w')
+    windows = {key: (rgb, v, clustered[i : i + 1]) for i, (key, (rgb, v)) in enumerate(reads.items())}
     return clusters, windows
 
 
-def fit_clusters(
-    model: torch.nn.Module,
-    source: Source,
-    k: int,
-    *,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    fit_windows: int = 16,
-    fit_pixels: int = FIT_PIXELS,
-    seed: int = 0,
-) -> Clusters:
+def fit_source_clusters(predictor: Predictor, source: Source, *, tiling: Tiling | None = None) -> Clusters:
     """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over a seeded,
-    spread-out sample of the window grid, in the stable order (``Clusters.ordered``).
-
-    Up to ``fit_windows`` windows of the tile size, but no more than ``fit_pixels`` pixels in
-    all: the fit holds every sampled window in the model at once, so this budget bounds its
-    memory. The grid is split into that many equal runs (row-major) and one window is drawn
-    from each, so the sample covers the whole raster. ``tile`` as ``check_tiling`` returns it.
-    """
-    layout = window_layout(source.height, source.width, tile, overlap, model_stride(model))
-    return _fit(model, source, k, layout, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)[0]
+    spread-out sample of ``source``'s window grid (``Tiling.sample``), in the stable order
+    (``Clusters.ordered``): what a windowed pass assigns every window to."""
+    tiling = (tiling or Tiling()).checked(predictor.stride)
+    layout = tiling.layout(source.height, source.width, predictor.stride)
+    return _fit(predictor, source, layout, tiling)[0]
 
 
 class _Box:
@@ -165,14 +131,15 @@ class _Box:
 
 
 def _segment_box(
-    model: torch.nn.Module,
+    predictor: Predictor,
     source: Source,
-    k: int,
     box: tuple[int, int, int, int],
     *,
     write_rows: Callable[[int, np.ndarray], None],
+    tiling: Tiling,
     probs_out: np.ndarray | None,
-    **options,
+    progress: bool,
+    times: dict[str, float] | None,
 ) -> Clusters:
     """``segment_source`` on the box around the source's valid pixels: outside it everything is
     nodata, so it is written as ``NODATA`` without being read, and the model's grid starts at
@@ -181,7 +148,7 @@ def _segment_box(
     height, width = source.height, source.width
 
     def nodata_rows(start: int, stop: int) -> None:
-        for y in range(start, stop, DEFAULT_TILE):
+        for y in range(start, stop, DEFAULT_TILE):  # in bands of rows, like the windows' rows
             write_rows(y, np.full((min(DEFAULT_TILE, stop - y), width), NODATA, np.uint8))
 
     def write_inner(y: int, rows: np.ndarray) -> None:
@@ -196,30 +163,34 @@ def _segment_box(
         probs_out[:] = 0  # nodata pixels have no probabilities
         inner_probs = probs_out[:, top:bottom, left:right]
     nodata_rows(0, top)
-    clusters = segment_source(model, _Box(source, box), k, write_rows=write_inner, probs_out=inner_probs, **options)
+    clusters = segment_source(
+        predictor,
+        _Box(source, box),
+        write_rows=write_inner,
+        tiling=tiling,
+        probs_out=inner_probs,
+        progress=progress,
+        times=times,
+    )
     nodata_rows(bottom, height)
     return clusters
 
 
-def _cell_size(model: torch.nn.Module) -> int:
-    """Side in pixels of the cells the head clusters (stride 4 of the possibly downsampled input)."""
-    return 4 * model_stride(model) // getattr(model, "input_multiple", 4)
-
-
-def _warn_small(model: torch.nn.Module, height: int, width: int, k: int, name: str) -> None:
+def _warn_small(predictor: Predictor, height: int, width: int, name: str) -> None:
     """Warn when an image gives the model fewer cells than K (counted on the image padded to the
     model's stride, the grid the head clusters). No bound on the labels is claimed: the
     probabilities are interpolated between cells, so pixels can take other labels at edges;
     ``_warn_fewer_labels`` reports how many came out."""
-    size, stride = _cell_size(model), model_stride(model)
+    stride = predictor.stride
+    size = 4 * stride // predictor.model.input_multiple  # the cells the head clusters, in pixels
     cells = (-(-height // stride) * stride // size) * (-(-width // stride) * stride // size)
-    if cells < k:
+    if cells < predictor.k:
         padded = f" (padded to the model's stride of {stride} px)" if stride > size else ""
         log.warning(
             "%s: %d x %d px gives the model only %d cells of %d x %d px%s, the grid it clusters, fewer than "
             "K = %d: the clusters are fitted on %d cells, so some labels stay empty or split one segment; "
             "use a smaller K or a larger image",
-            Path(name).name, width, height, cells, size, size, padded, k, cells,
+            Path(name).name, width, height, cells, size, size, padded, predictor.k, cells,
         )  # fmt: skip
 
 
@@ -234,158 +205,141 @@ def _warn_fewer_labels(labels: np.ndarray, k: int, name: str) -> None:
         )  # fmt: skip
 
 
-def segment_source(
-    model: torch.nn.Module,
+def _segment_whole(
+    predictor: Predictor,
     source: Source,
-    k: int,
     *,
     write_rows: Callable[[int, np.ndarray], None],
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    lane: str | None = None,
-    clusters: Clusters | None = None,
-    fit_windows: int = 16,
-    fit_pixels: int = FIT_PIXELS,
-    seed: int = 0,
+    probs_out: np.ndarray | None,
+    times: dict[str, float] | None,
+) -> Clusters:
+    """``segment_source`` in one piece: the image's own clusters, nodata left out of them."""
+    with timed(times, "read"):
+        rgb, valid = source.read_masked(0, 0, source.height, source.width)
+    with timed(times, "model"):
+        out = predictor.outputs(bands_tensor(rgb), valid=valid_tensor(valid))
+        probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
+    with timed(times, "blend"):
+        if probs_out is not None:
+            probs_out[:] = probs
+        labels = argmax_labels(probs)
+        if valid is not None:
+            labels[~valid] = NODATA
+    _warn_fewer_labels(labels, predictor.k, source.name)
+    write_rows(0, labels)
+    bias = out["cluster_bias"]
+    return Clusters(out["prototypes"][:1], None if bias is None else bias[:1])
+
+
+def segment_source(
+    predictor: Predictor,
+    source: Source,
+    *,
+    write_rows: Callable[[int, np.ndarray], None],
+    tiling: Tiling | None = None,
     probs_out: np.ndarray | None = None,
     progress: bool = False,
     times: dict[str, float] | None = None,
 ) -> Clusters:
-    """Segment ``source``; returns the clusters it used. A source no larger than ``tile`` on
-    either side (and no ``clusters`` given) goes through the model in one piece, a larger one
-    window by window.
+    """Segment ``source``; returns the clusters it used. A source no larger than the tile on
+    either side (and a predictor without clusters) goes through the model in one piece, a
+    larger one window by window.
 
     Arguments:
+      predictor: the model, K, the lane; its ``clusters``, or (None) clusters fitted on the
+        windows ``tiling`` samples (``fit_source_clusters``).
       write_rows: called as ``write_rows(y, labels)`` with uint8 labels (h, width) for rows
         y..y+h, top to bottom, as soon as they are final.
-      clusters: fitted with ``fit_clusters`` from sampled windows when None.
+      tiling: the windows (default ``Tiling()``).
       probs_out: optional (K, H, W) float32 array that receives the (blended) probabilities.
       times: optional dict that collects seconds per stage (read, fit, model, blend; the
         reader runs in its own thread, so the stages overlap).
     """
-    tile = check_tiling(tile, overlap, model_stride(model))
+    tiling = (tiling or Tiling()).checked(predictor.stride)
     box = getattr(source, "valid_box", None)
     if box is not None and box != (0, 0, source.height, source.width):
         return _segment_box(
-            model, source, k, box, write_rows=write_rows, tile=tile, overlap=overlap, lane=lane, clusters=clusters,
-            fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed, probs_out=probs_out, progress=progress,
+            predictor, source, box, write_rows=write_rows, tiling=tiling, probs_out=probs_out, progress=progress,
             times=times,
         )  # fmt: skip
     for note in source.stretch.notes:
         log.info("%s: %s", Path(source.name).name, note)
-    layout = window_layout(source.height, source.width, tile, overlap, model_stride(model))
-    _warn_small(model, source.height, source.width, k, source.name)
-    if clusters is None and max(source.height, source.width) <= tile:
-        with timed(times, "read"):
-            rgb, valid = source.read_masked(0, 0, source.height, source.width)
-        with timed(times, "model"):
-            masked = {} if valid is None else {"valid": valid_tensor(valid)}
-            out = forward_padded(model, bands_tensor(rgb), k, lane=lane, **masked)
-            probs = out["probs"][0].float().cpu().numpy()  # (K, H, W)
-        with timed(times, "blend"):
-            if probs_out is not None:
-                probs_out[:] = probs
-            labels = argmax_labels(probs)
-            if valid is not None:
-                labels[~valid] = NODATA
-        _warn_fewer_labels(labels, k, source.name)
-        write_rows(0, labels)
-        bias = out["cluster_bias"]
-        return Clusters(out["prototypes"][:1], None if bias is None else bias[:1])
+    _warn_small(predictor, source.height, source.width, source.name)
+    if predictor.clusters is None and max(source.height, source.width) <= tiling.tile:
+        return _segment_whole(predictor, source, write_rows=write_rows, probs_out=probs_out, times=times)
+    layout = tiling.layout(source.height, source.width, predictor.stride)
     cache = None
-    if clusters is None:
-        clusters, cache = _fit(
-            model, source, k, layout, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed, times=times
-        )
+    if predictor.clusters is None:
+        clusters, cache = _fit(predictor, source, layout, tiling, times)
+        predictor = predictor.with_clusters(clusters)
     rows: dict[int, list] = {}  # y -> [labels (h, width) uint8, columns filled]
-    for y, x, labels, probs in blended_cells(
-        model,
-        source,
-        k,
-        clusters,
-        layout,
-        lane=lane,
-        want_probs=probs_out is not None,
-        progress=progress,
-        cache=cache,
-        times=times,
-    ):
-        with timed(times, "blend"):
-            h, w = labels.shape
-            if probs_out is not None:
-                probs_out[:, y : y + h, x : x + w] = probs
-            row = rows.setdefault(y, [np.empty((h, source.width), np.uint8), 0])
-            row[0][:, x : x + w] = labels
-            row[1] += w
-        if row[1] == source.width:
-            write_rows(y, rows.pop(y)[0])
-    return clusters
+    cells = blended_cells(
+        predictor, source, layout, want_probs=probs_out is not None, progress=progress, cache=cache, times=times
+    )
+    with closing(cells):  # on an error or Ctrl-C, the pipeline's threads stop before the caller cleans up
+        for y, x, labels, probs in cells:
+            with timed(times, "blend"):
+                h, w = labels.shape
+                if probs_out is not None:
+                    probs_out[:, y : y + h, x : x + w] = probs
+                row = rows.setdefault(y, [np.empty((h, source.width), np.uint8), 0])
+                row[0][:, x : x + w] = labels
+                row[1] += w
+            if row[1] == source.width:
+                write_rows(y, rows.pop(y)[0])
+    return predictor.clusters
 
 
 def segment_array(
-    model: torch.nn.Module,
+    predictor: Predictor,
     image: np.ndarray,
-    k: int,
     *,
-    lane: str | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
+    tiling: Tiling | None = None,
     return_probs: bool = False,
-    clusters: Clusters | None = None,
     mask: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Labels (H, W) uint8 (and probabilities (K, H, W) float32) of an (H, W, 3) uint8 or
-    float [0, 1] image: in one piece up to ``tile`` (float pixels used as they are), else window
-    by window (``segment_source`` on an ``ArraySource``). ``clusters``: assign to these (fitted
-    once, e.g. on many images) instead of fitting the image's own. ``mask`` (H, W) bool, True
-    where the pixel is data: the others are left out of the clusters and labelled ``NODATA``,
-    and the box around the data is segmented on its own (as ``segment_source`` does for files:
-    the model's grid starts at the data)."""
+    float [0, 1] image: in one piece up to the tile (float pixels used as they are), else window
+    by window (``segment_source`` on an ``ArraySource``). A predictor with ``clusters`` assigns
+    to them (fitted once, e.g. on many images) instead of fitting the image's own. ``mask``
+    (H, W) bool, True where the pixel is data: the others are left out of the clusters and
+    labelled ``NODATA``, and the box around the data is segmented on its own (as
+    ``segment_source`` does for files: the model's grid starts at the data)."""
+    tiling = (tiling or Tiling()).checked(predictor.stride)
     h, w = image.shape[:2]
     if mask is not None and mask.all():
         mask = None
-    if max(h, w) <= tile:
-        box = (0, 0, h, w) if mask is None else valid_box(mask)
-        if box != (0, 0, h, w):  # the box around the data alone, as segment_source does for files
-            top, left, bottom, right = box
-            inner = segment_array(
-                model, image[top:bottom, left:right], k, lane=lane, tile=tile, overlap=overlap,
-                return_probs=return_probs, clusters=clusters, mask=mask[top:bottom, left:right],
-            )  # fmt: skip
-            labels = np.full((h, w), NODATA, np.uint8)
-            labels[top:bottom, left:right] = inner[0] if return_probs else inner
-            if not return_probs:
-                return labels
-            probs = np.zeros((k, h, w), np.float32)  # nodata pixels have no probabilities
-            probs[:, top:bottom, left:right] = inner[1]
-            return labels, probs
-        rgb = to_tensor(image if mask is None else np.where(mask[..., None], image, _fill(image, mask)))
-        masked = {} if mask is None or clusters is not None else {"valid": valid_tensor(mask)}
-        _warn_small(model, h, w, k, "image")
-        probs = predict_probs(model, rgb, k, lane=lane, clusters=clusters, **masked)[0].float().cpu().numpy()
-        labels = argmax_labels(probs)
-        if mask is not None:
-            labels[~mask] = NODATA
-        _warn_fewer_labels(labels, k, "image")
+    if max(h, w) > tiling.tile:
+        labels = np.empty((h, w), np.uint8)
+        probs = np.empty((predictor.k, h, w), np.float32) if return_probs else None
+
+        def write_rows(y: int, rows: np.ndarray) -> None:
+            labels[y : y + rows.shape[0]] = rows
+
+        segment_source(predictor, ArraySource(image, valid=mask), write_rows=write_rows, tiling=tiling, probs_out=probs)
         return (labels, probs) if return_probs else labels
-    labels = np.empty((h, w), np.uint8)
-    probs = np.empty((k, h, w), np.float32) if return_probs else None
-
-    def write_rows(y: int, rows: np.ndarray) -> None:
-        labels[y : y + rows.shape[0]] = rows
-
-    source = ArraySource(image, valid=mask)
-    segment_source(
-        model,
-        source,
-        k,
-        write_rows=write_rows,
-        tile=tile,
-        overlap=overlap,
-        lane=lane,
-        clusters=clusters,
-        probs_out=probs,
-    )
+    box = (0, 0, h, w) if mask is None else valid_box(mask)
+    if box != (0, 0, h, w):  # the box around the data alone, as segment_source does for files
+        top, left, bottom, right = box
+        inner = segment_array(
+            predictor, image[top:bottom, left:right], tiling=tiling, return_probs=return_probs,
+            mask=mask[top:bottom, left:right],
+        )  # fmt: skip
+        labels = np.full((h, w), NODATA, np.uint8)
+        labels[top:bottom, left:right] = inner[0] if return_probs else inner
+        if not return_probs:
+            return labels
+        probs = np.zeros((predictor.k, h, w), np.float32)  # nodata pixels have no probabilities
+        probs[:, top:bottom, left:right] = inner[1]
+        return labels, probs
+    rgb = to_tensor(image if mask is None else np.where(mask[..., None], image, _fill(image, mask)))
+    valid = None if mask is None or predictor.clusters is not None else valid_tensor(mask)
+    _warn_small(predictor, h, w, "image")
+    probs = predictor.probs(rgb, valid=valid)[0].float().cpu().numpy()
+    labels = argmax_labels(probs)
+    if mask is not None:
+        labels[~mask] = NODATA
+    _warn_fewer_labels(labels, predictor.k, "image")
     return (labels, probs) if return_probs else labels
 
 
@@ -399,23 +353,17 @@ def _fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def segment_raster(
     path: str | Path,
     output: str | Path,
-    k: int,
-    model: torch.nn.Module,
+    predictor: Predictor,
     *,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    lane: str | None = None,
-    fit_windows: int = 16,
-    fit_pixels: int = FIT_PIXELS,
-    seed: int = 0,
-    clusters: Clusters | None = None,
+    tiling: Tiling | None = None,
     progress: bool = True,
     times: dict[str, float] | None = None,
     overviews: bool = False,
     alpha: str = "auto",
 ) -> Path:
-    """Segment the image at ``path`` (GeoTIFF, JPEG 2000, VRT, PNG or JPEG) into ``k`` clusters;
-    write uint8 labels to ``output`` and return it (``overviews``: a GeoTIFF gets internal overviews).
+    """Segment the image at ``path`` (GeoTIFF, JPEG 2000, VRT, PNG or JPEG) with ``predictor``
+    (its K, lane and clusters, if any); write uint8 labels to ``output`` and return it
+    (``overviews``: a GeoTIFF gets internal overviews).
 
     A ``.tif`` output has the input's georeferencing (CRS and transform, GCPs, RPCs), width and
     height, one uint8 band, deflate compression and 256 px tiles, written block row by block row
@@ -427,22 +375,18 @@ def segment_raster(
     are those of ``segment_source`` (``times`` also gets the writer's seconds under "write");
     GDAL's block cache is capped at ``GDAL_CACHE_MB`` meanwhile.
     """
-    k = check_k(k)
-    check_lane(lane)
-    check_tiling(tile, overlap, model_stride(model))
+    tiling = (tiling or Tiling()).checked(predictor.stride)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    options = dict(tile=tile, overlap=overlap, lane=lane, fit_windows=fit_windows, fit_pixels=fit_pixels, seed=seed)
-    options.update(clusters=clusters, progress=progress, times=times)
-    geotiff = output.suffix.lower() in GEOTIFF_SUFFIXES
-    if not geotiff:
+    options = {"tiling": tiling, "progress": progress, "times": times}
+    if output.suffix.lower() not in GEOTIFF_SUFFIXES:
         with open_source(path, alpha=alpha) as source:
             labels = np.empty((source.height, source.width), np.uint8)
 
             def fill_rows(y: int, rows: np.ndarray) -> None:
                 labels[y : y + rows.shape[0]] = rows
 
-            segment_source(model, source, k, write_rows=fill_rows, **options)
+            segment_source(predictor, source, write_rows=fill_rows, **options)
         with timed(times, "write"):
             return write_label_png(labels, output, profile=source.profile)
 
@@ -451,7 +395,7 @@ def segment_raster(
     # rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes: the cap is given in bytes.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_source(path, alpha=alpha) as source:
         with (
-            label_geotiff(output, label_profile(source), k, overviews=overviews) as dst,
+            label_geotiff(output, label_profile(source), predictor.k, overviews=overviews) as dst,
             RowWriter(dst.write, times=times) as writer,
         ):
 
@@ -459,5 +403,5 @@ def segment_raster(
                 dst.open()  # here, in this thread: the output exists once the first rows are labelled
                 writer(y, rows)
 
-            segment_source(model, source, k, write_rows=write_rows, **options)
+            segment_source(predictor, source, write_rows=write_rows, **options)
     return output

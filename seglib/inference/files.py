@@ -13,7 +13,7 @@ from ..io.outputs import write_png
 from .kselect import DEFAULT_RANGE
 from .legend import FittedClusters
 from .vector import VECTOR_FORMATS, MinArea
-from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS
+from .windows import Tiling
 
 __all__ = ["output_paths", "preview_path", "check_output_folder", "predict_file"]
 
@@ -113,11 +113,8 @@ def predict_file(
     model,
     k: int | str | None,
     *,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
+    tiling: Tiling | None = None,
     lane: str | None = None,
-    fit_windows: int = 16,
-    seed: int = 0,
     clusters: FittedClusters | None = None,
     k_range: tuple[int, int] = DEFAULT_RANGE,
     vector: str | None = None,
@@ -133,17 +130,21 @@ def predict_file(
 
     ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
     ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
-    the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded ``clusters`` were
-    fitted with the unadapted model, so they cannot be combined with it. ``alpha``: whether a
+    the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded
+    ``clusters`` were fitted with the unadapted model, so they cannot be combined with it.
+    ``tiling``: the windows and the fit sample (default ``Tiling()``; its seed seeds the
+    adaptation too). ``alpha``: whether a
     4th band is a mask (``seglib.io.rasters.RasterSource``). A ``min_area`` that cannot work
     for the file (its whole area, e.g. square degrees) fails before it is segmented.
     Returns ``{"target", "k", "auto", "vector", "features"}``.
     """
     from .engine import segment_raster
+    from .predictor import Predictor
 
     if vector is not None and min_area is not None:
         _check_min_area(path, min_area)
 
+    tiling = tiling or Tiling()
     if adapt_steps:
         if clusters is not None:
             raise ValueError("--adapt changes the features that shared or saved clusters were fitted on; drop one")
@@ -151,7 +152,9 @@ def predict_file(
         from .adapt import adapt
 
         with open_source(path, alpha=alpha) as source:
-            model = adapt(model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=seed, progress=progress)
+            model = adapt(
+                model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=tiling.seed, progress=progress
+            )
 
     fitted = clusters
     if fitted is None and k == "auto":
@@ -159,33 +162,13 @@ def predict_file(
         from .kselect import fit_sources_auto
 
         with open_source(path, alpha=alpha) as source:
-            fitted = fit_sources_auto(
-                model,
-                [source],
-                k_range=k_range,
-                tile=tile,
-                overlap=overlap,
-                fit_windows=fit_windows,
-                fit_pixels=FIT_PIXELS,
-                seed=seed,
-            )
-    k = fitted.k if fitted is not None else k
-    device = next(model.parameters()).device
-    segment_raster(
-        path,
-        target,
-        k,
-        model,
-        tile=tile,
-        overlap=overlap,
-        lane=lane,
-        fit_windows=fit_windows,
-        seed=seed,
-        clusters=None if fitted is None else fitted.head_clusters(device),
-        progress=progress,
-        overviews=overviews,
-        alpha=alpha,
-    )
+            fitted = fit_sources_auto(model, [source], tiling=tiling, k_range=k_range)
+    if fitted is None:
+        predictor = Predictor(model, k, lane=lane)
+    else:
+        predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
+    k = predictor.k
+    segment_raster(path, target, predictor, tiling=tiling, progress=progress, overviews=overviews, alpha=alpha)
     result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
     if vector is not None:
         from .vector import polygonize

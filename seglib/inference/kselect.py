@@ -42,12 +42,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from ..config import K_MAX, K_MIN
 from .legend import MAX_POSITIONS, FittedClusters, clusters_from_fit, fit_embeddings, sample_embeddings
+from .predictor import model_stride
+from .windows import Tiling
 
 __all__ = [
     "DEFAULT_RANGE",
@@ -300,22 +303,19 @@ def choose_k(
     model: torch.nn.Module,
     sources: Sequence,
     *,
+    tiling: Tiling,
     k_range: tuple[int, int] = DEFAULT_RANGE,
     rule: tuple[str, float | None] = AUTO_RULE,
-    tile: int,
-    overlap: int,
-    fit_windows: int = 16,
-    fit_pixels: int,
-    seed: int = 0,
     max_positions: int | None = None,
 ) -> tuple[int, dict[int, dict]]:
     """The K ``rule`` picks in ``k_range`` on the fit sample of ``sources`` (one source: its own
     K; several: one K for the shared clusters), and the statistics per K (each with its fit)."""
     lo, hi = check_k_range(k_range)
-    kw = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs = sample_embeddings(model, sources, **kw)[0]
-    flipped = sample_embeddings(model, sources, flip=True, **kw)[0] if _needs_flip(rule[0]) else None
-    stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
+    embs = sample_embeddings(model, sources, tiling=tiling)[0]
+    flipped = sample_embeddings(model, sources, tiling=tiling, flip=True)[0] if _needs_flip(rule[0]) else None
+    stats = k_statistics(
+        model.head, embs, range(lo, hi + 1), flipped=flipped, seed=tiling.seed, max_positions=max_positions
+    )
     return pick_k(stats, *rule), stats
 
 
@@ -324,13 +324,9 @@ def fit_sources_auto(
     model: torch.nn.Module,
     sources: Sequence,
     *,
+    tiling: Tiling,
     k_range: tuple[int, int] = DEFAULT_RANGE,
     rule: tuple[str, float | None] = AUTO_RULE,
-    tile: int,
-    overlap: int,
-    fit_windows: int = 16,
-    fit_pixels: int,
-    seed: int = 0,
     max_positions: int = MAX_POSITIONS,
     skip_unreadable: bool = False,
 ) -> FittedClusters:
@@ -338,16 +334,19 @@ def fit_sources_auto(
     sample (``choose_k``); the clusters are that K's fit, and ``meta["k_auto"]`` records the
     rule, the range and each K's statistic."""
     lo, hi = check_k_range(k_range)
-    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
-    embs, info = sample_embeddings(model, sources, skip_unreadable=skip_unreadable, **sample)
+    tiling = tiling.checked(model_stride(model))
+    embs, info = sample_embeddings(model, sources, tiling=tiling, skip_unreadable=skip_unreadable)
     flipped = None
     if _needs_flip(rule[0]):
-        flipped = sample_embeddings(model, sources, flip=True, skip_unreadable=skip_unreadable, **sample)[0]
-    stats = k_statistics(model.head, embs, range(lo, hi + 1), flipped=flipped, seed=seed, max_positions=max_positions)
+        flipped = sample_embeddings(model, sources, tiling=tiling, flip=True, skip_unreadable=skip_unreadable)[0]
+    stats = k_statistics(
+        model.head, embs, range(lo, hi + 1), flipped=flipped, seed=tiling.seed, max_positions=max_positions
+    )
     k = pick_k(stats, *rule)
     key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
     auto = {"rule": rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
-    return clusters_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, k_auto=auto, **info, **sample)
+    meta = {"k_auto": auto, **info, **asdict(tiling)}
+    return clusters_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, meta=meta)
 
 
 def rule_name(rule: tuple[str, float | None]) -> str:

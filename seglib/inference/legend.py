@@ -7,7 +7,7 @@
     labels = seglib.segment(image, clusters=seglib.load_clusters("legend.json", model=model))
 
 **Fitting.** Every input contributes the same seeded, spread-out sample of windows that a
-single-file fit draws from it (``sample_windows``: up to ``fit_windows`` windows and
+single-file fit draws from it (``Tiling.sample_windows``: up to ``fit_windows`` windows and
 ``fit_pixels`` pixels per file). The windows are embedded one at a time (so memory is one
 window's forward pass plus the embeddings kept), denoised by the head's filter, and the head's
 soft k-means runs once over all their positions together: farthest-point initialisation on
@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,9 @@ import torch
 from ..config import check_k
 from ..io.outputs import write_text
 from ..models.head import Clusters, HeadOutput, brightness_order
-from .budget import PositionBudget, embed_windows, file_sample, opened, sample_windows
-from .forward import model_stride
-from .windows import check_tiling
+from .budget import PositionBudget, embed_windows, file_sample, opened
+from .predictor import model_stride
+from .windows import Tiling
 
 __all__ = [
     "FORMAT",
@@ -52,7 +52,6 @@ __all__ = [
     "FittedClusters",
     "model_fingerprint",
     "head_settings",
-    "sample_windows",
     "embed_windows",
     "fit_embeddings",
     "sample_embeddings",
@@ -300,15 +299,11 @@ def sample_embeddings(
     model: torch.nn.Module,
     items: Sequence,
     *,
-    tile: int,
-    overlap: int,
-    fit_windows: int = 16,
-    fit_pixels: int,
-    seed: int = 0,
+    tiling: Tiling,
     flip: bool = False,
     skip_unreadable: bool = False,
 ) -> tuple[list[torch.Tensor], dict]:
-    """The denoised embeddings of every item's fit sample (``sample_windows``), one window
+    """The denoised embeddings of every item's fit sample (``Tiling.sample_windows``), one window
     through the model at a time; ``flip``: of the flipped windows, aligned (``embed_windows``).
 
     ``items`` are window readers (``ArraySource``/``RasterSource``), arrays or file paths (opened
@@ -318,22 +313,13 @@ def sample_embeddings(
     from ..io.images import ImageReadError
 
     m = model_stride(model)
-    tile = check_tiling(tile, overlap, m)
+    tiling = tiling.checked(m)
     embs: list[torch.Tensor] = []
     info: dict = {"windows": 0, "files": [], "skipped": []}
     for item in items:
         try:
             with opened(item) as source:
-                windows = sample_windows(
-                    source.height,
-                    source.width,
-                    tile=tile,
-                    overlap=overlap,
-                    multiple=m,
-                    fit_windows=fit_windows,
-                    fit_pixels=fit_pixels,
-                    seed=seed,
-                )
+                windows = tiling.sample_windows(source.height, source.width, m)
                 embs += embed_windows(model, source, windows, flip=flip)[0]
                 info["windows"] += len(windows)
                 info["files"].append(Path(getattr(source, "name", "image")).name)
@@ -352,11 +338,7 @@ def fit_sources(
     items: Sequence,
     k: int,
     *,
-    tile: int,
-    overlap: int,
-    fit_windows: int = 16,
-    fit_pixels: int,
-    seed: int = 0,
+    tiling: Tiling,
     max_positions: int = MAX_POSITIONS,
     skip_unreadable: bool = False,
 ) -> FittedClusters:
@@ -369,20 +351,20 @@ def fit_sources(
     from ..io.images import ImageReadError
 
     k = check_k(k)
-    sample = {"tile": tile, "overlap": overlap, "fit_windows": fit_windows, "fit_pixels": fit_pixels, "seed": seed}
+    tiling = tiling.checked(model_stride(model))
     budget = PositionBudget(max_positions, k=k, init_pool=model.head.init_pool)
     skipped = []
     for index, item in enumerate(items):
         try:
             budget.add(
-                file_sample(model, item, index, k=k, positions=max_positions, threshold=budget.threshold, **sample)
+                file_sample(model, item, index, k=k, tiling=tiling, positions=max_positions, threshold=budget.threshold)
             )
         except (ImageReadError, OSError) as exc:
             if not skip_unreadable:
                 raise
             skipped.append((str(item), str(exc)))
-    settings = {key: value for key, value in sample.items() if key != "seed"}
-    return fit_positions(model, budget, k, seed=seed, meta={"skipped": skipped, **settings})
+    settings = {key: value for key, value in asdict(tiling).items() if key != "seed"}
+    return fit_positions(model, budget, k, seed=tiling.seed, meta={"skipped": skipped, **settings})
 
 
 @torch.no_grad()
@@ -416,11 +398,11 @@ def clusters_from_fit(
     out: HeadOutput,
     *,
     max_positions: int,
-    seed: int,
-    **meta,
+    meta: dict,
 ) -> FittedClusters:
     """``FittedClusters`` (stable order, shares, colours, fingerprint) from a fit on ``embs``;
-    ``meta`` (files, windows, sample settings, ...) is kept with them."""
+    ``meta`` (files, windows, the tiling with its ``seed``, ...) is kept with them."""
+    seed = meta["seed"]
     colours = _cell_colours(model, embs)
     n = sum(e.shape[-1] * e.shape[-2] for e in embs)
     if n > max_positions:  # the probs cover fit_embeddings' subsample: colour the same subsample
@@ -431,6 +413,6 @@ def clusters_from_fit(
         "max_positions": max_positions,
         "seed": seed,
         "head": head_settings(model) | {"iters": int(model.head.iters)},
-        **meta,
+        **{key: v for key, v in meta.items() if key != "seed"},
     }
     return _ordered(out, colours, model_fingerprint(model), meta)

@@ -13,6 +13,7 @@ a window's weight changes between zero, a taper and one. Pure NumPy: no model he
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,12 +21,12 @@ __all__ = [
     "DEFAULT_TILE",
     "DEFAULT_OVERLAP",
     "FIT_PIXELS",
+    "Tiling",
     "Layout",
     "axis_windows",
     "axis_weights",
     "check_tiling",
     "window_layout",
-    "fit_sample",
     "axis_plan",
     "consecutive_runs",
 ]
@@ -33,14 +34,58 @@ __all__ = [
 
 Layout = tuple[int, list[int], int, list[int], int]  # stride, row starts, window height, column starts, width
 
-
 DEFAULT_TILE = 1024
-
-
 DEFAULT_OVERLAP = 128
-
-
 FIT_PIXELS = 4 << 20  # pixels of the sampled windows the clusters are fitted on, at most
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How an image larger than ``tile`` is cut into windows, and which of them the clusters
+    are fitted on.
+
+    Arguments:
+      tile: window side in pixels (rounded up to the model's stride by ``checked``).
+      overlap: minimum overlap of neighbouring windows, 0..tile/2.
+      fit_windows, fit_pixels: the fit sample holds up to ``fit_windows`` windows and no more
+        than ``fit_pixels`` pixels in all (the fit holds them in the model at once, so this
+        bounds its memory); at least one window.
+      seed: which windows the sample draws.
+    """
+
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    fit_windows: int = 16
+    fit_pixels: int = FIT_PIXELS
+    seed: int = 0
+
+    def checked(self, multiple: int) -> Tiling:
+        """This tiling with ``tile`` rounded up to the model's stride ``multiple``; ``ValueError``
+        naming the fix for an unusable tile or overlap (``check_tiling``)."""
+        return replace(self, tile=check_tiling(self.tile, self.overlap, multiple))
+
+    def layout(self, height: int, width: int, multiple: int) -> Layout:
+        """The window grid of a ``height`` x ``width`` image (``window_layout``)."""
+        return window_layout(height, width, self.tile, self.overlap, multiple)
+
+    def sample(self, layout: Layout) -> list[tuple[int, int]]:
+        """The (y, x) starts of the windows the clusters are fitted on: the grid is split into
+        ``n`` equal runs (row-major) and one window is drawn from each, so the sample covers
+        the whole image; ``n`` is at most ``fit_windows`` and ``fit_pixels`` pixels' worth."""
+        _, ys, lh, xs, lw = layout
+        grid = [(y, x) for y in ys for x in xs]
+        n = max(1, min(self.fit_windows, len(grid), self.fit_pixels // (lh * lw)))
+        edges = np.linspace(0, len(grid), n + 1).astype(int)
+        rng = np.random.default_rng(self.seed)
+        pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        return [grid[i] for i in pick]
+
+    def sample_windows(self, height: int, width: int, multiple: int) -> list[tuple[int, int, int, int]]:
+        """``(y, x, h, w)`` of ``sample``'s windows of a ``height`` x ``width`` image, each clipped
+        to the image (the last window of a row or column may stick out)."""
+        layout = self.layout(height, width, multiple)
+        _, _, lh, _, lw = layout
+        return [(y, x, min(lh, height - y), min(lw, width - x)) for y, x in self.sample(layout)]
 
 
 def window_layout(height: int, width: int, tile: int, overlap: int, multiple: int) -> Layout:
@@ -121,17 +166,6 @@ def check_tiling(tile: int, overlap: int, multiple: int) -> int:
     if not 0 <= overlap <= tile // 2:
         raise ValueError(f"overlap must be in 0..tile/2 = 0..{tile // 2}, got {overlap}; e.g. overlap={tile // 8}")
     return tile
-
-
-def fit_sample(layout: Layout, fit_windows: int, fit_pixels: int, seed: int) -> list[tuple[int, int]]:
-    """The (y, x) starts of the windows the clusters are fitted on (see ``fit_clusters``)."""
-    _, ys, lh, xs, lw = layout
-    grid = [(y, x) for y in ys for x in xs]
-    n = max(1, min(fit_windows, len(grid), fit_pixels // (lh * lw)))
-    edges = np.linspace(0, len(grid), n + 1).astype(int)
-    rng = np.random.default_rng(seed)
-    pick = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return [grid[i] for i in pick]
 
 
 def axis_plan(

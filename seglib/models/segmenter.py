@@ -197,16 +197,29 @@ class Segmenter(nn.Module):
         k: int,
         *,
         downsample: int | None = None,
+        iters: int | None = None,
+        temperature: float | None = None,
+        size_prior: float | None = None,
         valid: torch.Tensor | None = None,
         clustered: torch.Tensor | None = None,
     ) -> Clusters:
         """Clusters (prototypes (1, K, D) and size-prior offsets) fitted jointly over all images
         of ``rgb`` (N, 3, H, W), e.g. windows sampled from one large raster; pass them back as
-        ``forward(..., clusters=)`` so every window is labelled with the same clusters.
-        ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``forward``).
-        ``clustered``: ``clustered_embeddings(rgb)``, when the caller has them already."""
+        ``predict(..., clusters=)`` so every window is labelled with the same clusters.
+        ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``predict``).
+        ``clustered``: ``clustered_embeddings(rgb)``, when the caller has them already. The head
+        overrides are ``forward``'s."""
         emb = self.clustered_embeddings(rgb, downsample=downsample) if clustered is None else clustered
-        out = self.head(emb, check_k(k), group=emb.shape[0], valid=valid_cells(valid, emb.shape[-2:]), denoised=True)
+        out = self.head(
+            emb,
+            check_k(k),
+            iters=iters,
+            temperature=temperature,
+            size_prior=size_prior,
+            group=emb.shape[0],
+            valid=valid_cells(valid, emb.shape[-2:]),
+            denoised=True,
+        )
         return Clusters(out.prototypes[:1], None if out.bias is None else out.bias[:1])
 
     def forward(
@@ -221,6 +234,101 @@ class Segmenter(nn.Module):
         size_prior: float | None = None,
         smooth_iters: int | None = None,
         group: int = 1,
+        full_resolution: bool = True,
+        check_values: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16): what training
+        runs, and a direct call. Raster inference (nodata masks, shared clusters, labels
+        without full-resolution maps) goes through ``predict``, by way of
+        ``seglib.inference.predictor.Predictor``.
+
+        Per-call overrides of the config: ``lane`` (fast | learned | none), ``downsample``
+        (1 or 2), ``iters``, ``temperature`` and ``size_prior`` of the head, ``smooth_iters`` of
+        the fast lane. ``group=2`` shares prototypes between image i and image i + B/2 (training
+        views). ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of
+        the result: training steps whose losses only read the stride-4 maps need nothing more;
+        for the learned lane it returns ``probs_learned`` instead, the lane's output at its
+        working resolution (1/``refine.learned_scale``), which its training loss reads.
+        ``check_values=False`` skips the NaN/range check of ``rgb`` (it reads values back from
+        the device): for inputs the caller made itself, such as a training step's views.
+        """
+        check_lane(lane)
+        return self._segment(
+            rgb,
+            check_k(k),
+            lane=lane,
+            downsample=downsample,
+            iters=iters,
+            temperature=temperature,
+            size_prior=size_prior,
+            smooth_iters=smooth_iters,
+            group=group,
+            full_resolution=full_resolution,
+            check_values=check_values,
+        )
+
+    def predict(
+        self,
+        rgb: torch.Tensor,
+        k: int,
+        *,
+        lane: str | None,
+        downsample: int | None,
+        iters: int | None,
+        temperature: float | None,
+        size_prior: float | None,
+        clusters: Clusters | None = None,
+        valid: torch.Tensor | None = None,
+        upsample: bool = True,
+        clustered: torch.Tensor | None = None,
+        check_values: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """``forward`` for inference, with the options only inference has; ``k`` and ``lane``
+        come checked from ``seglib.inference.predictor.Predictor``, which holds them.
+
+        ``clusters`` (from ``fit_clusters``) skips fitting and assigns to them.
+        ``valid`` (B, H, W) bool marks image data (False: nodata, e.g. a scene's black border):
+        prototypes and size-prior shares come from the cells whose pixels are all valid, one
+        set fitted jointly over the batch; every pixel is still assigned (discard the others).
+        ``upsample=False`` may return ``probs`` at 1/f of the input's size (an integer f, or
+        not), leaving out the lane's last step, a bilinear upsampling (align_corners=False) of
+        the probabilities by f: bilinear weights are convex, so a pixel whose (up to) four
+        sources agree on the most probable cluster has that cluster as its label, and a caller
+        that needs only labels computes the full-resolution maps near label edges alone
+        (``seglib.inference.blend``). ``F.interpolate(probs, size=(H, W), mode="bilinear")``
+        gives what ``upsample=True`` returns.
+        ``clustered``: ``clustered_embeddings(rgb)`` computed before (with ``clusters``): the
+        encoder and the denoising are skipped, and ``embeddings`` and ``features`` are None.
+        """
+        if clustered is not None and clusters is None:
+            raise ValueError("clustered= needs clusters= (fitted clusters to assign the embeddings to)")
+        return self._segment(
+            rgb,
+            k,
+            lane=lane,
+            downsample=downsample,
+            iters=iters,
+            temperature=temperature,
+            size_prior=size_prior,
+            clusters=clusters,
+            valid=valid,
+            upsample=upsample,
+            clustered=clustered,
+            check_values=check_values,
+        )
+
+    def _segment(
+        self,
+        rgb: torch.Tensor,
+        k: int,
+        *,
+        lane: str | None,
+        downsample: int | None,
+        iters: int | None,
+        temperature: float | None,
+        size_prior: float | None,
+        smooth_iters: int | None = None,
+        group: int = 1,
         clusters: Clusters | None = None,
         full_resolution: bool = True,
         valid: torch.Tensor | None = None,
@@ -228,36 +336,8 @@ class Segmenter(nn.Module):
         upsample: bool = True,
         clustered: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Segment ``rgb`` (B, 3, H, W) in [0, 1] into ``k`` clusters (2..16).
-
-        Per-call overrides of the config: ``lane`` (fast | learned | none), ``downsample``
-        (1 or 2), ``iters``, ``temperature`` and ``size_prior`` of the head, ``smooth_iters`` of
-        the fast lane. ``group=2`` shares prototypes between image i and image i + B/2 (training
-        views). ``clusters`` (from ``fit_clusters``) skips fitting and assigns to them.
-        ``full_resolution=False`` skips the refinement lane and leaves ``probs`` out of the
-        result: training steps whose losses only read the stride-4 maps need nothing more; for
-        the learned lane it returns ``probs_learned`` instead, the lane's output at its working
-        resolution (1/``refine.learned_scale``), which its training loss reads.
-        ``valid`` (B, H, W) bool marks image data (False: nodata, e.g. a scene's black border):
-        prototypes and size-prior shares come from the cells whose pixels are all valid, one
-        set fitted jointly over the batch; every pixel is still assigned (discard the others).
-        ``check_values=False`` skips the NaN/range check of ``rgb`` (it reads values back from
-        the device): for inputs the caller made itself, such as a training step's views.
-        ``upsample=False`` may return ``probs`` at 1/f of the input's size (an integer f, or
-        not), leaving out the lane's last step, a bilinear upsampling (align_corners=False) of
-        the probabilities by f: bilinear weights are convex, so a pixel whose (up to) four
-        sources agree on the most probable cluster has that cluster as its label, and a caller
-        that needs only labels computes the full-resolution maps near label edges alone
-        (``seglib.inference.engine``). ``F.interpolate(probs, size=(H, W), mode="bilinear")`` gives
-        what ``upsample=True`` returns.
-        ``clustered``: ``clustered_embeddings(rgb)`` computed before (with ``clusters``): the
-        encoder and the denoising are skipped, and ``embeddings`` and ``features`` are None.
-        """
-        k = check_k(k)
+        """What ``forward`` and ``predict`` share, with ``k`` and ``lane`` already checked."""
         lane = self.config.refine.lane if lane is None else lane
-        check_lane(lane)
-        if clustered is not None and clusters is None:
-            raise ValueError("clustered= needs clusters= (fitted clusters to assign the embeddings to)")
         if clustered is None:
             emb, features = self.embed(self._downsampled(rgb, downsample, check_values))  # (B, D, h, w)
         else:

@@ -48,11 +48,12 @@ def _artifacts(method: Method, ctx: FoldContext, fold: str) -> list[str]:
 
 
 def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, seed: int) -> list[dict]:
-    from ...inference.forward import predict_labels
+    from ...inference.predictor import InferenceSettings, Predictor
     from ..baselines import rgb_kmeans
     from ..metrics import segmentation_scores
 
     rows = []
+    settings = InferenceSettings(**method.infer)
     if method.adapt:
         from ...inference.adapt import adapt
         from ...io.rasters import ArraySource
@@ -70,12 +71,113 @@ def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, see
             adapted = adapt(model, source, progress=False, **method.adapt)
             extra["adapt_seconds"] = time.perf_counter() - tic
             extra["megapixels"] = rgb.shape[0] * rgb.shape[1] / 1e6
-            pred = predict_labels(adapted, rgb, kk, **method.infer)
+            pred = Predictor.of(adapted, kk, settings).labels(rgb)
         else:
-            pred = predict_labels(model, rgb, kk, **method.infer)
+            pred = Predictor.of(model, kk, settings).labels(rgb)
         s = segmentation_scores(pred, gt, ignore)
         rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in SCORE_KEYS}, **extra})
     return rows
+
+
+def _tiles_and_folds(
+    images: Path, masks: Path, folds: Sequence[str] | None, tile_pattern: str
+) -> tuple[dict[str, list[str]], set[str], list[str]]:
+    """({tile: image stems}, the stems with a mask, the folds to run); ``LotoError`` when the
+    folder has fewer than 2 tiles or a fold is not one of them."""
+    from ...io.images import list_images
+
+    all_stems = [p.stem for p in list_images(images)]
+    labelled = {s for s in all_stems if (masks / f"{s}.png").is_file()}
+    tiles = group_by_tile(all_stems, tile_pattern)
+    if len(tiles) < 2:
+        raise LotoError(
+            f"{images}: found {len(tiles)} tile id(s) with --tile-pattern {tile_pattern!r}; "
+            "leave-one-tile-out needs images of at least 2 tiles (names like image_part_001t1)"
+        )
+    chosen = list(folds) if folds else list(tiles)
+    unknown = [f for f in chosen if f not in tiles]
+    if unknown:
+        raise LotoError(f"unknown fold(s) {unknown}; the tiles of {images} are {', '.join(tiles)}")
+    return tiles, labelled, chosen
+
+
+def _method_summary(method: Method, rows: list[dict], seconds: float, runs: Path, chosen: Sequence[str]) -> dict:
+    """A method's entry of the result: what it is, its pooled and per-fold scores, its times."""
+    train_seconds = {}
+    for fold in chosen:
+        rec = runs / (method.eval_of or method.name) / (fold if method.per_fold else "shared") / "loto.json"
+        if method.kind == "trained" and rec.is_file():
+            train_seconds[fold if method.per_fold else "shared"] = json.loads(rec.read_text()).get("train_seconds")
+    return {
+        "kind": method.kind,
+        "about": method.about,
+        "recipe": method.recipe if isinstance(method.recipe, str) else method.overrides() or None,
+        "teacher": method.teacher,
+        "random_of": method.random_of,
+        "eval_of": method.eval_of,
+        "infer": method.infer,
+        "attrs": method.attrs,
+        "adapt": method.adapt,
+        **summarize(rows, SCORE_KEYS),
+        "eval_seconds": round(seconds, 1),
+        "adapt_seconds_per_megapixel": _per_megapixel(rows),
+        "train_seconds": train_seconds,
+    }
+
+
+def _comparisons(resolved: Sequence[Method], rows: dict[str, list[dict]], compare: Sequence[tuple[str, str]]) -> dict:
+    """Paired differences: those asked for, each random-weight method against its trained twin
+    (same head), each trained method against RGB k-means."""
+    pairs = list(compare)
+    for m in resolved:
+        if m.kind == "random":  # its twin: the trained models it copies, scored with the same head
+            twins = [
+                o.name
+                for o in resolved
+                if o.kind == "trained" and (o.eval_of or o.name) == m.random_of and o.infer == m.infer
+                if not (o.adapt or o.attrs)
+            ]
+            pairs += [(twin, m.name) for twin in twins[:1]]
+        if m.kind == "trained" and "rgb_kmeans" in rows:
+            pairs.append((m.name, "rgb_kmeans"))
+    comparisons = {}
+    for a, b in dict.fromkeys(pairs):
+        if a not in rows or b not in rows:
+            raise LotoError(f"--compare {a}:{b}: both methods must be in the run")
+        comparisons[f"{a} - {b}"] = paired_difference(rows[a], rows[b])
+    return comparisons
+
+
+def _fold_scores(
+    method: Method,
+    ctx: FoldContext,
+    fold: str,
+    key: dict,
+    fold_tiles,
+    *,
+    k: int | str,
+    ignore: Sequence[int],
+    seed: int,
+) -> tuple[list[dict], float]:
+    """(rows, seconds) of ``method`` on ``fold``'s images: from the cache beside its fold model
+    when ``key`` (everything the scores depend on) matches, else scored now and cached."""
+    where = ctx.runs / method.name / fold
+    cache = where / "scores.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == json.loads(json.dumps(key)):
+            return saved["rows"], saved.get("seconds", 0.0)
+    names, tiles = fold_tiles()
+    model = None if method.kind == "kmeans" else fold_model(method, ctx, fold).to(ctx.device)
+    tic = time.perf_counter()
+    rows = _score_images(method, model, tiles, names, fold, k, ignore, seed)
+    spent = time.perf_counter() - tic
+    ctx.log(f"[loto] {fold} {method.name}: mIoU {np.mean([r['miou'] for r in rows]):.4f} ({spent:.0f} s)")
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "rows": rows, "seconds": spent}))
+    tmp.replace(cache)
+    return rows, spent
 
 
 def run_protocol(
@@ -98,25 +200,14 @@ def run_protocol(
 ) -> dict:
     """Train (or reuse) every method's fold models, score every held-out image, aggregate.
 
-    Returns the result dict that ``main`` writes as JSON (see the module docstring)."""
+    Scores are cached per method and fold (``scores.json`` beside the fold model, keyed by
+    everything they depend on). Returns the result that ``python -m seglib.loto`` writes as JSON."""
     from ...data.tiles import load_labelled_folder
     from ...device import set_threads
-    from ...io.images import list_images
 
     set_threads(threads)
     images, masks, runs = Path(images), Path(masks), Path(runs)
-    all_stems = [p.stem for p in list_images(images)]
-    labelled = [s for s in all_stems if (masks / f"{s}.png").is_file()]
-    tiles = group_by_tile(all_stems, tile_pattern)
-    if len(tiles) < 2:
-        raise LotoError(
-            f"{images}: found {len(tiles)} tile id(s) with --tile-pattern {tile_pattern!r}; "
-            "leave-one-tile-out needs images of at least 2 tiles (names like image_part_001t1)"
-        )
-    chosen = list(folds) if folds else list(tiles)
-    unknown = [f for f in chosen if f not in tiles]
-    if unknown:
-        raise LotoError(f"unknown fold(s) {unknown}; the tiles of {images} are {', '.join(tiles)}")
+    tiles, labelled, chosen = _tiles_and_folds(images, masks, folds, tile_pattern)
     ctx = FoldContext(images=images, runs=runs, tiles=tiles, threads=threads, device=device, train=train, log=log)
     resolved = [get_method(name) for name in methods]
     select = {label: list(names) for label, names in (select or {}).items()}
@@ -130,76 +221,22 @@ def run_protocol(
     key_base = {"k": k, "ignore": list(ignore), "seed": seed}
     for fold in chosen:
         fold_names = [n for n in tiles[fold] if n in labelled]
-        loaded = None
+        loaded: list = []  # the fold's labelled images, read once when a method needs them
+
+        def fold_tiles(fold_names: list[str] = fold_names, loaded: list = loaded) -> tuple:
+            if not loaded:
+                loaded.append(load_labelled_folder(images, masks, include=[glob.escape(n) for n in fold_names]))
+            return loaded[0]
+
         for method in resolved:
-            where = runs / method.name / fold
             key = dict(key_base, infer=method.infer, images=fold_names, models=_artifacts(method, ctx, fold))
             if method.attrs:
                 key["attrs"] = method.attrs
             if method.adapt:
                 key["adapt"] = method.adapt
-            cache = where / "scores.json"
-            if cache.is_file():
-                saved = json.loads(cache.read_text())
-                if saved.get("key") == json.loads(json.dumps(key)):
-                    rows[method.name].extend(saved["rows"])
-                    seconds[method.name] += saved.get("seconds", 0.0)
-                    continue
-            if loaded is None:
-                include = [glob.escape(n) for n in fold_names]
-                loaded = load_labelled_folder(images, masks, include=include)
-            model = None if method.kind == "kmeans" else fold_model(method, ctx, fold).to(device)
-            tic = time.perf_counter()
-            fold_rows = _score_images(method, model, loaded[1], loaded[0], fold, k, ignore, seed)
-            spent = time.perf_counter() - tic
-            log(f"[loto] {fold} {method.name}: mIoU {np.mean([r['miou'] for r in fold_rows]):.4f} ({spent:.0f} s)")
-            where.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "rows": fold_rows, "seconds": spent}))
-            tmp.replace(cache)
+            fold_rows, spent = _fold_scores(method, ctx, fold, key, fold_tiles, k=k, ignore=ignore, seed=seed)
             rows[method.name].extend(fold_rows)
             seconds[method.name] += spent
-
-    result_methods = {}
-    for method in resolved:
-        train_seconds = {}
-        for fold in chosen:
-            rec = runs / (method.eval_of or method.name) / (fold if method.per_fold else "shared") / "loto.json"
-            if method.kind == "trained" and rec.is_file():
-                train_seconds[fold if method.per_fold else "shared"] = json.loads(rec.read_text()).get("train_seconds")
-        result_methods[method.name] = {
-            "kind": method.kind,
-            "about": method.about,
-            "recipe": method.recipe if isinstance(method.recipe, str) else method.overrides() or None,
-            "teacher": method.teacher,
-            "random_of": method.random_of,
-            "eval_of": method.eval_of,
-            "infer": method.infer,
-            "attrs": method.attrs,
-            "adapt": method.adapt,
-            **summarize(rows[method.name], SCORE_KEYS),
-            "eval_seconds": round(seconds[method.name], 1),
-            "adapt_seconds_per_megapixel": _per_megapixel(rows[method.name]),
-            "train_seconds": train_seconds,
-        }
-    pairs = list(compare)
-    for m in resolved:
-        if m.kind == "random":  # its twin: the trained models it copies, scored with the same head
-            twins = [
-                o.name
-                for o in resolved
-                if o.kind == "trained" and (o.eval_of or o.name) == m.random_of and o.infer == m.infer
-                if not (o.adapt or o.attrs)
-            ]
-            pairs += [(twin, m.name) for twin in twins[:1]]
-        if m.kind == "trained" and "rgb_kmeans" in rows:
-            pairs.append((m.name, "rgb_kmeans"))
-    comparisons = {}
-    for a, b in dict.fromkeys(pairs):
-        if a not in rows or b not in rows:
-            raise LotoError(f"--compare {a}:{b}: both methods must be in the run")
-        comparisons[f"{a} - {b}"] = paired_difference(rows[a], rows[b])
-    nested = {label: nested_choice({n: rows[n] for n in names}) for label, names in select.items()}
     return {
         "protocol": {
             "images": str(images),
@@ -214,9 +251,9 @@ def run_protocol(
             "torch": torch.__version__,
             "date": datetime.date.today().isoformat(),
         },
-        "methods": result_methods,
-        "comparisons": comparisons,
-        "nested": nested,
+        "methods": {m.name: _method_summary(m, rows[m.name], seconds[m.name], runs, chosen) for m in resolved},
+        "comparisons": _comparisons(resolved, rows, compare),
+        "nested": {label: nested_choice({n: rows[n] for n in names}) for label, names in select.items()},
         "per_image": rows,
     }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ...io.images import list_inputs as expand_inputs
 from ..kselect import DEFAULT_RANGE
-from ..windows import DEFAULT_OVERLAP, DEFAULT_TILE, axis_plan
+from ..windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling, axis_plan
 
 __all__ = ["Settings", "expand_inputs", "input_identity", "block_edges", "BLOCK_SIZE"]
 
@@ -44,6 +44,11 @@ class Settings:
     overviews: bool = False
     block_size: int = BLOCK_SIZE
     alpha: str = "auto"
+
+    @property
+    def tiling(self) -> Tiling:
+        """The windows and the fit sample these settings give (``Tiling``)."""
+        return Tiling(self.tile, self.overlap, self.fit_windows, FIT_PIXELS, self.seed)
 
     def key(self) -> str:
         """A SHA-256 of the settings that shape the outputs (not where the work runs)."""

@@ -57,17 +57,14 @@ def sample_task(path: str, index: int, settings: Settings, k: int, positions: in
     """The fit-sample cells of one input that can be in the legend's budget
     (``budget.file_sample``), or ``{"status": "failed", ...}`` for an unreadable file."""
     from ..budget import file_sample
-    from ..windows import FIT_PIXELS
 
     model, mine = worker_model(settings.checkpoint, settings.device)
     if mine != fingerprint:
         raise RuntimeError("this worker loaded another model than the client: install the same seglib and weights")
     try:
         return file_sample(
-            model, Path(path), index, k=k, tile=settings.tile, overlap=settings.overlap,
-            fit_windows=settings.fit_windows, fit_pixels=FIT_PIXELS, seed=settings.seed,
-            positions=positions, threshold=threshold,
-        )  # fmt: skip
+            model, Path(path), index, k=k, tiling=settings.tiling, positions=positions, threshold=threshold
+        )
     except Exception as exc:  # recorded, never raised: one bad file must not stop the others
         return {"status": "failed", "input": path, "error": describe_error(exc)}
 
@@ -99,10 +96,9 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
         if size is not None and size[0] * size[1] > settings.block_size**2 and target_.suffix == ".tif":
             return {**record, **_plan_blocks(model, path_, settings, legend), "seconds": time.perf_counter() - start}
         result = predict_file(
-            path_, target_, model, settings.k, tile=settings.tile, overlap=settings.overlap, lane=settings.lane,
-            fit_windows=settings.fit_windows, seed=settings.seed, clusters=legend, k_range=settings.k_range,
-            vector=settings.vector, min_area=settings.min_area, preview=settings.preview, progress=False,
-            overviews=settings.overviews, alpha=settings.alpha,
+            path_, target_, model, settings.k, tiling=settings.tiling, lane=settings.lane, clusters=legend,
+            k_range=settings.k_range, vector=settings.vector, min_area=settings.min_area, preview=settings.preview,
+            progress=False, overviews=settings.overviews, alpha=settings.alpha,
         )  # fmt: skip
         record.update(
             status="done", k=int(result["k"]), vector=None if result["vector"] is None else str(result["vector"])
@@ -131,24 +127,21 @@ def _plan_blocks(model, path: Path, settings: Settings, legend) -> dict:
     """The row blocks of a large raster and the clusters they are assigned to: the legend's, or
     the raster's own, fitted here on its sampled windows as the single-process pass fits them."""
     from ...io.rasters import open_source
-    from ..engine import fit_clusters
-    from ..forward import model_stride
-    from ..windows import FIT_PIXELS, check_tiling, window_layout
+    from ..engine import fit_source_clusters
+    from ..predictor import Predictor
 
     if settings.k == "auto" and legend is None:
         raise ValueError("--k auto picks K per file on one worker; a raster split into blocks needs --k K")
-    tile = check_tiling(settings.tile, settings.overlap, model_stride(model))
+    k = legend.k if legend is not None else settings.k
+    predictor = Predictor(model, k, lane=settings.lane)
+    tiling = settings.tiling.checked(predictor.stride)
     with open_source(path, alpha=settings.alpha) as source:
         view, box = _view(source)
-        layout = window_layout(view.height, view.width, tile, settings.overlap, model_stride(model))
+        layout = tiling.layout(view.height, view.width, predictor.stride)
         if legend is not None:
-            k, clusters = legend.k, legend.head_clusters("cpu")
+            clusters = legend.head_clusters("cpu")
         else:
-            k = settings.k
-            clusters = fit_clusters(
-                model, view, k, tile=tile, overlap=settings.overlap, fit_windows=settings.fit_windows,
-                fit_pixels=FIT_PIXELS, seed=settings.seed,
-            )  # fmt: skip
+            clusters = fit_source_clusters(predictor, view, tiling=tiling)
     _, ys, lh, _, _ = layout
     rows_per_block = max(1, settings.block_size**2 // max(1, view.width))
     edges = block_edges(ys, lh, view.height, rows_per_block)
@@ -173,8 +166,7 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
     from ...io.rasters import open_source
     from ...models.head import Clusters
     from ..blend import blended_cells
-    from ..forward import model_stride
-    from ..windows import check_tiling, window_layout
+    from ..predictor import Predictor
 
     start = time.perf_counter()
     top_row, bottom_row = rows
@@ -183,12 +175,12 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
     record = {"input": path, "rows": list(rows), "status": "failed", "error": None}
     try:
         model, _ = worker_model(settings.checkpoint, settings.device)
-        tile = check_tiling(settings.tile, settings.overlap, model_stride(model))
         protos, bias = plan["clusters"]
-        clusters, k = Clusters(protos, bias), plan["k"]
+        predictor = Predictor(model, plan["k"], lane=settings.lane, clusters=Clusters(protos, bias))
+        tiling = settings.tiling.checked(predictor.stride)
         with open_source(path_, alpha=settings.alpha) as source:
             view, _ = _view(source)
-            layout = window_layout(view.height, view.width, tile, settings.overlap, model_stride(model))
+            layout = tiling.layout(view.height, view.width, predictor.stride)
             first_out = 0 if top_row == 0 else box_top + top_row  # rows of the full raster this block writes
             last_out = source.height if last else box_top + bottom_row
             profile = label_profile(source)
@@ -201,7 +193,7 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
             output = block_path(target_, first_out)
             output.parent.mkdir(parents=True, exist_ok=True)
             width = source.width
-            with label_geotiff(output, profile, k, overviews=settings.overviews) as dst:
+            with label_geotiff(output, profile, predictor.k, overviews=settings.overviews) as dst:
 
                 def write(y: int, labels: np.ndarray) -> None:  # y in the full raster's rows
                     dst.write(y - first_out, labels)
@@ -211,9 +203,8 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
                 pending: dict[int, list] = {}
                 with torch.no_grad():
                     for y, x, labels, _ in blended_cells(
-                        model, view, k, clusters, layout, lane=settings.lane, want_probs=False,
-                        progress=False, rows=rows,
-                    ):  # fmt: skip
+                        predictor, view, layout, want_probs=False, progress=False, rows=rows
+                    ):
                         h, w = labels.shape
                         row = pending.setdefault(y, [np.full((h, width), NODATA, np.uint8), 0])
                         row[0][:, left + x : left + x + w] = labels
