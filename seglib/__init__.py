@@ -2,7 +2,7 @@
 
 from seglib import MonolithicSegmenter, StudentCNN, segment, load_model
 labels = segment(image_uint8_hxwx3, k=5)     # bundled default model, any H and W
-legend = fit_clusters([a, b, "c.tif"], 6)     # one legend for many images: segment(x, clusters=legend)
+legend = fit_legend([a, b, "c.tif"], 6)     # one legend for many images: segment(x, legend=legend)
 labels = Predictor(load_model(), 6).labels(image)  # a model at K for inference, lower level
 """
 
@@ -20,8 +20,8 @@ __all__ = [
     "StudentCNN",
     "load_model",
     "segment",
-    "fit_clusters",
-    "load_clusters",
+    "fit_legend",
+    "load_legend",
     "Predictor",
     "__version__",
 ]
@@ -41,7 +41,7 @@ def __getattr__(name: str):
         from .inference.predictor import Predictor
 
         return Predictor
-    if name in ("segment", "fit_clusters", "load_clusters"):
+    if name in ("segment", "fit_legend", "load_legend"):
         from .inference import api
 
         return getattr(api, name)

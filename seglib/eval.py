@@ -4,7 +4,7 @@
     python -m seglib.eval --synthetic --checkpoint runs/demo/teacher.pt
     python -m seglib.eval --synthetic --checkpoint ckpt.pt --k-sweep
     python -m seglib.eval --images DIR --masks DIR --k present --ignore 5,255 --checkpoint student.pt
-    python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-clusters   # one legend
+    python -m seglib.eval --images DIR --masks DIR --k 6 --ignore 5,255 --shared-legend   # one legend
     python -m seglib.eval --images DIR --masks DIR --ignore 5,255 --checkpoint mine.pt --compare bundled
 
 Prints one JSON summary (aggregated numbers per method; ``--per-image`` adds the rows) and
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="present", help="'present' (K = classes present per image) or an integer 2..16")
     p.add_argument("--k-sweep", action="store_true", help="also report both matchings for K = 2..16")
     p.add_argument(
-        "--shared-clusters",
+        "--shared-legend",
         action="store_true",
         help="score one set of clusters fitted on all images (dataset-level Hungarian mIoU) beside per-image "
         "fitting, for the model, random-init features and RGB k-means; needs an integer --k",
@@ -126,8 +126,8 @@ def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     except ValueError as exc:
         parser.error(f"--k: {exc}")
     ignore = [int(v) for v in args.ignore.split(",") if v.strip()]
-    if args.shared_clusters and not isinstance(k, int):
-        parser.error("--shared-clusters needs an integer --k (one K for every image), e.g. --k 6")
+    if args.shared_legend and not isinstance(k, int):
+        parser.error("--shared-legend needs an integer --k (one K for every image), e.g. --k 6")
     return k, ignore
 
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     random_init = None if args.no_random_init or model is None else random_init_like(model).to(device)
 
     tic = time.perf_counter()
-    if args.shared_clusters:
+    if args.shared_legend:
         return _shared_study(args, model, random_init, names, tiles, ignore, source, device)
     result = evaluate_tiles(
         model,
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shared_study(args, model, random_init, names, tiles, ignore, source, device) -> int:
-    """--shared-clusters: print the summary, write everything to --out."""
+    """--shared-legend: print the summary, write everything to --out."""
     from .evaluation.scores import evaluate_shared
 
     tic = time.perf_counter()

@@ -3,8 +3,8 @@
     python -m seglib.predict --input ortho.tif --k 6 --output out/              # out/ortho.tif
     python -m seglib.predict --input tiles/ --k 4 --output out/ --preview       # every image
     python -m seglib.predict --input photo.jpg --k 5 --output out/ --checkpoint teacher.pt
-    python -m seglib.predict --input tiles/ --k 6 --output out/ --shared-clusters --save-clusters legend.json
-    python -m seglib.predict --input new/ --clusters legend.json --output out2/  # the same legend later
+    python -m seglib.predict --input tiles/ --k 6 --output out/ --shared-legend --save-legend legend.json
+    python -m seglib.predict --input new/ --legend legend.json --output out2/  # the same legend later
     python -m seglib.predict --input ortho.tif --k auto --output out/ --vector gpkg --min-area 50
 
 Every file takes one route, ``seglib.inference.engine.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
@@ -15,10 +15,10 @@ adds ``<stem>_preview.png`` in the label colours of ``seglib.viz`` (decimated fo
 Label ids follow the brightness of each cluster's colour, darkest first; label GeoTIFFs carry
 that palette as their colour table.
 
-``--shared-clusters`` fits one set of clusters on windows sampled from every input before any
-file is written, so a label means the same land cover in every output; ``--clusters FILE`` reuses
-a set saved with ``--save-clusters FILE`` (refused for another model or K). ``--k auto`` picks K
-in ``--k-range`` without labels (per file, or once for the set with ``--shared-clusters``) and
+``--shared-legend`` fits one set of clusters on windows sampled from every input before any
+file is written, so a label means the same land cover in every output; ``--legend FILE`` reuses
+a set saved with ``--save-legend FILE`` (refused for another model or K). ``--k auto`` picks K
+in ``--k-range`` without labels (per file, or once for the set with ``--shared-legend``) and
 prints it. ``--vector gpkg`` also writes ``<stem>.gpkg``: one polygon per segment, with its label
 and area, traced from the finished label raster after an optional ``--min-area`` sieve.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from .config import K_MAX, K_MIN, LANES, check_k
 from .inference.files import check_output_folder, output_paths, predict_file
 from .inference.kselect import DEFAULT_RANGE, check_k_range
-from .inference.legend import FittedClusters
+from .inference.legend import Legend
 from .inference.vector import VECTOR_FORMATS, check_vector_format, parse_min_area
 from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling
 from .io.images import list_inputs
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_k_arg,
         default=None,
         help=f"number of segments, an integer in {K_MIN}..{K_MAX}, or auto (picked in --k-range without labels); "
-        "may be left out with --clusters",
+        "may be left out with --legend",
     )
     p.add_argument("--output", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument(
@@ -118,8 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lane",
-        "--smooth",
-        dest="lane",
         choices=LANES,
         default=None,
         help="boundary refinement: fast (edge-aware guided filter), learned, or none (default: the model's)",
@@ -138,16 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"range searched by --k auto, e.g. 3..10 (default {DEFAULT_RANGE[0]}..{DEFAULT_RANGE[1]})",
     )
     p.add_argument(
-        "--shared-clusters",
+        "--shared-legend",
         action="store_true",
         help="fit one set of clusters on windows sampled from every input, so a label means the same in every output",
     )
-    p.add_argument("--clusters", type=Path, default=None, help="use the clusters saved in FILE (--save-clusters)")
+    p.add_argument("--legend", type=Path, default=None, help="use the clusters saved in FILE (--save-legend)")
     p.add_argument(
-        "--save-clusters",
+        "--save-legend",
         type=Path,
         default=None,
-        help="write the clusters used to FILE (JSON): with --shared-clusters, or for a single input",
+        help="write the clusters used to FILE (JSON): with --shared-legend, or for a single input",
     )
     p.add_argument(
         "--vector",
@@ -220,22 +218,22 @@ def _clean_folder(folder: Path) -> None:
 
 def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
     """ValueError for option combinations that cannot work, before any work."""
-    if args.k is None and args.clusters is None:
-        raise ValueError("give --k K (2..16 or auto), or --clusters FILE")
-    if args.clusters is not None and args.k == "auto":
-        raise ValueError("--k auto picks K for a new fit; with --clusters the file's K is used (drop --k)")
-    if args.clusters is not None and args.shared_clusters:
-        raise ValueError("--clusters already gives every file the same clusters; drop --shared-clusters")
-    if args.adapt and (args.clusters is not None or args.shared_clusters):
+    if args.k is None and args.legend is None:
+        raise ValueError("give --k K (2..16 or auto), or --legend FILE")
+    if args.legend is not None and args.k == "auto":
+        raise ValueError("--k auto picks K for a new fit; with --legend the file's K is used (drop --k)")
+    if args.legend is not None and args.shared_legend:
+        raise ValueError("--legend already gives every file the same clusters; drop --shared-legend")
+    if args.adapt and (args.legend is not None or args.shared_legend):
         raise ValueError(
             "--adapt changes each file's features, so clusters shared between files no longer fit; drop one"
         )
-    if args.save_clusters is not None and n_inputs > 1 and not args.shared_clusters:
+    if args.save_legend is not None and n_inputs > 1 and not args.shared_legend:
         raise ValueError(
-            "--save-clusters with several inputs needs --shared-clusters (otherwise every file has its own clusters)"
+            "--save-legend with several inputs needs --shared-legend (otherwise every file has its own clusters)"
         )
-    if args.save_clusters is not None and args.save_clusters.suffix.lower() != ".json":
-        raise ValueError(f"--save-clusters writes JSON: name the file *.json, got {args.save_clusters}")
+    if args.save_legend is not None and args.save_legend.suffix.lower() != ".json":
+        raise ValueError(f"--save-legend writes JSON: name the file *.json, got {args.save_legend}")
     if args.min_area is not None and args.vector is None:
         raise ValueError("--min-area sieves the polygons of --vector; add --vector gpkg")
     if args.workers < 0 or args.block_size < 0:
@@ -246,11 +244,11 @@ def _check_options(args: argparse.Namespace, n_inputs: int) -> None:
         raise ValueError(f"--mosaic writes a GDAL VRT: name the file *.vrt, got {args.mosaic}")
     if (args.workers or args.scheduler) and args.adapt:
         raise ValueError("--adapt is not supported on dask workers yet; run without --workers")
-    if (args.workers or args.scheduler) and args.k == "auto" and args.shared_clusters:
-        raise ValueError("--k auto with --shared-clusters is not supported on dask workers yet; give --k K")
+    if (args.workers or args.scheduler) and args.k == "auto" and args.shared_legend:
+        raise ValueError("--k auto with --shared-legend is not supported on dask workers yet; give --k K")
 
 
-def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable: bool = False) -> FittedClusters:
+def _fit(args: argparse.Namespace, model, paths: list[Path], *, skip_unreadable: bool = False) -> Legend:
     """Clusters fitted once on windows sampled from ``paths`` (K or auto, as the arguments say)."""
     from .inference.kselect import fit_sources_auto
     from .inference.legend import fit_sources
@@ -312,7 +310,7 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for folder in {args.output, *([args.save_clusters.parent] if args.save_clusters else [])}:
+    for folder in {args.output, *([args.save_legend.parent] if args.save_legend else [])}:
         _clean_folder(folder)
     if args.workers or args.scheduler:  # the same run on dask workers (seglib.inference.archive)
         from .inference.archive.command import run_on_dask
@@ -320,7 +318,7 @@ def _main(argv: list[str] | None) -> int:
         return run_on_dask(args, inputs)
 
     from .device import resolve_device, set_threads
-    from .inference.legend import load_clusters
+    from .inference.legend import load_legend
     from .inference.predictor import model_stride
     from .models import load_model
 
@@ -329,35 +327,35 @@ def _main(argv: list[str] | None) -> int:
         device = resolve_device(args.device)
         model = load_model(args.checkpoint).to(device)
         _tiling(args).checked(model_stride(model))
-        clusters = None if args.clusters is None else load_clusters(args.clusters, model=model, k=args.k)
+        legend = None if args.legend is None else load_legend(args.legend, model=model, k=args.k)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     failed: list[Path] = []
-    if args.shared_clusters:
+    if args.shared_legend:
         start = time.perf_counter()
         try:
-            clusters = _fit(args, model, list(targets), skip_unreadable=True)
+            legend = _fit(args, model, list(targets), skip_unreadable=True)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        for name, reason in clusters.meta["skipped"]:  # unreadable files: reported, not written
+        for name, reason in legend.meta["skipped"]:  # unreadable files: reported, not written
             failed.append(Path(name))
             print(f"FAILED {name}: {reason}", file=sys.stderr)
         if not args.quiet or args.k == "auto":
-            how = f"K={clusters.k}" + (f" (auto, {clusters.meta['k_auto']['rule']})" if args.k == "auto" else "")
+            how = f"K={legend.k}" + (f" (auto, {legend.meta['k_auto']['rule']})" if args.k == "auto" else "")
             print(
-                f"shared clusters: {how}, fitted on {clusters.meta['windows']} windows of "
-                f"{len(clusters.meta['files'])} file(s) ({time.perf_counter() - start:.1f} s)"
+                f"shared legend: {how}, fitted on {legend.meta['windows']} windows of "
+                f"{len(legend.meta['files'])} file(s) ({time.perf_counter() - start:.1f} s)"
             )
-    saved = clusters
+    saved = legend
     for path, target in targets.items():
         if path in failed:
             continue
         start = time.perf_counter()
         try:
-            if args.save_clusters is not None and clusters is None:  # one input: fit it here to save it
+            if args.save_legend is not None and legend is None:  # one input: fit it here to save it
                 saved = _fit(args, model, [path])
             result = predict_file(
                 path,
@@ -366,7 +364,7 @@ def _main(argv: list[str] | None) -> int:
                 args.k,
                 tiling=_tiling(args),
                 lane=args.lane,
-                clusters=clusters if clusters is not None else saved,
+                legend=legend if legend is not None else saved,
                 k_range=args.k_range,
                 vector=args.vector,
                 min_area=args.min_area,
@@ -381,22 +379,22 @@ def _main(argv: list[str] | None) -> int:
             failed.append(path)
             print(f"FAILED {path}: {exc}", file=sys.stderr)
             continue
-        auto = args.k == "auto" and not args.shared_clusters
+        auto = args.k == "auto" and not args.shared_legend
         if not args.quiet or auto:
             extra = f", {result['features']} polygons -> {result['vector']}" if result["vector"] else ""
             print(
                 f"{path} -> {target} (K={result['k']}{' auto' if auto else ''}{extra}; "
                 f"{time.perf_counter() - start:.1f} s)"
             )
-    if args.save_clusters is not None and saved is not None:
+    if args.save_legend is not None and saved is not None:
         try:
-            saved.save(args.save_clusters)
+            saved.save(args.save_legend)
         except OSError as exc:
-            failed.append(args.save_clusters)
-            print(f"FAILED {args.save_clusters}: {exc}", file=sys.stderr)
+            failed.append(args.save_legend)
+            print(f"FAILED {args.save_legend}: {exc}", file=sys.stderr)
         else:
             if not args.quiet:
-                print(f"clusters (K={saved.k}) -> {args.save_clusters}")
+                print(f"legend (K={saved.k}) -> {args.save_legend}")
     if args.mosaic is not None:
         from .io.vrt import write_vrt
 

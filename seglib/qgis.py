@@ -12,8 +12,8 @@ moving the environment or updating seglib. The profiles live where QGIS keeps th
 (``QGIS_CUSTOM_CONFIG_PATH`` or ``--profiles-path`` as QGIS itself takes them).
 
 ``fit-legend`` is the command behind the plugin's "Fit a shared legend": one set of K clusters
-fitted on windows sampled from every raster (``seglib.fit_clusters``), saved as a clusters file
-for ``python -m seglib.predict --clusters FILE`` or the plugin's "Segment with a shared legend".
+fitted on windows sampled from every raster (``seglib.fit_legend``), saved as a legend file
+for ``python -m seglib.predict --legend FILE`` or the plugin's "Segment with a shared legend".
 
 Exit status 0, 2 for unusable arguments or files (the message says which and what to do).
 """
@@ -168,10 +168,10 @@ def _k_or_auto(text: str) -> int | str:
 
 
 def _fit_legend_main(args: argparse.Namespace) -> int:
-    from .inference.api import fit_clusters, load_model
+    from .inference.api import fit_legend, load_model
 
     if args.output.suffix.lower() != ".json":
-        print(f"error: the clusters file is JSON: name it *.json, got {args.output}", file=sys.stderr)
+        print(f"error: the legend file is JSON: name it *.json, got {args.output}", file=sys.stderr)
         return 2
     missing = [str(p) for p in args.inputs if not p.is_file()]
     if missing:
@@ -180,13 +180,13 @@ def _fit_legend_main(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.checkpoint)
         kwargs = {"k_range": args.k_range} if args.k_range else {}
-        legend = fit_clusters(args.inputs, args.k, model, **kwargs)
+        legend = fit_legend(args.inputs, args.k, model, **kwargs)
         legend.save(args.output)
     except (ValueError, OSError) as exc:  # bad K, checkpoint or raster: seglib's message
         print(f"error: {exc}", file=sys.stderr)
         return 2
     auto = f" (auto, {legend.meta['k_auto']['rule']})" if args.k == "auto" else ""
-    print(f"clusters (K={legend.k}{auto}) of {len(args.inputs)} raster(s) -> {args.output}")
+    print(f"legend (K={legend.k}{auto}) of {len(args.inputs)} raster(s) -> {args.output}")
     return 0
 
 
@@ -201,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding QGIS's profiles/ (as QGIS's --profiles-path; default: QGIS_CUSTOM_CONFIG_PATH, "
         "else the platform's QGIS3 folder)",
     )
-    f = sub.add_parser("fit-legend", help="fit one legend (a clusters file) on several rasters")
+    f = sub.add_parser("fit-legend", help="fit one legend (a legend file) on several rasters")
     f.add_argument("inputs", nargs="+", type=Path, help="the rasters (GeoTIFF, PNG, JPEG)")
     f.add_argument("--k", required=True, type=_k_or_auto, help=f"number of segments, {K_MIN}..{K_MAX}, or auto")
-    f.add_argument("--output", required=True, type=Path, help="the clusters file to write (*.json)")
+    f.add_argument("--output", required=True, type=Path, help="the legend file to write (*.json)")
     f.add_argument("--checkpoint", type=Path, default=None, help="teacher.pt or student.pt (default: bundled model)")
     f.add_argument("--k-range", default=None, help="range searched by --k auto, e.g. 3..10")
     return p

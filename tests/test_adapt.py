@@ -89,6 +89,6 @@ def test_segment_and_predict_take_adaptation_steps(student, image, tmp_path, one
         main(["--input", str(tmp_path / "in.png"), "--k", "4", "--output", str(tmp_path / "o"), "--adapt", "-1"])
     assert exc.value.code == 2
     # Clusters shared between files were fitted on unadapted features: refused before any work.
-    shared = ["--input", str(tmp_path / "in.png"), "--k", "4", "--output", str(tmp_path / "s"), "--shared-clusters"]
+    shared = ["--input", str(tmp_path / "in.png"), "--k", "4", "--output", str(tmp_path / "s"), "--shared-legend"]
     assert main([*shared, "--adapt", "2"]) == 2
     assert not (tmp_path / "s" / "in.png").exists()

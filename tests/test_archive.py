@@ -56,17 +56,17 @@ def _labels(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def dask_run(archive, scheduler, tiny_teacher_checkpoint, tmp_path_factory):
-    """The arguments and the output folder of a --shared-clusters run of the archive on dask."""
+    """The arguments and the output folder of a --shared-legend run of the archive on dask."""
     out = tmp_path_factory.mktemp("dask_run")
-    args = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-clusters", "--quiet"]
+    args = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-legend", "--quiet"]
     args += ["--output", out / "dask", "--scheduler", scheduler, "--mosaic", out / "m.vrt"]
-    assert _run(*args, "--save-clusters", out / "legend.json") == 0
+    assert _run(*args, "--save-legend", out / "legend.json") == 0
     return args, out
 
 
 def test_workers_byte_identical_with_a_mosaic(archive, dask_run, tiny_teacher_checkpoint, tmp_path):
     dask_args, tmp_path = dask_run
-    common = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-clusters", "--quiet"]
+    common = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-legend", "--quiet"]
     assert _run(*common, "--output", tmp_path / "one", "--threads", "1") == 0
     saved = tmp_path / "legend.json"
     names = sorted(p.name for p in (tmp_path / "one").glob("*.tif"))
@@ -121,7 +121,7 @@ def test_failures_are_isolated_and_named(archive, scheduler, tiny_teacher_checkp
     (inputs / "tile_00001.tif").write_bytes(data[: len(data) // 3])  # truncated
     (tmp_path / "out" / "tile_00003.gpkg").mkdir(parents=True)  # the polygons cannot be written there
     args = ["--input", inputs, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--output", tmp_path / "out"]
-    code = _run(*args, "--vector", "gpkg", "--scheduler", scheduler, "--quiet", "--shared-clusters")
+    code = _run(*args, "--vector", "gpkg", "--scheduler", scheduler, "--quiet", "--shared-legend")
     assert code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -140,7 +140,7 @@ def test_failures_are_isolated_and_named(archive, scheduler, tiny_teacher_checkp
 
 @pytest.mark.slow
 def test_a_killed_run_finishes_the_rest_on_rerun(archive, scheduler, tiny_teacher_checkpoint, dask_run, tmp_path):
-    args = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-clusters", "--quiet"]
+    args = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-legend", "--quiet"]
     args = [sys.executable, "-m", "seglib.predict", *map(str, args), "--scheduler", scheduler]
     out = tmp_path / "out"
     proc = subprocess.Popen([*args, "--output", str(out)], start_new_session=True)

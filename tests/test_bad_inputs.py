@@ -292,19 +292,19 @@ def test_unknown_vector_format(tmp_path, checkpoint):
 
 
 def test_clusters_file_of_another_model_or_k(tmp_path, model, checkpoint):
-    """A clusters file is refused, before any image is read, for another K (exit 2, 'drop --k')
+    """A legend file is refused, before any image is read, for another K (exit 2, 'drop --k')
     or another model (the bundled one here)."""
     Image.fromarray(rgb_image()).save(tmp_path / "a.png")
-    seglib.fit_clusters([rgb_image(seed=1)], 4, model).save(tmp_path / "legend.json")
+    seglib.fit_legend([rgb_image(seed=1)], 4, model).save(tmp_path / "legend.json")
     common = ["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]
-    run = run_cli(*common, "--clusters", str(tmp_path / "legend.json"), "--k", "5", "--checkpoint", str(checkpoint))
+    run = run_cli(*common, "--legend", str(tmp_path / "legend.json"), "--k", "5", "--checkpoint", str(checkpoint))
     assert run.returncode == 2 and "K = 4 clusters, but K = 5 was asked for; drop --k" in run.stderr
-    run = run_cli(*common, "--clusters", str(tmp_path / "legend.json"))  # the bundled model
+    run = run_cli(*common, "--legend", str(tmp_path / "legend.json"))  # the bundled model
     assert run.returncode == 2 and "fitted with another model" in run.stderr
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="fitted with another model"):
-        seglib.segment(rgb_image(), model=seglib.load_model(), clusters=tmp_path / "legend.json")
-    run = run_cli(*common, "--clusters", str(tmp_path / "legend.json"), "--checkpoint", str(checkpoint))
+        seglib.segment(rgb_image(), model=seglib.load_model(), legend=tmp_path / "legend.json")
+    run = run_cli(*common, "--legend", str(tmp_path / "legend.json"), "--checkpoint", str(checkpoint))
     assert run.returncode == 0, run.stderr  # the model it was made with: fine, K from the file
     assert Image.open(tmp_path / "out" / "a.png").getextrema()[1] < 4
 
@@ -316,5 +316,5 @@ def test_k_range_for_auto(tmp_path, model):
     run = run_cli("--input", str(tmp_path), "--k", "auto", "--k-range", "9..3", "--output", str(tmp_path / "out"))
     assert run.returncode == 2 and "K range for auto must satisfy 2 <= lo < hi <= 16, got 9..3" in run.stderr
     Image.fromarray(rgb_image()).save(tmp_path / "a.png")
-    run = run_cli("--input", str(tmp_path), "--k", "auto", "--clusters", "x.json", "--output", str(tmp_path / "out"))
-    assert run.returncode == 2 and "with --clusters the file's K is used" in run.stderr
+    run = run_cli("--input", str(tmp_path), "--k", "auto", "--legend", "x.json", "--output", str(tmp_path / "out"))
+    assert run.returncode == 2 and "with --legend the file's K is used" in run.stderr

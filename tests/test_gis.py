@@ -1,4 +1,4 @@
-"""What a GIS analyst needs next: one legend for many images, stable ids, a clusters file,
+"""What a GIS analyst needs next: one legend for many images, stable ids, a legend file,
 polygons, and K chosen without labels."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from seglib.evaluation.scores import dataset_confusion
 from seglib.inference.engine import fit_source_clusters
 from seglib.inference.kselect import AUTO_RULE, check_k_range, choose_k, k_statistics, pick_k
 from seglib.inference.legend import (
-    ClustersFileError,
+    LegendFileError,
     embed_windows,
     fit_embeddings,
     fit_sources,
-    load_clusters,
+    load_legend,
     model_fingerprint,
 )
 from seglib.inference.predictor import Predictor
@@ -100,27 +100,27 @@ def test_clusters_file_round_trips_exactly_and_refuses_another_model_or_k(tmp_pa
     path = fitted.save(tmp_path / "legend.json")
     data = json.loads(path.read_text())
     assert data["format"] == "seglib-clusters" and data["k"] == 4 and len(data["prototypes"]) == 4
-    back = load_clusters(path, model=model, k=4)
+    back = load_legend(path, model=model, k=4)
     np.testing.assert_array_equal(back.prototypes, fitted.prototypes)  # float32 through JSON, bit for bit
     np.testing.assert_array_equal(back.bias, fitted.bias)
     assert back.fingerprint == model_fingerprint(model)
-    with pytest.raises(ClustersFileError, match="K = 4 clusters, but K = 5"):
-        load_clusters(path, model=model, k=5)
-    with pytest.raises(ClustersFileError, match="another model"):
-        load_clusters(path, model=tiny_teacher(seed=1))  # same architecture, other weights
+    with pytest.raises(LegendFileError, match="K = 4 clusters, but K = 5"):
+        load_legend(path, model=model, k=5)
+    with pytest.raises(LegendFileError, match="another model"):
+        load_legend(path, model=tiny_teacher(seed=1))  # same architecture, other weights
     other = tiny_teacher()
     other.head.size_prior = 1.0  # same weights, other head settings
-    with pytest.raises(ClustersFileError, match="another model"):
-        load_clusters(path, model=other)
-    with pytest.raises(ClustersFileError, match="another model"):
-        load_clusters(path, model=tiny_teacher(embed_dim=12))  # other embedding width
+    with pytest.raises(LegendFileError, match="another model"):
+        load_legend(path, model=other)
+    with pytest.raises(LegendFileError, match="another model"):
+        load_legend(path, model=tiny_teacher(embed_dim=12))  # other embedding width
     (tmp_path / "bad.json").write_text("not json")
-    with pytest.raises(ClustersFileError, match="not a seglib clusters file"):
-        load_clusters(tmp_path / "bad.json")
+    with pytest.raises(LegendFileError, match="not a seglib legend file"):
+        load_legend(tmp_path / "bad.json")
     data["prototypes"][0][0] = "x"
     (tmp_path / "edit.json").write_text(json.dumps(data))
-    with pytest.raises(ClustersFileError, match="prototypes"):
-        load_clusters(tmp_path / "edit.json")
+    with pytest.raises(LegendFileError, match="prototypes"):
+        load_legend(tmp_path / "edit.json")
 
 
 def test_fingerprint_ignores_the_device_but_not_the_weights():
@@ -334,18 +334,16 @@ def test_predict_twice_gives_byte_identical_labels_with_a_colour_table(tmp_path,
 
 
 def test_shared_legend_saved_reused_and_polygonised(tmp_path, capsys):
-    """--shared-clusters over a folder saves one legend; --clusters gives a later run the same
+    """--shared-legend over a folder saves one legend; --legend gives a later run the same
     labels; --vector gpkg writes polygons in the input's CRS that tile the raster."""
     tifs = _sample_geotiffs(tmp_path / "in", 2)
     code, _ = _predict(capsys, "--input", tmp_path / "in", "--k", 5, "--output", tmp_path / "shared",
-                       "--shared-clusters", "--save-clusters", tmp_path / "legend.json",
+                       "--shared-legend", "--save-legend", tmp_path / "legend.json",
                        "--vector", "gpkg", "--min-area", "2")  # fmt: skip
     assert code == 0
     legend = json.loads((tmp_path / "legend.json").read_text())
     assert legend["k"] == 5 and legend["meta"]["files"] == [t.name for t in tifs]
-    code, _ = _predict(
-        capsys, "--input", tifs[1], "--clusters", tmp_path / "legend.json", "--output", tmp_path / "later"
-    )
+    code, _ = _predict(capsys, "--input", tifs[1], "--legend", tmp_path / "legend.json", "--output", tmp_path / "later")
     assert code == 0
     assert (tmp_path / "later" / tifs[1].name).read_bytes() == (tmp_path / "shared" / tifs[1].name).read_bytes()
     for tif in tifs:
@@ -370,9 +368,9 @@ def test_k_auto_reports_the_k_of_every_file(tmp_path, capsys):
         assert 2 <= k <= 8 and "auto" in line
         with rasterio.open(tmp_path / "out" / tif.name) as src:
             assert src.read(1).max() < k and src.tags(1)["seglib_k"] == str(k)
-    code, out = _predict(capsys, "--input", tmp_path / "in", "--k", "auto", "--shared-clusters",
+    code, out = _predict(capsys, "--input", tmp_path / "in", "--k", "auto", "--shared-legend",
                          "--output", tmp_path / "one")  # fmt: skip
-    assert code == 0 and "shared clusters: K=" in out and "(auto, effective@0.8)" in out
+    assert code == 0 and "shared legend: K=" in out and "(auto, effective@0.8)" in out
 
 
 # ----------------------------------------------------------------------------- the evaluations
@@ -386,7 +384,7 @@ def test_eval_shared_clusters_reports_both_fits_and_baselines(tmp_path):
 
     out = tmp_path / "shared.json"
     code = main(["--images", str(SAMPLE_IMAGES), "--masks", str(SAMPLE_MASKS), "--k", "4", "--ignore", "5,255",
-                 "--shared-clusters", "--no-random-init", "--threads", "1", "--out", str(out)])  # fmt: skip
+                 "--shared-legend", "--no-random-init", "--threads", "1", "--out", str(out)])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 3 and result["k"] == 4

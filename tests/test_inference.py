@@ -213,9 +213,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_documents_every_flag():
     out = run_cli("--help")
     assert out.returncode == 0
-    for flag in ("--input", "--k", "--output", "--checkpoint", "--tile", "--overlap", "--lane", "--smooth",
+    for flag in ("--input", "--k", "--output", "--checkpoint", "--tile", "--overlap", "--lane",
                  "--preview", "--device", "--fit-windows", "--seed", "--threads", "--quiet"):  # fmt: skip
         assert flag in out.stdout, flag
+    assert "--smooth" not in out.stdout  # one name per option
 
 
 def test_cli_folder_of_geotiff_png_and_jpeg(tmp_path, checkpoint):

@@ -1,5 +1,5 @@
 """Outputs a GIS analyst can trust (docs/bad-inputs.md, "Writing outputs"): one checked write
-path for labels, previews, polygons and clusters files; a full disk never leaves a corrupt file
+path for labels, previews, polygons and legend files; a full disk never leaves a corrupt file
 or exits 0; killed runs leave nothing behind for long.
 
 The full disk is made two ways: a small tmpfs (needs root and a system that lets it mount;

@@ -389,8 +389,8 @@ def test_qgis_segment_with_polygons_and_lane(qgis, tiles, tmp_path):
 
 @slow
 def test_qgis_shared_legend_gives_the_clis_labels(qgis, tiles, tmp_path):
-    """Fit a shared legend + Segment with a shared legend = the CLI with the same clusters file,
-    and the legend is the CLI's own --shared-clusters fit of the same files."""
+    """Fit a shared legend + Segment with a shared legend = the CLI with the same legend file,
+    and the legend is the CLI's own --shared-legend fit of the same files."""
     legend = tmp_path / "legend.json"
     inputs = [tiles["a"], tiles["b"]]
     fit = qgis.algorithm("seglib:fit_legend", INPUTS=inputs, K=4, OUTPUT=legend)
@@ -402,8 +402,8 @@ def test_qgis_shared_legend_gives_the_clis_labels(qgis, tiles, tmp_path):
     folder.mkdir()
     for path in inputs:
         shutil.copy(path, folder / path.name)
-    cli("seglib.predict", "--input", str(folder), "--clusters", str(legend), "--output", str(tmp_path / "cli"))
-    cli("seglib.predict", "--input", str(folder), "--k", "4", "--shared-clusters", "--save-clusters",
+    cli("seglib.predict", "--input", str(folder), "--legend", str(legend), "--output", str(tmp_path / "cli"))
+    cli("seglib.predict", "--input", str(folder), "--k", "4", "--shared-legend", "--save-legend",
         str(tmp_path / "cli_legend.json"), "--output", str(tmp_path / "cli_shared"))  # fmt: skip
     assert json.loads(legend.read_text()) == json.loads((tmp_path / "cli_legend.json").read_text())
     for path in inputs:

@@ -2,7 +2,7 @@
 
     seglib:segment              python -m seglib.predict --input F --k K --output DIR [--vector gpkg --min-area A]
     seglib:fit_legend           python -m seglib.qgis fit-legend --k K --output legend.json F1 F2 ...
-    seglib:segment_with_legend  python -m seglib.predict --input Fi --clusters legend.json --output DIR (each Fi)
+    seglib:segment_with_legend  python -m seglib.predict --input Fi --legend legend.json --output DIR (each Fi)
 
 Nothing here segments: the labels are the command's, byte for byte. Outputs are written to a
 private folder beside their destination and moved to their names only when the command
@@ -169,8 +169,8 @@ class Segment(SeglibAlgorithm):
             "vegetation, bare land... The output is a uint8 label GeoTIFF with the input's CRS, transform and "
             "size, label 0 the darkest cluster, 255 nodata, styled with seglib's colour table, as "
             "`python -m seglib.predict --input F --k K` writes it."
-            "\n\nK: 2..16, or picked automatically. Clusters file: a legend from 'Fit a shared legend' (or "
-            "`python -m seglib.predict --save-clusters`); K is then the file's. Polygons: also a GeoPackage with "
+            "\n\nK: 2..16, or picked automatically. Legend file: a legend from 'Fit a shared legend' (or "
+            "`python -m seglib.predict --save-legend`); K is then the file's. Polygons: also a GeoPackage with "
             "one polygon per segment (label, area); segments smaller than the minimum area (square map units of "
             "the raster's CRS, e.g. m² in UTM) are merged into a neighbour first." + _MODEL_HELP + _RUN_HELP
         )
@@ -180,7 +180,7 @@ class Segment(SeglibAlgorithm):
         self.add_k()
         self.addParameter(
             QgsProcessingParameterFile(
-                "CLUSTERS", "Clusters file (shared legend; K is then the file's)", extension="json", optional=True
+                "CLUSTERS", "Legend file (shared legend; K is then the file's)", extension="json", optional=True
             )
         )
         self.add_model()
@@ -216,7 +216,7 @@ class Segment(SeglibAlgorithm):
 
         with runner.staging(output.parent) as folder:
             args = ["seglib.predict", "--input", source, "--output", folder]
-            args += ["--clusters", clusters] if clusters else self.k_args(parameters, context)
+            args += ["--legend", clusters] if clusters else self.k_args(parameters, context)
             args += self.model_args(parameters, context)
             if polygons is not None:
                 args += ["--vector", "gpkg"] + (["--min-area", repr(min_area)] if min_area > 0 else [])
@@ -241,9 +241,9 @@ class FitLegend(SeglibAlgorithm):
 
     def shortHelpString(self):
         return (
-            "Fits one set of K clusters on windows sampled from every raster and saves it as a clusters file "
+            "Fits one set of K clusters on windows sampled from every raster and saves it as a legend file "
             "(JSON). Segmenting rasters with that file ('Segment with a shared legend', or "
-            "`python -m seglib.predict --clusters FILE`) gives label ids that mean the same land cover in every "
+            "`python -m seglib.predict --legend FILE`) gives label ids that mean the same land cover in every "
             "output. The file is bound to the model it was fitted with." + _MODEL_HELP + _RUN_HELP
         )
 
@@ -254,7 +254,7 @@ class FitLegend(SeglibAlgorithm):
         self.add_k()
         self.add_model(lane=False)
         self.addParameter(
-            QgsProcessingParameterFileDestination("OUTPUT", "Clusters file", fileFilter="JSON files (*.json)")
+            QgsProcessingParameterFileDestination("OUTPUT", "Legend file", fileFilter="JSON files (*.json)")
         )
 
     def processAlgorithm(self, parameters, context, feedback):
@@ -264,7 +264,7 @@ class FitLegend(SeglibAlgorithm):
         sources = [self.raster_path(layer, "INPUTS") for layer in layers]
         output = Path(self.parameterAsFileOutput(parameters, "OUTPUT", context)).absolute()
         if output.suffix.lower() != ".json":
-            raise QgsProcessingException(f"OUTPUT: the clusters file is JSON; name it *.json, got {output}")
+            raise QgsProcessingException(f"OUTPUT: the legend file is JSON; name it *.json, got {output}")
         with runner.staging(output.parent) as folder:
             staged = folder / output.name
             args = ["seglib.qgis", "fit-legend", *sources, "--output", staged]
@@ -287,16 +287,16 @@ class SegmentWithLegend(SeglibAlgorithm):
 
     def shortHelpString(self):
         return (
-            "Segments every raster with one clusters file (from 'Fit a shared legend'): label i is the same land "
+            "Segments every raster with one legend file (from 'Fit a shared legend'): label i is the same land "
             "cover in every output. Writes <name>.tif per input into the output folder, each with its input's "
-            "CRS and transform, as `python -m seglib.predict --input F --clusters FILE` does." + _MODEL_HELP + _RUN_HELP
+            "CRS and transform, as `python -m seglib.predict --input F --legend FILE` does." + _MODEL_HELP + _RUN_HELP
         )
 
     def initAlgorithm(self, config=None):
         self.addParameter(
             QgsProcessingParameterMultipleLayers("INPUTS", "RGB rasters (GeoTIFF)", QgsProcessing.TypeRaster)
         )
-        self.addParameter(QgsProcessingParameterFile("CLUSTERS", "Clusters file (shared legend)", extension="json"))
+        self.addParameter(QgsProcessingParameterFile("CLUSTERS", "Legend file (shared legend)", extension="json"))
         self.add_model()
         self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT_FOLDER", "Output folder"))
         self.addOutput(QgsProcessingOutputMultipleLayers("OUTPUT_LAYERS", "Segments"))
@@ -320,7 +320,7 @@ class SegmentWithLegend(SeglibAlgorithm):
             # Every file is segmented first, then all are moved: a cancel halfway leaves none.
             span = 100 / len(targets)
             for i, source in enumerate(targets):
-                args = ["seglib.predict", "--input", source, "--clusters", clusters, "--output", folder / str(i)]
+                args = ["seglib.predict", "--input", source, "--legend", clusters, "--output", folder / str(i)]
                 args += self.model_args(parameters, context)
                 feedback.setProgressText(f"seglib: segmenting {source.name} ({i + 1} of {len(targets)})")
                 self.run_seglib(args, feedback, _window_progress(feedback, i * span, span))

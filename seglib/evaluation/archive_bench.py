@@ -8,7 +8,7 @@ the shared-legend fit, on synthetic archives written to a scratch folder.
 
 ``throughput`` runs, interleaved in each repeat, the single-process command at 1 torch thread and
 at torch's default, and ``--workers 2``, each a fresh process (Python, torch, the cluster's start
-included), all with ``--shared-clusters``. ``overhead`` runs ``--workers 2`` on many tiny files
+included), all with ``--shared-legend``. ``overhead`` runs ``--workers 2`` on many tiny files
 and compares the wall time with the workers' own seconds per file: the rest is the scheduler's
 and the client's cost per file. ``memory`` fits a shared legend on a new local cluster in a fresh
 process per archive size and reports the peak RSS of the client and of each worker. Every
@@ -47,7 +47,7 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path)
 
     inputs = scratch / "in"
     write_archive(inputs, files, size=size)
-    common = ["--input", str(inputs), "--k", "6", "--shared-clusters"]
+    common = ["--input", str(inputs), "--k", "6", "--shared-legend"]
     runs: dict[str, list[float]] = {"single_1_thread": [], "single_default_threads": [], f"workers_{workers}": []}
     load = [_load()]
     for r in range(repeats):
@@ -129,7 +129,7 @@ def extrapolate(task_s: float, noop_s: float, files: int, start_s: float, worker
 
 def _memory_child(files: int, size: int, workers: int, scratch: Path, positions: int | None = None) -> dict:
     """In a fresh process: a shared legend over ``files`` inputs on a new local cluster."""
-    from ..inference.archive import Settings, fit_legend
+    from ..inference.archive import Settings, fit_archive_legend
     from ..inference.archive.cluster import dask_client
     from ..inference.archive.tasks import worker_model
     from ..inference.legend import MAX_POSITIONS
@@ -142,7 +142,7 @@ def _memory_child(files: int, size: int, workers: int, scratch: Path, positions:
     with dask_client(workers=workers) as client:
         tic = time.perf_counter()
         positions = positions or MAX_POSITIONS
-        legend, failed = fit_legend(client, model, paths, settings, positions=positions, progress=False)
+        legend, failed = fit_archive_legend(client, model, paths, settings, positions=positions, progress=False)
         seconds = time.perf_counter() - tic
 
         def peak() -> int:

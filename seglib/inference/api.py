@@ -1,4 +1,4 @@
-"""The Python API: ``load_model`` and ``segment``, and ``fit_clusters`` for one legend.
+"""The Python API: ``load_model`` and ``segment``, and ``fit_legend`` for one legend.
 
     import seglib
     labels = seglib.segment(image, k=5)                        # (H, W) uint8, bundled model
@@ -6,9 +6,9 @@
     labels, probs = seglib.segment(image, 5, model, return_probs=True)  # probs (K, H, W) float32
     labels = seglib.segment(image, "auto")                     # K picked without labels (2..8)
 
-    legend = seglib.fit_clusters(["a.tif", b_array], 6, model=model)  # one legend for a set
-    labels = seglib.segment(c_array, model=model, clusters=legend)    # label i means the same in all
-    legend.save("legend.json"); legend = seglib.load_clusters("legend.json", model=model)
+    legend = seglib.fit_legend(["a.tif", b_array], 6, model=model)  # one legend for a set
+    labels = seglib.segment(c_array, model=model, legend=legend)      # label i means the same in all
+    legend.save("legend.json"); legend = seglib.load_legend("legend.json", model=model)
 
 ``image`` is a NumPy array (H, W, 3), uint8 or float in [0, 1], of any H and W. Anything else
 raises ``ValueError`` naming the problem and the fix (docs/bad-inputs.md lists every case).
@@ -32,11 +32,11 @@ from ..config import check_k, check_lane
 from ..models import load_model
 from .engine import segment_array
 from .kselect import DEFAULT_RANGE, check_k_range, fit_sources_auto
-from .legend import FittedClusters, fit_sources, load_clusters
+from .legend import Legend, fit_sources, load_legend
 from .predictor import Predictor, model_stride
 from .windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling
 
-__all__ = ["load_model", "check_image", "check_mask", "segment", "fit_clusters", "load_clusters", "resolve_clusters"]
+__all__ = ["load_model", "check_image", "check_mask", "segment", "fit_legend", "load_legend", "resolve_legend"]
 
 _ROWS = 256  # rows per chunk when scanning float images for NaN and range (bounded memory)
 
@@ -103,7 +103,7 @@ def _check_k_or_auto(k: object) -> int | str:
     return check_k(k)
 
 
-def fit_clusters(
+def fit_legend(
     images: Sequence[np.ndarray | str | Path] | np.ndarray | str | Path,
     k: int | str,
     model: torch.nn.Module | None = None,
@@ -114,7 +114,7 @@ def fit_clusters(
     fit_windows: int = 16,
     fit_pixels: int = FIT_PIXELS,
     seed: int = 0,
-) -> FittedClusters:
+) -> Legend:
     """One set of ``k`` clusters for a set of images (arrays and/or file paths, GeoTIFFs read
     window by window), fitted on windows sampled from every one of them, in the stable order.
 
@@ -126,7 +126,7 @@ def fit_clusters(
       tile, overlap, fit_windows, fit_pixels, seed: the window sample of each image (as a
         single-image fit draws it).
 
-    Pass the result to ``segment(..., clusters=)`` (or save it with ``.save(path)``).
+    Pass the result to ``segment(..., legend=)`` (or save it with ``.save(path)``).
     """
     k = _check_k_or_auto(k)
     model = _default_model() if model is None else model
@@ -135,27 +135,23 @@ def fit_clusters(
     if isinstance(images, (np.ndarray, str, Path)):
         images = [images]
     if not images:
-        raise ValueError("fit_clusters needs at least one image")
+        raise ValueError("fit_legend needs at least one image")
     items = [check_image(i) if isinstance(i, np.ndarray) else Path(i) for i in images]  # files: opened one by one
     if k == "auto":
         return fit_sources_auto(model, items, tiling=tiling, k_range=check_k_range(k_range))
     return fit_sources(model, items, k, tiling=tiling)
 
 
-def resolve_clusters(
-    clusters: FittedClusters | str | Path, model: torch.nn.Module, k: int | None = None
-) -> FittedClusters:
-    """``clusters`` (fitted, or a clusters file) checked against ``model`` (and ``k``, when
-    given): a ``ClustersFileError`` says when they were made with another model or K."""
-    if isinstance(clusters, (str, Path)):
-        return load_clusters(clusters, model=model, k=k)
-    if not isinstance(clusters, FittedClusters):
-        raise ValueError(
-            f"clusters must come from seglib.fit_clusters or a clusters file, got {type(clusters).__name__}"
-        )
-    clusters.check_k(k)
-    clusters.check_model(model)
-    return clusters
+def resolve_legend(legend: Legend | str | Path, model: torch.nn.Module, k: int | None = None) -> Legend:
+    """``legend`` (fitted, or a legend file) checked against ``model`` (and ``k``, when given):
+    a ``LegendFileError`` says when it was made with another model or K."""
+    if isinstance(legend, (str, Path)):
+        return load_legend(legend, model=model, k=k)
+    if not isinstance(legend, Legend):
+        raise ValueError(f"legend must come from seglib.fit_legend or a legend file, got {type(legend).__name__}")
+    legend.check_k(k)
+    legend.check_model(model)
+    return legend
 
 
 def check_mask(mask: object, image: object) -> np.ndarray | None:
@@ -181,7 +177,7 @@ def segment(
     k: int | str | None = None,
     model: torch.nn.Module | None = None,
     *,
-    clusters: FittedClusters | str | Path | None = None,
+    legend: Legend | str | Path | None = None,
     k_range: tuple[int, int] | str = DEFAULT_RANGE,
     lane: str | None = None,
     return_probs: bool = False,
@@ -197,9 +193,9 @@ def segment(
     Arguments:
       image: (H, W, 3) uint8, or float in [0, 1]; any H and W.
       k: number of segments, an integer in 2..16; ``"auto"``: picked in ``k_range`` without
-        labels (``fit_clusters(image, "auto")``, whose ``.k`` reports it); None with ``clusters``.
+        labels (``fit_legend(image, "auto")``, whose ``.k`` reports it); None with ``legend``.
       model: a segmenter (``load_model(...)``, a teacher or a student); None: the bundled default.
-      clusters: clusters shared with other images (``fit_clusters`` or a clusters file made
+      legend: clusters shared with other images (``fit_legend`` or a legend file made
         with the same model): every pixel is assigned to them instead of the image's own fit.
       lane: refinement lane, fast | learned | none; None uses the model's default.
       return_probs: also return the probabilities (K, H, W) float32 (they sum to 1 over K).
@@ -224,25 +220,25 @@ def segment(
     image = check_image(image)
     mask = check_mask(mask, image)
     auto = isinstance(k, str) and k.strip().lower() == "auto"
-    if clusters is not None and auto:
-        raise ValueError("k='auto' picks K for a new fit; with clusters= the clusters' K is used (pass k=None)")
+    if legend is not None and auto:
+        raise ValueError("k='auto' picks K for a new fit; with legend= the legend's K is used (pass k=None)")
     if mask is not None and auto:
-        raise ValueError("k='auto' does not take a mask yet; pass an integer K (or fit_clusters on the valid part)")
+        raise ValueError("k='auto' does not take a mask yet; pass an integer K (or fit_legend on the valid part)")
     model = _default_model() if model is None else model
     if auto:  # K comes from the fit below
         check_lane(lane)
         predictor = None
-    elif clusters is not None:
-        fitted = resolve_clusters(clusters, model, k)  # a K that is not the clusters' is refused here
+    elif legend is not None:
+        fitted = resolve_legend(legend, model, k)  # a K that is not the legend's is refused here
         predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
     else:
         predictor = Predictor(model, k, lane=lane)  # K checked here, the one time on its way to the head
     tiling = Tiling(DEFAULT_TILE if tile is None else tile, overlap).checked(model_stride(model))
     if isinstance(adapt_steps, bool) or not isinstance(adapt_steps, int) or adapt_steps < 0:
         raise ValueError(f"adapt_steps must be an integer >= 0, got {adapt_steps!r}")
-    if adapt_steps and clusters is not None:
+    if adapt_steps and legend is not None:
         raise ValueError(
-            "adapt_steps changes the features the given clusters were fitted on; drop clusters= (or adapt_steps)"
+            "adapt_steps changes the features the given legend was fitted on; drop legend= (or adapt_steps)"
         )
     if adapt_steps:
         from ..io.rasters import ArraySource
@@ -252,6 +248,6 @@ def segment(
                       progress=progress)  # fmt: skip
         predictor = None if predictor is None else predictor.with_model(model)
     if auto:
-        fitted = fit_clusters(image, "auto", model, k_range=k_range, tile=tiling.tile, overlap=overlap)
+        fitted = fit_legend(image, "auto", model, k_range=k_range, tile=tiling.tile, overlap=overlap)
         predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
     return segment_array(predictor, image, tiling=tiling, return_probs=return_probs, mask=mask)

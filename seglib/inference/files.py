@@ -11,7 +11,7 @@ import numpy as np
 from ..io.images import GEOTIFF_SUFFIXES, RASTER_SUFFIXES, read_mask
 from ..io.outputs import write_png
 from .kselect import DEFAULT_RANGE
-from .legend import FittedClusters
+from .legend import Legend
 from .vector import VECTOR_FORMATS, MinArea
 from .windows import Tiling
 
@@ -115,7 +115,7 @@ def predict_file(
     *,
     tiling: Tiling | None = None,
     lane: str | None = None,
-    clusters: FittedClusters | None = None,
+    legend: Legend | None = None,
     k_range: tuple[int, int] = DEFAULT_RANGE,
     vector: str | None = None,
     min_area: MinArea | None = None,
@@ -128,10 +128,10 @@ def predict_file(
 ) -> dict:
     """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
 
-    ``clusters``: assign to these (shared or loaded) instead of fitting the file's own; ``k``
+    ``legend``: assign to its clusters (shared or loaded) instead of fitting the file's own; ``k``
     ``"auto"`` picks the file's K first. ``adapt_steps`` > 0 first adapts a copy of the model to
     the file (``seglib.inference.adapt``), before any clusters are fitted; shared or loaded
-    ``clusters`` were fitted with the unadapted model, so they cannot be combined with it.
+    ``legend`` was fitted with the unadapted model, so they cannot be combined with it.
     ``tiling``: the windows and the fit sample (default ``Tiling()``; its seed seeds the
     adaptation too). ``alpha``: whether a
     4th band is a mask (``seglib.io.rasters.RasterSource``). A ``min_area`` that cannot work
@@ -146,8 +146,8 @@ def predict_file(
 
     tiling = tiling or Tiling()
     if adapt_steps:
-        if clusters is not None:
-            raise ValueError("--adapt changes the features that shared or saved clusters were fitted on; drop one")
+        if legend is not None:
+            raise ValueError("--adapt changes the features that a shared or saved legend was fitted on; drop one")
         from ..io.rasters import open_source
         from .adapt import adapt
 
@@ -156,7 +156,7 @@ def predict_file(
                 model, source, steps=adapt_steps, max_seconds=adapt_seconds, seed=tiling.seed, progress=progress
             )
 
-    fitted = clusters
+    fitted = legend
     if fitted is None and k == "auto":
         from ..io.rasters import open_source
         from .kselect import fit_sources_auto
@@ -169,7 +169,7 @@ def predict_file(
         predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
     k = predictor.k
     segment_raster(path, target, predictor, tiling=tiling, progress=progress, overviews=overviews, alpha=alpha)
-    result = {"target": target, "k": k, "auto": clusters is None and fitted is not None, "vector": None}
+    result = {"target": target, "k": k, "auto": legend is None and fitted is not None, "vector": None}
     if vector is not None:
         from .vector import polygonize
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..config import K_MAX, K_MIN
-from .legend import MAX_POSITIONS, FittedClusters, clusters_from_fit, fit_embeddings, sample_embeddings
+from .legend import MAX_POSITIONS, Legend, fit_embeddings, legend_from_fit, sample_embeddings
 from .predictor import model_stride
 from .windows import Tiling
 
@@ -329,7 +329,7 @@ def fit_sources_auto(
     rule: tuple[str, float | None] = AUTO_RULE,
     max_positions: int = MAX_POSITIONS,
     skip_unreadable: bool = False,
-) -> FittedClusters:
+) -> Legend:
     """``seglib.inference.legend.fit_sources`` with K picked by ``rule`` in ``k_range`` on the same
     sample (``choose_k``); the clusters are that K's fit, and ``meta["k_auto"]`` records the
     rule, the range and each K's statistic."""
@@ -346,7 +346,7 @@ def fit_sources_auto(
     key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
     auto = {"rule": rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
     meta = {"k_auto": auto, **info, **asdict(tiling)}
-    return clusters_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, meta=meta)
+    return legend_from_fit(model, embs, stats[k]["fit"], max_positions=max_positions, meta=meta)
 
 
 def rule_name(rule: tuple[str, float | None]) -> str:

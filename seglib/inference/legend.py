@@ -2,9 +2,9 @@
 
     import seglib
     model = seglib.load_model()
-    legend = seglib.fit_clusters(["a.tif", "b.tif", "c.png"], 6, model=model)  # one fit for all
+    legend = seglib.fit_legend(["a.tif", "b.tif", "c.png"], 6, model=model)  # one fit for all
     legend.save("legend.json")                                                # reuse later
-    labels = seglib.segment(image, clusters=seglib.load_clusters("legend.json", model=model))
+    labels = seglib.segment(image, legend=seglib.load_legend("legend.json", model=model))
 
 **Fitting.** Every input contributes the same seeded, spread-out sample of windows that a
 single-file fit draws from it (``Tiling.sample_windows``: up to ``fit_windows`` windows and
@@ -20,7 +20,7 @@ shadow), label K-1 the brightest (sand, bright roofs). Ties, which need two iden
 colours, fall back to the other prototype values. The order is a function of the prototypes
 alone, so windows, files and runs agree, and a legend or colour table can be written once.
 
-**The clusters file** is JSON (no pickle, nothing executable), documented in
+**The legend file** is JSON (no pickle, nothing executable), documented in
 docs/inference.md: format tag and version, K, the prototypes (K x D floats) and size-prior
 offsets, each cluster's share of the fit sample and mean RGB colour, and the model's
 fingerprint: a SHA-256 of its weights and of the head settings that shape the embedding and the
@@ -48,8 +48,8 @@ from .windows import Tiling
 __all__ = [
     "FORMAT",
     "VERSION",
-    "ClustersFileError",
-    "FittedClusters",
+    "LegendFileError",
+    "Legend",
     "model_fingerprint",
     "head_settings",
     "embed_windows",
@@ -57,8 +57,8 @@ __all__ = [
     "sample_embeddings",
     "fit_sources",
     "fit_positions",
-    "clusters_from_fit",
-    "load_clusters",
+    "legend_from_fit",
+    "load_legend",
 ]
 
 FORMAT = "seglib-clusters"
@@ -66,8 +66,8 @@ VERSION = 1
 MAX_POSITIONS = 1 << 18  # k-means positions of a shared fit, at most (more are subsampled, seeded)
 
 
-class ClustersFileError(ValueError):
-    """A clusters file that cannot be used: unreadable, not ours, or made for another model or K."""
+class LegendFileError(ValueError):
+    """A legend file that cannot be used: unreadable, not ours, or made for another model or K."""
 
 
 # ----------------------------------------------------------------------------- model identity
@@ -106,7 +106,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 @dataclass
-class FittedClusters:
+class Legend:
     """K clusters shared by every window and file they are applied to, in the stable order.
 
     Arguments:
@@ -135,20 +135,20 @@ class FittedClusters:
         return Clusters(torch.from_numpy(self.prototypes)[None].to(device), bias)
 
     def check_model(self, model: torch.nn.Module, *, name: str = "these clusters") -> None:
-        """``ClustersFileError`` unless the clusters were fitted with ``model``."""
+        """``LegendFileError`` unless the clusters were fitted with ``model``."""
         mine = model_fingerprint(model)
         if mine != self.fingerprint:
             made = self.meta.get("head", {}).get("model", "another model")
-            raise ClustersFileError(
+            raise LegendFileError(
                 f"{name}: fitted with another model or head settings ({made}, fingerprint "
                 f"{self.fingerprint[:12]}; this model: {mine[:12]}); use the checkpoint they were fitted with, "
-                "or fit new ones with this model (--save-clusters FILE / seglib.fit_clusters)"
+                "or fit new ones with this model (--save-legend FILE / seglib.fit_legend)"
             )
 
     def check_k(self, k: int | None, *, name: str = "these clusters") -> int:
-        """The clusters' K; ``ClustersFileError`` when another K is asked for."""
+        """The clusters' K; ``LegendFileError`` when another K is asked for."""
         if k is not None and k != self.k:
-            raise ClustersFileError(
+            raise LegendFileError(
                 f"{name}: K = {self.k} clusters, but K = {k} was asked for; drop --k (the file's K is used) "
                 f"or fit new clusters with K = {k}"
             )
@@ -171,7 +171,7 @@ class FittedClusters:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the JSON clusters file (``seglib.io.outputs.write_text``: checked, then renamed)."""
+        """Write the JSON legend file (``seglib.io.outputs.write_text``: checked, then renamed)."""
         return write_text(path, json.dumps(self.to_dict(), indent=1))
 
 
@@ -179,40 +179,40 @@ def _array(data: dict, key: str, shape: tuple[int, ...], path: Path) -> np.ndarr
     try:
         array = np.asarray(data[key], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ClustersFileError(
+        raise LegendFileError(
             f"{path}: field {key!r} is missing or not numeric ({exc}); fit the clusters again"
         ) from None
     if array.shape != shape or not np.isfinite(array).all():
-        raise ClustersFileError(f"{path}: field {key!r} must be finite numbers of shape {shape}, got {array.shape}")
+        raise LegendFileError(f"{path}: field {key!r} must be finite numbers of shape {shape}, got {array.shape}")
     return array.astype(np.float32)
 
 
-def load_clusters(path: str | Path, *, model: torch.nn.Module | None = None, k: int | None = None) -> FittedClusters:
-    """Read a clusters file; with ``model`` (and ``k``) also check it was made for them.
+def load_legend(path: str | Path, *, model: torch.nn.Module | None = None, k: int | None = None) -> Legend:
+    """Read a legend file; with ``model`` (and ``k``) also check it was made for them.
 
-    Raises ``ClustersFileError`` (a ``ValueError``) with the reason and the fix for a missing,
+    Raises ``LegendFileError`` (a ``ValueError``) with the reason and the fix for a missing,
     unreadable or foreign file, a file of another model, or of another K.
     """
     path = Path(path)
     if not path.is_file():
-        raise ClustersFileError(f"clusters file not found: {path}")
+        raise LegendFileError(f"legend file not found: {path}")
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClustersFileError(
-            f"{path} is not a seglib clusters file (not JSON: {exc}); write one with --save-clusters"
+        raise LegendFileError(
+            f"{path} is not a seglib legend file (not JSON: {exc}); write one with --save-legend"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ClustersFileError(f"{path} is not a seglib clusters file (no {FORMAT!r} format tag)")
+        raise LegendFileError(f"{path} is not a seglib legend file (no {FORMAT!r} format tag)")
     if data.get("version") != VERSION:
-        raise ClustersFileError(
-            f"{path}: clusters file version {data.get('version')!r}, this seglib reads version {VERSION}; refit them"
+        raise LegendFileError(
+            f"{path}: legend file version {data.get('version')!r}, this seglib reads version {VERSION}; refit them"
         )
     try:
         kk, dim = check_k(data.get("k")), int(data.get("dim"))
     except (TypeError, ValueError) as exc:
-        raise ClustersFileError(f"{path}: bad K or dimension ({exc})") from None
-    fitted = FittedClusters(
+        raise LegendFileError(f"{path}: bad K or dimension ({exc})") from None
+    fitted = Legend(
         prototypes=_array(data, "prototypes", (kk, dim), path),
         bias=None if data.get("bias") is None else _array(data, "bias", (kk,), path),
         fingerprint=str(data.get("model_fingerprint", "")),
@@ -225,7 +225,7 @@ def load_clusters(path: str | Path, *, model: torch.nn.Module | None = None, k: 
         fitted.check_k(k, name=name)
     if model is not None:
         if dim != model.embed_dim:
-            raise ClustersFileError(
+            raise LegendFileError(
                 f"{name}: {dim}-dimensional prototypes, this model embeds in {model.embed_dim}: fitted with "
                 "another model; use that checkpoint or fit new clusters with this one"
             )
@@ -265,8 +265,8 @@ def fit_embeddings(
     return head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
 
 
-def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> FittedClusters:
-    """FittedClusters from a fit, renumbered into the stable order."""
+def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> Legend:
+    """Legend from a fit, renumbered into the stable order."""
     protos = out.prototypes[0].float().cpu().numpy()  # (K, D)
     order = brightness_order(out.prototypes[0])
     labels = out.probs[0].argmax(0).cpu().numpy()  # (N,)
@@ -278,7 +278,7 @@ def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: 
             if (labels == c).any():
                 colours[c] = x_rgb[labels == c].mean(0)
     bias = None if out.bias is None else out.bias[0].float().cpu().numpy()
-    return FittedClusters(
+    return Legend(
         prototypes=np.ascontiguousarray(protos[order], np.float32),
         bias=None if bias is None else np.ascontiguousarray(bias[order], np.float32),
         fingerprint=fingerprint,
@@ -341,7 +341,7 @@ def fit_sources(
     tiling: Tiling,
     max_positions: int = MAX_POSITIONS,
     skip_unreadable: bool = False,
-) -> FittedClusters:
+) -> Legend:
     """One set of K clusters fitted on windows sampled from every item (window readers, arrays
     or file paths, opened one at a time), in the stable order (``seglib.inference.kselect.fit_sources_auto``
     picks K too). The k-means runs on at most ``max_positions`` cells, a bottom-k sample over all
@@ -368,8 +368,8 @@ def fit_sources(
 
 
 @torch.no_grad()
-def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, seed: int, meta: dict) -> FittedClusters:
-    """``FittedClusters`` (stable order, shares, colours, fingerprint) fitted with the head's soft
+def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, seed: int, meta: dict) -> Legend:
+    """``Legend`` (stable order, shares, colours, fingerprint) fitted with the head's soft
     k-means on the cells a ``PositionBudget`` kept; ``meta`` is stored with them."""
     if not budget.files:
         from ..io.images import ImageReadError
@@ -392,15 +392,15 @@ def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, see
     return _ordered(out, colours, model_fingerprint(model), meta)
 
 
-def clusters_from_fit(
+def legend_from_fit(
     model: torch.nn.Module,
     embs: Sequence[torch.Tensor],
     out: HeadOutput,
     *,
     max_positions: int,
     meta: dict,
-) -> FittedClusters:
-    """``FittedClusters`` (stable order, shares, colours, fingerprint) from a fit on ``embs``;
+) -> Legend:
+    """``Legend`` (stable order, shares, colours, fingerprint) from a fit on ``embs``;
     ``meta`` (files, windows, the tiling with its ``seed``, ...) is kept with them."""
     seed = meta["seed"]
     colours = _cell_colours(model, embs)

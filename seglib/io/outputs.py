@@ -1,5 +1,5 @@
 """Writing results, one checked path for every file seglib writes (labels, previews, polygons,
-clusters files, styles): a temporary name beside the final one, the writer's status checked,
+legend files, styles): a temporary name beside the final one, the writer's status checked,
 the bytes forced to disk, then a rename. Nothing reaches a final name unless it is complete; a
 failed write raises ``OutputWriteError`` (an ``OSError``) with one line that names the file and
 leaves the previous file untouched.

@@ -32,11 +32,11 @@ def run_on_dask(args: argparse.Namespace, inputs: list[Path]) -> int:
             print(dashboard_note(client), flush=True)
             report = segment_archive(
                 client, [p.resolve() for p in inputs], args.output.resolve(), settings_from_args(args),
-                clusters=args.clusters, shared=args.shared_clusters, save_clusters=args.save_clusters,
+                legend=args.legend, shared=args.shared_legend, save_legend=args.save_legend,
                 mosaic=args.mosaic, summary=args.summary, progress=not args.quiet,
                 echo=(lambda line: None) if args.quiet else print,
             )  # fmt: skip
-    except (ValueError, OSError) as exc:  # a clusters file for another model, dask missing, ...
+    except (ValueError, OSError) as exc:  # a legend file for another model, dask missing, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [r for r in report["files"] if r["status"] == "failed"]

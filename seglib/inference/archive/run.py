@@ -23,7 +23,7 @@ from .jobs import Settings, expand_inputs, input_identity
 from .record import Manifest, output_key, write_summary
 from .tasks import block_task, describe_error, sample_task, segment_task
 
-__all__ = ["segment_archive", "fit_legend"]
+__all__ = ["segment_archive", "fit_archive_legend"]
 
 SUMMARY = "seglib-run.json"
 
@@ -32,10 +32,12 @@ def _workers(client) -> int:
     return max(1, len(client.scheduler_info().get("workers", {})))
 
 
-def fit_legend(client, model, paths: Sequence[Path], settings: Settings, *, positions: int, progress: bool = True):
+def fit_archive_legend(
+    client, model, paths: Sequence[Path], settings: Settings, *, positions: int, progress: bool = True
+):
     """One legend fitted on every input's window sample, embedded on the workers a few files at a
     time (``budget.file_sample``); the client keeps a fixed budget of cells (``PositionBudget``)
-    and runs the soft k-means once. Returns ``(FittedClusters, {input: error})`` for the inputs
+    and runs the soft k-means once. Returns ``(Legend, {input: error})`` for the inputs
     that could not be read. Equal to ``legend.fit_sources`` on the same inputs."""
     from dask.distributed import as_completed
 
@@ -87,9 +89,9 @@ def segment_archive(
     output: str | Path,
     settings: Settings,
     *,
-    clusters=None,
+    legend=None,
     shared: bool = False,
-    save_clusters: str | Path | None = None,
+    save_legend: str | Path | None = None,
     mosaic: str | Path | None = None,
     summary: str | Path | None = None,
     max_positions: int | None = None,
@@ -100,16 +102,16 @@ def segment_archive(
     ``output``; returns the run summary (also written to ``summary``, default
     ``<output>/seglib-run.json``).
 
-    ``inputs``: a folder, a glob pattern, a file, or a list of files. ``clusters``: a legend
-    (``FittedClusters`` or a clusters file) every file is assigned to; ``shared``: fit one on all
-    inputs first (``fit_legend``, at most ``max_positions`` cells; saved to ``save_clusters``).
+    ``inputs``: a folder, a glob pattern, a file, or a list of files. ``legend``: a legend
+    (``Legend`` or a legend file) every file is assigned to; ``shared``: fit one on all
+    inputs first (``fit_archive_legend``, at most ``max_positions`` cells; saved to ``save_legend``).
     Inputs whose outputs are complete from an earlier run with the same model, legend and
     settings are skipped (``record.Manifest``); a failing input is recorded and the others go on.
     ``mosaic``: a VRT over every label output, written at the end. Every path must be readable
     (inputs, checkpoint) and writable (output) by the workers at the same name.
     """
     from ..files import output_paths
-    from ..legend import FittedClusters, load_clusters
+    from ..legend import Legend, load_legend
     from .cluster import dashboard_link
     from .tasks import worker_model
 
@@ -124,10 +126,9 @@ def segment_archive(
     report = {"inputs": len(paths), "output": str(output), "workers": _workers(client)}
     report["dashboard"] = dashboard_link(client)
 
-    legend = clusters
     if isinstance(legend, (str, Path)):
-        legend = load_clusters(legend, model=model, k=settings.k if isinstance(settings.k, int) else None)
-    elif isinstance(legend, FittedClusters):
+        legend = load_legend(legend, model=model, k=settings.k if isinstance(settings.k, int) else None)
+    elif isinstance(legend, Legend):
         legend.check_model(model)
     if shared:
         from ..legend import MAX_POSITIONS
@@ -136,23 +137,23 @@ def segment_archive(
         digest = hashlib.sha256(json.dumps([settings.key(), fingerprint, identities]).encode()).hexdigest()
         cache = output / f".seglib-legend-{digest[:16]}.json"
         if cache.is_file():
-            legend = load_clusters(cache, model=model)
-            echo(f"shared clusters: K={legend.k}, from the earlier run's fit ({cache.name})")
+            legend = load_legend(cache, model=model)
+            echo(f"shared legend: K={legend.k}, from the earlier run's fit ({cache.name})")
         else:
             tic = time.perf_counter()
-            legend, unreadable = fit_legend(
+            legend, unreadable = fit_archive_legend(
                 client, model, paths, settings, positions=max_positions or MAX_POSITIONS, progress=progress
             )
             for path, error in unreadable.items():
                 records[path].update(status="failed", error=error)
             legend.save(cache)
             echo(
-                f"shared clusters: K={legend.k}, fitted on {legend.meta['windows']} windows of "
+                f"shared legend: K={legend.k}, fitted on {legend.meta['windows']} windows of "
                 f"{len(legend.meta['files'])} file(s), {legend.meta['positions']} cells "
                 f"({time.perf_counter() - tic:.1f} s)"
             )
-    if save_clusters is not None and legend is not None:
-        legend.save(save_clusters)
+    if save_legend is not None and legend is not None:
+        legend.save(save_legend)
     report["legend"] = None if legend is None else {"k": legend.k, "digest": _legend_digest(legend)}
     legend_digest = _legend_digest(legend)
 

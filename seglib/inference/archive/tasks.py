@@ -96,7 +96,7 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
         if size is not None and size[0] * size[1] > settings.block_size**2 and target_.suffix == ".tif":
             return {**record, **_plan_blocks(model, path_, settings, legend), "seconds": time.perf_counter() - start}
         result = predict_file(
-            path_, target_, model, settings.k, tiling=settings.tiling, lane=settings.lane, clusters=legend,
+            path_, target_, model, settings.k, tiling=settings.tiling, lane=settings.lane, legend=legend,
             k_range=settings.k_range, vector=settings.vector, min_area=settings.min_area, preview=settings.preview,
             progress=False, overviews=settings.overviews, alpha=settings.alpha,
         )  # fmt: skip
