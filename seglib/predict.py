@@ -9,11 +9,12 @@
 
 Every file takes one route, ``seglib.inference.engine.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
 uint8 labels with the input's CRS, transform and size, read window by window so rasters of any
-size fit in memory; PNG and JPEG inputs give ``<stem>.png``, a uint8 label image. Images up to
-``--tile`` pixels go through the model in one piece, larger ones window by window. ``--preview``
-adds ``<stem>_preview.png`` in the label colours of ``seglib.viz`` (decimated for large rasters).
-Label ids follow the brightness of each cluster's colour, darkest first; label GeoTIFFs carry
-that palette as their colour table.
+size fit in memory; PNG and JPEG inputs give ``<stem>.png``, a paletted uint8 label image. Beside
+each, its legend: ``<name>.aux.xml`` (a colour table of the K labels, each in its cluster's mean
+RGB, or ``--colours categorical``; an attribute table) and ``<stem>.qml`` (QGIS: K named classes).
+Images up to ``--tile`` pixels go through the model in one piece, larger ones window by window.
+``--preview`` adds ``<stem>_preview.png`` in the same colours (decimated for large rasters).
+Label ids follow the brightness of each cluster's colour, darkest first.
 
 ``--shared-legend`` fits one set of clusters on windows sampled from every input before any
 file is written, so a label means the same land cover in every output; ``--legend FILE`` reuses
@@ -45,6 +46,7 @@ from .inference.windows import DEFAULT_OVERLAP, DEFAULT_TILE, FIT_PIXELS, Tiling
 from .io.images import list_inputs
 from .io.outputs import remove_stale_temporaries
 from .io.rasters import ALPHA_CHOICES
+from .io.sidecars import COLOUR_MODES
 
 __all__ = ["build_parser", "output_paths", "predict_file", "main"]
 
@@ -181,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="is the 4th band of a 4-band raster (2nd of 2) transparency, a mask? auto (default): when it is tagged "
         "alpha and holds only 0 and its maximum (a NIR band that GDAL tagged alpha is ignored); yes; no",
+    )
+    p.add_argument(
+        "--colours",
+        choices=COLOUR_MODES,
+        default="mean",
+        help="the labels' colours (colour table, QGIS style, preview): mean (default), each label in its cluster's "
+        "mean RGB, so water looks like water; categorical, distinct colours",
     )
     p.add_argument("--preview", action="store_true", help="also write <stem>_preview.png in label colours")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -374,6 +383,7 @@ def _main(argv: list[str] | None) -> int:
                 adapt_seconds=args.adapt_seconds,
                 overviews=args.overviews,
                 alpha=args.alpha,
+                colours=args.colours,
             )
         except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
             failed.append(path)

@@ -155,7 +155,8 @@ def test_corrupt_file_in_a_folder_is_reported_and_skipped(tmp_path, checkpoint):
     run = run_cli("--input", str(src), "--k", "3", "--output", str(tmp_path / "out"), "--checkpoint", str(checkpoint))
     assert run.returncode == 1
     assert "FAILED" in run.stderr and "b_bad.jpg" in run.stderr and "1 of 3 file(s) failed" in run.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_good.png", "c_good.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a_good.png", "c_good.png"]
+    assert not list((tmp_path / "out").glob("b_bad*"))  # nothing of the failed file, not even its legend
     single = run_cli("--input", str(src / "b_bad.jpg"), "--k", "3", "--output", str(tmp_path / "o2"),
                      "--checkpoint", str(checkpoint))  # fmt: skip
     assert single.returncode == 1 and "b_bad.jpg: cannot decode" in single.stderr

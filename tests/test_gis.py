@@ -317,19 +317,22 @@ def _predict(capsys, *args) -> tuple[int, str]:
 
 
 def test_predict_twice_gives_byte_identical_labels_with_a_colour_table(tmp_path, capsys):
-    """The bundled model, a GeoTIFF predicted in 256 px windows: two runs write the same bytes;
-    the label GeoTIFF carries the preview palette as its colour table and K as a tag."""
+    """The bundled model, a GeoTIFF predicted in 256 px windows: two runs write the same bytes
+    (labels, legend, style); the colour table has the K labels only (mean colours by default,
+    tests/test_outputs.py), the categorical palette on request, and K is a tag."""
     from seglib.viz import PALETTE
 
     (tif,) = _sample_geotiffs(tmp_path / "in", 1)
     for run in ("a", "b"):
         assert _predict(capsys, "--input", tif, "--k", 6, "--output", tmp_path / run, "--tile", 256)[0] == 0
-    a, b = (tmp_path / run / tif.name for run in ("a", "b"))
-    assert a.read_bytes() == b.read_bytes()
-    with rasterio.open(a) as src:
+    for name in (tif.name, tif.name + ".aux.xml", tif.stem + ".qml"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert _predict(capsys, "--input", tif, "--k", 6, "--output", tmp_path / "c", "--tile", 256,
+                    "--colours", "categorical")[0] == 0  # fmt: skip
+    with rasterio.open(tmp_path / "c" / tif.name) as src:
         colormap, tags = src.colormap(1), src.tags(1)
         assert src.read(1).max() < 6
-    assert [colormap[i][:3] for i in range(6)] == [tuple(c) for c in PALETTE[:6].tolist()]
+    assert [colormap[i][:3] for i in range(6)] == [tuple(c) for c in PALETTE[:6].tolist()] and len(colormap) == 6
     assert tags["seglib_k"] == "6"
 
 

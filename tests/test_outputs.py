@@ -141,29 +141,29 @@ def test_label_geotiff_is_created_only_when_rows_arrive_and_read_back(tmp_path):
     with pytest.raises(OutputWriteError, match="32 of 64 rows were written"):
         with label_geotiff(tmp_path / "b.tif", profile, 3) as dst:
             dst.write(0, np.zeros((32, 32), np.uint8))
-    assert sorted(os.listdir(tmp_path)) == ["a.tif"]
+    assert sorted(os.listdir(tmp_path)) == ["a.qml", "a.tif", "a.tif.aux.xml"]  # the labels and their legend
 
 
 # ----------------------------------------------------------------------------- a full disk
 
 
 def test_full_disk_labels_and_previews_keep_the_previous_files(tmp_path, checkpoint):
-    """RLIMIT_FSIZE: 40 kB fails the label GeoTIFF (81 kB), 120 kB only the preview (159 kB)."""
+    """RLIMIT_FSIZE: 40 kB fails the label GeoTIFF (81 kB), 120 kB only the preview (159 kB in
+    the categorical palette)."""
     src = write(tmp_path / "noise.tif", noise())
     out = tmp_path / "out"
-    assert (
-        predict("--input", str(src), "--k", "4", "--output", str(out), "--preview", checkpoint=checkpoint).returncode
-        == 0
-    )
+    first = predict("--input", str(src), "--k", "4", "--output", str(out), "--preview", "--colours", "categorical",
+                    checkpoint=checkpoint)  # fmt: skip
+    assert first.returncode == 0, first.stderr
     before = checksums(out)
     assert before["noise.tif"] and before["noise_preview.png"]
-    labels_fail = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", file_size=40_000,
-                          checkpoint=checkpoint)  # fmt: skip
+    labels_fail = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", "--colours",
+                          "categorical", file_size=40_000, checkpoint=checkpoint)  # fmt: skip
     assert_failed_cleanly(labels_fail, "noise.tif")
     assert "noise.tif:" in labels_fail.stderr.splitlines()[-2] or "out/noise.tif" in labels_fail.stderr
     assert checksums(out) == before and leftovers(out) == []
-    preview_fails = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", file_size=120_000,
-                            checkpoint=checkpoint)  # fmt: skip
+    preview_fails = predict("--input", str(src), "--k", "3", "--output", str(out), "--preview", "--colours",
+                            "categorical", file_size=120_000, checkpoint=checkpoint)  # fmt: skip
     assert_failed_cleanly(preview_fails, "noise.tif")
     assert "noise_preview.png" in preview_fails.stderr
     after = checksums(out)
@@ -272,3 +272,117 @@ def test_sigkill_leftovers_are_removed_and_sigterm_cleans_up(tmp_path, checkpoin
     assert stderr.strip().splitlines()[-1] == "terminated: stopped, no partial output left"
     assert "Traceback" not in stderr and f"removed {len(left)} temporary file(s) left by killed runs" in stderr
     assert leftovers(out) == [] and not (out / "big.tif").exists()
+
+
+# ----------------------------------------------------------------------------- the legend
+
+
+def colour_table(path: Path) -> dict[int, tuple]:
+    with rasterio.open(path) as src:
+        assert src.nodata == 255
+        return {i: tuple(c[:3]) for i, c in src.colormap(1).items()}
+
+
+def test_legend_k_colour_entries_in_the_clusters_mean_colours_a_style_and_a_lookup_table(tmp_path, checkpoint):
+    """The acceptance case. One input, K = 5, its clusters saved: the label GeoTIFF has exactly
+    5 colour-table entries (nodata, 255, outside them), each its cluster's mean colour as the
+    clusters file records it (rounded); the attribute table and the QGIS style name the 5
+    classes with their shares; the GeoPackage has the same rows as a lookup table. The
+    categorical palette on request."""
+    import xml.etree.ElementTree as ET
+
+    from seglib.io.sidecars import read_attribute_table
+    from seglib.viz import PALETTE
+
+    src = write(tmp_path / "a.tif", textured(256))
+    out = tmp_path / "out"
+    run = predict("--input", str(src), "--k", "5", "--output", str(out), "--save-legend", str(tmp_path / "l.json"),
+                  "--vector", "gpkg", "--preview", checkpoint=checkpoint)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    legend = __import__("json").loads((tmp_path / "l.json").read_text())
+    table = colour_table(out / "a.tif")
+    assert sorted(table) == list(range(5))
+    assert all(max(abs(a - b) for a, b in zip(table[i], legend["colours"][i], strict=True)) <= 0.5 for i in range(5))
+    rows = read_attribute_table(out / "a.tif")
+    assert [r["value"] for r in rows] == list(range(5)) and abs(sum(r["share"] for r in rows) - 100) < 0.01
+    assert [round(r["legend_share"], 1) for r in rows] == [round(100 * s, 1) for s in legend["shares"]]
+    with rasterio.open(out / "a.tif") as labels:
+        counts = np.bincount(labels.read(1).ravel(), minlength=256)
+    assert [r["pixels"] for r in rows] == counts[:5].tolist()
+    palette = ET.parse(out / "a.qml").getroot().find("./pipe/rasterrenderer[@type='paletted']/colorPalette")
+    entries = [(int(e.get("value")), e.get("color"), e.get("label")) for e in palette]
+    assert entries == [(r["value"], "#{:02x}{:02x}{:02x}".format(*table[r["value"]]), r["class"]) for r in rows]
+    with pytest.importorskip("fiona").open(out / "a.gpkg", layer="a_legend") as lookup:
+        looked_up = [dict(f["properties"]) for f in lookup]
+    assert [(r["label"], r["class"], r["colour"]) for r in looked_up] == [(e[0], e[2], e[1]) for e in entries]
+    preview = np.asarray(__import__("PIL.Image").Image.open(out / "a_preview.png"))
+    assert {tuple(c) for c in preview.reshape(-1, 3).tolist()} <= set(table.values())  # drawn like the raster
+    categorical = predict("--input", str(src), "--k", "5", "--output", str(tmp_path / "cat"), "--colours",
+                          "categorical", checkpoint=checkpoint)  # fmt: skip
+    assert categorical.returncode == 0
+    assert colour_table(tmp_path / "cat" / "a.tif") == {i: tuple(PALETTE[i].tolist()) for i in range(5)}
+
+
+def test_a_files_own_fit_colours_its_labels_like_their_pixels(tmp_path, tiny_teacher_model):
+    """Without a clusters file each label is drawn in its prototype's colour, the soft mean of
+    its cells: within a few levels of the mean colour of the pixels it labels (weighted by
+    pixels), and a label PNG is paletted in the same colours (nodata transparent)."""
+    from PIL import Image
+
+    from seglib.inference.engine import segment_raster
+
+    image = textured(256)
+    write(tmp_path / "a.tif", image)
+    Image.fromarray(image).save(tmp_path / "b.png")
+    for name, out in (("a.tif", "a.tif"), ("b.png", "b.png")):
+        segment_raster(tmp_path / name, tmp_path / "out" / out, 4, tiny_teacher_model, tile=128, overlap=32,
+                       progress=False)  # fmt: skip
+        table = colour_table(tmp_path / "out" / out)
+        with rasterio.open(tmp_path / "out" / out) as src:
+            labels = src.read(1)
+        assert sorted(table) == list(range(4)) if out.endswith(".tif") else len(table) == 256
+        shares = np.bincount(labels.ravel(), minlength=4)[:4] / labels.size
+        gaps = [np.abs(image[labels == i].mean(0) - table[i]).mean() if shares[i] else 0 for i in range(4)]
+        assert float(np.dot(shares, gaps)) < 12, gaps
+    with Image.open(tmp_path / "out" / "b.png") as png:
+        assert png.mode == "P" and png.info.get("transparency") == 255
+
+
+def qgis_python() -> str | None:
+    """A Python that imports QGIS (the system one on Debian), or None."""
+    for python in (os.environ.get("SEGLIB_QGIS_PYTHON"), "/usr/bin/python3"):
+        if python and Path(python).exists():
+            done = subprocess.run([python, "-c", "import qgis.core"], capture_output=True, timeout=120)
+            if done.returncode == 0:
+                return python
+    return None
+
+
+def test_qgis_shows_k_named_classes(tmp_path, tiny_teacher_model):
+    """A real QGIS (3.22 here) opens the label GeoTIFF with the style beside it: a paletted
+    renderer with the K classes, named and coloured as the attribute table says."""
+    from seglib.inference.engine import segment_raster
+    from seglib.io.sidecars import read_attribute_table
+
+    python = qgis_python()
+    if python is None:
+        pytest.skip("no Python with QGIS (set SEGLIB_QGIS_PYTHON)")
+    write(tmp_path / "a.tif", textured(256))
+    out = segment_raster(tmp_path / "a.tif", tmp_path / "out" / "a.tif", 5, tiny_teacher_model, tile=128, overlap=32,
+                         progress=False)  # fmt: skip
+    script = (
+        "import json, os, sys\n"
+        "os.environ.setdefault('QT_QPA_PLATFORM', 'offscreen')\n"
+        "from qgis.core import QgsApplication, QgsRasterLayer\n"
+        "app = QgsApplication([], False); app.initQgis()\n"
+        "layer = QgsRasterLayer(sys.argv[1], 'labels')\n"
+        "r = layer.renderer()\n"
+        "print(json.dumps([layer.isValid(), r.type(), [[c.value, c.color.name(), c.label] for c in r.classes()]]))\n"
+        "app.exitQgis()\n"
+    )
+    done = subprocess.run([python, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    valid, renderer, classes = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    rows = read_attribute_table(out)
+    assert valid and renderer == "paletted"
+    assert classes == [[r["value"], "#{:02x}{:02x}{:02x}".format(r["red"], r["green"], r["blue"]), r["class"]]
+                       for r in rows]  # fmt: skip

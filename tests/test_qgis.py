@@ -412,7 +412,8 @@ def test_qgis_shared_legend_gives_the_clis_labels(qgis, tiles, tmp_path):
         labels, meta = read(ours)
         assert meta["transform"] == read(path)[1]["transform"]
         assert set(np.unique(labels).tolist()) <= set(range(4))
-    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["a.tif", "b.tif"]
+    names = ["a.qml", "a.tif", "a.tif.aux.xml", "b.qml", "b.tif", "b.tif.aux.xml"]  # the labels and their legend
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == names
 
 
 @slow

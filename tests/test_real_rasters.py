@@ -318,6 +318,10 @@ def test_preview_name_collisions_are_refused_up_front(tmp_path, checkpoint):
     assert run.returncode == 2
     assert "the preview of scene.tif and the labels of scene_preview.jpg" in run.stderr
     assert not (tmp_path / "out").exists()  # before any work: not even the folder
+    from seglib.inference.files import output_paths
+
+    with pytest.raises(ValueError, match=r"QGIS style of a\.tif's labels and the QGIS style of a\.png's .*a\.qml"):
+        output_paths([tmp_path / "a.tif", tmp_path / "a.png"], tmp_path / "out")
 
 
 def test_output_under_an_existing_file_fails_before_any_work(tmp_path, checkpoint):

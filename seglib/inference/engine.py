@@ -48,6 +48,7 @@ from ..io.outputs import NODATA, label_geotiff, label_profile, write_label_png
 from ..io.rasters import ArraySource, Source, open_source, valid_box
 from ..models.head import Clusters
 from .blend import FitWindow, blended_cells
+from .legend import Legend, label_table
 from .pipeline import RowWriter, timed
 from .predictor import Predictor, argmax_labels, bands_tensor, pad_to_stride, pad_valid, to_tensor, valid_tensor
 from .windows import DEFAULT_TILE, Layout, Tiling
@@ -360,6 +361,8 @@ def segment_raster(
     times: dict[str, float] | None = None,
     overviews: bool = False,
     alpha: str = "auto",
+    colours: str = "mean",
+    legend: Legend | None = None,
 ) -> Path:
     """Segment the image at ``path`` (GeoTIFF, JPEG 2000, VRT, PNG or JPEG) with ``predictor``
     (its K, lane and clusters, if any); write uint8 labels to ``output`` and return it
@@ -371,9 +374,13 @@ def segment_raster(
     PNG, with a world file and an ``.aux.xml`` (CRS) beside it when the input has them. Either
     goes through ``seglib.io.outputs`` (temporary file, checked, renamed when complete).
     GeoTIFF, JPEG 2000 and VRT inputs are read window by window, PNG/JPEG inputs whole. ``alpha``:
-    whether a 4th (2nd) band is a mask (``seglib.io.rasters.RasterSource``). The other arguments
-    are those of ``segment_source`` (``times`` also gets the writer's seconds under "write");
-    GDAL's block cache is capped at ``GDAL_CACHE_MB`` meanwhile.
+    whether a 4th (2nd) band is a mask (``seglib.io.rasters.RasterSource``). Beside the labels:
+    ``<name>.aux.xml`` with a colour table of exactly K entries and an attribute table, and
+    ``<stem>.qml`` (QGIS: K named classes), from ``label_table``: ``colours`` ``mean`` (each
+    label in its cluster's mean RGB) or ``categorical``; ``legend``: the shared or saved
+    legend the predictor's clusters come from (its colours and shares describe the labels). The
+    other arguments are those of ``segment_source`` (``times`` also gets the writer's seconds
+    under "write"); GDAL's block cache is capped at ``GDAL_CACHE_MB`` meanwhile.
     """
     tiling = (tiling or Tiling()).checked(predictor.stride)
     output = Path(output)
@@ -386,9 +393,10 @@ def segment_raster(
             def fill_rows(y: int, rows: np.ndarray) -> None:
                 labels[y : y + rows.shape[0]] = rows
 
-            segment_source(predictor, source, write_rows=fill_rows, **options)
+            used = segment_source(predictor, source, write_rows=fill_rows, **options)
         with timed(times, "write"):
-            return write_label_png(labels, output, profile=source.profile)
+            described = label_table(predictor.model, used, legend, colours)
+            return write_label_png(labels, output, k=predictor.k, profile=source.profile, table=described)
 
     import rasterio
 
@@ -403,5 +411,6 @@ def segment_raster(
                 dst.open()  # here, in this thread: the output exists once the first rows are labelled
                 writer(y, rows)
 
-            segment_source(predictor, source, write_rows=write_rows, **options)
+            used = segment_source(predictor, source, write_rows=write_rows, **options)
+            dst.table = label_table(predictor.model, used, legend, colours)
     return output

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.images import GEOTIFF_SUFFIXES, RASTER_SUFFIXES, read_mask
+from ..io.images import GEOTIFF_SUFFIXES, RASTER_SUFFIXES
 from ..io.outputs import write_png
+from ..io.sidecars import qml_path
 from .kselect import DEFAULT_RANGE
 from .legend import Legend
 from .vector import VECTOR_FORMATS, MinArea
@@ -23,17 +24,19 @@ PREVIEW_MAX_SIDE = 2048  # previews of large rasters are decimated to at most th
 def output_paths(
     inputs: list[Path], output: Path, *, preview: bool = False, vector: str | None = None
 ) -> dict[Path, Path]:
-    """The label file of every input: ``<stem>.tif`` for GeoTIFFs, ``<stem>.png`` otherwise.
+    """The label file of every input: ``<stem>.tif`` for rasters GDAL reads window by window
+    (GeoTIFF, JPEG 2000, VRT), ``<stem>.png`` otherwise.
 
     Any two files of the run that would be the same file (two inputs' labels, or one input's
-    ``<stem>_preview.png`` (``preview``) or polygons (``vector``) and another's labels), or an
-    output that is an input, raise ``ValueError`` naming both: nothing is overwritten by its own run."""
+    ``<stem>_preview.png`` (``preview``), polygons (``vector``) or QGIS style (``<stem>.qml``)
+    and another's), or an output that is an input, raise ``ValueError`` naming both: nothing
+    is overwritten by its own run."""
     sources = {p.resolve() for p in inputs}
     writes: dict[Path, str] = {}  # every file the run writes -> what writes it
     targets: dict[Path, Path] = {}
     for path in inputs:
         target = output / (path.stem + (".tif" if path.suffix.lower() in RASTER_SUFFIXES else ".png"))
-        files = {target: f"the labels of {path.name}"}
+        files = {target: f"the labels of {path.name}", qml_path(target): f"the QGIS style of {path.name}'s labels"}
         if preview:
             files[preview_path(target)] = f"the preview of {path.name}"
         if vector is not None:
@@ -64,11 +67,14 @@ def check_output_folder(output: Path) -> None:
 
 
 def _preview(labels_file: Path, path: Path) -> None:
-    """Colour preview of a label file (nodata black); a label GeoTIFF is read decimated so large
-    rasters stay cheap."""
+    """Colour preview of a label file in the colours of its colour table (the legend's; the
+    categorical palette without one), nodata black; a label GeoTIFF is read decimated so
+    large rasters stay cheap."""
     from ..io.outputs import NODATA
-    from ..viz import colourize
+    from ..viz import PALETTE
 
+    colours = np.zeros((256, 3), np.uint8)
+    colours[: len(PALETTE)] = PALETTE
     if labels_file.suffix.lower() in GEOTIFF_SUFFIXES:
         import rasterio
         from rasterio.enums import Resampling
@@ -77,9 +83,22 @@ def _preview(labels_file: Path, path: Path) -> None:
             scale = max(1.0, max(src.height, src.width) / PREVIEW_MAX_SIDE)
             shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
             labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
-    else:
-        labels = read_mask(labels_file)
-    rgb = colourize(labels).astype(np.uint8)
+            try:
+                table = src.colormap(1)  # the legend's colour table, from the .aux.xml beside it
+            except ValueError:  # none
+                table = {}
+        for index, colour in table.items():
+            if 0 <= index < 256:
+                colours[index] = colour[:3]
+    else:  # a paletted label PNG
+        from PIL import Image
+
+        with Image.open(labels_file) as image:
+            palette = image.getpalette() if image.mode == "P" else None
+            labels = np.asarray(image)
+        if palette:
+            colours[: len(palette) // 3] = np.asarray(palette, np.uint8).reshape(-1, 3)[:256]
+    rgb = colours[labels]
     rgb[labels == NODATA] = 0
     write_png(rgb, path)
 
@@ -125,6 +144,7 @@ def predict_file(
     adapt_seconds: float | None = None,
     overviews: bool = False,
     alpha: str = "auto",
+    colours: str = "mean",
 ) -> dict:
     """Segment one file into ``target`` (and ``<stem>_preview.png``, ``<stem>.gpkg`` beside it).
 
@@ -134,7 +154,8 @@ def predict_file(
     ``legend`` was fitted with the unadapted model, so they cannot be combined with it.
     ``tiling``: the windows and the fit sample (default ``Tiling()``; its seed seeds the
     adaptation too). ``alpha``: whether a
-    4th band is a mask (``seglib.io.rasters.RasterSource``). A ``min_area`` that cannot work
+    4th band is a mask (``seglib.io.rasters.RasterSource``); ``colours``: the labels' colours,
+    ``mean`` or ``categorical`` (``seglib.inference.legend.label_table``). A ``min_area`` that cannot work
     for the file (its whole area, e.g. square degrees) fails before it is segmented.
     Returns ``{"target", "k", "auto", "vector", "features"}``.
     """
@@ -168,7 +189,10 @@ def predict_file(
     else:
         predictor = Predictor(model, fitted.k, lane=lane, clusters=fitted.head_clusters())
     k = predictor.k
-    segment_raster(path, target, predictor, tiling=tiling, progress=progress, overviews=overviews, alpha=alpha)
+    segment_raster(
+        path, target, predictor, tiling=tiling, progress=progress, overviews=overviews, alpha=alpha, colours=colours,
+        legend=fitted,
+    )  # fmt: skip
     result = {"target": target, "k": k, "auto": legend is None and fitted is not None, "vector": None}
     if vector is not None:
         from .vector import polygonize

@@ -39,13 +39,15 @@ import numpy as np
 import torch
 
 from ..config import check_k
-from ..io.outputs import write_text
+from ..io.outputs import palette_table, write_text
+from ..io.sidecars import COLOUR_MODES, LabelTable
 from ..models.head import Clusters, HeadOutput, brightness_order
 from .budget import PositionBudget, embed_windows, file_sample, opened
 from .predictor import model_stride
 from .windows import Tiling
 
 __all__ = [
+    "label_table",
     "FORMAT",
     "VERSION",
     "LegendFileError",
@@ -293,6 +295,30 @@ def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.nd
     x = torch.cat([e.flatten(2) for e in embs], 2)[0, -3:].T  # (N, 3): (colour - 0.5) * weight
     weight = float(model.colour_weight) or 1.0
     return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
+
+
+def label_table(
+    model: torch.nn.Module, clusters: Clusters, legend: Legend | None = None, colours: str = "mean"
+) -> LabelTable:
+    """What the labels of an output mean (``seglib.io.sidecars.LabelTable``): each cluster's mean RGB
+    in the sample it was fitted on (a shared or saved legend's ``colours``; for a file's own fit,
+    the colour channels of its prototypes, the soft mean of its cells' colours) and, for a shared
+    legend, its share of the fit sample. ``colours``: ``mean`` draws each label in that mean RGB
+    (water looks like water), ``categorical`` in ``seglib.viz.PALETTE`` (distinct colours)."""
+    if colours not in COLOUR_MODES:
+        raise ValueError(f"colours must be one of {', '.join(COLOUR_MODES)}, got {colours!r}")
+    k = int(clusters.prototypes.shape[1])
+    if legend is not None:
+        mean, share = np.asarray(legend.colours, np.float64), np.asarray(legend.shares, np.float64)
+    elif float(getattr(model, "colour_weight", 0) or 0) > 0:  # the embedding ends with the colour channels
+        mean, share = _cell_colours(model, [clusters.prototypes[0].T[None, :, :, None]]), None
+    else:
+        mean, share = None, None
+    if colours == "categorical" or mean is None:
+        return LabelTable(colours=palette_table(k).colours, mean_rgb=mean, legend_share=share, mode="categorical")
+    return LabelTable(
+        colours=np.round(mean).clip(0, 255).astype(np.uint8), mean_rgb=mean, legend_share=share, mode="mean"
+    )
 
 
 def sample_embeddings(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.outputs import committed
+from ..io.sidecars import read_attribute_table
 
 __all__ = [
     "VECTOR_FORMATS",
@@ -52,6 +53,7 @@ log = logging.getLogger("seglib.inference.vector")
 # --vector NAME -> (GDAL/OGR driver, file suffix)
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "geojson": ("GeoJSON", ".geojson"), "fgb": ("FlatGeobuf", ".fgb")}
 BATCH = 4096  # features handed to the writer at a time
+GPKG_DATE = "2000-01-01T00:00:00.000Z"  # gpkg_contents.last_change of every GeoPackage written
 SCHEMA = {"geometry": "Polygon", "properties": {"label": "int", "area": "float", "pixels": "int"}}
 
 
@@ -153,12 +155,12 @@ def _polygon_area(geometry: dict) -> float:
     return ring_area(rings[0]) - sum(ring_area(r) for r in rings[1:])
 
 
-def _check_written(path: Path, count: int) -> None:
-    """``OSError`` unless the closed file reads back with ``count`` features (fiona reports most
-    write errors, not all of GDAL's at closing)."""
+def _check_written(path: Path, count: int, *, layer: str) -> None:
+    """``OSError`` unless the closed file reads back with ``count`` features in ``layer`` (fiona
+    reports most write errors, not all of GDAL's at closing)."""
     import fiona
 
-    with fiona.open(path) as src:
+    with fiona.open(path, layer=layer if path.suffix == ".gpkg" else None) as src:
         if len(src) != count:
             raise OSError(errno.EIO, f"{len(src)} of {count} polygons read back")
 
@@ -172,7 +174,9 @@ def polygonize(
     layer: str | None = None,
 ) -> dict:
     """Write the segments of the label raster ``labels`` (a single-band integer GeoTIFF or
-    PNG) as polygons to ``output``; returns ``{"features", "min_pixels", "crs"}``.
+    PNG) as polygons to ``output``; returns ``{"features", "min_pixels", "crs", "legend"}``.
+    A GeoPackage also gets the raster's legend (its attribute table, ``seglib.io.sidecars``) as
+    the table ``<layer>_legend``: per label its name, colour, mean RGB and shares.
 
     ``min_area`` sieves regions below it into their largest neighbour first (``min_area_pixels``:
     ``ValueError`` when it covers the whole raster). A raster without georeferencing (a PNG
@@ -208,7 +212,8 @@ def polygonize(
         else:
             source = rasterio.band(src, 1)  # GDAL reads the band block by block
         count = 0
-        with committed(output, keep_suffix=True) as tmp:  # GDAL picks the format by the suffix too
+        # A fixed date in the GeoPackage's metadata (it would be the time of writing): reruns write the same bytes.
+        with committed(output, keep_suffix=True) as tmp, fiona.Env(OGR_CURRENT_DATE=GPKG_DATE):
             with fiona.open(
                 tmp, "w", driver=driver, schema=SCHEMA, crs=crs.to_wkt() if crs else None, layer=layer or output.stem
             ) as dst:
@@ -226,5 +231,22 @@ def polygonize(
                         count, batch = count + len(batch), []
                 dst.writerecords(batch)
                 count += len(batch)
-            _check_written(tmp, count)
-    return {"features": count, "min_pixels": min_pixels, "crs": crs.to_string() if crs else None}
+            rows = read_attribute_table(Path(labels)) if driver == "GPKG" else []
+            if rows:
+                _write_lookup_table(tmp, f"{layer or output.stem}_legend", rows)
+            _check_written(tmp, count, layer=layer or output.stem)
+    return {"features": count, "min_pixels": min_pixels, "crs": crs.to_string() if crs else None, "legend": bool(rows)}
+
+
+def _write_lookup_table(path: Path, layer: str, rows: list[dict]) -> None:
+    """The label raster's attribute table as a table of the GeoPackage (no geometry): per label
+    its name, colour (``#rrggbb``), mean RGB, pixels and shares; join it to the polygons on ``label``."""
+    import fiona
+
+    kinds = {int: "int", float: "float", str: "str"}
+    records = [{"label" if key == "value" else key: value for key, value in row.items()} for row in rows]
+    for record in records:
+        record["colour"] = f"#{record['red']:02x}{record['green']:02x}{record['blue']:02x}"
+    schema = {"geometry": None, "properties": {key: kinds[type(value)] for key, value in records[0].items()}}
+    with fiona.open(path, "w", driver="GPKG", schema=schema, layer=layer) as table:
+        table.writerecords([{"geometry": None, "properties": record} for record in records])

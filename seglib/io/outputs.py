@@ -30,7 +30,7 @@ import socket
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from ..viz import PALETTE
 from .rasters import Source
-from .sidecars import pam_path, pam_xml, world_file, world_file_path
+from .sidecars import LabelTable, band_xml, pam_path, pam_xml, qml, qml_path, world_file, world_file_path
 
 __all__ = [
     "NODATA",
@@ -48,6 +48,8 @@ __all__ = [
     "committed",
     "write_png",
     "write_label_png",
+    "palette_table",
+    "add_legend_files",
     "write_text",
     "remove_stale_temporaries",
     "label_profile",
@@ -294,29 +296,36 @@ def write_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def write_label_png(labels: np.ndarray, output: str | Path, *, profile: dict | None = None, band_xml: str = "") -> Path:
-    """Write uint8 labels (H, W) as a PNG, with what GIS software needs beside it: a world file
-    when ``profile`` has a transform, an ``.aux.xml`` with its CRS (and ``band_xml``, the legend);
-    sidecars of an earlier run that this one does not write are removed. All through ``AtomicFiles``."""
+def write_label_png(
+    labels: np.ndarray, output: str | Path, *, k: int, profile: dict | None = None, table: LabelTable | None = None
+) -> Path:
+    """Write uint8 labels (H, W) as a paletted PNG (the legend's colours, nodata transparent; the
+    pixel values are the labels), with what GIS software needs beside it: a world file
+    when ``profile`` has a transform, the legend files (``add_legend_files``: ``table``, else
+    the categorical palette; the CRS in the ``.aux.xml``); a world file of an earlier run that
+    this one does not write is removed. All through ``AtomicFiles``."""
     from PIL import Image
 
     output, profile = Path(output), profile or {}
+    counts = np.bincount(labels.ravel(), minlength=256)
     transform, crs = profile.get("transform"), profile.get("crs")
+    table = table if table is not None else palette_table(k)
+    palette = np.zeros((256, 3), np.uint8)  # the legend's colours; nodata (255) transparent
+    palette[: table.k] = table.colours
     with AtomicFiles() as files:
         tmp = files.path(output)
         try:
-            Image.fromarray(labels).save(tmp, format="PNG")
+            image = Image.fromarray(np.ascontiguousarray(labels, np.uint8), "L")
+            image.putpalette(palette.tobytes())  # a paletted PNG: the values are still the labels
+            image.save(tmp, format="PNG", transparency=NODATA)
         except OSError as exc:
             raise write_error(output, exc) from exc
-        world, pam = world_file_path(output), pam_path(output)
+        world = world_file_path(output)
         if transform is not None and not transform.is_identity:
             files.write_text(world, world_file(transform))
         else:
             files.remove(world)
-        if crs or band_xml:
-            files.write_text(pam, pam_xml(crs_wkt=crs.to_wkt() if crs else None, band=band_xml))
-        else:
-            files.remove(pam)
+        add_legend_files(files, output, table, counts, crs_wkt=crs.to_wkt() if crs else None)
     return output
 
 
@@ -390,12 +399,14 @@ class LabelGeoTIFF:
 
     ``write(y, rows)`` takes uint8 rows (h, W) top to bottom; the file is created at the first
     call, so an input that fails before its first rows are labelled never creates an output.
-    ``counts`` holds each label's pixel count so far (256,), for the legend's shares.
+    ``counts`` holds each label's pixel count so far (256,), for the legend's shares; ``table``
+    (a ``seglib.io.sidecars.LabelTable``, set before the block ends) is what its sidecars describe.
     """
 
     def __init__(self, tmp: Path, profile: dict, tags: dict[str, str], *, output: Path, overviews: bool = False):
         self.tmp, self.profile, self.tags, self.output = tmp, profile, tags, output
         self.overviews = overviews
+        self.table: LabelTable | None = None
         self.dataset = None
         self.counts = np.zeros(256, np.int64)
         self._written: list[tuple[int, int, int]] = []  # (y, h, CRC-32 of the rows)
@@ -407,9 +418,6 @@ class LabelGeoTIFF:
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.dataset = rasterio.open(self.tmp, "w", **self.profile)
         self.dataset.update_tags(1, **self.tags)
-        # The legend: label i in colour PALETTE[i] (the previews'); nodata transparent.
-        legend = {i: (*PALETTE[i % len(PALETTE)].tolist(), 255) for i in range(int(self.tags["seglib_k"]))}
-        self.dataset.write_colormap(1, {**legend, NODATA: (0, 0, 0, 0)})
 
     def open(self) -> None:
         """Create the file now (``write`` does it at its first call otherwise)."""
@@ -476,33 +484,47 @@ class LabelGeoTIFF:
             raise OSError(errno.EIO, f"{expected} of {self.profile['height']} rows were written")
 
 
+def palette_table(k: int) -> LabelTable:
+    """The categorical legend: label i in ``seglib.viz.PALETTE[i]`` (the previews' colours)."""
+    return LabelTable(colours=PALETTE[np.arange(k) % len(PALETTE)], mode="categorical")
+
+
+def add_legend_files(
+    files: AtomicFiles, output: Path, table: LabelTable, counts: np.ndarray, *, crs_wkt: str | None = None
+) -> None:
+    """Add the sidecars that explain a label raster to ``files``: ``<name>.aux.xml`` (GDAL: the
+    CRS when given, a colour table of exactly K entries, the attribute table) and ``<stem>.qml``
+    (the style QGIS loads with it: K named classes)."""
+    files.write_text(pam_path(output), pam_xml(crs_wkt=crs_wkt, band=band_xml(table, counts)))
+    files.write_text(qml_path(output), qml(table, counts))
+
+
 @contextmanager
 def label_geotiff(
     output: str | Path,
     profile: dict,
     k: int,
     *,
-    sidecars: Callable[[LabelGeoTIFF, AtomicFiles], None] | None = None,
     overviews: bool = False,
 ) -> Iterator[LabelGeoTIFF]:
     """A ``LabelGeoTIFF`` writing ``output`` (``profile`` from ``label_profile``, K in its tags).
 
-    When the block ends without an error the dataset is closed and read back (``verify``),
-    ``sidecars(writer, files)`` adds the files that go beside it (legend, style) to ``files``,
-    and all are renamed together (``AtomicFiles``); the temporary files are removed otherwise.
-    Errors of the writer leave as ``OutputWriteError``; the block's own pass unchanged.
-    ``overviews``: internal overviews (``overview_factors``) are built before it is closed."""
+    When the block ends without an error the dataset is closed and read back (``verify``), the
+    files that explain it are added (``add_legend_files``: the writer's ``table``, else the
+    categorical palette, with its pixel counts), and all are renamed together (``AtomicFiles``);
+    the temporary files are removed otherwise. Errors of the writer leave as ``OutputWriteError``;
+    the block's own pass unchanged. ``overviews``: internal overviews (``overview_factors``)
+    are built before it is closed."""
     tags = {"seglib_k": str(k), "seglib_label_order": "brightness of the cluster colour, darkest first"}
+    output = Path(output)
     with AtomicFiles() as files:
-        writer = LabelGeoTIFF(files.path(output), profile, tags, output=Path(output), overviews=overviews)
+        writer = LabelGeoTIFF(files.path(output), profile, tags, output=output, overviews=overviews)
         try:
             yield writer
         except BaseException:
             writer.abort()
             raise
         writer.close()
-        if sidecars is not None:
-            try:
-                sidecars(writer, files)
-            except OSError as exc:
-                raise write_error(Path(output), exc) from exc
+        table = writer.table if writer.table is not None else palette_table(k)
+        add_legend_files(files, output, table, writer.counts)
+        files.remove(world_file_path(output))  # a world file of an earlier run would override the GeoTIFF's own

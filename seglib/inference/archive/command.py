@@ -17,7 +17,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         k=args.k, checkpoint=None if args.checkpoint is None else str(args.checkpoint.resolve()), device=args.device,
         tile=args.tile, overlap=args.overlap, lane=args.lane, fit_windows=args.fit_windows, seed=args.seed,
         k_range=tuple(args.k_range), vector=args.vector, min_area=args.min_area, preview=args.preview,
-        overviews=args.overviews, block_size=args.block_size, alpha=args.alpha,
+        overviews=args.overviews, block_size=args.block_size, alpha=args.alpha, colours=args.colours,
     )  # fmt: skip
 
 

@@ -44,6 +44,7 @@ class Settings:
     overviews: bool = False
     block_size: int = BLOCK_SIZE
     alpha: str = "auto"
+    colours: str = "mean"
 
     @property
     def tiling(self) -> Tiling:

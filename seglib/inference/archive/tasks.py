@@ -98,7 +98,7 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
         result = predict_file(
             path_, target_, model, settings.k, tiling=settings.tiling, lane=settings.lane, legend=legend,
             k_range=settings.k_range, vector=settings.vector, min_area=settings.min_area, preview=settings.preview,
-            progress=False, overviews=settings.overviews, alpha=settings.alpha,
+            progress=False, overviews=settings.overviews, alpha=settings.alpha, colours=settings.colours,
         )  # fmt: skip
         record.update(
             status="done", k=int(result["k"]), vector=None if result["vector"] is None else str(result["vector"])
@@ -128,6 +128,7 @@ def _plan_blocks(model, path: Path, settings: Settings, legend) -> dict:
     the raster's own, fitted here on its sampled windows as the single-process pass fits them."""
     from ...io.rasters import open_source
     from ..engine import fit_source_clusters
+    from ..legend import label_table
     from ..predictor import Predictor
 
     if settings.k == "auto" and legend is None:
@@ -146,8 +147,9 @@ def _plan_blocks(model, path: Path, settings: Settings, legend) -> dict:
     rows_per_block = max(1, settings.block_size**2 // max(1, view.width))
     edges = block_edges(ys, lh, view.height, rows_per_block)
     blocks = list(zip(edges[:-1], edges[1:], strict=True))
+    described = label_table(model, clusters, legend, settings.colours)  # every block's colour table and style
     clusters = (clusters.prototypes.cpu(), None if clusters.bias is None else clusters.bias.cpu())
-    return {"status": "split", "k": int(k), "blocks": blocks, "box": box, "clusters": clusters}
+    return {"status": "split", "k": int(k), "blocks": blocks, "box": box, "clusters": clusters, "table": described}
 
 
 def block_path(target: Path, top: int) -> Path:
@@ -194,6 +196,7 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
             output.parent.mkdir(parents=True, exist_ok=True)
             width = source.width
             with label_geotiff(output, profile, predictor.k, overviews=settings.overviews) as dst:
+                dst.table = plan.get("table")
 
                 def write(y: int, labels: np.ndarray) -> None:  # y in the full raster's rows
                     dst.write(y - first_out, labels)
