@@ -330,13 +330,15 @@ def test_a_files_own_fit_colours_its_labels_like_their_pixels(tmp_path, tiny_tea
     from PIL import Image
 
     from seglib.inference.engine import segment_raster
+    from seglib.inference.predictor import Predictor
+    from seglib.inference.windows import Tiling
 
     image = textured(256)
     write(tmp_path / "a.tif", image)
     Image.fromarray(image).save(tmp_path / "b.png")
+    predictor = Predictor(tiny_teacher_model, 4)
     for name, out in (("a.tif", "a.tif"), ("b.png", "b.png")):
-        segment_raster(tmp_path / name, tmp_path / "out" / out, 4, tiny_teacher_model, tile=128, overlap=32,
-                       progress=False)  # fmt: skip
+        segment_raster(tmp_path / name, tmp_path / "out" / out, predictor, tiling=Tiling(128, 32), progress=False)
         table = colour_table(tmp_path / "out" / out)
         with rasterio.open(tmp_path / "out" / out) as src:
             labels = src.read(1)
@@ -362,14 +364,16 @@ def test_qgis_shows_k_named_classes(tmp_path, tiny_teacher_model):
     """A real QGIS (3.22 here) opens the label GeoTIFF with the style beside it: a paletted
     renderer with the K classes, named and coloured as the attribute table says."""
     from seglib.inference.engine import segment_raster
+    from seglib.inference.predictor import Predictor
+    from seglib.inference.windows import Tiling
     from seglib.io.sidecars import read_attribute_table
 
     python = qgis_python()
     if python is None:
         pytest.skip("no Python with QGIS (set SEGLIB_QGIS_PYTHON)")
     write(tmp_path / "a.tif", textured(256))
-    out = segment_raster(tmp_path / "a.tif", tmp_path / "out" / "a.tif", 5, tiny_teacher_model, tile=128, overlap=32,
-                         progress=False)  # fmt: skip
+    out = segment_raster(tmp_path / "a.tif", tmp_path / "out" / "a.tif", Predictor(tiny_teacher_model, 5),
+                         tiling=Tiling(128, 32), progress=False)  # fmt: skip
     script = (
         "import json, os, sys\n"
         "os.environ.setdefault('QT_QPA_PLATFORM', 'offscreen')\n"
