@@ -6,6 +6,7 @@
     python -m seglib.predict --input tiles/ --k 6 --output out/ --shared-legend --save-legend legend.json
     python -m seglib.predict --input new/ --legend legend.json --output out2/  # the same legend later
     python -m seglib.predict --input ortho.tif --k auto --output out/ --vector gpkg --min-area 50
+    python -m seglib.predict --input 'tiles/*.tif' --k 6 --output out/ --shared-clusters --workers 2 --mosaic m.vrt
 
 Every file takes one route, ``seglib.inference.engine.segment_raster``: GeoTIFF inputs give ``<stem>.tif``,
 uint8 labels with the input's CRS, transform and size, read window by window so rasters of any
@@ -22,6 +23,10 @@ a set saved with ``--save-legend FILE`` (refused for another model or K). ``--k 
 in ``--k-range`` without labels (per file, or once for the set with ``--shared-legend``) and
 prints it. ``--vector gpkg`` also writes ``<stem>.gpkg``: one polygon per segment, with its label
 and area, traced from the finished label raster after an optional ``--min-area`` sieve.
+
+``--workers N`` / ``--scheduler ADDRESS`` run the same work on dask (``seglib.inference.archive``:
+the same outputs, a run summary, resume after a kill, large rasters split into blocks); VRT
+inputs and ``--mosaic``/``--overviews`` work either way.
 
 A file that cannot be read is reported by name and skipped; the exit status is 1 if any file
 failed, 2 for unusable arguments (K out of range, empty folder, bad checkpoint) before any work.
