@@ -245,3 +245,30 @@ def test_overviews_and_vrt_input(tiny_teacher_model, archive, tmp_path):
     )  # fmt: skip
     with rasterio.open(out) as src:
         assert src.overviews(1) == [2, 4] and set(np.unique(src.read(1, out_shape=(150, 130)))) <= {0, 1}
+
+
+def test_write_vrt_refuses_what_it_cannot_place(archive, tmp_path):
+    from seglib.io.vrt import VrtError, write_vrt
+
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", height=8, width=8, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(VrtError, match="plain.tif: not georeferenced"):
+        write_vrt(tmp_path / "m.vrt", [archive / "tile_00000.tif", plain])
+    other = tmp_path / "other.tif"
+    with rasterio.open(archive / "tile_00001.tif") as src:
+        profile = src.profile | {"crs": "EPSG:4326"}
+        data = src.read()
+    with rasterio.open(other, "w", **profile) as dst:
+        dst.write(data)
+    with pytest.raises(VrtError, match="other.tif: CRS"):
+        write_vrt(tmp_path / "m.vrt", [archive / "tile_00000.tif", other])
+    assert not (tmp_path / "m.vrt").exists()
+
+
+def test_inputs_by_glob(archive):
+    from seglib.io.images import ImageReadError, list_inputs
+
+    assert [p.name for p in list_inputs(archive / "tile_0000[0-2].tif")] == [f"tile_0000{i}.tif" for i in range(3)]
+    with pytest.raises(ImageReadError, match="no images match"):
+        list_inputs(archive / "nothing_*.tif")

@@ -20,11 +20,11 @@ def write_geotiff(path: Path, rgb: np.ndarray, *, left: float, top: float, block
     """Write uint8 RGB (H, W, 3) as a tiled, deflate GeoTIFF whose top-left corner is at
     (``left``, ``top``) in ``CRS``, ``PIXEL`` m pixels."""
     import rasterio
-    from rasterio.transform import from_origin
+    from rasterio.transform import Affine
 
     h, w = rgb.shape[:2]
     profile = {"driver": "GTiff", "height": h, "width": w, "count": 3, "dtype": "uint8", "crs": CRS}
-    profile |= {"transform": from_origin(left, top, PIXEL, PIXEL), "compress": "deflate"}
+    profile |= {"transform": Affine(PIXEL, 0.0, left, 0.0, -PIXEL, top), "compress": "deflate"}
     if min(h, w) >= block:
         profile |= {"tiled": True, "blockxsize": block, "blockysize": block}
     with rasterio.open(path, "w", **profile) as dst:
