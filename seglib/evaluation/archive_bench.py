@@ -35,11 +35,17 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _predict(args: list[str]) -> float:
-    """Wall seconds of ``python -m seglib.predict ARGS`` (which must succeed)."""
-    tic = time.perf_counter()
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _predict(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (its processes and their workers) of ``python -m
+    seglib.predict ARGS`` (which must succeed)."""
+    tic, cpu = time.perf_counter(), _cpu()
     subprocess.run([sys.executable, "-m", "seglib.predict", *args, "--quiet"], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - tic
+    return time.perf_counter() - tic, _cpu() - cpu
 
 
 def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path) -> dict:
@@ -49,6 +55,7 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path)
     write_archive(inputs, files, size=size)
     common = ["--input", str(inputs), "--k", "6", "--shared-legend"]
     runs: dict[str, list[float]] = {"single_1_thread": [], "single_default_threads": [], f"workers_{workers}": []}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     load = [_load()]
     for r in range(repeats):
         for name, extra in (
@@ -56,14 +63,21 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path)
             ("single_default_threads", []),
             (f"workers_{workers}", ["--workers", str(workers)]),
         ):
-            runs[name].append(round(_predict([*common, *extra, "--output", str(scratch / f"{name}_{r}")]), 2))
+            wall, used = _predict([*common, *extra, "--output", str(scratch / f"{name}_{r}")])
+            runs[name].append(round(wall, 2))
+            cpu[name].append(round(used, 2))
             load.append(_load())
     best = {name: min(times) for name, times in runs.items()}
     dask = best[f"workers_{workers}"]
+    least = {name: min(times) for name, times in cpu.items()}
     return {
         "files": files,
         "size": size,
         "wall_s": runs,
+        "cpu_s": cpu,
+        # An estimate for an idle machine, not a measurement: the single-process run's CPU seconds
+        # on one core against the dask run's spread evenly over its workers' cores.
+        "idle_speedup_estimate": round(least["single_1_thread"] / (least[f"workers_{workers}"] / workers), 2),
         "s_per_file": {name: round(t / files, 3) for name, t in best.items()},
         "speedup_vs_single_1_thread": round(best["single_1_thread"] / dask, 2),
         "speedup_vs_single_default_threads": round(best["single_default_threads"] / dask, 2),

@@ -182,7 +182,12 @@ def segment_archive(
         echo(f"{skipped} input(s) complete from an earlier run: skipped; {len(todo)} to do")
 
     scattered = client.scatter(legend, broadcast=True) if legend is not None else None
-    _run_tasks(client, todo, targets, settings, scattered, records, manifest, keys, progress)
+    try:
+        _run_tasks(client, todo, targets, settings, scattered, records, manifest, keys, progress)
+    except BaseException:  # Ctrl-C, SIGTERM: the summary says how far it got ("pending": not finished)
+        report.update(interrupted=True, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
+        write_summary(summary_path, report)
+        raise
 
     if mosaic is not None:
         tiles = [f for r in records.values() if r["status"] in ("done", "skipped") for f in r.get("files", [])]
