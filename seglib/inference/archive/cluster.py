@@ -35,8 +35,10 @@ def dask_client(*, workers: int = 0, scheduler: str | None = None, memory_limit:
     # dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     # adaptive mmap threshold: every large array of a window is then mapped and unmapped afresh,
     # which cost 1.7x the CPU per file here (33 vs 55 ms per 512 px tile, the same task in one
-    # process). Unset for our workers (a value in the environment still wins).
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+    # process). Unset for our workers (a value in the environment still wins). The workers'
+    # statistical profiler (a stack sample every 10 ms, for the dashboard) is off: CPU for nothing.
+    unset = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    with dask.config.set({**unset, "distributed.worker.profile.enabled": False}):
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
             dashboard_address=":0", silence_logs=logging.ERROR,  # any free port (bokeh serves it)
