@@ -85,6 +85,8 @@ def _arg(check):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments: one ``add_argument`` per flag, in the order ``--help`` lists
+    them (longer than 80 lines because it is that list)."""
     p = argparse.ArgumentParser(
         prog="python -m seglib.predict",
         description="Unsupervised segmentation of RGB aerial imagery into K segments. "
@@ -304,6 +306,67 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _shared_legend(args: argparse.Namespace, model, targets: dict[Path, Path], failed: list[Path]) -> Legend:
+    """``--shared-legend``: one legend fitted on every input (an unreadable one is printed and
+    added to ``failed``), reported in one line."""
+    start = time.perf_counter()
+    legend = _fit(args, model, list(targets), skip_unreadable=True)
+    for name, reason in legend.meta["skipped"]:  # unreadable files: reported, not written
+        failed.append(Path(name))
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
+    if not args.quiet or args.k == "auto":
+        how = f"K={legend.k}" + (f" (auto, {legend.meta['k_auto']['rule']})" if args.k == "auto" else "")
+        print(
+            f"shared legend: {how}, fitted on {legend.meta['windows']} windows of "
+            f"{len(legend.meta['files'])} file(s) ({time.perf_counter() - start:.1f} s)"
+        )
+    return legend
+
+
+def _predict_all(args: argparse.Namespace, model, legend, targets: dict[Path, Path], failed: list[Path]):
+    """Every input not in ``failed`` to its target (a failure is printed and added to
+    ``failed``); returns the legend to save (``--save-legend``), if any."""
+    saved = legend
+    for path, target in targets.items():
+        if path in failed:
+            continue
+        start = time.perf_counter()
+        try:
+            if args.save_legend is not None and legend is None:  # one input: fit it here to save it
+                saved = _fit(args, model, [path])
+            result = predict_file(
+                path,
+                target,
+                model,
+                args.k,
+                tiling=_tiling(args),
+                lane=args.lane,
+                legend=legend if legend is not None else saved,
+                k_range=args.k_range,
+                vector=args.vector,
+                min_area=args.min_area,
+                preview=args.preview,
+                progress=not args.quiet,
+                adapt_steps=args.adapt,
+                adapt_seconds=args.adapt_seconds,
+                overviews=args.overviews,
+                alpha=args.alpha,
+                colours=args.colours,
+            )
+        except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
+            failed.append(path)
+            print(f"FAILED {path}: {exc}", file=sys.stderr)
+            continue
+        auto = args.k == "auto" and not args.shared_legend
+        if not args.quiet or auto:
+            extra = f", {result['features']} polygons -> {result['vector']}" if result["vector"] else ""
+            print(
+                f"{path} -> {target} (K={result['k']}{' auto' if auto else ''}{extra}; "
+                f"{time.perf_counter() - start:.1f} s)"
+            )
+    return saved
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -348,59 +411,12 @@ def _main(argv: list[str] | None) -> int:
 
     failed: list[Path] = []
     if args.shared_legend:
-        start = time.perf_counter()
         try:
-            legend = _fit(args, model, list(targets), skip_unreadable=True)
+            legend = _shared_legend(args, model, targets, failed)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        for name, reason in legend.meta["skipped"]:  # unreadable files: reported, not written
-            failed.append(Path(name))
-            print(f"FAILED {name}: {reason}", file=sys.stderr)
-        if not args.quiet or args.k == "auto":
-            how = f"K={legend.k}" + (f" (auto, {legend.meta['k_auto']['rule']})" if args.k == "auto" else "")
-            print(
-                f"shared legend: {how}, fitted on {legend.meta['windows']} windows of "
-                f"{len(legend.meta['files'])} file(s) ({time.perf_counter() - start:.1f} s)"
-            )
-    saved = legend
-    for path, target in targets.items():
-        if path in failed:
-            continue
-        start = time.perf_counter()
-        try:
-            if args.save_legend is not None and legend is None:  # one input: fit it here to save it
-                saved = _fit(args, model, [path])
-            result = predict_file(
-                path,
-                target,
-                model,
-                args.k,
-                tiling=_tiling(args),
-                lane=args.lane,
-                legend=legend if legend is not None else saved,
-                k_range=args.k_range,
-                vector=args.vector,
-                min_area=args.min_area,
-                preview=args.preview,
-                progress=not args.quiet,
-                adapt_steps=args.adapt,
-                adapt_seconds=args.adapt_seconds,
-                overviews=args.overviews,
-                alpha=args.alpha,
-                colours=args.colours,
-            )
-        except (ValueError, OSError) as exc:  # ImageReadError is a ValueError
-            failed.append(path)
-            print(f"FAILED {path}: {exc}", file=sys.stderr)
-            continue
-        auto = args.k == "auto" and not args.shared_legend
-        if not args.quiet or auto:
-            extra = f", {result['features']} polygons -> {result['vector']}" if result["vector"] else ""
-            print(
-                f"{path} -> {target} (K={result['k']}{' auto' if auto else ''}{extra}; "
-                f"{time.perf_counter() - start:.1f} s)"
-            )
+    saved = _predict_all(args, model, legend, targets, failed)
     if args.save_legend is not None and saved is not None:
         try:
             saved.save(args.save_legend)

@@ -298,6 +298,28 @@ def _needs_flip(rule: str) -> bool:
     return rule == "flip_agreement"
 
 
+def _sampled_statistics(
+    model: torch.nn.Module,
+    sources: Sequence,
+    tiling: Tiling,
+    k_range: tuple[int, int],
+    rule: tuple[str, float | None],
+    max_positions: int | None,
+    skip_unreadable: bool = False,
+) -> tuple[list[torch.Tensor], dict, dict[int, dict]]:
+    """(embeddings of the fit sample, what it was drawn from, the statistics per K of ``k_range``),
+    with the flipped windows' embeddings too when ``rule`` needs them."""
+    lo, hi = check_k_range(k_range)
+    embs, info = sample_embeddings(model, sources, tiling=tiling, skip_unreadable=skip_unreadable)
+    flipped = None
+    if _needs_flip(rule[0]):
+        flipped = sample_embeddings(model, sources, tiling=tiling, flip=True, skip_unreadable=skip_unreadable)[0]
+    stats = k_statistics(
+        model.head, embs, range(lo, hi + 1), flipped=flipped, seed=tiling.seed, max_positions=max_positions
+    )
+    return embs, info, stats
+
+
 @torch.no_grad()
 def choose_k(
     model: torch.nn.Module,
@@ -310,12 +332,7 @@ def choose_k(
 ) -> tuple[int, dict[int, dict]]:
     """The K ``rule`` picks in ``k_range`` on the fit sample of ``sources`` (one source: its own
     K; several: one K for the shared clusters), and the statistics per K (each with its fit)."""
-    lo, hi = check_k_range(k_range)
-    embs = sample_embeddings(model, sources, tiling=tiling)[0]
-    flipped = sample_embeddings(model, sources, tiling=tiling, flip=True)[0] if _needs_flip(rule[0]) else None
-    stats = k_statistics(
-        model.head, embs, range(lo, hi + 1), flipped=flipped, seed=tiling.seed, max_positions=max_positions
-    )
+    stats = _sampled_statistics(model, sources, tiling, k_range, rule, max_positions)[2]
     return pick_k(stats, *rule), stats
 
 
@@ -335,13 +352,7 @@ def fit_sources_auto(
     rule, the range and each K's statistic."""
     lo, hi = check_k_range(k_range)
     tiling = tiling.checked(model_stride(model))
-    embs, info = sample_embeddings(model, sources, tiling=tiling, skip_unreadable=skip_unreadable)
-    flipped = None
-    if _needs_flip(rule[0]):
-        flipped = sample_embeddings(model, sources, tiling=tiling, flip=True, skip_unreadable=skip_unreadable)[0]
-    stats = k_statistics(
-        model.head, embs, range(lo, hi + 1), flipped=flipped, seed=tiling.seed, max_positions=max_positions
-    )
+    embs, info, stats = _sampled_statistics(model, sources, tiling, k_range, rule, max_positions, skip_unreadable)
     k = pick_k(stats, *rule)
     key = "shares" if rule[0] in ("occupied", "effective") else rule[0]
     auto = {"rule": rule_name(rule), "range": [lo, hi], "k": k, key: stats[hi if key == "shares" else k].get(key)}
