@@ -5,6 +5,8 @@
     python -m seglib.loto --data DIR --select head=student_dubai,student_dubai_prior0    # nested choice
     python -m seglib.loto --list                                                         # the methods
     python -m seglib.loto --plugin my_methods.py --data DIR --methods rgb_kmeans,mine    # methods of your own
+    python -m seglib.loto --data DIR --extra-images MORE --methods student_dubai       # more training images
+    python -m seglib.loto --data DIR --transfer --methods rgb_kmeans,teacher_synthetic  # models trained elsewhere
 
 For each fold (a source tile of the folder, ``seglib.evaluation.loto.folds``) every method's model of
 that fold is trained on the other tiles' images (no masks; cached under ``--runs``, a killed
@@ -13,6 +15,10 @@ out, images with fewer than 2 classes skipped, Hungarian matching per image). Th
 the image-weighted mean of every fold and of all folds; the JSON holds every image's scores,
 paired differences with bootstrap intervals and the nested selections. Per-fold scores are
 cached too, so a second run only computes what is new.
+
+``--extra-images DIR`` adds the images of DIR (sub-folders too) to every fold's training images;
+they are never scored. ``--transfer`` refuses every method whose models trained on the labelled
+folder, so every image is scored by models that never saw any of its tiles.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compare", action="append", default=[], metavar="A:B", help="paired difference A - B (repeatable)")
     p.add_argument("--no-train", action="store_true", help="fail instead of training a missing fold model")
+    p.add_argument(
+        "--extra-images",
+        default=None,
+        metavar="DIR",
+        help="images (sub-folders too) added to every fold's training images, never scored (e.g. UC Merced)",
+    )
+    p.add_argument("--no-boundary", action="store_true", help="leave out the boundary F1 (the slowest score)")
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="transfer run: refuse any method whose models trained on the labelled folder; every image is unseen",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (training and evaluation)")
     p.add_argument("--out", default="runs/loto/loto.json", help="JSON result")
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             train=not args.no_train,
             select=select,
             compare=compare,
+            extra_images=args.extra_images,
+            transfer=args.transfer,
+            boundary=not args.no_boundary,
             log=lambda msg: print(msg, file=sys.stderr),
         )
     except LotoError as exc:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seglib.io import IMAGE_SUFFIXES, read_image
+from seglib.io.images import IMAGE_SUFFIXES, read_image
 
 __all__ = ["SceneFolder", "load_scenes", "random_crops", "centre_crops"]
 

@@ -33,9 +33,16 @@ def _student(path: str | Path) -> torch.nn.Module:
 
 
 # Checkpoint kind -> loader (a checkpoint file -> the model it describes, CPU, eval mode).
+def _scene(path: str | Path) -> torch.nn.Module:
+    from .scene import SceneSegmenter
+
+    return SceneSegmenter.from_checkpoint(path)
+
+
 MODELS: dict[str, Callable[[str | Path], torch.nn.Module]] = {
     "teacher": MonolithicSegmenter.from_checkpoint,
     "student": _student,
+    "scene": _scene,
 }
 
 
@@ -47,7 +54,7 @@ def load_model(path: str | Path | None = None) -> torch.nn.Module:
     state = load_checkpoint(path)
     kind = state.get("task") if state.get("kind") == "train-state" else state.get("kind")
     if kind not in MODELS:
-        raise CheckpointError(f"{path} holds a '{kind}' checkpoint; expected a teacher or a student")
+        raise CheckpointError(f"{path} holds a '{kind}' checkpoint; expected a teacher, a student or a scene model")
     return MODELS[kind](path)
 
 

@@ -25,6 +25,7 @@ import copy
 import glob
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ __all__ = [
     "get_method",
     "FoldContext",
     "fold_model",
+    "train_images",
+    "link_training_images",
+    "trains_on_folder",
 ]
 
 SHARED = "shared"  # the fold folder of a model trained once, without the labelled folder's images
@@ -72,6 +76,10 @@ class Method:
         ``head.denoise_iters``): settings of the head that are not arguments of a forward call.
       adapt: keyword arguments of ``seglib.inference.adapt.adapt`` (``steps``, ...): each image is
         segmented by a copy of the fold model adapted to that image first (``eval_of`` methods).
+      build: for models no recipe describes: ``build(ctx, fold) -> Path`` returns the fold's
+        model file (any checkpoint ``seglib.models.load_model`` reads), training it first if
+        needed; ``fold`` is ``"shared"`` for a method with ``per_fold=False``. A per-fold build
+        may read only ``train_images(ctx, fold)`` (and ``ctx.extra_images``).
       about: one line for the table's legend.
     """
 
@@ -86,6 +94,7 @@ class Method:
     infer: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
     adapt: dict = field(default_factory=dict)
+    build: Callable[[FoldContext, str], Path] | None = None
     about: str = ""
 
     def overrides(self) -> dict:
@@ -173,6 +182,8 @@ def get_method(name: str) -> Method:
     m = METHODS[base]
     if m.kind == "kmeans":
         raise LotoError(f"{name}: rgb_kmeans has no training to scale or seed")
+    if m.build is not None or (m.kind == "random" and METHODS.get(m.random_of, m).build is not None):
+        raise LotoError(f"{name}: {base} trains itself (Method.build); register its longer or reseeded runs by name")
     if m.kind == "random":
         return replace(m, name=name, random_of=f"{m.random_of}@{tag}")
     if m.eval_of:
@@ -211,6 +222,10 @@ class FoldContext:
       tiles: {tile: image stems} of every tile in ``images``.
       threads, device: for training and evaluation.
       train: False: a missing fold model is an error instead of being trained.
+      extra_images: a folder of images (sub-folders included) that joins every fold's training
+        images and is never scored, e.g. UC Merced's scenes beside the dev split's tiles.
+      train_dir: the folder training reads: ``images``, or, with ``extra_images``, a folder of
+        links to both (``link_training_images``).
     """
 
     images: Path
@@ -220,15 +235,63 @@ class FoldContext:
     device: str = "cpu"
     train: bool = True
     log: Any = print
+    extra_images: Path | None = None
+    train_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_dir is None:
+            self.train_dir = self.images
 
 
 def train_images(ctx: FoldContext, fold: str) -> list[str]:
-    """Stems of the images a model of ``fold`` trains on: every image of ``images`` except the
-    held-out tile's (images without a tile id are kept: they are never scored)."""
+    """Stems of the images a model of ``fold`` trains on: every image of the training folder
+    (``ctx.train_dir``) except the held-out tile's (images without a tile id are kept: they are
+    never scored)."""
     from ...io.images import list_images
 
     held = set(ctx.tiles.get(fold, []))
-    return [p.stem for p in list_images(ctx.images) if p.stem not in held]
+    return [p.stem for p in list_images(ctx.train_dir) if p.stem not in held]
+
+
+def link_training_images(images: Path, extra: Path, root: Path, tile_pattern: str) -> Path:
+    """A folder under ``root`` of links to every image of ``images`` and of ``extra`` (searched
+    recursively), the extra ones named ``extra-<relative path with '-' for '/'>-x`` so that no
+    extra image carries a tile id (it is never a fold and never scored); the same inputs give
+    the same folder. Falls back to copies where links cannot be made."""
+    import hashlib
+    import os
+    import shutil
+
+    from ...io.images import IMAGE_SUFFIXES, list_images
+    from .folds import tile_of
+
+    own = list_images(images)
+    others = sorted(p for p in Path(extra).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not others:
+        raise LotoError(f"--extra-images {extra}: no images found (searched sub-folders too)")
+    names = {p.name: p for p in own}
+    for p in others:
+        rel = p.relative_to(extra).with_suffix("")
+        name = "extra-" + "-".join(rel.parts) + "-x" + p.suffix.lower()
+        if tile_of(Path(name).stem, tile_pattern) is not None or name in names:
+            raise LotoError(f"extra image {p} would be named {name}, which the tile pattern reads as a tile")
+        names[name] = p
+    digest = hashlib.sha256("\n".join(f"{n}={p.resolve()}" for n, p in sorted(names.items())).encode()).hexdigest()[:12]
+    folder = Path(root) / "_train_images" / digest
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, path in names.items():
+        link = folder / name
+        if link.exists() or link.is_symlink():
+            continue
+        try:
+            os.symlink(path.resolve(), link)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege)
+            shutil.copyfile(path, link)
+    done.write_text(f"{len(names)} images\n")
+    return folder
 
 
 def _resolved(
@@ -238,7 +301,7 @@ def _resolved(
     if method.per_fold:
         held = ctx.tiles[fold]
         exclude = [glob.escape(s) for s in held]
-        data = {"synthetic": False, "data_dir": str(ctx.images), "include": [], "exclude": exclude}
+        data = {"synthetic": False, "data_dir": str(ctx.train_dir), "include": [], "exclude": exclude}
         over = merge(over, {"data": data})
     over = merge(over, {"train": {"threads": ctx.threads, "device": ctx.device}})
     if teacher_path is not None:
@@ -259,6 +322,20 @@ def _fingerprint(cfg: Config) -> dict:
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir", "num_workers")}
     d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
     return d
+
+
+def trains_on_folder(method: Method) -> bool:
+    """Whether any model ``method`` scores with was trained on the labelled folder's images
+    (a per-fold recipe or build, or a teacher / start / twin that was)."""
+    if method.kind == "kmeans":
+        return False
+    if method.kind == "random":
+        return trains_on_folder(get_method(method.random_of))
+    if method.eval_of:
+        return trains_on_folder(get_method(method.eval_of))
+    if method.per_fold:
+        return True
+    return any(trains_on_folder(get_method(other)) for other in (method.teacher, method.init_from) if other)
 
 
 def fold_model(method: Method, ctx: FoldContext, fold: str) -> torch.nn.Module:
@@ -286,6 +363,10 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     """Path of the trained ``teacher.pt`` / ``student.pt`` of ``method`` on ``fold``; trains it
     (resuming a killed run) when it is missing."""
     where = fold if method.per_fold else SHARED
+    if method.build is not None:
+        if not ctx.train and not (ctx.runs / method.name / where).is_dir():
+            raise LotoError(f"no model of {method.name} for fold {where} and training is off; run without --no-train")
+        return Path(method.build(ctx, where))
     teacher_path = fold_artifact(get_method(method.teacher), ctx, fold) if method.teacher else None
     init_path = fold_artifact(get_method(method.init_from), ctx, fold) if method.init_from else None
     cfg = _resolved(method, ctx, fold, teacher_path, init_path)

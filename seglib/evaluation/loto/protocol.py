@@ -24,7 +24,9 @@ from .methods import (
     fold_artifact,
     fold_model,
     get_method,
+    link_training_images,
     load_plugin,
+    trains_on_folder,
 )
 
 __all__ = ["run_protocol", "format_table", "loto_result", "SCORE_KEYS"]
@@ -47,10 +49,12 @@ def _artifacts(method: Method, ctx: FoldContext, fold: str) -> list[str]:
     return [_sha(fold_artifact(method, ctx, fold))]
 
 
-def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, seed: int) -> list[dict]:
+def _score_images(
+    method: Method, model, tiles, names, tile: str, k, ignore, seed: int, boundary: bool = True
+) -> list[dict]:
     from ...inference.predictor import InferenceSettings, Predictor
     from ..baselines import rgb_kmeans
-    from ..metrics import segmentation_scores
+    from ..metrics import confusion, hungarian_scores, many_to_one_scores, segmentation_scores
 
     rows = []
     settings = InferenceSettings(**method.infer)
@@ -74,8 +78,13 @@ def _score_images(method: Method, model, tiles, names, tile: str, k, ignore, see
             pred = Predictor.of(adapted, kk, settings).labels(rgb)
         else:
             pred = Predictor.of(model, kk, settings).labels(rgb)
-        s = segmentation_scores(pred, gt, ignore)
-        rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in SCORE_KEYS}, **extra})
+        if boundary:
+            s = segmentation_scores(pred, gt, ignore)
+        else:  # the boundary F1 (distance transforms at full resolution) is the slowest score
+            matrix, _ = confusion(pred, gt, ignore)
+            s = {**hungarian_scores(matrix), "m2o_miou": many_to_one_scores(matrix)["miou"]}
+        keys = SCORE_KEYS if boundary else tuple(key for key in SCORE_KEYS if key != "boundary_f1")
+        rows.append({"image": name, "tile": tile, "k": kk, **{key: float(s[key]) for key in keys}, **extra})
     return rows
 
 
@@ -158,6 +167,7 @@ def _fold_scores(
     k: int | str,
     ignore: Sequence[int],
     seed: int,
+    boundary: bool = True,
 ) -> tuple[list[dict], float]:
     """(rows, seconds) of ``method`` on ``fold``'s images: from the cache beside its fold model
     when ``key`` (everything the scores depend on) matches, else scored now and cached."""
@@ -170,7 +180,7 @@ def _fold_scores(
     names, tiles = fold_tiles()
     model = None if method.kind == "kmeans" else fold_model(method, ctx, fold).to(ctx.device)
     tic = time.perf_counter()
-    rows = _score_images(method, model, tiles, names, fold, k, ignore, seed)
+    rows = _score_images(method, model, tiles, names, fold, k, ignore, seed, boundary)
     spent = time.perf_counter() - tic
     ctx.log(f"[loto] {fold} {method.name}: mIoU {np.mean([r['miou'] for r in rows]):.4f} ({spent:.0f} s)")
     where.mkdir(parents=True, exist_ok=True)
@@ -196,12 +206,20 @@ def run_protocol(
     train: bool = True,
     select: dict[str, Sequence[str]] | None = None,
     compare: Sequence[tuple[str, str]] = (),
+    extra_images: str | Path | None = None,
+    transfer: bool = False,
+    boundary: bool = True,
     log=print,
 ) -> dict:
     """Train (or reuse) every method's fold models, score every held-out image, aggregate.
 
     Scores are cached per method and fold (``scores.json`` beside the fold model, keyed by
-    everything they depend on). Returns the result that ``python -m seglib.loto`` writes as JSON."""
+    everything they depend on). ``boundary=False`` leaves the boundary F1 out of the scores (it
+    costs as much as the rest). ``extra_images``: a folder of images that joins every fold's
+    training images (never scored; ``link_training_images``). ``transfer``: a transfer run, where
+    no model may have trained on the labelled folder (``trains_on_folder``): every image is then
+    scored by models that never saw any tile of it. Returns the result that
+    ``python -m seglib.loto`` writes as JSON."""
     from ...data.tiles import load_labelled_folder
     from ...device import set_threads
 
@@ -209,6 +227,9 @@ def run_protocol(
     images, masks, runs = Path(images), Path(masks), Path(runs)
     tiles, labelled, chosen = _tiles_and_folds(images, masks, folds, tile_pattern)
     ctx = FoldContext(images=images, runs=runs, tiles=tiles, threads=threads, device=device, train=train, log=log)
+    if extra_images is not None:
+        ctx.extra_images = Path(extra_images)
+        ctx.train_dir = link_training_images(images, ctx.extra_images, runs, tile_pattern)
     resolved = [get_method(name) for name in methods]
     select = {label: list(names) for label, names in (select or {}).items()}
     for names in select.values():
@@ -216,9 +237,16 @@ def run_protocol(
             if name not in methods:
                 resolved.append(get_method(name))
                 methods = [*methods, name]
+    if transfer:
+        seen = [m.name for m in resolved if trains_on_folder(m)]
+        if seen:
+            raise LotoError(
+                f"a transfer run scores models that never saw the folder, but {', '.join(seen)} train on its tiles; "
+                "leave them out or run without --transfer"
+            )
     rows: dict[str, list[dict]] = {m.name: [] for m in resolved}
     seconds: dict[str, float] = {m.name: 0.0 for m in resolved}
-    key_base = {"k": k, "ignore": list(ignore), "seed": seed}
+    key_base = {"k": k, "ignore": list(ignore), "seed": seed, **({} if boundary else {"boundary": False})}
     for fold in chosen:
         fold_names = [n for n in tiles[fold] if n in labelled]
         loaded: list = []  # the fold's labelled images, read once when a method needs them
@@ -234,13 +262,18 @@ def run_protocol(
                 key["attrs"] = method.attrs
             if method.adapt:
                 key["adapt"] = method.adapt
-            fold_rows, spent = _fold_scores(method, ctx, fold, key, fold_tiles, k=k, ignore=ignore, seed=seed)
+            fold_rows, spent = _fold_scores(
+                method, ctx, fold, key, fold_tiles, k=k, ignore=ignore, seed=seed, boundary=boundary
+            )
             rows[method.name].extend(fold_rows)
             seconds[method.name] += spent
     return {
         "protocol": {
             "images": str(images),
             "masks": str(masks),
+            "extra_images": None if extra_images is None else str(extra_images),
+            "transfer": transfer,
+            "boundary_f1": boundary,
             "k": k,
             "ignore": list(ignore),
             "kmeans_seed": seed,

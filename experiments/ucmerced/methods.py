@@ -1,0 +1,285 @@
+"""Methods of the UC Merced study (issue 27), registered into the leave-one-tile-out protocol.
+
+    python -m experiments.ucmerced --data ../shared/data/dubai_aerial_dev \
+        --extra-images ../shared/data/ucmerced_landuse --transfer --methods rgb_kmeans,scene,scene_random
+    python -m seglib.loto --plugin experiments.ucmerced.methods --list
+
+Every method here trains on UC Merced (``--extra-images``, the scene folder with its class
+sub-folders) and, unless its name says ``_bn``, never on a Dubai tile, so it is valid in a
+transfer run (``--transfer``) and the same model serves every fold:
+
+* ``scene``: ``SceneCNN`` pretrained on the 21 scene classes (``python -m seglib.pretrain``, 3200
+  steps of 48 crops, zoom 0.375-1, fold 0 held out for the probe), under the bundled student's
+  head, clustering its stride-8 map beside colour; ``scene_<setting>``: the same weights with
+  other feature levels or colour weights (``SETTINGS``), for the nested choice.
+* ``scene_random``: the same architecture at random weights (seed 0), BatchNorm statistics
+  calibrated on UC Merced crops; ``scene_random_<setting>`` likewise.
+* ``scene_1x``, ``scene_4x`` (200 and 800 steps; ``scene`` is 16x) and ``_s1`` (seed 1): the
+  compute curve. ``scene_coarse``: crops of 64 px at zoom 0.25-0.67 (coarser pixels).
+* ``scene_bn``: per fold, ``scene`` with its BatchNorm statistics re-estimated on crops of the
+  fold's four training tiles (shrunk by 2, as the head reads them): the one use of the Dubai
+  images, never of the held-out tile.
+* ``teacher_ucm`` / ``cluster_ucm`` / ``student_ucm``: the package's own label-free objectives
+  on UC Merced shrunk by 2 (the teacher recipe of real tiles with its random downsample 1 or 2,
+  the cluster stage, and the bundled recipe's distillation from ``teacher_ucm``), scored with
+  the bundled student's head.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seglib import recipes
+from seglib.checkpoint import load_checkpoint, save_atomic
+from seglib.config import Config, merge
+from seglib.data.scenes import load_scenes, random_crops
+from seglib.evaluation.loto import Method, register
+from seglib.evaluation.loto.methods import LotoError, train_images
+from seglib.models.scene import SceneModelConfig, SceneSegmenter, calibrate_batchnorm
+from seglib.training.scene import ScenePretrainConfig, pretrain
+
+__all__ = ["SETTINGS", "PRETRAIN", "scene_folder", "bn_crops"]
+
+# The pretraining runs (ScenePretrainConfig changes from its defaults: 3200 steps, seed 0).
+PRETRAIN = {
+    "scene": {},
+    "scene_s1": {"seed": 1},
+    "scene_1x": {"steps": 200},
+    "scene_1x_s1": {"steps": 200, "seed": 1},
+    "scene_4x": {"steps": 800},
+    "scene_4x_s1": {"steps": 800, "seed": 1},
+    "scene_coarse": {"size": 64, "zoom": (0.25, 0.67)},
+}
+# Inference settings chosen between inside the folds: feature levels (weights) and colour weight.
+SETTINGS = {
+    "L8": {"levels": {"s8": 1.0}},
+    "L816": {"levels": {"s8": 1.0, "s16": 1.0}},
+    "L4816": {"levels": {"s4": 1.0, "s8": 1.0, "s16": 1.0}},
+    "L8k": {"levels": {"s8": 1.0, "cls": 1.0}},
+    "Lk": {"levels": {"cls": 1.0}},
+    "L8c2": {"levels": {"s8": 1.0}, "colour_weight": 2.0},
+    "L8c4": {"levels": {"s8": 1.0}, "colour_weight": 4.0},
+}
+REAL_HEAD = {"downsample": 2, "iters": 1, "size_prior": 3.0}
+
+
+def scene_folder(ctx) -> Path:
+    if ctx.extra_images is None:
+        raise LotoError("the UC Merced methods read the scene folder given as --extra-images (e.g. ../shared/data/ucmerced_landuse)")
+    return Path(ctx.extra_images)
+
+
+_SCENES: dict[str, object] = {}
+
+
+def _scenes(ctx):
+    key = str(scene_folder(ctx).resolve())
+    if key not in _SCENES:
+        _SCENES[key] = load_scenes(key)
+    return _SCENES[key]
+
+
+def _pretrain_build(name: str, changes: dict):
+    def build(ctx, where: str) -> Path:
+        cfg = ScenePretrainConfig(data_dir=str(scene_folder(ctx)), out_dir=str(ctx.runs / name / where), **changes)
+        final = Path(cfg.out_dir) / "scene.pt"
+        if not final.is_file():
+            if not ctx.train:
+                raise LotoError(f"no {final} and training is off")
+            ctx.log(f"[loto] pretraining {name} on {cfg.data_dir} into {cfg.out_dir}")
+        return Path(pretrain(cfg, scenes=None if final.is_file() else _scenes(ctx))["model"])
+
+    return build
+
+
+def _random_build(ctx, where: str) -> Path:
+    """The default SceneCNN at random weights (seed 0), BatchNorm calibrated on 8 batches of 48
+    training-fold crops drawn as the pretraining draws them."""
+    path = ctx.runs / "scene_random" / where / "scene.pt"
+    if path.is_file():
+        return path
+    scenes = _scenes(ctx)
+    cfg = ScenePretrainConfig()
+    train = scenes.without_fold(cfg.holdout)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SceneSegmenter(SceneModelConfig(classes=len(scenes.classes)))
+    batches = []
+    for b in range(8):
+        rng = np.random.default_rng([0, 10**6 + b])
+        idx = rng.choice(len(train), cfg.batch, replace=False)
+        batches.append(random_crops([train.images[i] for i in idx], rng, size=cfg.size, zoom=cfg.zoom, jitter=cfg.jitter)[0])
+    calibrate_batchnorm(model.cnn, batches)
+    return save_atomic(model.checkpoint(note="random weights, BatchNorm calibrated"), path)
+
+
+def bn_crops(ctx, fold: str, *, batches: int = 8, batch: int = 32, size: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    """Crops of the fold's training tiles (``train_images`` of the labelled folder only), shrunk
+    by 2 with block means as the head reads them: ``batches`` tensors (batch, 3, size, size)."""
+    import glob
+
+    from seglib.data.tiles import load_folder
+
+    labelled = {p.stem for p in ctx.images.iterdir()}
+    stems = [s for s in train_images(ctx, fold) if s in labelled]
+    _, arrays = load_folder(ctx.images, include=tuple(glob.escape(s) for s in stems))
+    small = []
+    for rgb in arrays:
+        h, w = rgb.shape[0] // 2, rgb.shape[1] // 2
+        small.append(rgb[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3)) / 255)
+    out = []
+    for b in range(batches):
+        rng = np.random.default_rng([seed, 7, b])
+        crops = []
+        for _ in range(batch):
+            img = small[int(rng.integers(len(small)))]
+            y, x = int(rng.integers(0, img.shape[0] - size + 1)), int(rng.integers(0, img.shape[1] - size + 1))
+            crops.append(img[y : y + size, x : x + size])
+        out.append(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float())
+    return out
+
+
+def _bn_build(base: str):
+    def build(ctx, fold: str) -> Path:
+        path = ctx.runs / f"{base}_bn" / fold / "scene.pt"
+        source = _pretrain_build(base, PRETRAIN[base])(ctx, "shared")
+        stamp = {"source": str(source), "train_images": sorted(s for s in train_images(ctx, fold) if not s.startswith("extra-"))}
+        if path.is_file() and load_checkpoint(path, kind="scene").get("adapted") == stamp:
+            return path
+        model = SceneSegmenter.from_checkpoint(source)
+        calibrate_batchnorm(model.cnn, bn_crops(ctx, fold))
+        return save_atomic(model.checkpoint(adapted=stamp), path)
+
+    return build
+
+
+def _flat_ucm(ctx) -> Path:
+    """UC Merced's images as links in one folder, by their own file names (what the seglib trainer reads)."""
+    root = scene_folder(ctx)
+    folder = ctx.runs / "_ucm_flat"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(root.rglob("*.jpg")):
+        link = folder / path.name
+        if not link.exists():
+            os.symlink(path.resolve(), link)
+    return folder
+
+
+def _recipe_build(name: str, overrides: dict, *, teacher: str | None = None):
+    """A seglib recipe trained once on UC Merced (no Dubai tile)."""
+
+    def build(ctx, where: str) -> Path:
+        directory = ctx.runs / name / where
+        over = merge(copy.deepcopy(overrides), {"data": {"synthetic": False, "data_dir": str(_flat_ucm(ctx))}})
+        over = merge(over, {"train": {"checkpoint_dir": str(directory), "threads": ctx.threads, "device": ctx.device}})
+        if teacher is not None:
+            over = merge(over, {"distill": {"teacher_checkpoint": str(METHODS_BUILD[teacher](ctx, where))}})
+        cfg = Config.from_dict(over)
+        artifact = directory / ("teacher.pt" if cfg.stage == "teacher" else "student.pt")
+        want = _what_decides(cfg.to_dict())
+        if artifact.is_file():
+            have = _what_decides(load_checkpoint(artifact)["config"])
+            if have != want:
+                raise LotoError(f"{artifact} was trained with another config; delete {directory} to retrain")
+            return artifact
+        if not ctx.train:
+            raise LotoError(f"no {artifact} and training is off")
+        from seglib.training.run import run
+
+        ctx.log(f"[loto] training {name} on UC Merced into {directory}")
+        run(cfg, resume=True)
+        return artifact
+
+    return build
+
+
+def _what_decides(config: dict) -> dict:
+    d = json.loads(json.dumps(config))
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir")}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir",)}
+    d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
+    return d
+
+
+UCM_DATA = {"size": 112}  # UC Merced's 256 px scenes shrunk by 2 are 128 px: 112 px crops leave room to move
+METHODS_BUILD = {
+    "teacher_ucm": _recipe_build("teacher_ucm", merge(recipes.TEACHER_DUBAI_CPU, {"data": {"downscale": 2, **UCM_DATA}})),
+    "cluster_ucm": _recipe_build("cluster_ucm", merge(recipes.STUDENT_CLUSTER_CPU, {"data": UCM_DATA})),
+}
+METHODS_BUILD["student_ucm"] = _recipe_build("student_ucm", merge(recipes.STUDENT_DUBAI_CPU, {"data": UCM_DATA}), teacher="teacher_ucm")
+
+def _bundled(ctx, where: str) -> Path:
+    from seglib.paths import bundled_model_path
+
+    return Path(bundled_model_path())
+
+
+register(
+    Method(
+        "bundled",
+        per_fold=False,
+        build=_bundled,
+        about="today's bundled student as shipped (trained on all 44 dev images without masks: a reference, not a transfer model)",
+    )
+)
+register(Method("bundled_random", kind="random", random_of="bundled", about="the bundled architecture at random weights"))
+
+for _name, _changes in PRETRAIN.items():
+    register(
+        Method(
+            _name,
+            per_fold=False,
+            build=_pretrain_build(_name, _changes),
+            about=f"SceneCNN pretrained on UC Merced's scene classes ({_changes or 'the recipe'}), stride-8 map + colour",
+        )
+    )
+register(
+    Method(
+        "scene_random",
+        per_fold=False,
+        build=_random_build,
+        about="the SceneCNN at random weights (seed 0), BatchNorm calibrated on UC Merced crops",
+    )
+)
+register(
+    Method(
+        "scene_bn",
+        build=_bn_build("scene"),
+        about="scene with BatchNorm statistics re-estimated on the fold's four training tiles (shrunk by 2)",
+    )
+)
+for _base in ("scene", "scene_random", "scene_bn", "scene_s1"):
+    for _setting, _attrs in SETTINGS.items():
+        register(
+            Method(
+                f"{_base}_{_setting}",
+                eval_of=_base,
+                per_fold=_base == "scene_bn",
+                attrs=_attrs,
+                about=f"{_base} with other inference settings ({_attrs})",
+            )
+        )
+for _name, _build in METHODS_BUILD.items():
+    register(
+        Method(
+            _name,
+            per_fold=False,
+            build=_build,
+            about=f"the package's label-free recipe trained on UC Merced shrunk by 2 ({_name}), the bundled student's head",
+        )
+    )
+    register(
+        Method(
+            f"{_name}_real_head",
+            eval_of=_name,
+            per_fold=False,
+            infer=REAL_HEAD,
+            about=f"{_name} scored with the bundled student's head (half resolution, 1 iteration, prior 3)",
+        )
+    )

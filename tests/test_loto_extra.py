@@ -1,0 +1,94 @@
+"""Protocol extensions: images added to every fold's training (``extra_images``), methods that
+build their own fold models (``Method.build``), and transfer runs (``transfer``): the held-out
+tile never reaches training, extra images are never scored, and a transfer run refuses any
+model that trained on the labelled folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seglib.checkpoint import save_atomic
+from seglib.evaluation.loto import run_protocol
+from seglib.evaluation.loto.folds import tile_of
+from seglib.evaluation.loto.methods import METHODS, LotoError, Method, link_training_images, register, train_images
+from seglib.models.scene import SceneModelConfig, SceneSegmenter
+
+TILES = ("t1", "t2")
+
+
+@pytest.fixture
+def folders(tmp_path):
+    from seglib.data.synthetic import make_tile
+
+    images, masks, extra = tmp_path / "images", tmp_path / "masks", tmp_path / "extra" / "images"
+    images.mkdir()
+    masks.mkdir()
+    for t, tile in enumerate(TILES):
+        for i in range(2):
+            syn = make_tile(64, seed=10 * t + i, min_classes=2, max_classes=3)
+            Image.fromarray((syn.rgb * 255).astype(np.uint8)).save(images / f"img{i}{tile}.png")
+            Image.fromarray(syn.labels.astype(np.uint8)).save(masks / f"img{i}{tile}.png")
+    for cls in ("forest", "harbor"):
+        (extra / cls).mkdir(parents=True)
+        for i in range(2):  # names that would read as tiles if they were not renamed ("...t01")
+            Image.fromarray(np.full((64, 64, 3), 60 * i + 40, np.uint8)).save(extra / cls / f"{cls}t0{i}.png")
+    return images, masks, extra.parent
+
+
+def test_extra_images_join_every_fold_but_are_never_a_fold(folders, tmp_path):
+    images, _, extra = folders
+    folder = link_training_images(images, extra, tmp_path / "runs", r"t(\d+)$")
+    names = sorted(p.stem for p in folder.iterdir() if not p.name.startswith("."))
+    extras = [n for n in names if n.startswith("extra-")]
+    assert len(extras) == 4 and all(tile_of(n) is None for n in extras)
+    assert link_training_images(images, extra, tmp_path / "runs", r"t(\d+)$") == folder  # same inputs, same folder
+
+
+def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold(folders, tmp_path, one_thread):
+    images, masks, extra = folders
+    seen: dict[str, list[str]] = {}
+
+    def per_fold(ctx, fold):
+        seen[fold] = train_images(ctx, fold)
+        assert ctx.extra_images == extra
+        path = ctx.runs / "test_scene_fold" / fold / "scene.pt"
+        if not path.is_file():
+            save_atomic(SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(), path)
+        return path
+
+    def shared(ctx, fold):
+        assert fold == "shared"
+        path = ctx.runs / "test_scene_shared" / fold / "scene.pt"
+        save_atomic(SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(), path)
+        return path
+
+    made = [
+        register(Method("test_scene_fold", build=per_fold)),
+        register(Method("test_scene_shared", per_fold=False, build=shared)),
+        register(Method("test_scene_shared_L4", eval_of="test_scene_shared", per_fold=False, attrs={"levels": {"s4": 1.0}})),
+    ]
+    try:
+        kw = dict(images=images, masks=masks, runs=tmp_path / "runs", ignore=(), threads=1, log=lambda m: None)
+        result = run_protocol(methods=["rgb_kmeans", "test_scene_fold"], extra_images=extra, boundary=False, **kw)
+        for fold in TILES:
+            held = {f"img0{fold}", f"img1{fold}"}
+            assert not held & set(seen[fold])
+            assert sum(n.startswith("extra-") for n in seen[fold]) == 4  # every extra image, every fold
+        scored = {r["image"] for r in result["per_image"]["test_scene_fold"]}
+        assert scored == {f"img{i}{t}" for t in TILES for i in range(2)}  # extra images are never scored
+        assert "boundary_f1" not in result["per_image"]["rgb_kmeans"][0]
+        assert result["protocol"]["extra_images"] == str(extra)
+        with pytest.raises(LotoError, match="transfer run"):
+            run_protocol(methods=["rgb_kmeans", "test_scene_fold"], transfer=True, extra_images=extra, **kw)
+        with pytest.raises(LotoError, match="student_dubai"):
+            run_protocol(methods=["student_dubai"], transfer=True, **kw)
+        out = run_protocol(methods=["rgb_kmeans", "test_scene_shared", "test_scene_shared_L4"], transfer=True, boundary=False, **kw)
+        assert out["protocol"]["transfer"] and out["methods"]["test_scene_shared"]["all"]["n"] == 4
+        json.dumps(out)  # the result is plain JSON
+    finally:
+        for m in made:
+            METHODS.pop(m.name, None)
