@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m seglib.pretrain: error: {exc}", file=sys.stderr)
         return 2
     last = result["history"][-1] if result["history"] else {}
-    print(f"{result['model']}: {cfg.steps} steps, {result['seconds']:.0f} s, held-out scene accuracy {last.get('heldout_acc')}")
+    accuracy = last.get("heldout_acc")
+    print(f"{result['model']}: {cfg.steps} steps, {result['seconds']:.0f} s, held-out scene accuracy {accuracy}")
     return 0
 
 

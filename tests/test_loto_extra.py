@@ -53,23 +53,33 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
     seen: dict[str, list[str]] = {}
 
     def per_fold(ctx, fold):
-        seen[fold] = train_images(ctx, fold)
+        seen[fold] = train_images(ctx, fold, extra=True)
         assert ctx.extra_images == extra
         path = ctx.runs / "test_scene_fold" / fold / "scene.pt"
         if not path.is_file():
-            save_atomic(SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(), path)
+            save_atomic(
+                SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2))
+                .eval()
+                .checkpoint(),
+                path,
+            )
         return path
 
     def shared(ctx, fold):
         assert fold == "shared"
         path = ctx.runs / "test_scene_shared" / fold / "scene.pt"
-        save_atomic(SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(), path)
+        save_atomic(
+            SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(),
+            path,
+        )
         return path
 
     made = [
-        register(Method("test_scene_fold", build=per_fold)),
+        register(Method("test_scene_fold", build=per_fold, extra_images=True)),
         register(Method("test_scene_shared", per_fold=False, build=shared)),
-        register(Method("test_scene_shared_L4", eval_of="test_scene_shared", per_fold=False, attrs={"levels": {"s4": 1.0}})),
+        register(
+            Method("test_scene_shared_L4", eval_of="test_scene_shared", per_fold=False, attrs={"levels": {"s4": 1.0}})
+        ),
     ]
     try:
         kw = dict(images=images, masks=masks, runs=tmp_path / "runs", ignore=(), threads=1, log=lambda m: None)
@@ -86,9 +96,35 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
             run_protocol(methods=["rgb_kmeans", "test_scene_fold"], transfer=True, extra_images=extra, **kw)
         with pytest.raises(LotoError, match="student_dubai"):
             run_protocol(methods=["student_dubai"], transfer=True, **kw)
-        out = run_protocol(methods=["rgb_kmeans", "test_scene_shared", "test_scene_shared_L4"], transfer=True, boundary=False, **kw)
+        out = run_protocol(
+            methods=["rgb_kmeans", "test_scene_shared", "test_scene_shared_L4"], transfer=True, boundary=False, **kw
+        )
         assert out["protocol"]["transfer"] and out["methods"]["test_scene_shared"]["all"]["n"] == 4
         json.dumps(out)  # the result is plain JSON
     finally:
         for m in made:
             METHODS.pop(m.name, None)
+
+
+def test_a_recipe_trains_on_the_extra_images_only_when_it_asks(folders, tmp_path):
+    from seglib.data.tiles import FolderBatches
+    from seglib.evaluation.loto.methods import FoldContext, _resolved, get_method
+
+    images, _, extra = folders
+    tiles = {t: [f"img0{t}", f"img1{t}"] for t in TILES}
+    ctx = FoldContext(images=images, runs=tmp_path / "runs", tiles=tiles, extra_images=extra)
+    ctx.train_dir = link_training_images(images, extra, ctx.runs, r"t(\d+)$")
+    plain = get_method("student_dubai")
+    with_extra = register(
+        Method("test_dubai_extra", recipe="student_dubai_cpu", teacher="teacher_synthetic", extra_images=True)
+    )
+    try:
+        for method, extras in ((plain, 0), (with_extra, 4)):
+            cfg = _resolved(method, ctx, "t1", None)
+            names = FolderBatches(cfg.data.data_dir, size=32, exclude=tuple(cfg.data.exclude)).names
+            assert not {"img0t1", "img1t1"} & set(names)
+            assert {"img0t2", "img1t2"} <= set(names)
+            assert sum(n.startswith("extra-") for n in names) == extras
+            assert sorted(names) == sorted(train_images(ctx, "t1", method.extra_images))
+    finally:
+        METHODS.pop("test_dubai_extra", None)

@@ -90,7 +90,9 @@ def test_scene_segmenter_contract_and_checkpoint(tmp_path):
     assert isinstance(loaded, SceneSegmenter)
     assert torch.equal(loaded(x, 4)["probs"], out["probs"])
     twin = random_init_like(loaded)
-    assert twin.config == loaded.config and not torch.equal(twin.cnn.stages[0][0][0].weight, model.cnn.stages[0][0][0].weight)
+    assert twin.config == loaded.config and not torch.equal(
+        twin.cnn.stages[0][0][0].weight, model.cnn.stages[0][0][0].weight
+    )
     other = model.with_settings(levels={"s4": 1.0}, size_prior=0.0)
     assert other.config.head.size_prior == 0.0 and torch.equal(other.cnn.fc.weight, model.cnn.fc.weight)
     with pytest.raises(ValueError, match="levels"):

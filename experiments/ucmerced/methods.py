@@ -71,7 +71,9 @@ REAL_HEAD = {"downsample": 2, "iters": 1, "size_prior": 3.0}
 
 def scene_folder(ctx) -> Path:
     if ctx.extra_images is None:
-        raise LotoError("the UC Merced methods read the scene folder given as --extra-images (e.g. ../shared/data/ucmerced_landuse)")
+        raise LotoError(
+            "the UC Merced methods read the scene folder given as --extra-images (e.g. ../shared/data/ucmerced_landuse)"
+        )
     return Path(ctx.extra_images)
 
 
@@ -114,12 +116,16 @@ def _random_build(ctx, where: str) -> Path:
     for b in range(8):
         rng = np.random.default_rng([0, 10**6 + b])
         idx = rng.choice(len(train), cfg.batch, replace=False)
-        batches.append(random_crops([train.images[i] for i in idx], rng, size=cfg.size, zoom=cfg.zoom, jitter=cfg.jitter)[0])
+        batches.append(
+            random_crops([train.images[i] for i in idx], rng, size=cfg.size, zoom=cfg.zoom, jitter=cfg.jitter)[0]
+        )
     calibrate_batchnorm(model.cnn, batches)
     return save_atomic(model.checkpoint(note="random weights, BatchNorm calibrated"), path)
 
 
-def bn_crops(ctx, fold: str, *, batches: int = 8, batch: int = 32, size: int = 128, seed: int = 0) -> list[torch.Tensor]:
+def bn_crops(
+    ctx, fold: str, *, batches: int = 8, batch: int = 32, size: int = 128, seed: int = 0
+) -> list[torch.Tensor]:
     """Crops of the fold's training tiles (``train_images`` of the labelled folder only), shrunk
     by 2 with block means as the head reads them: ``batches`` tensors (batch, 3, size, size)."""
     import glob
@@ -149,7 +155,10 @@ def _bn_build(base: str):
     def build(ctx, fold: str) -> Path:
         path = ctx.runs / f"{base}_bn" / fold / "scene.pt"
         source = _pretrain_build(base, PRETRAIN[base])(ctx, "shared")
-        stamp = {"source": str(source), "train_images": sorted(s for s in train_images(ctx, fold) if not s.startswith("extra-"))}
+        stamp = {
+            "source": str(source),
+            "train_images": sorted(s for s in train_images(ctx, fold) if not s.startswith("extra-")),
+        }
         if path.is_file() and load_checkpoint(path, kind="scene").get("adapted") == stamp:
             return path
         model = SceneSegmenter.from_checkpoint(source)
@@ -209,10 +218,15 @@ def _what_decides(config: dict) -> dict:
 
 UCM_DATA = {"size": 112}  # UC Merced's 256 px scenes shrunk by 2 are 128 px: 112 px crops leave room to move
 METHODS_BUILD = {
-    "teacher_ucm": _recipe_build("teacher_ucm", merge(recipes.TEACHER_DUBAI_CPU, {"data": {"downscale": 2, **UCM_DATA}})),
+    "teacher_ucm": _recipe_build(
+        "teacher_ucm", merge(recipes.TEACHER_DUBAI_CPU, {"data": {"downscale": 2, **UCM_DATA}})
+    ),
     "cluster_ucm": _recipe_build("cluster_ucm", merge(recipes.STUDENT_CLUSTER_CPU, {"data": UCM_DATA})),
 }
-METHODS_BUILD["student_ucm"] = _recipe_build("student_ucm", merge(recipes.STUDENT_DUBAI_CPU, {"data": UCM_DATA}), teacher="teacher_ucm")
+METHODS_BUILD["student_ucm"] = _recipe_build(
+    "student_ucm", merge(recipes.STUDENT_DUBAI_CPU, {"data": UCM_DATA}), teacher="teacher_ucm"
+)
+
 
 def _bundled(ctx, where: str) -> Path:
     from seglib.paths import bundled_model_path
@@ -225,10 +239,12 @@ register(
         "bundled",
         per_fold=False,
         build=_bundled,
-        about="today's bundled student as shipped (trained on all 44 dev images without masks: a reference, not a transfer model)",
+        about="today's bundled student (trained on all 44 dev images without masks: a reference, not a transfer)",
     )
 )
-register(Method("bundled_random", kind="random", random_of="bundled", about="the bundled architecture at random weights"))
+register(
+    Method("bundled_random", kind="random", random_of="bundled", about="the bundled architecture at random weights")
+)
 
 for _name, _changes in PRETRAIN.items():
     register(
@@ -236,7 +252,7 @@ for _name, _changes in PRETRAIN.items():
             _name,
             per_fold=False,
             build=_pretrain_build(_name, _changes),
-            about=f"SceneCNN pretrained on UC Merced's scene classes ({_changes or 'the recipe'}), stride-8 map + colour",
+            about=f"SceneCNN pretrained on UC Merced's scene classes ({_changes or 'recipe'}), stride-8 map + colour",
         )
     )
 register(
@@ -265,13 +281,30 @@ for _base in ("scene", "scene_random", "scene_bn", "scene_s1"):
                 about=f"{_base} with other inference settings ({_attrs})",
             )
         )
+register(
+    Method(
+        "student_dubai_ucm",
+        recipe="student_dubai_cpu",
+        teacher="teacher_synthetic",
+        extra_images=True,
+        about="the bundled recipe with UC Merced added to the fold's four tiles (distilled from the synthetic teacher)",
+    )
+)
+register(
+    Method(
+        "student_cluster_ucm",
+        recipe="student_cluster_cpu",
+        extra_images=True,
+        about="the cluster stage (dense swapped prediction) on UC Merced plus the fold's four tiles",
+    )
+)
 for _name, _build in METHODS_BUILD.items():
     register(
         Method(
             _name,
             per_fold=False,
             build=_build,
-            about=f"the package's label-free recipe trained on UC Merced shrunk by 2 ({_name}), the bundled student's head",
+            about=f"the package's label-free recipe {_name} trained once on UC Merced shrunk by 2",
         )
     )
     register(

@@ -1,6 +1,6 @@
 """Draw the compute curve (pooled mIoU against training steps, one line per seed and protocol).
 
-    python experiments/ucmerced/plot_curve.py experiments/ucmerced/results/curve.json docs/ucmerced_curve.png
+python experiments/ucmerced/plot_curve.py experiments/ucmerced/results/curve.json docs/ucmerced_curve.png
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ class SceneCNN(nn.Module):
     classes: outputs of the linear scene classifier on the pooled stride-16 map (0: none).
     """
 
-    def __init__(self, *, widths: tuple[int, ...] = (32, 64, 128, 256), depths: tuple[int, ...] = (1, 2, 2, 2), classes: int = 21):
+    def __init__(
+        self, *, widths: tuple[int, ...] = (32, 64, 128, 256), depths: tuple[int, ...] = (1, 2, 2, 2), classes: int = 21
+    ):
         super().__init__()
         if len(widths) != 4 or len(depths) != 4 or min(depths) < 1:
             raise ValueError(f"SceneCNN needs 4 widths and 4 depths >= 1 (strides 2, 4, 8, 16), got {widths}, {depths}")
@@ -112,7 +114,9 @@ class SceneModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SceneModelConfig:
         d = dict(d)
-        d["head"] = HeadConfig(**{**d.get("head", {}), "denoise_dilations": tuple(d.get("head", {}).get("denoise_dilations", (1,)))})
+        d["head"] = HeadConfig(
+            **{**d.get("head", {}), "denoise_dilations": tuple(d.get("head", {}).get("denoise_dilations", (1,)))}
+        )
         d["refine"] = RefineConfig(**d.get("refine", {}))
         d["widths"], d["depths"] = tuple(d["widths"]), tuple(d["depths"])
         return cls(**d)
@@ -145,7 +149,9 @@ class SceneSegmenter(Segmenter):
         parts = []
         for level, weight in self.levels.items():
             if level == "cls":  # class posteriors, square-rooted: a unit vector per position
-                logits = F.interpolate(self.cnn.class_logits(maps["s16"].float()), size=size, mode="bilinear", align_corners=False)
+                logits = F.interpolate(
+                    self.cnn.class_logits(maps["s16"].float()), size=size, mode="bilinear", align_corners=False
+                )
                 parts.append(logits.softmax(1).sqrt() * weight**0.5)
                 continue
             x = maps[level].float()

@@ -172,5 +172,7 @@ def pretrain(cfg: ScenePretrainConfig, *, scenes: SceneFolder | None = None, pro
     cnn.eval()
     extra = {"pretrain": cfg.fingerprint(), "history": history, "seconds": seconds, "classes": scenes.classes}
     save_atomic(model.checkpoint(**extra), final)
-    (out / "history.json").write_text(json.dumps({"config": cfg.to_dict(), "history": history, "seconds": seconds}, indent=1))
+    (out / "history.json").write_text(
+        json.dumps({"config": cfg.to_dict(), "history": history, "seconds": seconds}, indent=1)
+    )
     return {"model": str(final), "history": history, "seconds": seconds}

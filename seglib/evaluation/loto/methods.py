@@ -76,6 +76,8 @@ class Method:
         ``head.denoise_iters``): settings of the head that are not arguments of a forward call.
       adapt: keyword arguments of ``seglib.inference.adapt.adapt`` (``steps``, ...): each image is
         segmented by a copy of the fold model adapted to that image first (``eval_of`` methods).
+      extra_images: True: the fold's training images include the run's ``--extra-images`` (a
+        per-fold recipe trains on them beside the fold's tiles; a build reads ``ctx.extra_images``).
       build: for models no recipe describes: ``build(ctx, fold) -> Path`` returns the fold's
         model file (any checkpoint ``seglib.models.load_model`` reads), training it first if
         needed; ``fold`` is ``"shared"`` for a method with ``per_fold=False``. A per-fold build
@@ -94,6 +96,7 @@ class Method:
     infer: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
     adapt: dict = field(default_factory=dict)
+    extra_images: bool = False
     build: Callable[[FoldContext, str], Path] | None = None
     about: str = ""
 
@@ -222,10 +225,11 @@ class FoldContext:
       tiles: {tile: image stems} of every tile in ``images``.
       threads, device: for training and evaluation.
       train: False: a missing fold model is an error instead of being trained.
-      extra_images: a folder of images (sub-folders included) that joins every fold's training
-        images and is never scored, e.g. UC Merced's scenes beside the dev split's tiles.
-      train_dir: the folder training reads: ``images``, or, with ``extra_images``, a folder of
-        links to both (``link_training_images``).
+      extra_images: a folder of images (sub-folders included) that joins the training images of
+        the methods that ask for it (``Method.extra_images``) and is never scored, e.g. UC
+        Merced's scenes beside the dev split's tiles.
+      train_dir: the folder those methods train on: a folder of links to ``images`` and
+        ``extra_images`` (``link_training_images``); ``images`` when there are no extra images.
     """
 
     images: Path
@@ -243,14 +247,20 @@ class FoldContext:
             self.train_dir = self.images
 
 
-def train_images(ctx: FoldContext, fold: str) -> list[str]:
-    """Stems of the images a model of ``fold`` trains on: every image of the training folder
-    (``ctx.train_dir``) except the held-out tile's (images without a tile id are kept: they are
-    never scored)."""
+def train_images(ctx: FoldContext, fold: str, extra: bool = False) -> list[str]:
+    """Stems of the images a model of ``fold`` trains on: every image of the labelled folder
+    (with ``extra``, of ``ctx.train_dir``: the extra images too) except the held-out tile's
+    (images without a tile id are kept: they are never scored)."""
     from ...io.images import list_images
 
     held = set(ctx.tiles.get(fold, []))
-    return [p.stem for p in list_images(ctx.train_dir) if p.stem not in held]
+    return [p.stem for p in list_images(ctx.train_dir if extra else ctx.images) if p.stem not in held]
+
+
+def _training_folder(method: Method, ctx: FoldContext) -> Path:
+    if method.extra_images and ctx.extra_images is None:
+        raise LotoError(f"{method.name} trains on the run's extra images too; give --extra-images DIR")
+    return ctx.train_dir if method.extra_images else ctx.images
 
 
 def link_training_images(images: Path, extra: Path, root: Path, tile_pattern: str) -> Path:
@@ -301,7 +311,7 @@ def _resolved(
     if method.per_fold:
         held = ctx.tiles[fold]
         exclude = [glob.escape(s) for s in held]
-        data = {"synthetic": False, "data_dir": str(ctx.train_dir), "include": [], "exclude": exclude}
+        data = {"synthetic": False, "data_dir": str(_training_folder(method, ctx)), "include": [], "exclude": exclude}
         over = merge(over, {"data": data})
     over = merge(over, {"train": {"threads": ctx.threads, "device": ctx.device}})
     if teacher_path is not None:
@@ -380,7 +390,7 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
         "config": _fingerprint(cfg),
         "teacher": None if teacher_path is None else _relative(teacher_path, ctx.runs),
         **({"init_from": _relative(init_path, ctx.runs)} if init_path is not None else {}),
-        "train_images": train_images(ctx, fold) if method.per_fold else [],
+        "train_images": train_images(ctx, fold, method.extra_images) if method.per_fold else [],
         "held_out": ctx.tiles.get(fold, []) if method.per_fold else [],
     }
     if record_path.is_file():
