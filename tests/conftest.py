@@ -30,6 +30,23 @@ def tiny_overrides(ckdir: Path, **train) -> dict:
     }
 
 
+def write_labelled_tiles(images: Path, masks: Path, tiles, per_tile: int = 2, size: int = 64) -> None:
+    """Synthetic tiles with masks, ``per_tile`` per source tile, named ``img<i><tile>``
+    (``img0t1``: the leave-one-tile-out protocol reads the tile from the name)."""
+    import numpy as np
+    from PIL import Image
+
+    from seglib.data.synthetic import make_tile
+
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    for t, tile in enumerate(tiles):
+        for i in range(per_tile):
+            syn = make_tile(size, seed=10 * t + i, min_classes=2, max_classes=3)
+            Image.fromarray((syn.rgb * 255).astype(np.uint8)).save(images / f"img{i}{tile}.png")
+            Image.fromarray(syn.labels.astype(np.uint8)).save(masks / f"img{i}{tile}.png")
+
+
 @pytest.fixture
 def python_exe():
     return sys.executable

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_labelled_tiles
 from PIL import Image
 
 from seglib.evaluation.loto import folds as F
@@ -20,16 +21,8 @@ TILES = ("t1", "t2", "t3")
 def labelled_folder(tmp_path):
     """Two synthetic 64 px tiles with masks per source tile (names ``img<i>t<T>``), plus one
     unlabelled image of tile 3 that only training may read."""
-    from seglib.data.synthetic import make_tile
-
     images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for t, tile in enumerate(TILES):
-        for i in range(2):
-            syn = make_tile(64, seed=10 * t + i, min_classes=2, max_classes=3)
-            Image.fromarray((syn.rgb * 255).astype(np.uint8)).save(images / f"img{i}{tile}.png")
-            Image.fromarray(syn.labels.astype(np.uint8)).save(masks / f"img{i}{tile}.png")
+    write_labelled_tiles(images, masks, TILES)
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(images / "extra9t3.png")
     return images, masks
 

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_labelled_tiles
 from PIL import Image
 
 from seglib.checkpoint import save_atomic
@@ -22,16 +23,8 @@ TILES = ("t1", "t2")
 
 @pytest.fixture
 def folders(tmp_path):
-    from seglib.data.synthetic import make_tile
-
     images, masks, extra = tmp_path / "images", tmp_path / "masks", tmp_path / "extra" / "images"
-    images.mkdir()
-    masks.mkdir()
-    for t, tile in enumerate(TILES):
-        for i in range(2):
-            syn = make_tile(64, seed=10 * t + i, min_classes=2, max_classes=3)
-            Image.fromarray((syn.rgb * 255).astype(np.uint8)).save(images / f"img{i}{tile}.png")
-            Image.fromarray(syn.labels.astype(np.uint8)).save(masks / f"img{i}{tile}.png")
+    write_labelled_tiles(images, masks, TILES)
     for cls in ("forest", "harbor"):
         (extra / cls).mkdir(parents=True)
         for i in range(2):  # names that would read as tiles if they were not renamed ("...t01")

@@ -2,7 +2,7 @@
 
     python -m experiments.ucmerced --data ../shared/data/dubai_aerial_dev \
         --extra-images ../shared/data/ucmerced_landuse --transfer --methods rgb_kmeans,scene,scene_random
-    python -m seglib.loto --plugin experiments.ucmerced.methods --list
+    python -m experiments.ucmerced --list
 
 Every method here trains on UC Merced (``--extra-images``, the scene folder with its class
 sub-folders) and, unless its name says ``_bn``, never on a Dubai tile, so it is valid in a
@@ -239,6 +239,7 @@ register(
         "bundled",
         per_fold=False,
         build=_bundled,
+        saw_folder=True,
         about="today's bundled student (trained on all 44 dev images without masks: a reference, not a transfer)",
     )
 )

@@ -48,6 +48,7 @@ __all__ = [
     "train_images",
     "link_training_images",
     "trains_on_folder",
+    "is_reference",
 ]
 
 SHARED = "shared"  # the fold folder of a model trained once, without the labelled folder's images
@@ -82,6 +83,9 @@ class Method:
         model file (any checkpoint ``seglib.models.load_model`` reads), training it first if
         needed; ``fold`` is ``"shared"`` for a method with ``per_fold=False``. A per-fold build
         may read only ``train_images(ctx, fold)`` (and ``ctx.extra_images``).
+      saw_folder: True: a model trained on the labelled folder's images outside the protocol
+        (the bundled student, trained on all 44 dev images): a transfer run scores it (and its
+        random twin, its ``eval_of`` settings) as a reference, listed as such in the result.
       about: one line for the table's legend.
     """
 
@@ -98,6 +102,7 @@ class Method:
     adapt: dict = field(default_factory=dict)
     extra_images: bool = False
     build: Callable[[FoldContext, str], Path] | None = None
+    saw_folder: bool = False
     about: str = ""
 
     def overrides(self) -> dict:
@@ -336,9 +341,11 @@ def _fingerprint(cfg: Config) -> dict:
 
 def trains_on_folder(method: Method) -> bool:
     """Whether any model ``method`` scores with was trained on the labelled folder's images
-    (a per-fold recipe or build, or a teacher / start / twin that was)."""
+    (a per-fold recipe or build, a ``saw_folder`` model, or a teacher / start / twin that was)."""
     if method.kind == "kmeans":
         return False
+    if method.saw_folder:
+        return True
     if method.kind == "random":
         return trains_on_folder(get_method(method.random_of))
     if method.eval_of:
@@ -346,6 +353,16 @@ def trains_on_folder(method: Method) -> bool:
     if method.per_fold:
         return True
     return any(trains_on_folder(get_method(other)) for other in (method.teacher, method.init_from) if other)
+
+
+def is_reference(method: Method) -> bool:
+    """Whether ``method`` scores a ``saw_folder`` model (itself, at random weights or with other
+    settings): a reference a transfer run may show, never a transfer result."""
+    if method.kind == "random":
+        return is_reference(get_method(method.random_of))
+    if method.eval_of:
+        return is_reference(get_method(method.eval_of))
+    return method.saw_folder
 
 
 def fold_model(method: Method, ctx: FoldContext, fold: str) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from .methods import (
     fold_artifact,
     fold_model,
     get_method,
+    is_reference,
     link_training_images,
     load_plugin,
     trains_on_folder,
@@ -218,7 +219,8 @@ def run_protocol(
     costs as much as the rest). ``extra_images``: a folder of images that joins every fold's
     training images (never scored; ``link_training_images``). ``transfer``: a transfer run, where
     no model may have trained on the labelled folder (``trains_on_folder``): every image is then
-    scored by models that never saw any tile of it. Returns the result that
+    scored by models that never saw any tile of it, except the ``references`` (``saw_folder``
+    models such as the bundled student, listed in the result). Returns the result that
     ``python -m seglib.loto`` writes as JSON."""
     from ...data.tiles import load_labelled_folder
     from ...device import set_threads
@@ -237,8 +239,9 @@ def run_protocol(
             if name not in methods:
                 resolved.append(get_method(name))
                 methods = [*methods, name]
+    references = [m.name for m in resolved if is_reference(m)] if transfer else []
     if transfer:
-        seen = [m.name for m in resolved if trains_on_folder(m)]
+        seen = [m.name for m in resolved if trains_on_folder(m) and m.name not in references]
         if seen:
             raise LotoError(
                 f"a transfer run scores models that never saw the folder, but {', '.join(seen)} train on its tiles; "
@@ -273,6 +276,7 @@ def run_protocol(
             "masks": str(masks),
             "extra_images": None if extra_images is None else str(extra_images),
             "transfer": transfer,
+            "references": references,
             "boundary_f1": boundary,
             "k": k,
             "ignore": list(ignore),
