@@ -73,6 +73,8 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
         register(
             Method("test_scene_shared_L4", eval_of="test_scene_shared", per_fold=False, attrs={"levels": {"s4": 1.0}})
         ),
+        register(Method("test_scene_seen", per_fold=False, build=shared, saw_folder=True)),
+        register(Method("test_scene_seen_random", kind="random", random_of="test_scene_seen")),
     ]
     try:
         kw = dict(images=images, masks=masks, runs=tmp_path / "runs", ignore=(), threads=1, log=lambda m: None)
@@ -93,6 +95,10 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
             methods=["rgb_kmeans", "test_scene_shared", "test_scene_shared_L4"], transfer=True, boundary=False, **kw
         )
         assert out["protocol"]["transfer"] and out["methods"]["test_scene_shared"]["all"]["n"] == 4
+        assert out["protocol"]["references"] == []
+        # a model trained on the folder outside the protocol (the bundled student) is shown, marked
+        seen = run_protocol(methods=["test_scene_seen", "test_scene_seen_random"], transfer=True, boundary=False, **kw)
+        assert seen["protocol"]["references"] == ["test_scene_seen", "test_scene_seen_random"]
         json.dumps(out)  # the result is plain JSON
     finally:
         for m in made:

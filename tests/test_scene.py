@@ -1,5 +1,6 @@
 """Scene folders, the scene model, its pretraining (resume bit for bit) and the representation probe."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,111 @@ def test_probe_beats_chance_on_separable_classes():
     assert np.bincount(stratified_splits(labels), minlength=5).tolist() == [12] * 5
     pred = linear_predict(features[:40], labels[:40], features[40:])
     assert pred.shape == (20,)
+
+
+def _two_class_folder(root, per_class: int = 100, same: bool = False):
+    """Stripes against noise (``same``: noise in both folders, so the class names mean nothing)."""
+    rng = np.random.default_rng(5)
+    for c, name in enumerate(("a_class", "b_class")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(_scene(0 if same else c, rng)).save(root / name / f"{name}{i:02d}.png")
+    return root
+
+
+def _probe(tmp_path, data, model_path, fold: int = 0) -> dict:
+    from seglib.probe import main
+
+    out = tmp_path / f"probe_{data.name}_{fold}.json"
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--model",
+                f"m={model_path}",
+                "--fold",
+                str(fold),
+                "--size",
+                "48",
+                "--k",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return json.loads(out.read_text())
+
+
+def test_probe_command_separates_an_easy_two_class_set(tmp_path, one_thread):
+    """End to end through ``python -m seglib.probe``: pooled features of a scene model at random
+    weights tell stripes from noise, and do not on a set whose two folders hold the same kind."""
+    torch.manual_seed(0)
+    path = save_atomic(SceneSegmenter(SceneModelConfig(**TINY, classes=2)).eval().checkpoint(), tmp_path / "r.pt")
+    easy = _probe(tmp_path, _two_class_folder(tmp_path / "easy"), path)
+    meaningless = _probe(tmp_path, _two_class_folder(tmp_path / "same", same=True), path)
+    assert easy["images"] == 40 and easy["chance"] == 0.5  # fold 0: 20 of each class's 100
+    accuracies = lambda r: [s[p]["mean"] for s in r["models"]["m"]["levels"].values() for p in ("knn", "linear")]  # noqa: E731
+    assert min(accuracies(easy)) >= 0.8  # every map, both probes (measured 0.85-0.97)
+    assert max(accuracies(meaningless)) <= 0.7  # chance 0.5 (measured 0.30-0.55)
+
+
+def test_the_probe_scores_only_the_fold_pretraining_never_read(scene_dir, tmp_path, monkeypatch, one_thread):
+    """``python -m seglib.pretrain --holdout 1`` and ``python -m seglib.probe --fold 1`` agree on
+    the unseen scenes without sharing state: the probe reads exactly fold 1, class-stratified,
+    and training drew none of them."""
+    import seglib.training.scene as scene_training
+    from seglib.pretrain import main as pretrain_main
+
+    seen: list[str] = []
+    real = scene_training.random_crops
+    scenes = load_scenes(scene_dir)
+    name_of = {img.tobytes(): name for img, name in zip(scenes.images, scenes.names, strict=True)}
+
+    def spy(images, rng, **kw):
+        seen.extend(name_of[img.tobytes()] for img in images)
+        return real(images, rng, **kw)
+
+    monkeypatch.setattr(scene_training, "random_crops", spy)
+    out = tmp_path / "run"
+    args = ["--data", str(scene_dir), "--out", str(out), "--holdout", "1", "--steps", "6", "--batch", "6"]
+    args += ["--size", "32", "--widths", "8,8,16,16", "--depths", "1,1,1,1", "--checkpoint-every", "3"]
+    assert pretrain_main(args) == 0
+    probed = _probe(tmp_path, scene_dir, out / "scene.pt", fold=1)
+    assert sorted(probed["names"]) == sorted(scenes.fold(1).names)
+    assert (
+        len(probed["names"]) == 6
+        and sorted(n.split("/")[0] for n in probed["names"]) == ["checker"] * 2 + ["noise"] * 2 + ["stripes"] * 2
+    )
+    assert seen and not set(seen) & set(probed["names"])
+    assert set(seen) <= set(scenes.without_fold(1).names)
+
+
+def test_commands_refuse_bad_scene_input_with_a_message(tmp_path, capsys):
+    from seglib.pretrain import main as pretrain_main
+    from seglib.probe import main as probe_main
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    assert pretrain_main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "one sub-folder per" in capsys.readouterr().err
+    folder = make_scene_folder(tmp_path / "scenes", per_class=5)
+    assert probe_main(["--data", str(folder), "--model", "m=bundled", "--fold", "7"]) == 2
+    assert "--fold 7" in capsys.readouterr().err
+    assert probe_main(["--data", str(folder), "--model", "no-equals-sign"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+
+
+UCM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucmerced_landuse"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not UCM.is_dir(), reason="../shared/data/ucmerced_landuse is not beside the repository")
+def test_uc_merced_reads_as_21_classes_in_five_stratified_folds():
+    scenes = load_scenes(UCM)
+    assert len(scenes) == 2100 and len(scenes.classes) == 21
+    assert np.bincount(scenes.labels).tolist() == [100] * 21
+    for f in range(5):
+        assert np.bincount(scenes.labels[scenes.folds == f], minlength=21).tolist() == [20] * 21
+    assert min(min(img.shape[:2]) for img in scenes.images) >= 240
