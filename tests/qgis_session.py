@@ -33,7 +33,9 @@ def layer(path: str) -> dict:
     return {
         "valid": lyr.isValid(),
         "renderer": renderer.type() if renderer is not None else None,
-        "classes": [[c.value, c.color.red(), c.color.green(), c.color.blue(), c.color.alpha()] for c in classes],
+        "classes": [
+            [c.value, c.color.red(), c.color.green(), c.color.blue(), c.color.alpha(), c.label] for c in classes
+        ],
         "crs": lyr.crs().authid(),
         "extent": [lyr.extent().xMinimum(), lyr.extent().yMinimum(), lyr.extent().xMaximum(), lyr.extent().yMaximum()],
         "size": [lyr.width(), lyr.height()],

@@ -390,3 +390,56 @@ def test_qgis_shows_k_named_classes(tmp_path, tiny_teacher_model):
     assert valid and renderer == "paletted"
     assert classes == [[r["value"], "#{:02x}{:02x}{:02x}".format(r["red"], r["green"], r["blue"]), r["class"]]
                        for r in rows]  # fmt: skip
+
+
+def test_gdal_messages_are_captured_per_thread_and_the_loggers_restored():
+    """Writers in several threads (dask's) each get their own GDAL messages, nested captures
+    get theirs too, a thread that does not capture still shows its errors, and when the last
+    capture is done the bindings' loggers are as they were."""
+    import logging
+    import threading
+
+    from seglib.io.outputs import gdal_messages
+
+    logger = logging.getLogger("fiona._env")
+    before = (logger.level, list(logger.filters), logger.getEffectiveLevel())
+    shown: list[str] = []
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            shown.append(record.getMessage())
+
+    handler = Shown()
+    logger.addHandler(handler)
+    seen, inner, started, release = {}, {}, threading.Barrier(3), threading.Event()
+
+    def writer(name: str) -> None:
+        with gdal_messages() as messages:
+            started.wait(10)
+            logger.error("%s: disk I/O error", name)
+            if name == "a":
+                with gdal_messages() as nested:
+                    logger.error("a: nested error")
+                inner[name] = nested
+                logger.error("a: after the nested block")
+            release.wait(10)
+        seen[name] = messages
+
+    try:
+        threads = [threading.Thread(target=writer, args=(name,)) for name in ("a", "b")]
+        for t in threads:
+            t.start()
+        started.wait(10)  # both capture now: this thread does not
+        logger.error("main: not captured")
+        release.set()
+        for t in threads:
+            t.join()
+    finally:
+        logger.removeHandler(handler)
+    assert seen == {
+        "a": ["a: disk I/O error", "a: nested error", "a: after the nested block"],
+        "b": ["b: disk I/O error"],
+    }
+    assert inner == {"a": ["a: nested error"]}
+    assert shown == ["main: not captured"]
+    assert (logger.level, list(logger.filters), logger.getEffectiveLevel()) == before

@@ -238,6 +238,11 @@ def test_staging_is_removed_and_outputs_moved_by_name(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qml", "out.tif", "out.tif.aux.xml", "v"]
     assert (tmp_path / "out.tif").read_text() == "tile.tif" and (tmp_path / "v" / "poly.gpkg").is_file()
     assert len(moved) == 4  # tile2.tif is another input's
+    with runner.staging(tmp_path / "t") as folder:  # a .tiff OUTPUT: GDAL reads <name>.tiff.aux.xml
+        for name in ("tile.tif", "tile.qml", "tile.tif.aux.xml"):
+            (folder / name).write_text(name)
+        runner.move_outputs(folder, "tile", tmp_path / "t" / "out.tiff")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["out.qml", "out.tiff", "out.tiff.aux.xml"]
 
 
 # --------------------------------------------------------------------------- a real QGIS
@@ -340,25 +345,28 @@ def test_qgis_segment_is_the_cli_byte_for_byte(segmented, tiles):
     assert set(np.unique(labels).tolist()) == set(range(6))
     cli("seglib.predict", "--input", str(tiles["a"]), "--k", "6", "--output", str(segmented / "cli"))
     assert (segmented / "out.tif").read_bytes() == (segmented / "cli" / "a.tif").read_bytes()
+    for ours, theirs in (("out.qml", "a.qml"), ("out.tif.aux.xml", "a.tif.aux.xml")):  # the legend came along
+        assert (segmented / ours).read_bytes() == (segmented / "cli" / theirs).read_bytes()
     assert not [p for p in segmented.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 @slow
 def test_qgis_loads_the_output_paletted_in_seglibs_colours(qgis, segmented):
-    """The layer QGIS makes of it: paletted, seglib's colours for the K labels, 255 as nodata."""
+    """The layer QGIS makes of it: paletted through the style that came with it (out.qml), the K
+    classes of seglib's colour table, named as the attribute table names them, 255 as nodata."""
+    from seglib.io.sidecars import read_attribute_table
+
+    assert (segmented / "out.qml").is_file() and (segmented / "out.tif.aux.xml").is_file()
     layer = qgis.session("layer", str(segmented / "out.tif"))
     assert layer["valid"] and layer["renderer"] == "paletted" and layer["crs"] == "EPSG:32640"
     assert layer["size"] == [256, 192] and layer["nodata"] == 255
     with rasterio.open(segmented / "out.tif") as src:
         table = src.colormap(1)
-    colours = {int(c[0]): tuple(c[1:]) for c in layer["classes"]}
-    assert all(colours[i] == tuple(table[i]) for i in range(6))
-    if not (segmented / "out.qml").exists():
-        pytest.xfail(
-            f"issue 31: seglib's label GeoTIFF has no .qml style yet, so QGIS shows the colour table's "
-            f"{len(layer['classes'])} entries as classes, not K = 6"
-        )
-    assert sorted(colours) == list(range(6))
+    assert sorted(table) == list(range(6))  # K entries; nodata (255) outside them
+    rows = read_attribute_table(segmented / "out.tif")
+    assert [c[0] for c in layer["classes"]] == [r["value"] for r in rows] == list(range(6))
+    for (value, *rgba, label), row in zip(layer["classes"], rows, strict=True):
+        assert tuple(rgba) == tuple(table[value]) and label == row["class"]
 
 
 @slow

@@ -274,18 +274,22 @@ def staging(destination: Path) -> Iterator[Path]:
 def move_outputs(folder: Path, stem: str, target: Path, extra: dict[str, Path] | None = None) -> list[Path]:
     """Move the files ``<stem>.*`` that a command wrote in ``folder`` to ``target``'s name.
 
-    ``<stem>.tif`` becomes ``target``, its companions (``<stem>.qml``, ``<stem>.tif.aux.xml``,
-    ...) keep their suffixes beside it; ``extra`` maps a suffix (``".gpkg"``) to its own
-    destination. Returns the files moved."""
+    ``<stem>.tif`` becomes ``target``, its companions follow it under the names GIS software
+    looks for: ``<stem>.qml`` (the style) beside it as ``<target stem>.qml``, ``<stem>.tif.aux.xml``
+    (colour table, attribute table) as ``<target name>.aux.xml``, so also for a ``.tiff`` target;
+    ``extra`` maps a suffix (``".gpkg"``) to its own destination. Returns the files moved."""
     extra = extra or {}
     moved = []
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(stem + "."))
     for path in files:
         rest = path.name[len(stem) :]  # ".tif", ".qml", ".tif.aux.xml", ...
+        raster = next((s for s in (".tif", ".tiff") if rest.lower().startswith(s + ".")), None)
         if rest in extra:
             dest = extra[rest]
         elif rest == target.suffix.lower() or rest in (".tif", ".tiff"):
             dest = target
+        elif raster is not None:  # a sidecar of the raster itself: ".tif.aux.xml"
+            dest = target.with_name(target.name + rest[len(raster) :])
         else:
             dest = target.with_name(target.stem + rest)
         _move(path, dest)

@@ -27,11 +27,12 @@ import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -227,38 +228,66 @@ class AtomicFiles:
             self.discard()
 
 
-class _GDALMessages(logging.Handler):
-    """Collects what GDAL's bindings log (errors of a failing write come one per call, some
-    before the exception), instead of showing them: the one-line error quotes the first."""
+class _GDALMessages(logging.Filter):
+    """What GDAL's bindings log while a thread writes (the errors of a failing write come one
+    per call, some before the exception), kept from the console for that thread: its one-line
+    error quotes the first. One filter, installed on the bindings' loggers while any thread
+    captures and removed with the last capture (under a lock: writers in several threads,
+    dask's, share it); records of threads that do not capture pass as the loggers' levels
+    before said. Captures nest: a record goes to every open capture of its thread."""
 
     LOGGERS = ("fiona._env", "rasterio._err", "rasterio._env")
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
+        super().__init__()
+        self.lock = threading.Lock()
+        self.captures: dict[int, list[list[str]]] = {}  # thread id -> its open captures
+        self.levels: dict[str, tuple[int, int]] = {}  # logger -> (own, effective) level before
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The filter runs in the thread that logs (record.thread is None without logThreads).
+        captures = self.captures.get(threading.get_ident())
+        if not captures:
+            return record.levelno >= self.levels.get(record.name, (0, logging.WARNING))[1]
         if record.levelno >= logging.WARNING or "error" in record.getMessage().lower():
-            self.messages.append(record.getMessage())
+            for messages in captures:
+                messages.append(record.getMessage())
+        return False
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        messages: list[str] = []
+        me = threading.get_ident()
+        with self.lock:
+            if not self.captures:
+                for name in self.LOGGERS:
+                    logger = logging.getLogger(name)
+                    self.levels[name] = (logger.level, logger.getEffectiveLevel())
+                    logger.addFilter(self)
+                    # rasterio logs GDAL's errors at INFO; a lower level set by the user stays
+                    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+            self.captures.setdefault(me, []).append(messages)
+        try:
+            yield messages
+        finally:
+            with self.lock:
+                mine = self.captures[me]
+                del mine[[m is messages for m in mine].index(True)]  # by identity: [] == []
+                if not mine:
+                    del self.captures[me]
+                if not self.captures:
+                    for name in self.LOGGERS:
+                        logger = logging.getLogger(name)
+                        logger.removeFilter(self)
+                        logger.setLevel(self.levels.pop(name)[0])
 
 
-@contextmanager
-def gdal_messages() -> Iterator[list[str]]:
-    """The messages GDAL's bindings log in the block, kept from the console."""
-    handler = _GDALMessages()
-    loggers = [logging.getLogger(name) for name in _GDALMessages.LOGGERS]
-    before = [(lg.propagate, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.propagate = False
-        if lg.level == logging.NOTSET or lg.level > logging.INFO:
-            lg.setLevel(logging.INFO)
-    try:
-        yield handler.messages
-    finally:
-        for lg, (propagate, level) in zip(loggers, before, strict=True):
-            lg.removeHandler(handler)
-            lg.propagate, lg.level = propagate, level
+_gdal = _GDALMessages()
+
+
+def gdal_messages() -> AbstractContextManager[list[str]]:
+    """The messages GDAL's bindings log in this thread during the block, kept from the console."""
+    return _gdal.capture()
 
 
 @contextmanager
