@@ -10,7 +10,18 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,notebooks,geo,dask,dev
 STAMP := $(VENV)/.seglib-installed
 
-.PHONY: install demo test test-fast lint notebooks notebooks-refresh tensorboard clean
+.PHONY: install demo test test-fast test-numeric lint notebooks notebooks-refresh tensorboard clean
+
+# The CPU's vector kernels the tests run on (docs/testing.md): native (what this CPU has), avx2 or
+# default (portable), each capping ATen's kernels, oneDNN's convolutions and MKL's matmuls.
+KERNELS ?= native
+KERNELS_native :=
+KERNELS_avx2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+KERNELS_default := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2
+ifeq ($(filter $(KERNELS),native avx2 default),)
+$(error KERNELS must be native, avx2 or default, got '$(KERNELS)')
+endif
+KERNEL_ENV := env $(KERNELS_$(KERNELS))
 
 install: $(STAMP)
 
@@ -28,7 +39,12 @@ demo: install
 
 # Unit and integration tests, the nbval regression check and the papermill runs of the notebooks.
 test: install
-	$(BIN)/python -m pytest
+	$(KERNEL_ENV) $(BIN)/python -m pytest
+
+# The numeric checks only: nbval and the tests marked `numeric` (what .ci/run repeats under other
+# kernel sets), e.g. `make test-numeric KERNELS=default`.
+test-numeric: install
+	$(KERNEL_ENV) $(BIN)/python -m pytest -m numeric
 
 # tests/ and experiments/tests/, without the slow ones (no notebook runs, no nbval).
 test-fast: install

@@ -161,7 +161,8 @@ by_lane = {name: segmentation_scores(p[0].argmax(0).numpy(), tile.labels) for na
 # %%
 # NBVAL_CHECK_OUTPUT
 objective = trace["objective"]
-print(f"objective: {objective[0]:.4f} at init -> {objective[-1]:.4f} after {max_iters} iterations")
+# 3 decimals: the 4th moves with the CPU's vector kernels (docs/testing.md)
+print(f"objective: {objective[0]:.3f} at init -> {objective[-1]:.3f} after {max_iters} iterations")
 print(f"objective never increases: {all(b <= a + 1e-6 for a, b in zip(objective[:-1], objective[1:], strict=True))}")
 print(f"mIoU at K={n_classes}: {trace['miou'][0]:.2f} at init -> {trace['miou'][-1]:.2f}")
 print("pixel entropy by T:", {row["T"]: round(row["pixel_entropy"], 2) for row in by_temperature})

@@ -143,18 +143,29 @@ over_training = [
     (step, evaluate_tiles(model, tiles, k=eval_k, ignore=ignore, seed=eval_seed)["model"][keys[0]])
     for step, model in snaps
 ]
+label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
+print(f"{label[keys[0]]} over training:", {step: round(score, 3) for step, score in over_training})
+total = history["loss/total"]
+print(f"loss/total {total[0]:.3f} at step 1 -> {np.mean(total[-10:]):.3f} (mean of the last 10 steps)")
 
 # %% [markdown]
 # ## Summary (regression-checked)
+#
+# What nbval compares on every CPU. A 150-step run amplifies the last-bit differences between CPUs' vector kernels
+# (AVX-512, AVX2, portable) and thread counts: the trained teacher's mIoU moves by a few hundredths from one CPU to
+# another, so it is printed above and checked here as a property, with a margin set by its spread across kernels,
+# threads and seeds (docs/testing.md). The numbers printed here do not depend on the CPU: the step count, the loss
+# of the first step, the snapshots, and the untrained network and RGB k-means on the test set.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-total = history["loss/total"]
-print(f"steps: {history['step'][-1]}; loss/total {total[0]:.2f} at step 1 -> {np.mean(total[-10:]):.2f} (last 10)")
-label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
-for method in ("model", "random_init", "rgb_kmeans"):
+print(f"steps: {history['step'][-1]}; loss/total at step 1: {total[0]:.2f}; snapshots at steps {[s for s, _ in snaps]}")
+for method in ("random_init", "rgb_kmeans"):
     print(f"{method:<12} " + "   ".join(f"{label[key]} {result[method][key]:.2f}" for key in keys))
-print(f"{label[keys[0]]} over training:", {step: round(score, 2) for step, score in over_training})
+if not data_dir:  # the margins hold for the synthetic test set, where they were measured
+    for method, margin in [("rgb_kmeans", 0.15), ("random_init", 0.06)]:
+        gain = result["model"]["miou"] - result[method]["miou"]
+        print(f"teacher beats {method} by >= {margin} mIoU: {gain >= margin} (measured {gain:+.3f})")
 
 # %% [markdown]
 # ## Plots
@@ -199,6 +210,7 @@ plt.show()
 # %% [markdown]
 # **Reading it.** Compare the model's row with `rgb_kmeans` (what the analyst gets for free) and `random_init` (the
 # same network and head without training: what the architecture gives before learning). At the CI scale, a 150-step
-# narrow teacher on 64 px tiles, the numbers are regression anchors, not claims, and the snapshot curve is noisy. The
+# narrow teacher on 64 px tiles, the trained numbers move by a few hundredths between CPUs and seeds
+# (docs/testing.md) and the snapshot curve is noisy: read the margins, not the digits. The
 # full recipe (`params/03_teacher_train/full.yaml`) trains the package's teacher on larger tiles for thousands of steps
 # and evaluates at 512 px; notebook 06 asks whether label-free metrics would have picked the same snapshot.

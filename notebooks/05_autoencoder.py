@@ -105,17 +105,29 @@ for variant, student in students.items():
         student.to(run_device), tiles, k="present" if labelled else k, ignore=ignore, seed=eval_seed, names=names
     )
     scores[variant] = {**result["model"], "colour_r2": colour_probe_r2(student.cpu(), [rgb for rgb, _ in tiles])}
+kmeans = result["rgb_kmeans"]  # the same tiles for both students
+label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
+loss, flat_loss = np.mean([r["loss"] for r in recons]), np.mean([r["flat_loss"] for r in recons])
+print(f"reconstruction loss of the decoder on the test tiles: {loss:.3f} (the tiles' mean colour: {flat_loss:.3f})")
+for variant, s in scores.items():
+    print(f"{variant:<11} " + "  ".join(f"{label[key]} {s[key]:.3f}" for key in keys), end="")
+    print(f"  colour probe R^2 {s['colour_r2']:.3f}")
 
 # %% [markdown]
 # ## Summary (regression-checked)
+#
+# What nbval compares on every CPU: properties of the decoder and of both students, with margins set by their spread
+# across CPU kernels, threads and seeds (docs/testing.md). The two students' numbers (above) differ by less than that
+# spread at this scale, so which one is ahead is not checked.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"reconstruction loss of the decoder on the test tiles: {np.mean([r['loss'] for r in recons]):.2f}")
-label = {"miou": "mIoU", "m2o_miou": "many-to-one", "view_agreement": "view agreement", "utilization": "utilization"}
-for variant, s in scores.items():
-    print(f"{variant:<11} " + "  ".join(f"{label[key]} {s[key]:.2f}" for key in keys), end="")
-    print(f"  colour probe R^2 {s['colour_r2']:.2f}")
+print("rgb k-means " + "  ".join(f"{label[key]} {kmeans[key]:.2f}" for key in keys))
+print(f"decoder loss <= 0.55 x the mean colour's: {loss <= 0.55 * flat_loss} (measured {loss / flat_loss:.2f} x)")
+if not data_dir:  # the margins hold for the synthetic test set, where they were measured
+    for variant, s in scores.items():
+        gain = s["miou"] - kmeans["miou"]
+        print(f"{variant} student beats RGB k-means by >= 0.13 mIoU: {gain >= 0.13} (measured {gain:+.3f})")
 
 # %% [markdown]
 # ## Plots
@@ -159,5 +171,6 @@ plt.show()
 # %% [markdown]
 # **Reading it.** The decoder learns a blurred version of the image quickly. Whether that buys segmentation quality
 # is the ablation's question; at the CI scale (a few hundred steps, eight test tiles) differences of a few hundredths
-# are within noise, so read the CI numbers as regression anchors and the `full.yaml` run for the answer. The colour
+# are within noise (they change sign between CPUs and seeds), so CI checks only that the decoder reconstructs and
+# both students segment; the `full.yaml` run answers the question. The colour
 # probe says directly whether the features keep colour information with and without the loss.

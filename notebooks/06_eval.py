@@ -23,6 +23,7 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
+import numpy as np
 
 from seglib.config import LANES, Config, merge
 from seglib.data.synthetic import eval_set
@@ -98,6 +99,9 @@ print(f"snapshots at steps {[step for step, _ in snaps]}; {len(tiles)} synthetic
 
 # %%
 sweep = k_sweep(model, tiles, ks, seed=eval_seed)
+for method in ("model", "rgb_kmeans"):
+    row = {r["k"]: (round(r[f"{method}/miou"], 3), round(r[f"{method}/m2o_miou"], 3)) for r in sweep}
+    print(f"{method:<10} (Hungarian, many-to-one) mIoU by K: {row}")
 
 # %% [markdown]
 # ## 2 · Do label-free proxies pick the same checkpoint and K as ground truth?
@@ -142,6 +146,7 @@ for entry in real_result["per_image"]:
 rgb0, gt0 = real[0]
 k0 = real_result["per_image"][0]["k"]
 by_lane = {lane: explore(model, rgb0, gt0, k=k0, lane=lane, ignore=ignore) for lane in LANES}
+print(f"{names[0]} at K={k0} by lane:", {lane: round(r["miou"], 3) for lane, r in by_lane.items()})
 
 # %% [markdown]
 # ## 4 · Leave-one-tile-out on the Dubai development split
@@ -166,17 +171,24 @@ print(format_table(loto))
 
 # %% [markdown]
 # ## Summary (regression-checked)
+#
+# What nbval compares on every CPU: RGB k-means, which does not depend on the CPU's vector kernels, the committed
+# leave-one-tile-out result, and the trained model as properties with margins set by their spread across kernels,
+# threads and seeds (docs/testing.md). The model's own numbers, the proxies' picks and the lanes are printed above:
+# they move with the CPU (a pick can flip between two near-equal snapshots).
 
 # %%
 # NBVAL_CHECK_OUTPUT
 shown = [k for k in (2, 4, 8, 16) if k in ks]
-for method in ("model", "rgb_kmeans"):
-    row = {r["k"]: (round(r[f"{method}/miou"], 2), round(r[f"{method}/m2o_miou"], 2)) for r in sweep if r["k"] in shown}
-    print(f"{method:<10} (Hungarian, many-to-one) mIoU by K: {row}")
-for what, table in picks.items():
-    print(f"{what}: " + ", ".join(f"{row['criterion']} -> {row['pick']}" for row in table))
-print(f"real tiles: model mIoU {real_result['model']['miou']:.2f}, RGB k-means {real_result['rgb_kmeans']['miou']:.2f}")
-print(f"{names[0]} at K={k0} by lane:", {lane: round(r["miou"], 2) for lane, r in by_lane.items()})
+row = {r["k"]: (round(r["rgb_kmeans/miou"], 2), round(r["rgb_kmeans/m2o_miou"], 2)) for r in sweep if r["k"] in shown}
+print(f"rgb_kmeans (Hungarian, many-to-one) mIoU by K: {row}")
+gain = min(r["model/miou"] - r["rgb_kmeans/miou"] for r in sweep)
+print(f"model beats RGB k-means at every K by >= 0.05 mIoU: {gain >= 0.05} (measured {gain:+.3f} at the closest K)")
+if len(snaps) > 1:
+    step_miou = {step: np.mean([r["miou"] for r in by_step if r["step"] == step]) for step, _ in snaps}
+    gain = step_miou[snaps[-1][0]] - step_miou[0]
+    print(f"training gains >= 0.05 mIoU over the untrained network: {gain >= 0.05} (measured {gain:+.3f})")
+print(f"real tiles: RGB k-means mIoU {real_result['rgb_kmeans']['miou']:.2f}")
 pooled = {m: round(loto["methods"][m]["all"]["miou"], 3) for m in DEFAULT_METHODS if m in loto["methods"]}
 print("leave-one-tile-out, pooled mIoU:", pooled)
 

@@ -11,6 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# What decides the CPU's vector code: ATen's kernels (ATEN_CPU_CAPABILITY caps them), oneDNN's
+# convolutions (ONEDNN_MAX_CPU_ISA) and MKL's matmuls (MKL_ENABLE_INSTRUCTIONS). docs/testing.md.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def pytest_report_header(config) -> str:
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in KERNEL_VARIABLES if os.environ.get(name))
+    return f"CPU kernels: ATen {torch.backends.cpu.get_cpu_capability()} ({caps or 'native: no cap set'})"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """nbval's regression cells are numeric checks (``pytest -m numeric``) like the tests marked so."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.numeric)
+
 
 def tiny_overrides(ckdir: Path, **train) -> dict:
     """A config that trains in seconds: a narrow teacher, 32 px tiles, batch 2, no quality probe

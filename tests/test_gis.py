@@ -63,6 +63,7 @@ def test_joint_fit_over_windows_is_the_models_grouped_fit():
     torch.testing.assert_close(out.bias, ref.bias, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.numeric
 def test_shared_legend_gives_one_colour_one_label_in_every_image():
     """Two images with the same four colours in different layouts (and one without the
     darkest): with shared clusters each colour gets the same label in every image, and labels
@@ -176,6 +177,7 @@ def test_k_rules_on_known_statistics():
         pick_k(stats, "astrology", 0.5)
 
 
+@pytest.mark.numeric
 def test_auto_k_follows_the_number_of_colours():
     """Flat squares of 2..6 well-separated colours. Fitted at the top of the range (K = 8, more
     clusters than colours), the statistics count one cluster per colour, with the colours' area
@@ -204,6 +206,7 @@ def test_auto_k_follows_the_number_of_colours():
     assert list(picks.values()) == sorted(picks.values()), picks
 
 
+@pytest.mark.numeric
 def test_k_statistics_flip_agreement_is_one_on_a_symmetric_image():
     model = LocalTeacher()
     half = blocks([(30, 40, 120), (230, 220, 200)], size=64, seed=5)

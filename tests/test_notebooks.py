@@ -360,7 +360,8 @@ def test_nbval_fails_when_a_stored_number_changes(tmp_path):
 
 
 def test_the_regression_cells_print_only_short_rounded_numbers():
-    """A guard on what is stored: no long floats (unstable digits) and no run paths."""
+    """A guard on what is stored: no long floats (unstable digits), no run paths, and no property
+    that was stored failing."""
     refresh = _refresh_module()
     for stem in STEMS:
         for cell in nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4).cells:
@@ -369,3 +370,23 @@ def test_the_regression_cells_print_only_short_rounded_numbers():
             text = json.dumps([o.get("text", o.get("data", {}).get("text/plain", "")) for o in cell.outputs])
             assert not re.search(r"\d+\.\d{5,}", text), f"{stem}: a regression output has more than 4 decimals"
             assert "/runs/" not in text, f"{stem}: a regression output prints a path"
+            assert "False" not in text, f"{stem}: a stored regression output holds a failed check"
+
+
+def _sanitized(text: str) -> str:
+    """``text`` as nbval compares it: every [section] regex of sanitize.cfg replaced."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(SANITIZE)
+    for section in parser.sections():
+        text = re.sub(parser[section]["regex"], parser[section]["replace"], text)
+    return text
+
+
+def test_checked_properties_compare_their_verdict_not_the_measured_value():
+    """A checked property prints "...: True (measured +0.231)"; nbval compares the verdict only."""
+    line = "teacher beats rgb_kmeans by >= 0.15 mIoU: {} (measured {})\n"
+    assert _sanitized(line.format(True, "+0.231")) == _sanitized(line.format(True, "+0.198"))
+    assert _sanitized(line.format(True, "+0.231")) != _sanitized(line.format(False, "+0.120"))
+    assert _sanitized("random_init  mIoU 0.62") != _sanitized("random_init  mIoU 0.61")  # plain numbers still count

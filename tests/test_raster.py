@@ -196,6 +196,7 @@ def test_geotiff_output_keeps_crs_transform_and_size(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))  # the temporary file was renamed
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("size_prior", [0.0, 3.0])
 def test_windowed_labels_match_whole_image_labels(size_prior):
     """With shared clusters, a window-consistent model gives the same labels windowed (192 px
@@ -217,6 +218,7 @@ def test_windowed_labels_match_whole_image_labels(size_prior):
 # The bundled student runs at half resolution, so its windows need twice the overlap in pixels
 # of a full-resolution model for the same margin: its denoising alone reaches 64 px on each side
 # (docs/inference.md).
+@pytest.mark.numeric
 @pytest.mark.parametrize("tile,overlap", [(320, 128), (512, 128)])
 def test_bundled_model_windowed_labels_match_whole_image_labels(tile, overlap):
     """The shipped student on a real sample tile: windows (off-grid last windows included, as

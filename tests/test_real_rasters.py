@@ -87,6 +87,7 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------- nodata
 
 
+@pytest.mark.numeric
 def test_nodata_border_of_an_aerial_tile(tmp_path):
     """The acceptance case: a real tile in a black nodata=0 collar that is 30 % of the raster.
     Its valid pixels get the labels of the tile alone (>= 97 % after matching ids) and the
@@ -218,6 +219,7 @@ def test_mask_band_internal_or_sidecar_is_nodata(tmp_path, model, internal):
     np.testing.assert_array_equal(out, masked)
 
 
+@pytest.mark.numeric
 def test_uint16_with_a_nodata_border_stretches_valid_pixels_only(tmp_path, model, caplog):
     """uint16 2000-4000 with a nodata=0 collar: the stretch's percentiles come from the valid
     pixels (the same as without the collar), so the valid area is labelled as the image alone."""
@@ -237,6 +239,7 @@ def test_uint16_with_a_nodata_border_stretches_valid_pixels_only(tmp_path, model
     assert agreement(framed[20:-28, 36:-12], alone) >= 0.97
 
 
+@pytest.mark.numeric
 def test_float_nan_nodata_border(tmp_path, model):
     data = rgb_image(128, seed=7).astype(np.float32) / 255 * 0.4
     framed = in_border(data, 10, 30, 22, 8, value=np.nan)
@@ -252,6 +255,7 @@ def test_float_nan_nodata_border(tmp_path, model):
     assert nodata == NODATA and agreement(out[10:-22, 30:-8], alone) >= 0.97
 
 
+@pytest.mark.numeric
 def test_float_reflectance_is_stretched_like_16bit(tmp_path, model, caplog):
     """One stretch policy for every non-uint8 type: reflectance 0-0.4 as float32 and the same
     values as uint16 (x 10000) give the same labels."""

@@ -438,6 +438,29 @@ def test_run_restores_the_thread_count(tmp_path):
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
+def test_the_demo_announces_the_threads_it_trains_and_evaluates_on(tmp_path, monkeypatch, capsys):
+    """The demo's first line names the thread count training uses (the automatic choice run()
+    reports: half the cores), the evaluation line the count it runs on."""
+    import re
+
+    import seglib.demo as demo
+    import seglib.device as device
+    import seglib.evaluation as evaluation
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "available_cores", lambda: 2)
+    full_size = evaluation.evaluate_synthetic
+    monkeypatch.setattr(evaluation, "evaluate_synthetic", lambda model, **kw: full_size(model, **(kw | {"size": 64})))
+    assert demo.main(["--steps", "1", "--eval-images", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    announced = re.search(r"on synthetic tiles \((\d+) CPU threads?\)", out)
+    trained = re.search(r"training on (\d+) CPU thread\(s\)", out)
+    evaluated = re.search(r"at K = classes present \((\d+) CPU threads?\)", out)
+    assert announced and trained and evaluated, out
+    assert announced[1] == trained[1] == "1" and evaluated[1] == str(torch.get_num_threads()), out
+
+
 def test_region_term_trains_on_the_synthetic_label_maps(tmp_path):
     """loss.region adds the label-map contrast to the teacher's total: logged and finite, and at
     the first step (same weights, same batch) the total is the plain run's plus the term."""

@@ -67,16 +67,20 @@ def slice_maps(student: torch.nn.Module, rgb: np.ndarray, k: int) -> dict[str, d
 @torch.no_grad()
 def reconstruct(student: torch.nn.Module, decoder: ReconstructionDecoder, rgb: np.ndarray) -> dict[str, Any]:
     """The decoder's stride-4 RGB prediction for one image beside its training target (the image
-    pooled to stride 4 and blurred as ``decoder.config`` says), as (H/4, W/4, 3) arrays, and the
-    reconstruction loss. ``decoder`` comes from ``ReconstructionDecoder.from_checkpoint``."""
+    pooled to stride 4 and blurred as ``decoder.config`` says), as (H/4, W/4, 3) arrays, the
+    reconstruction loss, and ``flat_loss``: the loss of predicting the image's mean colour
+    everywhere (a decoder that learned nothing of the image). ``decoder`` comes from
+    ``ReconstructionDecoder.from_checkpoint``."""
     ae = decoder.config
     x = _student_input(rgb)
     pred = decoder(student.cnn.forward_all(x)["fine_features"])  # (1, 3, H/4, W/4)
     target = reconstruction_target(x, sigma=ae.blur_sigma, kernel=ae.blur_kernel)
+    flat = target.mean((2, 3), keepdim=True).expand_as(target)  # (1, 3, H/4, W/4)
     return {
         "target": target[0].permute(1, 2, 0).clamp(0, 1).numpy(),
         "pred": pred[0].permute(1, 2, 0).numpy(),
         "loss": float(reconstruction_loss(pred, target, ae.grad_weight)),
+        "flat_loss": float(reconstruction_loss(flat, target, ae.grad_weight)),
     }
 
 
