@@ -214,6 +214,7 @@ plt.show()
 
 # %% [markdown]
 # **Reading it.** At the CI scale (a 150-step narrow teacher, a few hundred student steps) the numbers move by a few
-# hundredths between CPUs and seeds (docs/testing.md), and the student may even score above its teacher on eight tiles: it is wider than this
-# teacher, and distillation smooths. Against the package's default teacher, the student's speed on a CPU is the point
-# of distilling it. The real comparison is `params/04_distill/full.yaml`, run after 03's full run.
+# hundredths between CPUs and seeds (docs/testing.md), and the student may even score above its teacher on eight
+# tiles: it is wider than this teacher, and distillation smooths. Against the package's default teacher, the
+# student's speed on a CPU is the point of distilling it. The real comparison is `params/04_distill/full.yaml`, run
+# after 03's full run.
