@@ -446,7 +446,7 @@ def test_the_demo_announces_the_threads_it_trains_and_evaluates_on(tmp_path, mon
 
     import seglib.demo as demo
     import seglib.device as device
-    import seglib.evaluation as evaluation
+    import seglib.evaluation.scores as evaluation
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(device, "available_cores", lambda: 2)
