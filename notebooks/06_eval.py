@@ -23,7 +23,6 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-import numpy as np
 
 from seglib.config import LANES, Config, merge
 from seglib.data.synthetic import eval_set
@@ -183,11 +182,7 @@ shown = [k for k in (2, 4, 8, 16) if k in ks]
 row = {r["k"]: (round(r["rgb_kmeans/miou"], 2), round(r["rgb_kmeans/m2o_miou"], 2)) for r in sweep if r["k"] in shown}
 print(f"rgb_kmeans (Hungarian, many-to-one) mIoU by K: {row}")
 gain = min(r["model/miou"] - r["rgb_kmeans/miou"] for r in sweep)
-print(f"model beats RGB k-means at every K by >= 0.05 mIoU: {gain >= 0.05} (measured {gain:+.3f} at the closest K)")
-if len(snaps) > 1:
-    step_miou = {step: np.mean([r["miou"] for r in by_step if r["step"] == step]) for step, _ in snaps}
-    gain = step_miou[snaps[-1][0]] - step_miou[0]
-    print(f"training gains >= 0.05 mIoU over the untrained network: {gain >= 0.05} (measured {gain:+.3f})")
+print(f"model beats RGB k-means at every K by >= 0.06 mIoU: {gain >= 0.06} (measured {gain:+.3f} at the closest K)")
 print(f"real tiles: RGB k-means mIoU {real_result['rgb_kmeans']['miou']:.2f}")
 pooled = {m: round(loto["methods"][m]["all"]["miou"], 3) for m in DEFAULT_METHODS if m in loto["methods"]}
 print("leave-one-tile-out, pooled mIoU:", pooled)
