@@ -163,7 +163,7 @@ print(f"steps: {history['step'][-1]}; loss/total at step 1: {total[0]:.2f}; snap
 for method in ("random_init", "rgb_kmeans"):
     print(f"{method:<12} " + "   ".join(f"{label[key]} {result[method][key]:.2f}" for key in keys))
 if not data_dir:  # the margins hold for the synthetic test set, where they were measured
-    for method, margin in [("rgb_kmeans", 0.15), ("random_init", 0.04)]:
+    for method, margin in [("rgb_kmeans", 0.15), ("random_init", 0.03)]:
         gain = result["model"]["miou"] - result[method]["miou"]
         print(f"teacher beats {method} by >= {margin} mIoU: {gain >= margin} (measured {gain:+.3f})")
 
