@@ -4,7 +4,8 @@ it beside RGB k-means and random-init features on the seeded test set, print a t
     python -m seglib.demo                    # the 800-step recipe (configs/teacher_synthetic_cpu.py)
     python -m seglib.demo --steps 200        # a shorter run of the same recipe
 
-The training takes about 2.6 minutes on a 2-core CPU (experiments/LOG.md), the evaluation about 20 s.
+The training takes 3.5-4.5 minutes on a lightly loaded 2-core CPU, the evaluation about 20 s; both
+take several times longer on a busy machine (README, "Quick start").
 
 TensorBoard logs and checkpoints go to ``runs/demo/`` (``tensorboard --logdir runs``), the
 evaluation JSON to ``runs/demo/eval.json``.
