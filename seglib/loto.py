@@ -5,8 +5,8 @@
     python -m seglib.loto --data DIR --select head=student_dubai,student_dubai_prior0    # nested choice
     python -m seglib.loto --list                                                         # the methods
     python -m seglib.loto --plugin my_methods.py --data DIR --methods rgb_kmeans,mine    # methods of your own
-    python -m seglib.loto --data DIR --extra-images MORE --methods student_dubai       # more training images
-    python -m seglib.loto --data DIR --transfer --methods rgb_kmeans,teacher_synthetic  # models trained elsewhere
+    python -m seglib.loto --data DIR --transfer --methods rgb_kmeans,teacher_random,teacher_synthetic    # elsewhere
+    python -m experiments.ucmerced --data DIR --extra-images UCM --methods student_dubai,student_dubai_ucm
 
 For each fold (a source tile of the folder, ``seglib.evaluation.loto.folds``) every method's model of
 that fold is trained on the other tiles' images (no masks; cached under ``--runs``, a killed
@@ -16,9 +16,13 @@ the image-weighted mean of every fold and of all folds; the JSON holds every ima
 paired differences with bootstrap intervals and the nested selections. Per-fold scores are
 cached too, so a second run only computes what is new.
 
-``--extra-images DIR`` adds the images of DIR (sub-folders too) to every fold's training images;
-they are never scored. ``--transfer`` refuses every method whose models trained on the labelled
-folder, so every image is scored by models that never saw any of its tiles.
+``--extra-images DIR`` adds the images of DIR (sub-folders too) to every fold's training images
+of the methods that ask for them (``Method.extra_images``; a method's build may read DIR too,
+e.g. a scene folder); they are never scored. ``--transfer`` refuses every method whose models
+trained on the labelled folder, so every image is scored by models that never saw any of its
+tiles; a model trained on it outside the protocol (``Method.saw_folder``: the bundled student)
+is shown as a reference, listed under ``references`` in the JSON. docs/protocols.md has one
+command per protocol and their results.
 """
 
 from __future__ import annotations

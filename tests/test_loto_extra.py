@@ -87,6 +87,8 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
         assert scored == {f"img{i}{t}" for t in TILES for i in range(2)}  # extra images are never scored
         assert "boundary_f1" not in result["per_image"]["rgb_kmeans"][0]
         assert result["protocol"]["extra_images"] == str(extra)
+        with pytest.raises(LotoError, match="none of the methods trains on extra images"):
+            run_protocol(methods=["rgb_kmeans", "student_dubai"], extra_images=extra, **kw)
         with pytest.raises(LotoError, match="transfer run"):
             run_protocol(methods=["rgb_kmeans", "test_scene_fold"], transfer=True, extra_images=extra, **kw)
         with pytest.raises(LotoError, match="student_dubai"):

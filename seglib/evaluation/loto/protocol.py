@@ -239,6 +239,11 @@ def run_protocol(
             if name not in methods:
                 resolved.append(get_method(name))
                 methods = [*methods, name]
+    if extra_images is not None and not any(m.extra_images or m.build for m in resolved):
+        raise LotoError(
+            f"--extra-images {extra_images}: none of the methods trains on extra images (none has "
+            "Method.extra_images or a build; experiments/ucmerced/methods.py registers some)"
+        )
     references = [m.name for m in resolved if is_reference(m)] if transfer else []
     if transfer:
         seen = [m.name for m in resolved if trains_on_folder(m) and m.name not in references]
