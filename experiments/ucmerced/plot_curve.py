@@ -1,6 +1,8 @@
 """Draw the compute curve (pooled mIoU against training steps, one line per seed and protocol).
 
-python experiments/ucmerced/plot_curve.py experiments/ucmerced/results/curve.json docs/ucmerced_curve.png
+    python -m experiments.ucmerced.plot_curve experiments/ucmerced/curve.json experiments/ucmerced/curve.png
+
+CURVE.json: {"protocols": {name: {"seeds": {seed: [{"steps", "miou"}, ...]}, "references": {name: miou}}}}
 """
 
 from __future__ import annotations
