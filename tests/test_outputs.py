@@ -443,3 +443,47 @@ def test_gdal_messages_are_captured_per_thread_and_the_loggers_restored():
     assert inner == {"a": ["a: nested error"]}
     assert shown == ["main: not captured"]
     assert (logger.level, list(logger.filters), logger.getEffectiveLevel()) == before
+
+
+THREADED_WRITERS = """
+import json, logging, sys, threading
+from pathlib import Path
+from seglib.inference.vector import polygonize
+from seglib.io.outputs import OutputWriteError
+
+folder, errors = Path(sys.argv[1]), {}
+loggers = [logging.getLogger(name) for name in ("fiona._env", "rasterio._err", "rasterio._env")]
+before = [(lg.level, lg.propagate, len(lg.filters), len(lg.handlers)) for lg in loggers]
+
+def writer(i):
+    try:
+        polygonize(folder / "labels.tif", folder / f"p{i}.gpkg")
+    except OutputWriteError as exc:
+        errors[i] = str(exc)
+
+threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+after = [(lg.level, lg.propagate, len(lg.filters), len(lg.handlers)) for lg in loggers]
+print(json.dumps({"errors": errors, "restored": after == before}))
+"""
+
+
+def test_threads_writing_polygons_onto_a_full_disk_each_fail_with_gdals_error(tmp_path):
+    """Three threads polygonize at once past RLIMIT_FSIZE: each fails with one line quoting
+    GDAL's SQLite error, no file or temporary is left, and the bindings' loggers are as before.
+    (With one capture per write, writes that ended in the order they began restored the loggers
+    to what an overlapping write had set, INFO and no propagation, when the threads happened to
+    interleave so; the deterministic check is the test above.)"""
+    labels = np.random.default_rng(0).integers(0, 4, (256, 256, 1), dtype=np.uint8)  # many polygons
+    write(tmp_path / "labels.tif", labels)
+    done = subprocess.run([sys.executable, "-c", THREADED_WRITERS, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, preexec_fn=limit_file_size(300_000))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(result["errors"]) == ["0", "1", "2"] and result["restored"]
+    for i, error in result["errors"].items():
+        assert error.startswith(f"cannot write {tmp_path / f'p{i}.gpkg'}: ") and "disk I/O error" in error
+    assert sorted(os.listdir(tmp_path)) == ["labels.tif"]
