@@ -153,6 +153,7 @@ def test_pretrain_never_reads_the_holdout_fold(scene_dir, tmp_path, monkeypatch)
     assert seen and not held & set(seen)
 
 
+@pytest.mark.numeric
 def test_probe_beats_chance_on_separable_classes():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 15)
@@ -204,6 +205,7 @@ def _probe(tmp_path, data, model_path, fold: int = 0) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.numeric
 def test_probe_command_separates_an_easy_two_class_set(tmp_path, one_thread):
     """End to end through ``python -m seglib.probe``: pooled features of a scene model at random
     weights tell stripes from noise, and do not on a set whose two folders hold the same kind."""
