@@ -127,6 +127,8 @@ def test_pretrain_resumes_bit_for_bit(scene_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(scene_dir, tmp_path / "b"), progress=killed)
     assert not (tmp_path / "b" / "scene.pt").exists()
+    at_step_2 = load_model(tmp_path / "b" / "state.pt")  # a killed run's last state is a model too
+    assert isinstance(at_step_2, SceneSegmenter) and not at_step_2.training
     resumed = pretrain(_cfg(scene_dir, tmp_path / "b"))
     a, b = load_model(straight["model"]), load_model(resumed["model"])
     for (name, p), q in zip(a.cnn.state_dict().items(), b.cnn.state_dict().values(), strict=True):

@@ -185,10 +185,13 @@ class SceneSegmenter(Segmenter):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> SceneSegmenter:
-        """Load a ``scene`` checkpoint on CPU, in eval mode."""
+        """Load a ``scene`` checkpoint (or the ``state.pt`` of a scene pretraining run, its weights
+        at the last saved step) on CPU, in eval mode."""
         from ..checkpoint import CheckpointError, load_checkpoint
 
-        state = load_checkpoint(path, kind="scene")
+        state = load_checkpoint(path, kind=("scene", "train-state"))
+        if state["kind"] == "train-state" and state.get("task") != "scene":
+            raise CheckpointError(f"{path} is a {state.get('task')} training checkpoint, not a scene model's")
         try:
             model = cls(SceneModelConfig.from_dict(state["config"]))
             model.cnn.load_state_dict(state["model"])
