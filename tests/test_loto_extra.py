@@ -19,6 +19,7 @@ from seglib.evaluation.loto.methods import METHODS, LotoError, Method, link_trai
 from seglib.models.scene import SceneModelConfig, SceneSegmenter
 
 TILES = ("t1", "t2")
+TINY_SCENE = {"widths": (8, 8, 16, 16), "depths": (1, 1, 1, 1), "classes": 2}
 
 
 @pytest.fixture
@@ -51,9 +52,7 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
         path = ctx.runs / "test_scene_fold" / fold / "scene.pt"
         if not path.is_file():
             save_atomic(
-                SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2))
-                .eval()
-                .checkpoint(),
+                SceneSegmenter(SceneModelConfig(**TINY_SCENE)).eval().checkpoint(),
                 path,
             )
         return path
@@ -62,7 +61,7 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
         assert fold == "shared"
         path = ctx.runs / "test_scene_shared" / fold / "scene.pt"
         save_atomic(
-            SceneSegmenter(SceneModelConfig(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), classes=2)).eval().checkpoint(),
+            SceneSegmenter(SceneModelConfig(**TINY_SCENE)).eval().checkpoint(),
             path,
         )
         return path
@@ -101,6 +100,11 @@ def test_build_methods_see_only_the_training_tiles_and_transfer_refuses_per_fold
         # a model trained on the folder outside the protocol (the bundled student) is shown, marked
         seen = run_protocol(methods=["test_scene_seen", "test_scene_seen_random"], transfer=True, boundary=False, **kw)
         assert seen["protocol"]["references"] == ["test_scene_seen", "test_scene_seen_random"]
+        # --no-train: a build that trains nothing (its model lives outside the runs folder) still scores
+        outside = save_atomic(SceneSegmenter(SceneModelConfig(**TINY_SCENE)).eval().checkpoint(), tmp_path / "b.pt")
+        made.append(register(Method("test_outside", per_fold=False, build=lambda ctx, fold: outside)))
+        kw["runs"] = tmp_path / "fresh_runs"
+        assert run_protocol(methods=["test_outside"], train=False, boundary=False, **kw)["methods"]["test_outside"]
         json.dumps(out)  # the result is plain JSON
     finally:
         for m in made:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seglib.evaluation.loto.methods import FoldContext, get_method, is_reference, trains_on_folder
+from seglib.evaluation.loto.methods import FoldContext, LotoError, get_method, is_reference, trains_on_folder
 
 TINY = {"steps": 2, "batch": 6, "size": 32, "widths": (8, 8, 16, 16), "depths": (1, 1, 1, 1), "checkpoint_every": 1}
 
@@ -40,6 +40,12 @@ def test_the_transfer_models_train_on_the_scene_folder_alone(context):
     from seglib.models import load_model
     from seglib.models.scene import SceneSegmenter
 
+    context.train = False  # --no-train: nothing is trained, the missing model is named
+    with pytest.raises(LotoError, match="training is off"):
+        ucm._random_build(context, "shared")
+    with pytest.raises(LotoError, match="training is off"):
+        ucm._pretrain_build("test_scene_tiny", TINY)(context, "shared")
+    context.train = True
     trained = ucm._pretrain_build("test_scene_tiny", TINY)(context, "shared")
     random_twin = ucm._random_build(context, "shared")
     for path in (trained, random_twin):

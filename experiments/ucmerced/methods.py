@@ -106,6 +106,8 @@ def _random_build(ctx, where: str) -> Path:
     path = ctx.runs / "scene_random" / where / "scene.pt"
     if path.is_file():
         return path
+    if not ctx.train:
+        raise LotoError(f"no {path} and training is off")
     scenes = _scenes(ctx)
     cfg = ScenePretrainConfig()
     train = scenes.without_fold(cfg.holdout)
@@ -161,6 +163,8 @@ def _bn_build(base: str):
         }
         if path.is_file() and load_checkpoint(path, kind="scene").get("adapted") == stamp:
             return path
+        if not ctx.train:
+            raise LotoError(f"no {path} for these training images and training is off")
         model = SceneSegmenter.from_checkpoint(source)
         calibrate_batchnorm(model.cnn, bn_crops(ctx, fold))
         return save_atomic(model.checkpoint(adapted=stamp), path)

@@ -82,7 +82,8 @@ class Method:
       build: for models no recipe describes: ``build(ctx, fold) -> Path`` returns the fold's
         model file (any checkpoint ``seglib.models.load_model`` reads), training it first if
         needed; ``fold`` is ``"shared"`` for a method with ``per_fold=False``. A per-fold build
-        may read only ``train_images(ctx, fold)`` (and ``ctx.extra_images``).
+        may read only ``train_images(ctx, fold)`` (and ``ctx.extra_images``). With
+        ``ctx.train`` False (``--no-train``) a build that would train raises ``LotoError``.
       saw_folder: True: a model trained on the labelled folder's images outside the protocol
         (the bundled student, trained on all 44 dev images): a transfer run scores it (and its
         random twin, its ``eval_of`` settings) as a reference, listed as such in the result.
@@ -390,9 +391,7 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     """Path of the trained ``teacher.pt`` / ``student.pt`` of ``method`` on ``fold``; trains it
     (resuming a killed run) when it is missing."""
     where = fold if method.per_fold else SHARED
-    if method.build is not None:
-        if not ctx.train and not (ctx.runs / method.name / where).is_dir():
-            raise LotoError(f"no model of {method.name} for fold {where} and training is off; run without --no-train")
+    if method.build is not None:  # it knows whether it would train (ctx.train False: it must not)
         return Path(method.build(ctx, where))
     teacher_path = fold_artifact(get_method(method.teacher), ctx, fold) if method.teacher else None
     init_path = fold_artifact(get_method(method.init_from), ctx, fold) if method.init_from else None
