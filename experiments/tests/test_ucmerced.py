@@ -3,6 +3,9 @@ of the labelled folder, and the protocol knows which of its methods did."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +67,43 @@ def test_the_protocol_knows_which_study_methods_saw_the_labelled_folder():
         assert trains_on_folder(get_method(name)) and not is_reference(get_method(name)), name  # refused
     for name in ("bundled", "bundled_random"):
         assert trains_on_folder(get_method(name)) and is_reference(get_method(name)), name  # shown, marked
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "ucmerced"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("*.json") if "per_image" in p.read_text()))
+def test_committed_protocol_results_score_each_image_once_and_transfer_only_unseen_models(name):
+    """The committed transfer and leave-one-tile-out results of the study (docs/protocols.md):
+    every method scores the same images once each, in its own tile's fold, the pooled mean is
+    their mean, and a transfer result holds no method that trained on the labelled folder
+    except the references it lists."""
+    import experiments.ucmerced.methods  # noqa: F401  (registers the study's methods)
+    from seglib.evaluation.loto import folds as F
+
+    result = json.loads((RESULTS / name).read_text())
+    owner = {image: fold for fold, images in result["protocol"]["folds"].items() for image in images}
+    scored = {r["image"] for r in result["per_image"]["rgb_kmeans"]}
+    assert scored <= owner.keys()
+    for method, rows in result["per_image"].items():
+        assert sorted(r["image"] for r in rows) == sorted(scored), method
+        assert all(owner[r["image"]] == r["tile"] == F.tile_of(r["image"]) for r in rows), method
+        assert result["methods"][method]["all"]["miou"] == pytest.approx(np.mean([r["miou"] for r in rows]))
+    if result["protocol"].get("transfer"):
+        for method in result["methods"]:
+            m = get_method(method)
+            assert not trains_on_folder(m) or is_reference(m), f"{method} trained on the scored folder"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("probe*.json")))
+def test_committed_probe_results_read_only_the_held_out_fold(name):
+    """The probe read fold 0 alone: 20 scenes of each of the 21 classes, the 1st, 6th, 11th ...
+    of each class in file-name order (the fold scene-class pretraining leaves out)."""
+    result = json.loads((RESULTS / name).read_text())
+    assert result["fold"] == 0 and result["images"] == len(result["names"]) == 420
+    by_class: dict[str, list[str]] = {}
+    for n in result["names"]:
+        by_class.setdefault(n.split("/")[0], []).append(n.split("/")[1])
+    assert len(by_class) == 21 and all(len(v) == 20 for v in by_class.values())
+    for cls, files in by_class.items():  # UC Merced's files are <class>00 ... <class>99
+        assert sorted(int(f[len(cls) : -4]) for f in files) == list(range(0, 100, 5)), cls
