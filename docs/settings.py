@@ -26,10 +26,10 @@ HEADER = """# Settings
 
 Every setting of `seglib.config.Config`, generated from the dataclasses by `python docs/settings.py`
 (`tests/test_config.py` fails when this page and the code disagree). Set them with
-`--set key=value`, a `--config FILE.py` returning a dict of overrides, or `Config.from_dict(...)`
-in Python; the precedence and the checks are in the README ("Training"). Every checkpoint and
-TensorBoard run stores the full config; a checkpoint written with an older layout is upgraded
-when it is loaded (`seglib.config.upgrade_config`).
+`--set key=value`, `--config` (a recipe of `seglib/recipes.py` by name, or a Python file returning
+a dict of overrides), or `Config.from_dict(...)` in Python; the precedence and the checks are in
+the README ("Training"). Every checkpoint and TensorBoard run stores the full config. A plugin
+stage's own settings go in `stage_options` (checked by that stage, `seglib.training.stages`).
 """
 
 

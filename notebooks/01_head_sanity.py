@@ -143,11 +143,11 @@ grad_everywhere = bool((e.grad.abs().sum(1) > 0).all())
 # %%
 r = model_cfg.refine
 out = head(emb, n_classes)
-fast = fast_lane(out.probs, rgb, radius=r.radius, eps=r.eps, smooth_iters=r.smooth_iters)
+fast = fast_lane(out.probs, rgb, smooth_iters=r.smooth_iters)
 lanes = {
     "none": none_lane(out.logits, (size, size)),
     "fast": fast,
-    "learned": LearnedRefiner(width=r.learned_width)(fast, rgb).detach(),
+    "learned": LearnedRefiner()(fast, rgb).detach(),
 }
 by_lane = {name: segmentation_scores(p[0].argmax(0).numpy(), tile.labels) for name, p in lanes.items()}
 

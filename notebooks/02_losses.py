@@ -26,7 +26,7 @@ from seglib.data.batches import sample_rngs
 from seglib.data.synthetic import make_tile
 from seglib.device import set_threads
 from seglib.io.images import list_images, read_image
-from seglib.losses.teacher import TeacherLoss, entropy_map, smoothness_maps, symmetric_kl_map
+from seglib.losses.teacher import VARIANCE_FLOOR, TeacherLoss, entropy_map, smoothness_maps, symmetric_kl_map
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES
@@ -73,7 +73,7 @@ for name, rgb in tiles.items():
     pa, pb = out["probs_coarse"].chunk(2)  # (1, K, S/4, S/4) each
     a_in_b = transform.to_view(pa)  # view A's probabilities in view B's frame
     small_b = F.adaptive_avg_pool2d(view_b, pb.shape[-2:])
-    vertical, horizontal = smoothness_maps(pb, small_b, cfg.loss.edge_sigma)
+    vertical, horizontal = smoothness_maps(pb, small_b)
     fa, fb = out["features"].chunk(2)
     maps[name] = {
         "view A": view_a[0].permute(1, 2, 0).numpy(),
@@ -117,7 +117,7 @@ for name in tiles:
 # ## What the feature terms see
 #
 # The variance term is a hinge on each learned channel's standard deviation over all positions of the batch (here
-# the two views of one tile), below `loss.variance_floor`; the covariance term sums the squared off-diagonal
+# the two views of one tile), below `VARIANCE_FLOOR`; the covariance term sums the squared off-diagonal
 # covariances: together they push every channel's spread up to the floor and keep the channels from carrying the
 # same signal.
 
@@ -125,7 +125,7 @@ for name in tiles:
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
 for name, z in features.items():
     axes[0].bar(np.arange(len(z)) + (0.4 if name == "real" else 0), z.std(1).numpy(), width=0.4, label=name)
-axes[0].axhline(cfg.loss.variance_floor, color="grey", ls=":", label="variance floor")
+axes[0].axhline(VARIANCE_FLOOR, color="grey", ls=":", label="variance floor")
 axes[0].set(xlabel="learned channel", ylabel="std over positions", title="variance term")
 axes[0].legend(fontsize=7)
 for ax, (name, z) in zip(axes[1:], features.items(), strict=True):

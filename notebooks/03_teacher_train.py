@@ -40,7 +40,8 @@ from seglib.inference.predictor import Predictor
 from seglib.models import random_init_like
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
-from seglib.runs import run_folder, snapshots, teacher_overrides
+from seglib.recipes import teacher_overrides
+from seglib.runs import run_folder, snapshots
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images
 
@@ -70,9 +71,9 @@ check_parameters()  # papermill only warns about a parameter this notebook does 
 # %% [markdown]
 # ## The configuration
 #
-# The run is the package's default recipe with this notebook's parameters on top (`seglib.runs.teacher_overrides`).
+# The run is the package's default recipe with this notebook's parameters on top (`seglib.recipes.teacher_overrides`).
 # Notebooks 04-06 read the parameters of a run of this notebook from `params/03_teacher_train/<run_name>.yaml`
-# (`seglib.runs.teacher_recipe`) and train this very teacher themselves when the run is absent (on their own
+# (`seglib.recipes.teacher_recipe`) and train this very teacher themselves when the run is absent (on their own
 # `data_dir` when they are given one). The full config is stored in every checkpoint and in the TensorBoard run.
 
 # %%

@@ -32,8 +32,8 @@ from seglib.inference.predictor import Predictor
 from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.parameters import check_parameters
-from seglib.recipes import FAST_STUDENT
-from seglib.runs import resolve_teacher, run_folder, teacher_recipe
+from seglib.recipes import FAST_STUDENT, teacher_recipe
+from seglib.runs import resolve_teacher, run_folder
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images
 
@@ -74,7 +74,7 @@ teacher_path = resolve_teacher(teacher_checkpoint, teacher_run)
 recipe = teacher_recipe(teacher_run, run_dir, data_dir=data_dir, mask_dir=mask_dir, ignore=ignore)
 student_stage = {
     "stage": "student",
-    "train": {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads},
+    "train": {"steps": steps, "checkpoint_every": steps, "device": device, "threads": threads},
     "student": {**FAST_STUDENT, "size": student_size},  # the shipped students' head
     "distill": {"teacher_checkpoint": teacher_path, "teacher_steps": recipe["train"]["steps"]},
 }

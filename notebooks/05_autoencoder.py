@@ -27,8 +27,8 @@ from seglib.inference.predictor import Predictor
 from seglib.models.autoencoder import ReconstructionDecoder
 from seglib.models.student import StudentSegmenter
 from seglib.parameters import check_parameters
-from seglib.recipes import FAST_STUDENT
-from seglib.runs import resolve_teacher, run_folder, teacher_recipe
+from seglib.recipes import FAST_STUDENT, teacher_recipe
+from seglib.runs import resolve_teacher, run_folder
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, plot_losses, show_images
 
@@ -68,7 +68,7 @@ histories, students = {}, {}
 for variant, enabled in [("with_ae", True), ("without_ae", False)]:
     variant_dir = run_dir / variant
     recipe = teacher_recipe(teacher_run, variant_dir, data_dir=data_dir, mask_dir=mask_dir, ignore=ignore)
-    train = {"steps": steps, "checkpoint_every": steps, "image_every": steps, "device": device, "threads": threads}
+    train = {"steps": steps, "checkpoint_every": steps, "device": device, "threads": threads}
     stage = {
         "stage": "student",
         "train": train,

@@ -42,7 +42,8 @@ from seglib.evaluation.scores import (
 from seglib.models import load_model
 from seglib.parameters import check_parameters
 from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
-from seglib.runs import resolve_teacher, run_folder, snapshots, teacher_recipe
+from seglib.recipes import teacher_recipe
+from seglib.runs import resolve_teacher, run_folder, snapshots
 from seglib.training.run import run
 from seglib.viz import label_image, match_labels, show_images
 

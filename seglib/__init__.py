@@ -1,6 +1,6 @@
 """seglib: unsupervised segmentation of aerial and satellite RGB imagery.
 
-from seglib import MonolithicSegmenter, StudentCNN, segment, load_model
+from seglib import MonolithicSegmenter, StudentSegmenter, segment, load_model
 labels = segment(image_uint8_hxwx3, k=5)     # bundled default model, any H and W
 legend = fit_legend([a, b, "c.tif"], 6)     # one legend for many images: segment(x, legend=legend)
 labels = Predictor(load_model(), 6).labels(image)  # a model at K for inference, lower level
@@ -17,7 +17,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "MonolithicSegmenter",
-    "StudentCNN",
+    "StudentSegmenter",
     "load_model",
     "segment",
     "fit_legend",
@@ -29,10 +29,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # Imported lazily so that `import seglib` stays light for the CLI and notebooks.
-    if name == "StudentCNN":
-        from .models.student import StudentCNN
+    if name == "StudentSegmenter":
+        from .models.student import StudentSegmenter
 
-        return StudentCNN
+        return StudentSegmenter
     if name == "load_model":
         from .models import load_model
 

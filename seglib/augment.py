@@ -101,7 +101,7 @@ def sample_transforms(rngs: list[np.random.Generator], cfg: AugmentConfig) -> Vi
     """One random geometric transform per sample, from per-sample generators."""
     thetas = []
     for rng in rngs:
-        m = _ROT[int(rng.integers(4))] if cfg.rot90 else _ROT[0]
+        m = _ROT[int(rng.integers(4))]
         if cfg.flip and rng.random() < 0.5:
             m = m @ np.array([[-1, 0], [0, 1]])
         s = rng.uniform(cfg.scale_min, 1.0) if cfg.scale_min < 1 else 1.0
@@ -175,7 +175,7 @@ def transforms_from_uniforms(u: torch.Tensor, cfg: AugmentConfig) -> ViewTransfo
     """Geometric transforms with ``sample_transforms``' distribution from uniforms u (B, 4) in
     [0, 1): u0 picks one of the allowed flips x quarter turns (all equally likely), u1 the crop
     scale, u2 and u3 the crop centre."""
-    turns, mirrors = (4 if cfg.rot90 else 1), (2 if cfg.flip else 1)
+    turns, mirrors = 4, (2 if cfg.flip else 1)
     pick = (u[:, 0] * (turns * mirrors)).long()  # (B,) in 0 .. turns * mirrors - 1
     m = _signed_perms(u.device)[pick if cfg.flip else 2 * pick]  # (B, 2, 2)
     lo = cfg.scale_min if cfg.scale_min < 1 else 1.0

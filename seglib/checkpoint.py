@@ -3,9 +3,8 @@
 A checkpoint is a dict of tensors and plain Python values only, so it loads with
 ``torch.load(weights_only=True)``: loading never executes pickled code. It always carries
 ``format``, ``kind`` (``teacher``, ``student``, ``decoder`` or ``train-state``; a train-state
-names its stage in ``task``) and the full ``config`` dict (``model_checkpoint`` builds one).
-Loading upgrades a config dict written by an older seglib to the current layout
-(``seglib.config.upgrade_config``), so old checkpoints keep loading.
+names its stage in ``task``) and the full ``config`` dict (``model_checkpoint`` builds one); a
+model is rebuilt from the config's ``model`` section (and ``student`` for a student) alone.
 
 Writes go to ``<name>.tmp`` in the same folder, are flushed and fsync'ed, then renamed over
 the final name (``os.replace`` is atomic on POSIX and Windows), so a killed process leaves
@@ -21,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .config import upgrade_config
 
 __all__ = [
     "FORMAT",
@@ -94,8 +91,6 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
             f"{path} is a PyTorch file but not a seglib checkpoint (no format tag '{FORMAT}'); "
             "pass a file written by seglib training (ckpt_*.pt, teacher.pt or student.pt)"
         )
-    if isinstance(obj.get("config"), dict):
-        obj["config"] = upgrade_config(obj["config"], checkpoint=True)
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else kind
         if obj.get("kind") not in kinds:

@@ -47,14 +47,12 @@ __all__ = [
     "StudentConfig",
     "DistillConfig",
     "AutoencoderConfig",
-    "ClusterConfig",
     "Config",
     "apply_overrides",
     "load_config_file",
     "parse_set",
     "nest",
     "merge",
-    "upgrade_config",
 ]
 
 
@@ -105,10 +103,7 @@ class EncoderConfig:
     depth: int = 3  # residual blocks (dilations cycle through 1, 2, 4)
     embed_dim: int = 32  # learned embedding channels (unit-normalised)
     colour_weight: float = 3.0  # weight of the stride-4 colour channels appended to the embedding
-    colour_blur: int = 0  # extra box blur of those channels, radius in embedding cells
     input_mode: str = "highpass"  # highpass (luminance texture, no colour) | rgb | both
-    highpass_clip: float = 2.0  # soft clip of the high-pass input (0: linear)
-    norm: str = "group"  # group | batch | instance | none
 
 
 @dataclass
@@ -116,21 +111,16 @@ class HeadConfig:
     iters: int = 6  # soft k-means EM iterations
     temperature: float = 0.1  # softmax temperature on squared distances
     size_prior: float = 0.0  # weight of log(cluster share) added to the final logits (0: off)
-    init_pool: int = 2  # farthest-point initialisation runs on embeddings pooled by this factor
     denoise_iters: int = 5  # feature-space bilateral filter passes before clustering (0: off)
     denoise_radius: int = 2  # its neighbourhood radius, in embedding cells
-    denoise_bandwidth: float = 0.4  # its feature-distance bandwidth
     denoise_dilations: tuple[int, ...] = (1,)  # neighbour spacing of pass i: dilations[i % len]
 
 
 @dataclass
 class RefineConfig:
     lane: str = "fast"  # fast | learned | none (default lane of a forward call)
-    radius: int = 2  # guided-filter box radius, in stride-4 pixels
-    eps: float = 1e-3  # guided-filter regulariser: larger smooths across weaker edges
     smooth_iters: int = 1  # guided-filter passes at stride 4 before upsampling
     guide_scale: int = 1  # 1: the filter is applied at full resolution; 2: at half, then bilinear
-    learned_width: int = 4  # channels of the learned refiner (12 before it went to half resolution)
     learned_scale: int = 2  # the learned lane (guided filter, refiner, loss) runs at 1/this resolution, then bilinear
 
 
@@ -144,25 +134,24 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    """Weights of the teacher's terms (seglib.losses.teacher)."""
+
     consistency: float = 1.0  # symmetric KL between the two views after warping
     pixel_entropy: float = 1.0  # minimised: confident pixels
     marginal_entropy: float = 1.0  # maximised: every cluster used
     smoothness: float = 1.0  # edge-aware total variation of the probabilities
-    edge_sigma: float = 0.05  # RGB gradient at which the smoothness weight falls to 1/e
     invariance: float = 1.0  # raw features of corresponding positions agree across views
-    invariance_radius: int = 0  # ... with the mean over this neighbourhood radius (stride-4 cells)
     variance: float = 1.0  # hinge keeping each raw feature channel's spread above a floor
-    variance_floor: float = 1.0  # the floor (std over the batch's positions)
     covariance: float = 0.04  # decorrelates the raw feature channels
     refine: float = 1.0  # full-resolution terms that train the learned refinement lane
-    region: float = 0.0  # research: contrast of the learned features by synthetic label maps (0: off)
-    region_temperature: float = 0.1  # its softmax temperature over -squared distances
 
 
 @dataclass
 class AugmentConfig:
+    """View B of the teacher's pair is always turned by a random multiple of 90 degrees too: aerial
+    images have no up."""
+
     flip: bool = True  # view B may be mirrored (and the student's batches flipped)
-    rot90: bool = True  # view B may be turned by a multiple of 90 degrees
     scale_min: float = 0.7  # view B is a crop of this fraction of the side (up to 1), resized back
     brightness: float = 0.08  # additive, per image
     contrast: float = 0.15  # multiplicative around the mean, +-
@@ -173,13 +162,10 @@ class AugmentConfig:
 
 @dataclass
 class RandomizeConfig:
-    """Knobs drawn afresh for every batch so that one model serves every setting."""
+    """Drawn afresh for every batch so that one model serves every K (the teacher's other knobs,
+    seglib.training.teacher.KNOB_RANGES, likewise)."""
 
     ks: tuple[int, ...] = (2, 4, 8, 16)  # numbers of clusters
-    downsample: tuple[int, ...] = (1, 2)  # model.downsample values
-    cluster_iters: tuple[int, int] = (3, 8)  # soft k-means iterations, inclusive range
-    smooth_iters: tuple[int, int] = (0, 2)  # guided-filter passes of the fast lane, inclusive range
-    lanes: tuple[str, ...] = LANES  # refinement lanes
 
 
 @dataclass
@@ -194,7 +180,6 @@ class DataConfig:
     mask_ignore: tuple[int, ...] = ()  # label ids the probe's mIoU ignores (e.g. 5, 255)
     size: int = 128  # training crop side (multiple of 16)
     downscale: int = 1  # real tiles are shrunk by this factor (area average) before cropping
-    extent: int = 0  # synthetic tiles are windows of a scene this wide (0: the crop is the scene)
     batch_size: int = 4  # images per micro-batch and process
     num_workers: int = 0  # DataLoader worker processes
 
@@ -203,31 +188,23 @@ class DataConfig:
 class TrainConfig:
     steps: int = 20  # optimizer steps
     lr: float = 2e-3  # peak learning rate (AdamW)
-    weight_decay: float = 1e-4  # AdamW weight decay
     warmup: int = 5  # steps of linear warm-up before the cosine decay
     grad_accum: int = 1  # micro-batches per optimizer step
-    clip: float = 1.0  # gradient-norm clip (0: off)
     amp: bool = False  # bf16 autocast where supported
     seed: int = 0  # run seed: data, augmentations, initial weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_dir: str = ""  # checkpoints, teacher.pt / student.pt and TensorBoard logs; empty: runs/train
-    checkpoint_every: int = 50  # steps between checkpoints
+    checkpoint_every: int = 50  # steps between checkpoints (and TensorBoard images)
     # A kill at any moment loses at most checkpoint_minutes of work; such a time-triggered
     # checkpoint is removed once a later one exists (the folder ends with step checkpoints only).
     checkpoint_minutes: float = 5.0  # also checkpoint when this many minutes passed since the last one (0: off)
     keep_checkpoints: int = 3  # newest step checkpoints kept (0: all)
-    log_every: int = 1  # steps between TensorBoard scalars
-    image_every: int = 50  # steps between TensorBoard images
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    log_every: int = 1  # steps between TensorBoard scalars (each read waits for the device: 10 or more on a GPU)
     # 0 is 1 thread on a 2-core machine: 2 threads were 8-17x slower per step on the busy
     # 2-core machine (README, "Train on your own imagery"); seglib.device.training_threads.
     threads: int = 0  # torch CPU threads while training; 0: half the cores (OMP_NUM_THREADS when set)
-    compile: str = (
-        ""  # torch.compile mode of the forward ("", default, reduce-overhead, max-autotune); eager on failure
-    )
-    sync_batchnorm: bool = True  # under DDP on CUDA, BatchNorm layers become SyncBatchNorm
+    compile: str = ""  # torch.compile mode of the forward ("", default, reduce-overhead, max-autotune)
     weight_average_decay: float = 0.0  # > 0: teacher.pt / student.pt hold an EMA of the weights with this decay
-    init_from: str = ""  # teacher.pt whose weights start the run (teacher and cluster stages; empty: random init)
 
 
 def _overrides(of: type, **defaults: Any) -> Any:
@@ -239,17 +216,10 @@ def _overrides(of: type, **defaults: Any) -> Any:
 @dataclass
 class ProbeConfig:
     """The quality signal logged while training: a few fixed images segmented every ``every``
-    steps (and before the first step, and after the last) with the model being trained, scored
-    by label-free proxies (two-view agreement under a flip, cluster utilisation, speckle) and,
-    when the images have ground truth, Hungarian mIoU. Synthetic runs use synthetic tiles (they
-    have labels); folder runs use ``images`` images of ``data.data_dir`` (those ``include`` and
-    ``exclude`` keep) spread over its sorted list, with ``data.mask_dir``'s masks when given.
-    TensorBoard tags: ``probe/<metric>``."""
+    steps (and before the first step, and after the last) with the model being trained
+    (seglib.training.probe), scored by label-free proxies and, with ground truth, mIoU."""
 
     every: int = 100  # steps between probes (0: off)
-    images: int = 4  # fixed images probed
-    size: int = 256  # their longer side, in pixels (larger images are shrunk)
-    k: int = 6  # clusters for the label-free proxies (with masks: K = classes present)
 
 
 @dataclass
@@ -261,7 +231,6 @@ class StudentConfig:
     dims: tuple[int, ...] = ()  # (coarse, mid, fine) widths; empty: the size's
     depths: tuple[int, ...] = ()  # 3x3 blocks per slice; empty: the size's
     norm: str = "group"  # group | batch | instance | none
-    dropout: float = 0.0  # channel dropout before the embedding projections (training only)
     multires: bool = True  # distil the coarse and mid slices too, not only the fine one
     stem: str = "conv"  # conv (two strided 3x3 convs) | unshuffle (space-to-depth, then one conv)
     head: dict[str, Any] = _overrides(HeadConfig)  # changes to the teacher's model.head at inference
@@ -274,7 +243,6 @@ class DistillConfig:
     teacher_checkpoint: str = ""  # teacher.pt to distil from; empty: one is trained first
     feature: float = 1.0  # weight of 1 - cosine(student, teacher features)
     affinity: float = 1.0  # weight of the similarity-matrix term
-    affinity_samples: int = 256  # positions sampled for the similarity matrices
     pseudo_label: float = 1.0  # weight of the sharpened self-labels term
     agreement: float = 1.0  # weight of KL(teacher assignments || student assignments)
     tv: float = 0.5  # weight of the edge-aware total variation
@@ -290,40 +258,13 @@ class AutoencoderConfig:
     lambda_recon: float = 0.01  # weight of the normalised reconstruction loss
     loss_norm_decay: float = 0.99  # decay of the running mean that normalises the reconstruction loss
     blur_sigma: float = 1.0  # Gaussian blur of the stride-4 target
-    blur_kernel: int = 5  # its kernel size (odd)
     grad_weight: float = 0.5  # weight of the Sobel-gradient term
     detach_backbone: bool = False  # True: the decoder's gradient does not reach the student
-    hidden_channels: int = 32  # decoder width
-    num_blocks: int = 2  # decoder 3x3 blocks
-
-
-@dataclass
-class ClusterConfig:
-    """Stage "cluster": dataset-level clustering on real imagery (seglib.losses.cluster)."""
-
-    arch: str = "student"  # which segmenter is trained: student (config student.*) | teacher (model.*)
-    prototypes: int = 32  # C, shared by every image; several times the classes one expects
-    temperature: float = 0.1  # softmax temperature of the cosine similarity to the prototypes
-    sinkhorn_eps: float = 0.05  # entropic regularisation of the balanced codes
-    sinkhorn_iters: int = 3  # Sinkhorn-Knopp normalisations of the codes
-    window: int = 0  # codes averaged over (2w+1)^2 cells before they become targets
-    freeze_prototypes: int = 0  # steps at the start during which the prototypes do not move
-    swap: float = 1.0  # weight of the swapped-prediction loss
-    # Cross-channel prediction (split-brain style): a 1x1 head on the learned features predicts
-    # the mean and spread of the colour around each position from luminance texture.
-    colourize: float = 0.0  # weight of that L1 loss (0: off)
-    colour_radii: tuple[int, ...] = (1, 3)  # window radii (cells) of those colour statistics
-    # IIC (Ji et al. 2019): heads of these many clusters (a main one and over-clustering ones),
-    # each trained to maximise the mutual information of the two views' assignments.
-    iic: float = 0.0  # weight of the summed IIC losses (0: off)
-    iic_heads: tuple[int, ...] = (6, 24)  # clusters of each IIC head (prototypes on the unit sphere)
-    iic_window: int = 2  # displacements up to this many cells pair positions of the two views
-    iic_lamb: float = 1.0  # weight of the marginals' entropy in IIC's loss (1: the mutual information)
 
 
 @dataclass
 class Config:
-    stage: str = "teacher"  # teacher | student | cluster
+    stage: str = "teacher"  # teacher | student, or a stage a plugin registered (seglib.training.stages)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -334,7 +275,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    stage_options: dict[str, Any] = field(default_factory=dict)  # settings of a plugin stage, checked by that stage
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON- and ``weights_only``-safe)."""
@@ -345,18 +286,10 @@ class Config:
 
     def validate(self) -> Config:
         """Check the values that types alone do not; ``ConfigError`` names the key. Every entry
-        point (the training CLI, ``seglib.training.run.run``, the demo) calls it."""
-        if self.stage not in ("teacher", "student", "cluster"):
-            raise ConfigError(f"stage must be 'teacher', 'student' or 'cluster', got {self.stage!r}")
-        if self.stage == "cluster" and self.cluster.arch not in ("student", "teacher"):
-            raise ConfigError(f"cluster.arch must be 'student' or 'teacher', got {self.cluster.arch!r}")
-        c = self.cluster
-        if self.stage == "cluster" and not (c.swap > 0 or c.colourize > 0 or c.iic > 0):
-            raise ConfigError(
-                "stage cluster needs cluster.swap, cluster.colourize or cluster.iic above 0 (a loss to train on)"
-            )
-        if self.stage == "cluster" and c.iic > 0 and not (c.iic_heads and all(n >= 2 for n in c.iic_heads)):
-            raise ConfigError(f"cluster.iic_heads: every IIC head needs 2 or more clusters, got {c.iic_heads}")
+        point (the training CLI, ``seglib.training.run.run``, the demo) calls it; the stage's
+        name and ``stage_options`` are checked by the stage registry when the run starts."""
+        if not self.stage:
+            raise ConfigError("stage must name a training stage: teacher, student or a registered plugin stage")
         if self.data.size <= 0 or self.data.size % 16:
             raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
         if self.train.steps < 1:
@@ -368,11 +301,11 @@ class Config:
         bad = [k for k in self.randomize.ks if not K_MIN <= k <= K_MAX]
         if bad:
             raise ConfigError(f"randomize.ks must lie in {K_MIN}..{K_MAX}, got {bad}")
-        lanes = [*self.randomize.lanes, self.model.refine.lane, self.student.refine.get("lane", "fast")]
+        lanes = [self.model.refine.lane, self.student.refine.get("lane", "fast")]
         if bad := [lane for lane in lanes if lane not in LANES]:
             raise ConfigError(f"unknown refinement lane(s) {bad} in the config; choose from {', '.join(LANES)}")
-        if bad := [d for d in (*self.randomize.downsample, self.model.downsample) if d not in (1, 2)]:
-            raise ConfigError(f"model.downsample and randomize.downsample take 1 or 2, got {bad}")
+        if self.model.downsample not in (1, 2):
+            raise ConfigError(f"model.downsample takes 1 or 2, got {self.model.downsample}")
         if self.student.downsample not in (0, 1, 2):
             raise ConfigError(f"student.downsample must be 0 (the teacher's), 1 or 2, got {self.student.downsample}")
         for key in ("include", "exclude"):
@@ -386,13 +319,8 @@ class Config:
             raise ConfigError(f"train.checkpoint_minutes must be >= 0 (0: off), got {self.train.checkpoint_minutes}")
         if self.train.threads < 0:
             raise ConfigError(f"train.threads must be >= 0 (0: automatic), got {self.train.threads}")
-        if self.probe.every < 0 or self.probe.images < 1 or self.probe.size < 32:
-            raise ConfigError(
-                f"probe needs every >= 0, images >= 1 and size >= 32, got every={self.probe.every}, "
-                f"images={self.probe.images}, size={self.probe.size}"
-            )
-        if not K_MIN <= self.probe.k <= K_MAX:
-            raise ConfigError(f"probe.k must lie in {K_MIN}..{K_MAX}, got {self.probe.k}")
+        if self.probe.every < 0:
+            raise ConfigError(f"probe.every must be >= 0 (0: off), got {self.probe.every}")
         return self
 
     def check_paths(self) -> Config:
@@ -410,11 +338,6 @@ class Config:
             )
         if d.mask_dir and d.synthetic:
             raise ConfigError("data.mask_dir is set but the run trains on synthetic tiles; add --data-dir DIR")
-        if self.loss.region and not d.synthetic:
-            raise ConfigError(
-                "loss.region needs the synthetic tiles' label maps but the run reads a folder; "
-                "set loss.region=0 or train with --synthetic"
-            )
         return self
 
     @classmethod
@@ -438,8 +361,6 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> An
     """Set nested ``overrides`` on the dataclass ``obj`` in place, validating keys and types."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"overrides for '{prefix or 'config'}' must be a dict, got {type(overrides).__name__}")
-    if isinstance(obj, Config) and not prefix:
-        overrides = upgrade_config(overrides)
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in overrides.items():
@@ -460,55 +381,6 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> An
     return obj
 
 
-# Config keys that moved: old path -> new path. Checkpoints store the config they were made with,
-# so ``upgrade_config`` rewrites an old dict (or old overrides) into the current layout.
-_MOVED = {
-    ("train", "ema_decay"): ("train", "weight_average_decay"),
-    ("distill", "ema_decay"): ("distill", "loss_norm_decay"),
-    ("autoencoder", "ema_decay"): ("autoencoder", "loss_norm_decay"),
-    ("student", "head_iters"): ("student", "head", "iters"),
-    ("student", "size_prior"): ("student", "head", "size_prior"),
-    ("student", "denoise_iters"): ("student", "head", "denoise_iters"),
-    ("student", "denoise_radius"): ("student", "head", "denoise_radius"),
-    ("student", "denoise_dilations"): ("student", "head", "denoise_dilations"),
-    ("student", "smooth_iters"): ("student", "refine", "smooth_iters"),
-    ("student", "guide_scale"): ("student", "refine", "guide_scale"),
-}
-_REMOVED = {("data", "eval_images"), ("data", "eval_size")}  # settings nothing read
-# Settings added later, with the value that reproduces what a checkpoint written before them did
-# (``upgrade_config(..., checkpoint=True)``): the learned lane ran at full resolution.
-_ADDED = {("model", "refine", "learned_scale"): 1}
-
-
-def upgrade_config(config: dict[str, Any], *, checkpoint: bool = False) -> dict[str, Any]:
-    """A config dict (a checkpoint's, or overrides) in the current layout: keys that moved
-    (``_MOVED``) are moved, settings that were removed are dropped, and for a ``checkpoint``'s
-    full config, settings added since get the value that reproduces the old behaviour
-    (``_ADDED``). A current dict comes back unchanged; ``config`` itself is never modified."""
-    out = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
-    for path, value in _ADDED.items() if checkpoint else ():
-        node = out
-        for part in path[:-2]:
-            node = node.get(part) if isinstance(node.get(part), dict) else None
-            if node is None:
-                break
-        parent = None if node is None else node.get(path[-2])
-        if isinstance(parent, dict) and path[-1] not in parent:
-            node[path[-2]] = {**parent, path[-1]: value}
-    for section, key in _REMOVED:
-        if isinstance(out.get(section), dict):
-            out[section].pop(key, None)
-    for (section, key), new in _MOVED.items():
-        if not isinstance(out.get(section), dict) or key not in out[section]:
-            continue
-        value = out[section].pop(key)
-        node = out
-        for part in new[:-1]:
-            node[part] = node = dict(node.get(part) or {})
-        node.setdefault(new[-1], value)  # a value given under the new name wins
-    return out
-
-
 def _coerce(path: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the annotation; ints are accepted for floats, lists for tuples."""
     origin = typing.get_origin(hint)
@@ -524,6 +396,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is Any:
         return value
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"config key '{path}' expects a dict, got {type(value).__name__} {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):

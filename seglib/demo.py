@@ -1,7 +1,7 @@
 """The README's main job: train a teacher on synthetic tiles for a few minutes on CPU, evaluate
 it beside RGB k-means and random-init features on the seeded test set, print a table.
 
-    python -m seglib.demo                    # the 800-step recipe (configs/teacher_synthetic_cpu.py)
+    python -m seglib.demo                    # the 800-step recipe (seglib.recipes.TEACHER_SYNTHETIC_CPU)
     python -m seglib.demo --steps 200        # a shorter run of the same recipe
 
 The training takes 3.5-4.5 minutes on a lightly loaded 2-core CPU, the evaluation about 20 s; both
@@ -21,22 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, apply_overrides, load_config_file
+from .config import Config
 from .device import resolve_device, training_threads
+from .recipes import get_recipe
 from .training.run import run
-
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "teacher_synthetic_cpu.py"
 
 
 def recipe_config() -> Config:
-    """The documented CPU recipe (configs/teacher_synthetic_cpu.py) when the repo is at hand,
-    else the same settings embedded here."""
-    from .recipes import TEACHER_SYNTHETIC_CPU
-
-    cfg = Config()
-    overrides = load_config_file(RECIPE) if RECIPE.is_file() else TEACHER_SYNTHETIC_CPU
-    apply_overrides(cfg, overrides)
-    return cfg
+    """The documented CPU recipe, ``teacher_synthetic_cpu``."""
+    return Config.from_dict(get_recipe("teacher_synthetic_cpu"))
 
 
 def _cpu_threads(n: int) -> str:

@@ -1,24 +1,45 @@
-"""Named training recipes: config overrides on top of the dataclass defaults.
+"""Every named training recipe of the package, in one place: config overrides on top of the
+dataclass defaults (``seglib.config``).
 
-The files in ``configs/`` are one-line wrappers around these, for ``--config configs/X.py``.
-experiments/LOG.md has what each recipe gave, how long it took and why it is set as it is.
+``python -m seglib.train_distill --config NAME`` takes a name of ``RECIPES`` (or a Python file of
+your own). A research plugin registers its recipes here too (``register_recipe``; the study's
+are in ``experiments/``). experiments/LOG.md has what each recipe gave, how long it took and why
+it is set as it is.
+
+Notebook 03 trains the teacher of ``teacher_overrides`` from its parameters (defaults:
+``NOTEBOOK_TEACHER``); notebooks 04-06 train that same teacher from 03's parameter files
+(``teacher_recipe``) when 03's run is absent.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config_file
+from .paths import REPO_ROOT
+
 __all__ = [
+    "BUNDLED_HEAD",
     "FAST_STUDENT",
     "TEACHER_SYNTHETIC_CPU",
     "TEACHER_DUBAI_CPU",
-    "TEACHER_DUBAI_FT_CPU",
     "STUDENT_SYNTHETIC_CPU",
     "STUDENT_DUBAI_CPU",
-    "STUDENT_CLUSTER_CPU",
-    "STUDENT_IIC_CPU",
-    "TEACHER_REGION_CPU",
+    "RECIPES",
+    "register_recipe",
+    "get_recipe",
+    "config_overrides",
+    "NOTEBOOK_TEACHER",
+    "teacher_overrides",
+    "teacher_params",
+    "teacher_recipe",
 ]
 
-_TRAIN = {"lr": 2e-3, "warmup": 50, "image_every": 100, "seed": 0}
+_TRAIN = {"lr": 2e-3, "warmup": 50, "seed": 0}
 
 # The teacher on procedural tiles: 800 steps of 4 crops of 128 px (longer was worse).
 TEACHER_SYNTHETIC_CPU: dict = {
@@ -45,6 +66,11 @@ FAST_STUDENT: dict = {
     "refine": {"smooth_iters": 0, "guide_scale": 4},
 }
 
+# How the bundled student runs, as per-call inference settings: images shrunk by 2, 1 soft
+# k-means iteration, a size prior of 3 (each measured on the development tiles: experiments/LOG.md,
+# "Real imagery"). Another model evaluated "with the bundled head" runs with these.
+BUNDLED_HEAD: dict = {"downsample": 2, "iters": 1, "size_prior": 3.0}
+
 # The student distilled from a synthetic teacher (pass --teacher-checkpoint).
 STUDENT_SYNTHETIC_CPU: dict = {
     "stage": "student",
@@ -53,54 +79,145 @@ STUDENT_SYNTHETIC_CPU: dict = {
     "train": {**_TRAIN, "steps": 1500, "checkpoint_every": 250},
 }
 
-# The bundled default student: distilled on real tiles shrunk by 2, run on images shrunk by 2,
-# with 1 soft k-means iteration, a size prior of 3 and the weight average of the last steps
-# (each measured on the development tiles: experiments/LOG.md, "Real imagery").
+# The bundled default student: distilled on real tiles shrunk by 2, run with BUNDLED_HEAD, and
+# the weight average of the last steps.
 STUDENT_DUBAI_CPU: dict = {
     "stage": "student",
     "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
-    "student": {**FAST_STUDENT, "downsample": 2, "head": {**FAST_STUDENT["head"], "iters": 1, "size_prior": 3.0}},
+    "student": {
+        **FAST_STUDENT,
+        "downsample": BUNDLED_HEAD["downsample"],
+        "head": {**FAST_STUDENT["head"], "iters": BUNDLED_HEAD["iters"], "size_prior": BUNDLED_HEAD["size_prior"]},
+    },
     "train": {**_TRAIN, "steps": 1500, "checkpoint_every": 250, "weight_average_decay": 0.995},
 }
 
-# Research recipes of the leave-one-tile-out study (experiments/LOG.md, "Leave-one-tile-out"); none
-# beat the bundled recipe under that protocol, they are kept so that the study can be reproduced.
-#
-# The synthetic teacher fine-tuned on real tiles shrunk by 2 (no labels): pass
-# --set train.init_from=runs/teacher_synthetic_cpu/teacher.pt. Scored with the bundled student's
-# head (half resolution, 1 k-means iteration, size prior 3). 3-8 minutes on 1 CPU thread of a
-# loaded 2-core machine.
-TEACHER_DUBAI_FT_CPU: dict = {
-    "stage": "teacher",
-    "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
-    "randomize": {"downsample": [1]},
-    "train": {"steps": 200, "lr": 5e-4, "warmup": 20, "checkpoint_every": 200, "image_every": 200, "seed": 0},
+RECIPES: dict[str, dict] = {
+    "teacher_synthetic_cpu": TEACHER_SYNTHETIC_CPU,
+    "teacher_dubai_cpu": TEACHER_DUBAI_CPU,
+    "student_synthetic_cpu": STUDENT_SYNTHETIC_CPU,
+    "student_dubai_cpu": STUDENT_DUBAI_CPU,
 }
 
-# Stage "cluster": the bundled student's architecture and head trained from scratch on real tiles
-# shrunk by 2 by dense swapped prediction (32 prototypes, Sinkhorn-balanced codes averaged over
-# 5 x 5 cells; seglib.losses.cluster). 2-8 minutes on 1 CPU thread of a shared 2-core machine.
-STUDENT_CLUSTER_CPU: dict = {
-    "stage": "cluster",
-    "data": {"synthetic": False, "size": 128, "batch_size": 4, "downscale": 2},
-    "student": STUDENT_DUBAI_CPU["student"],
-    "cluster": {"window": 2},
-    "train": {**_TRAIN, "steps": 1000, "checkpoint_every": 250, "image_every": 250, "weight_average_decay": 0.995},
+
+def register_recipe(name: str, overrides: dict) -> dict:
+    """Make ``overrides`` (with a ``stage``) available as ``--config NAME`` and ``get_recipe(name)``."""
+    if "stage" not in overrides:
+        raise ValueError(f"recipe {name!r} must name its stage")
+    RECIPES[name] = overrides
+    return overrides
+
+
+def get_recipe(name: str) -> dict:
+    """A copy of the recipe ``name``; ``ConfigError`` naming the known ones otherwise."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (or give a config file.py)")
+    return copy.deepcopy(RECIPES[name])
+
+
+def config_overrides(spec: str | Path) -> dict:
+    """The overrides ``--config`` names: a recipe of ``RECIPES`` by name, else a Python config
+    file (``seglib.config.load_config_file``)."""
+    if str(spec) in RECIPES:
+        return get_recipe(str(spec))
+    if not Path(spec).is_file():
+        raise ConfigError(f"--config {spec}: neither a recipe ({', '.join(RECIPES)}) nor a config file")
+    return load_config_file(spec)
+
+
+# Notebook 03's parameters that make its teacher, with the defaults of its parameters cell
+# (tests/test_notebooks.py checks that the cell says the same).
+NOTEBOOK_TEACHER: dict[str, Any] = {
+    "teacher_model": {"encoder": {"width": 32, "depth": 2}},
+    "size": 64,
+    "batch_size": 4,
+    "steps": 150,
+    "seed": 0,
+    "device": "cpu",
+    "threads": 1,
+    "snapshot_every": 50,
+    "data_dir": "",
+    "mask_dir": "",
+    "ignore": [],
 }
 
-# IIC (Ji et al. 2019) on the same architecture, from scratch: the mutual information of the two
-# views' assignments over displacements of up to 2 cells, a 6-cluster head and a 24-cluster
-# over-clustering head, no swap (seglib.losses.cluster.mutual_information).
-STUDENT_IIC_CPU: dict = {
-    **STUDENT_CLUSTER_CPU,
-    "cluster": {"swap": 0.0, "iic": 1.0, "iic_heads": (6, 24), "iic_window": 2},
-}
 
-# Procedural supervision: the synthetic teacher with a contrast of its learned features by the
-# synthetic tiles' label maps (``loss.region``; no real label is read), twice the steps. About
-# 13 minutes on 1 CPU thread of a shared 2-core machine.
-TEACHER_REGION_CPU: dict = {
-    **TEACHER_SYNTHETIC_CPU,
-    "loss": {"region": 1.0, "region_temperature": 0.1},
-    "train": {**TEACHER_SYNTHETIC_CPU["train"], "steps": 1600, "checkpoint_every": 400},
-}
+def teacher_overrides(
+    checkpoint_dir: str | Path,
+    *,
+    teacher_model: dict[str, Any],
+    size: int,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    device: str,
+    threads: int,
+    snapshot_every: int,
+    data_dir: str = "",
+    mask_dir: str = "",
+    ignore: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Config overrides of notebook 03's teacher run from its parameters (the same names), on top
+    of the package defaults; every checkpoint is kept (they are the snapshots over training).
+
+    ``data_dir`` (a folder of RGB tiles; "": synthetic tiles) and ``mask_dir`` (its ground truth,
+    only scored by the training-time probe) are resolved against the working directory and must
+    exist (``FileNotFoundError`` naming the parameter otherwise); ``ignore`` are mask ids the
+    probe leaves out."""
+    data: dict[str, Any] = {"synthetic": True, "size": size, "batch_size": batch_size}
+    if mask_dir and not data_dir:
+        raise ValueError("mask_dir is set but data_dir is not: masks belong to the images of data_dir")
+    for name, folder in (("data_dir", data_dir), ("mask_dir", mask_dir)):
+        if folder and not Path(folder).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"{name} not found: {folder} (relative paths start at {Path.cwd()}); give an existing folder, "
+                "e.g. an absolute path"
+            )
+    if data_dir:
+        data.update(synthetic=False, data_dir=str(Path(data_dir).expanduser().resolve()))
+        data.update(mask_dir=str(Path(mask_dir).expanduser().resolve()) if mask_dir else "")
+        data.update(mask_ignore=[int(i) for i in ignore])
+    return {
+        "model": copy.deepcopy(teacher_model),
+        "data": data,
+        "train": {
+            "steps": steps,
+            "seed": seed,
+            "device": device,
+            "threads": threads,
+            "checkpoint_dir": str(checkpoint_dir),
+            "checkpoint_every": snapshot_every,
+            "keep_checkpoints": 0,
+        },
+    }
+
+
+def teacher_params(run_name: str) -> dict[str, Any]:
+    """Notebook 03's parameters for its run ``run_name``: ``NOTEBOOK_TEACHER`` with
+    ``params/03_teacher_train/<run_name>.yaml`` on top, as papermill runs it."""
+    import yaml
+
+    path = REPO_ROOT / "params" / "03_teacher_train" / f"{run_name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no parameters for notebook 03's run {run_name!r} ({path}); run notebook 03 with that run "
+            "name first, or pass teacher_checkpoint"
+        )
+    params = {"run_name": run_name, **copy.deepcopy(NOTEBOOK_TEACHER), **yaml.safe_load(path.read_text())}
+    if params["run_name"] != run_name:
+        raise ValueError(f"{path} names the run {params['run_name']!r}, not {run_name!r}")
+    return params
+
+
+def teacher_recipe(run_name: str, checkpoint_dir: str | Path, **params: Any) -> dict[str, Any]:
+    """``teacher_overrides`` of notebook 03's run ``run_name`` (``teacher_params``), writing to
+    ``checkpoint_dir``: notebooks 04-06 train this teacher when 03's run is absent, so their
+    numbers are the same whether or not 03 ran first. ``params`` replace some of 03's parameters,
+    e.g. ``data_dir`` (the folder papermill was given rather than the one in the YAML file);
+    empty values ("", None, []) keep the file's."""
+    names = inspect.signature(teacher_overrides).parameters
+    unknown = set(params) - set(names)
+    if unknown:
+        raise TypeError(f"teacher_recipe: {sorted(unknown)} are not parameters of notebook 03's recipe")
+    params = {**teacher_params(run_name), **{k: v for k, v in params.items() if v not in ("", None, [], ())}}
+    return teacher_overrides(checkpoint_dir, **{k: params[k] for k in names if k != "checkpoint_dir"})

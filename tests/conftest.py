@@ -39,7 +39,6 @@ def tiny_overrides(ckdir: Path, **train) -> dict:
             "steps": 4,
             "checkpoint_dir": str(ckdir),
             "checkpoint_every": 2,
-            "image_every": 2,
             "warmup": 1,
             **train,
         },

@@ -1,12 +1,11 @@
 """Config overrides are validated; config files and CLI flags land in the right keys."""
 
 import dataclasses
-import json
 
 import pytest
 
 from seglib.config import Config, ConfigError, apply_overrides, load_config_file, parse_set
-from seglib.train import build_parser, config_from_args
+from seglib.train_distill import build_parser, config_from_args
 
 
 def test_defaults_and_round_trip():
@@ -85,69 +84,27 @@ def test_config_file_that_raises(tmp_path):
         load_config_file(f)
 
 
-def old_layout(cfg: Config) -> dict:
-    """``cfg.to_dict()`` as seglib wrote it before the config pass (the layout of the first
-    bundled student.pt): flat student inference settings, three ``ema_decay`` and two settings
-    nothing read."""
-    d = cfg.to_dict()
-    st = d["student"]
-    head, refine = st.pop("head"), st.pop("refine")
-    st.update(head_iters=head["iters"], size_prior=head["size_prior"], denoise_iters=head["denoise_iters"])
-    st.update(denoise_radius=head["denoise_radius"], denoise_dilations=head["denoise_dilations"])
-    st.update(smooth_iters=refine["smooth_iters"], guide_scale=refine["guide_scale"])
-    for section, key in [("train", "weight_average_decay"), ("distill", "loss_norm_decay")]:
-        d[section]["ema_decay"] = d[section].pop(key)
-    d["autoencoder"]["ema_decay"] = d["autoencoder"].pop("loss_norm_decay")
-    d["data"].update(eval_images=8, eval_size=256)
-    return d
-
-
-def recipe_student_config() -> Config:
-    from seglib.recipes import STUDENT_DUBAI_CPU
-
-    return Config.from_dict(STUDENT_DUBAI_CPU)
-
-
-def test_upgrade_config_rewrites_the_old_layout_and_leaves_the_current_one_alone():
-    from seglib.config import upgrade_config
-
-    cfg = recipe_student_config()
-    old = old_layout(cfg)
-    frozen = json.dumps(old, sort_keys=True)
-    new = upgrade_config(old)
-    assert json.dumps(old, sort_keys=True) == frozen  # the input is not modified
-    assert new["student"]["head"]["iters"] == 1 and new["student"]["refine"] == {"smooth_iters": 0, "guide_scale": 4}
-    assert new["train"]["weight_average_decay"] == 0.995 and "ema_decay" not in new["train"]
-    assert "eval_images" not in new["data"]
-    assert Config.from_dict(new) == Config.from_dict(old) == cfg
-    assert upgrade_config(cfg.to_dict()) == cfg.to_dict()
-
-
-def test_old_names_in_overrides_still_work():
-    args = build_parser().parse_args(["--set", "student.head_iters=2", "--set", "train.ema_decay=0.9"])
-    cfg = config_from_args(args)
-    assert cfg.student.head["iters"] == 2 and cfg.train.weight_average_decay == 0.9
-    args = build_parser().parse_args(["--ema-decay", "0.5", "--ae-ema-decay", "0.7"])  # the old flags
+def test_the_contract_flags_set_their_settings():
+    """The training contract's flags, each to its setting (the old names --ema-decay and
+    --ae-ema-decay included)."""
+    args = build_parser().parse_args(["--ema-decay", "0.5", "--ae-ema-decay", "0.7"])
     cfg = config_from_args(args)
     assert (cfg.distill.loss_norm_decay, cfg.autoencoder.loss_norm_decay) == (0.5, 0.7)
-
-
-def test_a_checkpoint_in_the_old_layout_loads_the_same_student(tmp_path):
-    import torch
-
-    from seglib.checkpoint import model_checkpoint, save_atomic
-    from seglib.models import load_model
-    from seglib.models.student import StudentModelConfig, StudentSegmenter
-
-    cfg = recipe_student_config()
-    torch.manual_seed(0)
-    student = StudentSegmenter(StudentModelConfig.from_config(cfg)).eval()
-    save_atomic(model_checkpoint("student", old_layout(cfg), student.state_dict()), tmp_path / "student.pt")
-    loaded = load_model(tmp_path / "student.pt")
-    assert loaded.config == student.config
-    assert (loaded.head.iters, loaded.head.size_prior, loaded.head.denoise_dilations) == (1, 3.0, (1, 2, 4))
-    x = torch.rand(1, 3, 64, 64)
-    torch.testing.assert_close(loaded(x, 4)["probs"], student(x, 4)["probs"])
+    flags = "--synthetic --steps 3 --amp 1 --seed 4 --checkpoint_dir d --grad-accum 2 --disable-multires "
+    flags += "--student-dims 32,24,16 --student-depths 1,1,0 --student-norm batch --consistency-weight 0.25 "
+    flags += "--cluster-iters 2 --disable-autoencoder --ae-lambda 0.5 --ae-blur-sigma 2 --ae-grad-weight 0.1 "
+    flags += "--ae-detach-backbone 1"
+    cfg = config_from_args(build_parser().parse_args(flags.split()))
+    t, st, ae = cfg.train, cfg.student, cfg.autoencoder
+    assert cfg.data.synthetic and (t.steps, t.amp, t.seed, t.checkpoint_dir, t.grad_accum) == (3, True, 4, "d", 2)
+    assert not st.multires and (st.dims, st.depths, st.norm) == ((32, 24, 16), (1, 1, 0), "batch")
+    assert (cfg.distill.consistency_weight, cfg.distill.cluster_iters) == (0.25, 2)
+    assert not ae.enabled and (ae.lambda_recon, ae.blur_sigma, ae.grad_weight, ae.detach_backbone) == (
+        0.5,
+        2,
+        0.1,
+        True,
+    )
 
 
 def test_student_overrides_are_checked_against_the_config_they_override():
@@ -166,7 +123,7 @@ def test_validate_names_the_bad_value():
     with pytest.raises(ConfigError, match="data.size must be a positive multiple of 16"):
         Config.from_dict({"data": {"size": 100}}).validate()
     with pytest.raises(ConfigError, match="unknown refinement lane"):
-        Config.from_dict({"randomize": {"lanes": ["fast", "blur"]}}).validate()
+        Config.from_dict({"model": {"refine": {"lane": "blur"}}}).validate()
     with pytest.raises(ConfigError, match=r"randomize.ks must lie in 2..16"):
         Config.from_dict({"randomize": {"ks": [1, 4]}}).validate()
     assert Config().validate() == Config()
@@ -197,13 +154,89 @@ def test_the_settings_page_is_generated_from_the_dataclasses(tmp_path):
     assert settings.main(["--check"]) == 1
 
 
-def test_checkpoints_from_before_keep_a_full_resolution_learned_lane():
-    """A checkpoint written before ``refine.learned_scale`` existed (the bundled student) loads
-    with the learned lane at full resolution, as it was trained; new configs use half."""
+def test_the_bundled_student_keeps_its_full_resolution_learned_lane():
+    """The bundled student was trained before the learned lane went to half resolution: its
+    config says so (new configs use half)."""
     from seglib.checkpoint import load_checkpoint
-    from seglib.config import upgrade_config
     from seglib.paths import BUNDLED_MODEL
 
     assert Config().model.refine.learned_scale == 2
     assert load_checkpoint(BUNDLED_MODEL)["config"]["model"]["refine"]["learned_scale"] == 1
-    assert upgrade_config({"model": {"refine": {"learned_width": 8}}}) == {"model": {"refine": {"learned_width": 8}}}
+
+
+def test_every_setting_is_read_by_the_package(tmp_path, monkeypatch, one_thread):
+    """Each leaf setting of ``Config`` is read outside seglib/config.py (its validation and
+    ``to_dict`` do not count) by one training run that takes every branch a setting steers: a
+    student distilled on a folder with masks from a teacher trained first, the probe on, and the
+    two models loaded and run on both lanes that read settings. A setting that nothing reads
+    fails here by name."""
+    import dataclasses
+    import os
+    import sys
+
+    import torch
+
+    import seglib.config as config
+    from seglib.models import load_model
+    from seglib.paths import SAMPLE_IMAGES, SAMPLE_MASKS
+    from seglib.training.run import run
+
+    reads: set[tuple[str, str]] = set()
+    skip = {os.path.basename(config.__file__), "dataclasses.py", "copy.py"}
+
+    def recording(cls):
+        original = cls.__getattribute__
+
+        def getattribute(self, name):
+            if not name.startswith("__"):
+                frame = sys._getframe(1)
+                while frame is not None and os.path.basename(frame.f_code.co_filename) in skip - {"config.py"}:
+                    frame = frame.f_back  # dataclasses.asdict / replace on behalf of their caller
+                if frame is not None and frame.f_code.co_filename != config.__file__:
+                    reads.add((cls.__name__, name))
+            return original(self, name)
+
+        return getattribute
+
+    classes = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    for cls in classes:
+        monkeypatch.setattr(cls, "__getattribute__", recording(cls))
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+                yield from leaves(sub, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, (cls.__name__, f.name)
+
+    cfg = Config.from_dict(
+        {
+            "stage": "student",
+            "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
+            "student": {"size": "tiny", "dims": [32, 24, 16], "depths": [1, 1, 0], "norm": "batch"},
+            "data": {
+                "synthetic": False,
+                "data_dir": str(SAMPLE_IMAGES),
+                "include": ["*t*"],
+                "exclude": ["*005*"],
+                "mask_dir": str(SAMPLE_MASKS),
+                "mask_ignore": [5, 255],
+                "size": 32,
+                "batch_size": 2,
+                "downscale": 4,
+            },
+            "distill": {"teacher_steps": 1},
+            "probe": {"every": 1},
+            "train": {"steps": 2, "warmup": 1, "checkpoint_dir": str(tmp_path), "weight_average_decay": 0.9},
+        }
+    )
+    run(cfg)
+    rgb = torch.rand(1, 3, 64, 64)
+    for path in (tmp_path / "teacher" / "teacher.pt", tmp_path / "student.pt"):
+        model = load_model(path)
+        with torch.no_grad():
+            model(rgb, 3), model(rgb, 3, lane="learned")
+    unread = [key for key, attribute in leaves(Config) if attribute not in reads]
+    assert not unread, f"settings nothing reads: {unread}"
+    assert len(list(leaves(Config))) <= 85  # the config of what ships stays small

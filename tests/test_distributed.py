@@ -18,9 +18,9 @@ from seglib.checkpoint import list_checkpoints, load_checkpoint
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8, "norm": "group"}},
+    "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
     "data": {"size": 32},
-    "train": {"warmup": 1, "image_every": 1000, "threads": 1},
+    "train": {"warmup": 1, "threads": 1},
 }
 
 
@@ -51,8 +51,8 @@ def _train(args, cwd, timeout=600, nproc=1):
 def test_ddp_two_processes_match_one_process(tmp_path):
     cfg = _config_file(tmp_path)
     common = ["--synthetic", "--steps", "3", "--amp", "0", "--seed", "3", "--config", str(cfg)]
-    _train([*common, "--batch-size", "4", "--checkpoint_dir", str(tmp_path / "one")], tmp_path)
-    proc = _train([*common, "--batch-size", "2", "--checkpoint_dir", str(tmp_path / "ddp")], tmp_path, nproc=2)
+    _train([*common, "--set", "data.batch_size=4", "--checkpoint_dir", str(tmp_path / "one")], tmp_path)
+    proc = _train([*common, "--set", "data.batch_size=2", "--checkpoint_dir", str(tmp_path / "ddp")], tmp_path, nproc=2)
     # Only rank 0 prints the config line and writes files.
     assert proc.stdout.count('{"config"') == 1
     one = load_checkpoint(tmp_path / "one" / "teacher.pt")["model"]

@@ -112,7 +112,7 @@ def test_mistyped_config_key_and_value():
 
 
 def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
-    from seglib.train import main
+    from seglib.train_distill import main
 
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")

@@ -15,7 +15,6 @@ from seglib.losses.teacher import (
     edge_aware_smoothness,
     entropy_terms,
     kl_divergence,
-    region_contrast,
     symmetric_kl,
     symmetric_kl_map,
     variance_floor,
@@ -115,36 +114,6 @@ def test_variance_and_covariance_terms():
     assert covariance_penalty(correlated) > 10 * covariance_penalty(independent)
 
 
-def test_region_contrast_floor_separation_and_images_kept_apart():
-    """At its floor (mean log of each anchor's positives) when classes sit far apart, higher
-    when they mix; a class id is read within its own image only."""
-    labels = torch.zeros(2, 16, 16, dtype=torch.long)
-    labels[:, :, 8:] = 1  # two halves per image, 8 positions of each class on a 4 x 4 grid
-    apart = torch.zeros(2, 2, 4, 4)
-    apart[:, 0, :, :2] = 5.0
-    apart[:, 1, :, 2:] = 5.0
-    floor = math.log(7)  # 7 other positions of the own class, every one at distance 0
-    assert float(region_contrast(apart, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
-    mixed = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    assert float(region_contrast(mixed, labels, 0.2)) > floor + 1.0
-    # Image 1 swaps which appearance its class 0 has: separation within each image still counts.
-    swapped = apart.clone()
-    swapped[1] = apart[1].flip(-1)
-    assert float(region_contrast(swapped, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
-    # Gradients pull a mixed embedding toward the floor.
-    x = mixed.clone().requires_grad_(True)
-    region_contrast(x, labels, 0.2).backward()
-    assert x.grad is not None and float(x.grad.abs().sum()) > 0
-
-
-def test_region_loss_needs_synthetic_tiles(tmp_path):
-    from seglib.config import Config, ConfigError
-
-    cfg = Config.from_dict({"loss": {"region": 1.0}, "data": {"synthetic": False, "data_dir": str(tmp_path)}})
-    with pytest.raises(ConfigError, match="loss.region"):
-        cfg.check_paths()
-
-
 def test_teacher_loss_dict():
     from seglib import MonolithicSegmenter
 
@@ -171,12 +140,3 @@ def test_symmetric_kl_is_the_average_of_the_two_kls_to_the_bit():
     assert torch.allclose(symmetric_kl_map(p, q).mean(), symmetric_kl(p, q), atol=1e-6)
     full = torch.ones(2, 8, 8)
     assert torch.allclose(symmetric_kl(p, q, full), symmetric_kl(p, q), atol=1e-6)
-
-
-def test_region_contrast_is_zero_without_positives():
-    """Every position its own class: no anchor has a positive, the term is 0 (and differentiable)."""
-    labels = torch.arange(16).reshape(1, 4, 4)
-    x = torch.randn(1, 3, 4, 4, requires_grad=True)
-    loss = region_contrast(x, labels, 0.1)
-    assert float(loss.detach()) == 0.0
-    loss.backward()

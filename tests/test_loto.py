@@ -34,8 +34,7 @@ def tiny_method():
         "stage": "teacher",
         "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
         "data": {"size": 32, "batch_size": 2},
-        "randomize": {"lanes": ["fast"]},
-        "train": {"steps": 3, "warmup": 1, "checkpoint_every": 2, "image_every": 100},
+        "train": {"steps": 3, "warmup": 1, "checkpoint_every": 2},
     }
     made = [
         register(Method("tiny_test", recipe=recipe)),
@@ -194,7 +193,7 @@ def test_include_exclude_select_images_and_reject_typos(tmp_path):
     from seglib.data.select import select_images
     from seglib.data.tiles import load_folder
     from seglib.io.images import ImageReadError
-    from seglib.train import build_parser, config_from_args
+    from seglib.train_distill import build_parser, config_from_args
 
     for name in ("a_t1", "b_t1", "a_t2"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{name}.png")
@@ -210,7 +209,9 @@ def test_include_exclude_select_images_and_reject_typos(tmp_path):
     with pytest.raises(ValueError, match="list of glob patterns"):
         select_images(files, include="*t1")
     cfg = config_from_args(
-        build_parser().parse_args(["--data-dir", str(tmp_path), "--include", "*t1", "--exclude", "b*"])
+        build_parser().parse_args(
+            ["--data-dir", str(tmp_path), "--set", "data.include=['*t1']", "--set", "data.exclude=['b*']"]
+        )
     )
     assert cfg.data.include == ("*t1",) and cfg.data.exclude == ("b*",) and not cfg.data.synthetic
 

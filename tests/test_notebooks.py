@@ -142,13 +142,23 @@ def test_ci_params_are_the_committed_defaults():
         assert not differ, f"params/{stem}/ci.yaml differs from the notebook's defaults (ci, default): {differ}"
 
 
+def test_notebook_03_declares_the_teacher_recipe_of_seglib_recipes():
+    """The recipe's defaults live in ``seglib.recipes.NOTEBOOK_TEACHER``; notebook 03's parameters
+    cell (what papermill reads) says the same, name for name."""
+    from seglib.recipes import NOTEBOOK_TEACHER
+
+    defaults = notebook_parameters(NOTEBOOKS / "03_teacher_train.ipynb")
+    differ = {k: (v, defaults.get(k, "missing")) for k, v in NOTEBOOK_TEACHER.items() if defaults.get(k) != v}
+    assert not differ, f"seglib.recipes.NOTEBOOK_TEACHER vs notebook 03's parameters cell: {differ}"
+
+
 @pytest.mark.parametrize("params_file", [None, "full.yaml", "own.yaml"])
 def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_path):
     """When 03's run is absent, 04-06 train a teacher themselves from 03's parameters for that run
-    (``seglib.runs.teacher_recipe`` reads params/03_teacher_train/<run>.yaml): exactly 03's teacher,
+    (``seglib.recipes.teacher_recipe`` reads params/03_teacher_train/<run>.yaml): exactly 03's teacher,
     so their regression numbers do not depend on the order of runs. They do not re-declare 03's
     recipe parameters, and run on the same device and thread count (threads change the rounding)."""
-    from seglib.runs import teacher_overrides, teacher_recipe
+    from seglib.recipes import teacher_overrides, teacher_recipe
 
     teacher = effective("03_teacher_train", params_file)
     recipe_names = {"teacher_model", "teacher_steps", "snapshot_every", "size", "batch_size", "seed"}
@@ -178,7 +188,7 @@ def test_notebooks_04_to_06_train_the_teacher_of_notebook_03(params_file, tmp_pa
 def test_a_data_dir_given_to_04_or_05_replaces_the_recipes_data(tmp_path):
     """04 and 05 train 03's teacher on their own data_dir (and distil on it) when given one; an
     empty value keeps 03's, a missing folder fails naming the parameter."""
-    from seglib.runs import teacher_recipe
+    from seglib.recipes import teacher_recipe
 
     assert teacher_recipe("ci", tmp_path)["data"]["synthetic"] is True
     recipe = teacher_recipe("ci", tmp_path, data_dir=str(SAMPLE_IMAGES), mask_dir=str(SAMPLE_MASKS), ignore=[5])

@@ -5,15 +5,14 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from seglib import StudentCNN
 from seglib.config import Config, DistillConfig, StudentConfig
 from seglib.losses.distill import DistillLoss, EmaNormalizer, affinity_loss, aligned_assignments
 from seglib.losses.recon import gaussian_blur, reconstruction_loss, reconstruction_target, sobel_magnitude
-from seglib.models.student import STUDENTS, StudentModelConfig, StudentSegmenter, student_shape
+from seglib.models.student import STUDENTS, StudentBackbone, StudentModelConfig, StudentSegmenter, student_shape
 
 
 def test_student_slices_and_strides():
-    net = StudentCNN()
+    net = StudentBackbone()
     out = net(torch.rand(2, 3, 64, 96))
     assert list(out) == ["coarse", "mid", "fine"]
     assert out["coarse"].shape == (2, 32, 4, 6)
@@ -27,25 +26,25 @@ def test_student_slices_and_strides():
 def test_unshuffle_stem_slices_and_strides(size):
     """The space-to-depth stem gives the same slice grid as the strided-conv stem."""
     h, w = size
-    net = StudentCNN(dims=(32, 24, 16), depths=(1, 1, 0), stem="unshuffle")
+    net = StudentBackbone(dims=(32, 24, 16), depths=(1, 1, 0), stem="unshuffle")
     out = net(torch.rand(2, 3, h, w))
     for name, stride in (("coarse", 16), ("mid", 8), ("fine", 4)):
         assert out[name].shape == (2, 32, h // stride, w // stride)
     assert isinstance(net.stem[0], torch.nn.PixelUnshuffle)
     with pytest.raises(ValueError, match="unknown student stem"):
-        StudentCNN(stem="patchify")
+        StudentBackbone(stem="patchify")
 
 
 @pytest.mark.parametrize("norm", ["group", "batch", "instance", "none"])
 def test_student_norms(norm):
-    net = StudentCNN(dims=(32, 24, 16), depths=(1, 1, 1), norm=norm, dropout=0.1)
+    net = StudentBackbone(dims=(32, 24, 16), depths=(1, 1, 1), norm=norm)
     assert net(torch.rand(2, 3, 32, 32))["fine"].shape == (2, 32, 8, 8)
 
 
 def test_fine_slice_sees_coarse_context():
     """Fusion: changing the image far away changes the fine embedding through the coarse path."""
     torch.manual_seed(0)
-    net = StudentCNN(dims=(32, 24, 16), depths=(2, 1, 1)).eval()
+    net = StudentBackbone(dims=(32, 24, 16), depths=(2, 1, 1)).eval()
     x = torch.rand(1, 3, 64, 64)
     y = x.clone()
     y[..., 48:, 48:] = 0  # bottom-right corner only
@@ -138,7 +137,7 @@ def test_merge_is_scale_neutral():
 
 def test_reconstruction_loss_properties():
     x = torch.rand(2, 3, 64, 64)
-    target = reconstruction_target(x, sigma=1.0, kernel=5)
+    target = reconstruction_target(x, sigma=1.0)
     assert target.shape == (2, 3, 16, 16)
     assert reconstruction_loss(target, target) == 0
     flat = target.mean(dim=(2, 3), keepdim=True).expand_as(target)
@@ -156,7 +155,7 @@ def _student_cfg(tmp_path, **extra):
     over["stage"] = "student"
     over["data"]["size"] = 32
     over["student"] = {"size": "small", "dims": [32, 24, 16], "depths": [1, 1, 1]}
-    over["distill"] = {"teacher_steps": 2, "affinity_samples": 16}
+    over["distill"] = {"teacher_steps": 2}
     for key, value in extra.items():
         over.setdefault(key, {}).update(value)
     return Config.from_dict(over)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import experiments.stages  # noqa: F401  (the research stages and recipes these methods train)
 from seglib import recipes
 from seglib.evaluation.loto import Method, register
 
@@ -19,12 +20,7 @@ __all__ = ["REAL_HEAD"]
 
 # The bundled student's head at inference (half resolution, 1 k-means iteration, size prior 3),
 # for teachers scored the way the bundled student is.
-_BUNDLED = recipes.STUDENT_DUBAI_CPU["student"]
-REAL_HEAD = {
-    "downsample": _BUNDLED["downsample"],
-    "iters": _BUNDLED["head"]["iters"],
-    "size_prior": _BUNDLED["head"]["size_prior"],
-}
+REAL_HEAD = recipes.BUNDLED_HEAD
 register(
     Method(
         "teacher_synthetic_real_head",
@@ -59,10 +55,6 @@ register(
         about="the bundled architecture and head trained from scratch on the fold's tiles by dense swapped prediction",
     )
 )
-# The bundled recipe's model, then IIC on the same tiles at a quarter of the learning rate.
-STUDENT_DUBAI_IIC = recipes.STUDENT_IIC_CPU | {
-    "train": {**recipes.STUDENT_IIC_CPU["train"], "steps": 300, "lr": 5e-4, "warmup": 20, "checkpoint_every": 300}
-}
 register(
     Method(
         "student_iic",
@@ -73,7 +65,7 @@ register(
 register(
     Method(
         "student_dubai_iic",
-        recipe=STUDENT_DUBAI_IIC,
+        recipe="student_dubai_iic_cpu",
         init_from="student_dubai",
         about="the bundled recipe's fold model fine-tuned 300 steps on the fold's tiles by IIC's mutual information",
     )
@@ -83,7 +75,7 @@ register(
         "teacher_region",
         recipe="teacher_region_cpu",
         per_fold=False,
-        about="a teacher trained once on synthetic tiles with loss.region (their label maps; no real label)",
+        about="a teacher trained once on synthetic tiles with a contrast by their label maps (no real label)",
     )
 )
 register(

@@ -1,7 +1,7 @@
 """How much can training the bundled student's architecture lift its head on a held-out tile,
 even with labels? A diagnostic, never a method: it reads the masks.
 
-For each leave-one-tile-out fold the architecture (``configs/student_dubai_cpu.py``: tiny CNN,
+For each leave-one-tile-out fold the architecture (the recipe ``student_dubai_cpu``: tiny CNN,
 high-pass input, colour appended, denoising, soft k-means at half resolution) is trained with the
 masks of the other tiles: nearest-class-mean cross-entropy in the space the head clusters (each
 crop's class means are the prototypes, as if k-means had found the true classes; labels 5 and
@@ -16,7 +16,7 @@ it still rises with more steps (experiments/LOG.md, "How far labels go").
     python -m experiments.supervised_ceiling --data ../shared/data/dubai_aerial_dev --in-sample --out in_sample.json
 
 ``--in-sample`` trains on every tile and scores the same images: what the model can fit at all.
-``--arch teacher`` does the same for the teacher's larger network (``configs/teacher_synthetic_cpu.py``)
+``--arch teacher`` does the same for the teacher's larger network (the recipe ``teacher_synthetic_cpu``)
 scored with the bundled student's head (half resolution, 1 k-means iteration, size prior 3).
 ``--set KEY=VALUE`` changes the architecture or head trained and scored, with the training CLI's
 config keys, e.g. ``--set model.encoder.colour_weight=1.0`` (the untrained rows then score that

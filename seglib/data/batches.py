@@ -44,7 +44,6 @@ class SyntheticBatches(Dataset):
       batch_size: samples per rank and micro-batch.
       seed: run seed.
       rank, world: this process's slice of the global batch of ``batch_size * world``.
-      extent: tiles are ``size`` windows of scenes laid out ``extent`` pixels wide (0: ``size``).
     """
 
     size: int = 128
@@ -52,7 +51,6 @@ class SyntheticBatches(Dataset):
     seed: int = 0
     rank: int = 0
     world: int = 1
-    extent: int = 0
     length: int = 10**9
 
     def __len__(self) -> int:
@@ -61,8 +59,7 @@ class SyntheticBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         first = (i * self.world + self.rank) * self.batch_size
         index = torch.arange(first, first + self.batch_size)
-        extent = self.extent or self.size
-        tiles = [make_tile(self.size, seed=tile_seed(self.seed, int(j), "train"), extent=extent) for j in index]
+        tiles = [make_tile(self.size, seed=tile_seed(self.seed, int(j), "train")) for j in index]
         rgb = torch.from_numpy(np.stack([t.rgb for t in tiles])).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(np.stack([t.labels for t in tiles]))
         return {"rgb": rgb, "labels": labels, "index": index}

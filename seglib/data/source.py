@@ -16,9 +16,7 @@ def make_source(cfg: Config, *, rank: int = 0, world: int = 1) -> Dataset:
     this process's slice (``rank`` of ``world``) of every global batch."""
     d = cfg.data
     if d.synthetic:
-        return SyntheticBatches(
-            size=d.size, batch_size=d.batch_size, seed=cfg.train.seed, rank=rank, world=world, extent=d.extent
-        )
+        return SyntheticBatches(size=d.size, batch_size=d.batch_size, seed=cfg.train.seed, rank=rank, world=world)
     return FolderBatches(
         d.data_dir,
         size=d.size,

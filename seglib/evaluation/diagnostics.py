@@ -57,8 +57,8 @@ def slice_maps(student: torch.nn.Module, rgb: np.ndarray, k: int) -> dict[str, d
     Only ``fine`` is used at inference."""
     x = _student_input(rgb)
     out = {}
-    for name, z in student.cnn(x).items():  # (1, E, H/s, W/s)
-        emb = head_embedding(z, x, colour_weight=student.colour_weight, colour_blur=student.colour_blur)
+    for name, z in student.backbone(x).items():  # (1, E, H/s, W/s)
+        emb = head_embedding(z, x, colour_weight=student.colour_weight)
         probs = F.interpolate(student.head(emb, k).probs, size=x.shape[-2:], mode="nearest")  # (1, K, H, W)
         out[name] = {"pca": pca_rgb(z[0]), "labels": probs[0].argmax(0).numpy()}
     return out
@@ -73,8 +73,8 @@ def reconstruct(student: torch.nn.Module, decoder: ReconstructionDecoder, rgb: n
     ``ReconstructionDecoder.from_checkpoint``."""
     ae = decoder.config
     x = _student_input(rgb)
-    pred = decoder(student.cnn.forward_all(x)["fine_features"])  # (1, 3, H/4, W/4)
-    target = reconstruction_target(x, sigma=ae.blur_sigma, kernel=ae.blur_kernel)
+    pred = decoder(student.backbone.forward_all(x)["fine_features"])  # (1, 3, H/4, W/4)
+    target = reconstruction_target(x, sigma=ae.blur_sigma)
     flat = target.mean((2, 3), keepdim=True).expand_as(target)  # (1, 3, H/4, W/4)
     return {
         "target": target[0].permute(1, 2, 0).clamp(0, 1).numpy(),
@@ -93,7 +93,7 @@ def colour_probe_r2(student: torch.nn.Module, images: Sequence[np.ndarray]) -> f
     feats, colours = [], []
     for rgb in images:
         x = _student_input(rgb)
-        z = F.normalize(student.cnn(x)["fine"], dim=1)  # (1, E, h, w)
+        z = F.normalize(student.backbone(x)["fine"], dim=1)  # (1, E, h, w)
         feats.append(z[0].flatten(1).T)  # (N, E)
         colours.append(F.adaptive_avg_pool2d(x, z.shape[-2:])[0].flatten(1).T)  # (N, 3)
     a = torch.cat(feats).double()

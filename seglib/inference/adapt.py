@@ -6,7 +6,7 @@ random windows of the input itself (no labels), before the final assignment.
     labels = seglib.segment(image, 6, model, adapt_steps=20)   # the same, inside segment
     python -m seglib.predict --input ortho.tif --k 6 --output out/ --adapt 20
 
-The objective is the ``cluster`` stage's (``seglib.losses.cluster``): two views of each window,
+The objective is swapped prediction (``seglib.losses.swap``): two views of each window,
 each predicting the other's Sinkhorn-balanced assignment to C prototypes. The prototypes start
 as k-means centres of the model's own features on a first batch of windows, so any trained
 segmenter (teacher or student, whatever stage trained it) can be adapted. Normalisation layers
@@ -32,7 +32,7 @@ from ..augment import make_views
 from ..config import AugmentConfig
 from ..evaluation.baselines import kmeans
 from ..io.rasters import ArraySource, RasterSource
-from ..losses.cluster import swapped_prediction
+from ..losses.swap import swapped_prediction
 
 __all__ = ["adapt", "sample_windows"]
 
@@ -77,7 +77,7 @@ def adapt(
       crop: window side at the model's input scale (``downsample`` times more source pixels).
       batch: windows per step.
       lr: AdamW learning rate.
-      prototypes, temperature, window: the swapped-prediction objective (``ClusterConfig``).
+      prototypes, temperature, window: the swapped-prediction objective (``seglib.losses.swap``).
       max_seconds: stop after this much wall time even if fewer steps ran (None: no bound).
       seed: window positions and augmentations.
       progress: show a progress bar.

@@ -82,7 +82,6 @@ def head_settings(model: torch.nn.Module) -> dict:
         "model": type(model).__name__,
         "downsample": int(getattr(model.config, "downsample", 1) or 1),
         "colour_weight": float(model.colour_weight),
-        "colour_blur": int(model.colour_blur),
         "temperature": float(head.temperature),
         "size_prior": float(head.size_prior),
         "denoise_iters": int(head.denoise_iters),

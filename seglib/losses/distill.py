@@ -38,6 +38,7 @@ from .teacher import edge_aware_smoothness, kl_divergence, symmetric_kl
 __all__ = ["EmaNormalizer", "aligned_assignments", "affinity_loss", "DistillLoss"]
 
 _EPS = 1e-6
+AFFINITY_SAMPLES = 256  # positions per image whose similarity matrices the affinity term compares
 
 
 class EmaNormalizer(nn.Module):
@@ -92,7 +93,10 @@ class DistillLoss(nn.Module):
       config: ``DistillConfig`` (weights, loss-normaliser decay, soft k-means iterations).
       slices: slice names, coarse to fine.
       temperature: soft k-means temperature (the head's).
-      colour_weight, colour_blur: the colour channels appended to student embeddings (the teacher's).
+      colour_weight: weight of the colour channels appended to student embeddings (the teacher's).
+
+    The affinity term compares the similarity matrices of 256 positions sampled per image (all
+    of them on a smaller grid).
     """
 
     def __init__(
@@ -102,11 +106,10 @@ class DistillLoss(nn.Module):
         slices: tuple[str, ...],
         temperature: float,
         colour_weight: float,
-        colour_blur: int = 0,
     ):
         super().__init__()
         self.config, self.slices = config, tuple(slices)
-        self.temperature, self.colour_weight, self.colour_blur = temperature, colour_weight, colour_blur
+        self.temperature, self.colour_weight = temperature, colour_weight
         self.ema = EmaNormalizer([*self.slices, "consistency"], config.loss_norm_decay)
 
     def slice_terms(
@@ -125,11 +128,11 @@ class DistillLoss(nn.Module):
         z = z.float()
         terms = {"feature": (1 - F.cosine_similarity(z, t_feat, dim=1)).mean()}
         n = h * w
-        samples = min(c.affinity_samples, n)
+        samples = min(AFFINITY_SAMPLES, n)
         index = torch.from_numpy(np.stack([rng.choice(n, samples, replace=False) for _ in range(z.shape[0])]))
         terms["affinity"] = affinity_loss(z, t_feat, index.to(z.device))
         rgb_small = F.adaptive_avg_pool2d(rgb.float(), (h, w))
-        emb = head_embedding(z, rgb, colour_weight=self.colour_weight, colour_blur=self.colour_blur)
+        emb = head_embedding(z, rgb, colour_weight=self.colour_weight)
         probs = aligned_assignments(emb, t_probs, iters=c.cluster_iters, temperature=self.temperature)
         terms["agreement"] = kl_divergence(t_probs, probs)
         with torch.no_grad():

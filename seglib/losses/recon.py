@@ -1,17 +1,25 @@
 """The autoencoder reconstruction loss (student training only).
 
 Target: the RGB image the student sees, average-pooled to stride 4 and Gaussian-blurred
-(``blur_sigma``, ``blur_kernel``): the decoder should reproduce colour and coarse structure,
-not pixel noise. Loss: ``L1(pred, target) + grad_weight * L1(|Sobel(pred)|, |Sobel(target)|)``;
-the gradient term keeps edges where a plain L1 would settle for blur.
+(``autoencoder.blur_sigma``, a kernel reaching 2 sigma each way): the decoder should reproduce
+colour and coarse structure, not pixel noise. Loss:
+``L1(pred, target) + grad_weight * L1(|Sobel(pred)|, |Sobel(target)|)``; the gradient term keeps
+edges where a plain L1 would settle for blur.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_blur", "reconstruction_target", "sobel_magnitude", "reconstruction_loss"]
+__all__ = ["blur_kernel", "gaussian_blur", "reconstruction_target", "sobel_magnitude", "reconstruction_loss"]
+
+
+def blur_kernel(sigma: float) -> int:
+    """The odd kernel size of a Gaussian blur that reaches 2 sigma each way (5 for sigma 1)."""
+    return 2 * math.ceil(2 * sigma) + 1
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, kernel: int) -> torch.Tensor:
@@ -30,9 +38,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float, kernel: int) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # vertical
 
 
-def reconstruction_target(rgb: torch.Tensor, *, sigma: float, kernel: int) -> torch.Tensor:
+def reconstruction_target(rgb: torch.Tensor, *, sigma: float) -> torch.Tensor:
     """rgb (B, 3, H, W) -> blurred stride-4 target (B, 3, H/4, W/4)."""
-    return gaussian_blur(F.avg_pool2d(rgb.float(), 4), sigma, kernel)
+    return gaussian_blur(F.avg_pool2d(rgb.float(), 4), sigma, blur_kernel(sigma))
 
 
 def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:

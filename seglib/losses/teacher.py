@@ -10,9 +10,6 @@ Each term is a plain function with a defining property that tests check:
   by log K so their weights mean the same at every K.
 * ``edge_aware_smoothness``: total variation of the probabilities, down-weighted where the RGB
   image has an edge; 0 for piecewise-constant maps whose changes sit on strong edges.
-* ``region_contrast`` (research, synthetic tiles only): a supervised contrast of the learned
-  features by the procedural tiles' label maps; at its floor (the mean log of each anchor's
-  number of positives) when every position is much nearer to its own class than to any other.
 * ``variance_floor``: a hinge on the per-channel spread of the learned embeddings (as in
   VICReg, Bardes et al. 2022). The uniform assignment is a trap of entropy shaping alone
   (it zeroes consistency and smoothness); a floor on the spread makes that collapse expensive.
@@ -45,11 +42,12 @@ __all__ = [
     "edge_aware_smoothness",
     "variance_floor",
     "channel_covariance",
-    "region_contrast",
     "TeacherLoss",
 ]
 
 _EPS = 1e-6
+EDGE_SIGMA = 0.05  # the RGB gradient (L1 over the channels) at which the smoothness weight falls to 1/e
+VARIANCE_FLOOR = 1.0  # the std each raw feature channel keeps over the batch (VICReg's gamma)
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -104,7 +102,7 @@ def entropy_terms(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pixel, 1 - marginal_entropy
 
 
-def smoothness_maps(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> list[torch.Tensor]:
+def smoothness_maps(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = EDGE_SIGMA) -> list[torch.Tensor]:
     """0.5 * |p(x) - p(x')|_1 * exp(-|I(x) - I(x')|_1 / sigma) for every pair of vertical
     neighbours (B, H-1, W), then of horizontal ones (B, H, W-1); probs (B, K, H, W), rgb
     (B, 3, H, W) at the same resolution."""
@@ -117,7 +115,7 @@ def smoothness_maps(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05)
     return maps
 
 
-def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
+def edge_aware_smoothness(probs: torch.Tensor, rgb: torch.Tensor, sigma: float = EDGE_SIGMA) -> torch.Tensor:
     """Mean over neighbour pairs of ``smoothness_maps``, the two directions weighted equally."""
     vertical, horizontal = smoothness_maps(probs, rgb, sigma)
     return 0.5 * (vertical.mean() + horizontal.mean())
@@ -162,43 +160,9 @@ def covariance_penalty(emb: torch.Tensor, *, cov: torch.Tensor | None = None) ->
     return off.pow(2).sum() / cov.shape[0]
 
 
-def invariance_loss(
-    features_a: torch.Tensor, features_b: torch.Tensor, transform: ViewTransform, radius: int = 0
-) -> torch.Tensor:
-    """Mean squared difference between B's features and A's features warped into B's frame.
-
-    With ``radius`` > 0 the target is the mean of A's features over a (2r+1)^2 neighbourhood:
-    nearby positions usually share their land cover, so this pulls features toward a region
-    descriptor rather than a description of the exact pixel.
-    """
-    target = transform.to_view(features_a)
-    if radius > 0:
-        target = F.avg_pool2d(target, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
-    return F.mse_loss(target, features_b.float())
-
-
-def region_contrast(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised contrast (Khosla et al. 2020) of the positions of each image by its label map.
-
-    ``emb`` (B, D, h, w), e.g. the unit-normalised learned features; ``labels`` (B, H, W)
-    integer, taken at the nearest position of the h x w grid. Within each image every position
-    is an anchor whose positives are the other positions of its class, scored by -squared
-    distance / temperature: the loss is the mean over anchors of -mean log softmax of the
-    positives (anchors alone in their class are left out; 0 if there are none). Images are kept
-    apart: a class id means nothing across tiles. No value is read back from the device.
-    """
-    b, d, h, w = emb.shape
-    lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest").reshape(b, h * w)  # (B, N)
-    x = emb.float().reshape(b, d, h * w).transpose(1, 2)  # (B, N, D)
-    logits = -torch.cdist(x, x).square() / temperature  # (B, N, N)
-    eye = torch.eye(h * w, dtype=torch.bool, device=emb.device)
-    logits = logits.masked_fill(eye, float("-inf"))
-    log_prob = logits - logits.logsumexp(dim=2, keepdim=True)  # (B, N, N)
-    positive = (lab[:, :, None] == lab[:, None, :]) & ~eye  # (B, N, N)
-    count = positive.sum(dim=2)  # (B, N)
-    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=2) / count.clamp(min=1)  # (B, N)
-    has = (count > 0).float()
-    return (per_anchor * has).sum() / has.sum().clamp(min=1.0)
+def invariance_loss(features_a: torch.Tensor, features_b: torch.Tensor, transform: ViewTransform) -> torch.Tensor:
+    """Mean squared difference between B's features and A's features warped into B's frame."""
+    return F.mse_loss(transform.to_view(features_a), features_b.float())
 
 
 class TeacherLoss(nn.Module):
@@ -229,11 +193,11 @@ class TeacherLoss(nn.Module):
         rgb_small = F.adaptive_avg_pool2d(rgb.float(), (h, w))
         terms = {"consistency": consistency_loss(pa, pb, transform)}
         terms["pixel_entropy"], terms["marginal_entropy"] = entropy_terms(coarse)
-        terms["smoothness"] = edge_aware_smoothness(coarse, rgb_small, c.edge_sigma)
+        terms["smoothness"] = edge_aware_smoothness(coarse, rgb_small, EDGE_SIGMA)
         fa, fb = out["features"].chunk(2)
-        terms["invariance"] = invariance_loss(fa, fb, transform, c.invariance_radius)
+        terms["invariance"] = invariance_loss(fa, fb, transform)
         cov = channel_covariance(out["features"])  # shared by the two terms (one all-gather under DDP)
-        terms["variance"] = variance_floor(out["features"], c.variance_floor, cov=cov)
+        terms["variance"] = variance_floor(out["features"], VARIANCE_FLOOR, cov=cov)
         terms["covariance"] = covariance_penalty(out["features"], cov=cov)
         if lane == "learned" and c.refine:
             # The lane's output at its working resolution (a full-resolution one if that is all there is).
@@ -260,5 +224,5 @@ class TeacherLoss(nn.Module):
         pixel, _ = entropy_terms(probs)
         if rgb.shape[-2:] != probs.shape[-2:]:
             rgb = F.adaptive_avg_pool2d(rgb.float(), probs.shape[-2:])
-        smooth = edge_aware_smoothness(probs, rgb.float(), self.config.edge_sigma)
+        smooth = edge_aware_smoothness(probs, rgb.float(), EDGE_SIGMA)
         return pixel + smooth + 0.1 * fidelity

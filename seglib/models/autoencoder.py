@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..config import AutoencoderConfig, Config
+from ..config import AutoencoderConfig, StudentConfig, apply_overrides
 from .layers import ConvNormAct
 from .student import student_shape
 
@@ -24,25 +24,20 @@ __all__ = ["ReconstructionDecoder"]
 class ReconstructionDecoder(nn.Module):
     """Arguments:
     in_channels: width of the student's fine features.
-    hidden_channels: width of the decoder.
-    num_blocks: 3x3 conv blocks before the RGB projection.
     config: the autoencoder settings it was trained with (its target's blur, the loss's gradient
       weight); ``from_checkpoint`` sets it.
+
+    32 channels and two 3x3 blocks: the decoder only has to read colour and coarse structure
+    back out of the features, and a stronger one would do the work the features should.
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        hidden_channels: int = 32,
-        num_blocks: int = 2,
-        config: AutoencoderConfig | None = None,
-    ):
+    def __init__(self, *, in_channels: int, config: AutoencoderConfig | None = None):
         super().__init__()
-        self.config = config or AutoencoderConfig(hidden_channels=hidden_channels, num_blocks=num_blocks)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 1), nn.ReLU(inplace=True)]
-        layers += [ConvNormAct(hidden_channels, hidden_channels, norm="none") for _ in range(num_blocks)]
-        layers.append(nn.Conv2d(hidden_channels, 3, 1))
+        self.config = config or AutoencoderConfig()
+        width = 32
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.ReLU(inplace=True)]
+        layers += [ConvNormAct(width, width, norm="none") for _ in range(2)]
+        layers.append(nn.Conv2d(width, 3, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -54,9 +49,9 @@ class ReconstructionDecoder(nn.Module):
         """The decoder of ``decoder_training_only.pt`` (a student run trained with the autoencoder
         loss), with the settings it was trained with; CPU, eval mode."""
         state = load_checkpoint(path, kind="decoder")
-        cfg = Config.from_dict(state["config"])
-        dims, _ = student_shape(cfg.student)
-        ae = cfg.autoencoder
-        decoder = cls(in_channels=dims[2], hidden_channels=ae.hidden_channels, num_blocks=ae.num_blocks, config=ae)
+        config = state["config"]
+        student = apply_overrides(StudentConfig(), config["student"], prefix="student.")
+        ae = apply_overrides(AutoencoderConfig(), config["autoencoder"], prefix="autoencoder.")
+        decoder = cls(in_channels=student_shape(student)[0][2], config=ae)
         decoder.load_state_dict(state["model"])
         return decoder.eval()

@@ -69,6 +69,9 @@ def standardize(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb - 0.5) / 0.25
 
 
+HIGHPASS_CLIP = 2.0  # the soft clip of the networks' high-pass input (docs/design.md)
+
+
 def highpass_luminance(rgb: torch.Tensor, clip: float = 0.0) -> torch.Tensor:
     """Luminance minus its local mean over 9x9 px, scaled: (B, 1, H, W). It carries texture
     but no colour and no brightness, so a network fed with it has to learn what colour cannot
@@ -82,12 +85,13 @@ def highpass_luminance(rgb: torch.Tensor, clip: float = 0.0) -> torch.Tensor:
 INPUT_MODES = {"rgb": 3, "highpass": 1, "both": 4}  # name -> input channels
 
 
-def encoder_input(rgb: torch.Tensor, mode: str = "rgb", clip: float = 0.0) -> torch.Tensor:
-    """What a CNN of seglib reads: standardised RGB, high-pass luminance, or both."""
+def encoder_input(rgb: torch.Tensor, mode: str = "highpass") -> torch.Tensor:
+    """What a CNN of seglib reads: high-pass luminance (soft-clipped at ``HIGHPASS_CLIP``),
+    standardised RGB, or both."""
     if mode == "rgb":
         return standardize(rgb)
     if mode == "highpass":
-        return highpass_luminance(rgb, clip)
+        return highpass_luminance(rgb, HIGHPASS_CLIP)
     if mode == "both":
-        return torch.cat([standardize(rgb), highpass_luminance(rgb, clip)], 1)
+        return torch.cat([standardize(rgb), highpass_luminance(rgb, HIGHPASS_CLIP)], 1)
     raise ValueError(f"input mode must be one of {', '.join(INPUT_MODES)}, got {mode!r}")

@@ -156,7 +156,7 @@ class LearnedRefiner(nn.Module):
       guide_channels: channels of the RGB feature map shared by all clusters.
     """
 
-    def __init__(self, *, width: int = 12, guide_channels: int = 8):
+    def __init__(self, *, width: int = 4, guide_channels: int = 8):
         super().__init__()
         self.guide = nn.Sequential(nn.Conv2d(3, guide_channels, 3, padding=1), nn.ReLU(inplace=True))
         # The first conv over concat(cluster features, guide) is split into its two linear

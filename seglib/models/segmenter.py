@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import HeadConfig, RefineConfig, check_k, check_lane
+from ..config import HeadConfig, check_k, check_lane
 from ..kernels.numerics import inference_numerics
 from ..kernels.pooling import cell_means, mean_pool
 from .head import Clusters, SoftKMeans
@@ -67,25 +67,19 @@ def check_rgb(rgb: object, multiple: int = STRIDE, *, check_values: bool = True)
     return rgb
 
 
-def colour_channels(rgb: torch.Tensor, size: tuple[int, int], blur: int = 0) -> torch.Tensor:
-    """Mean colour per embedding cell, centred on mid-grey: (B, 3, h, w). ``blur`` > 0 averages
-    over (2*blur+1)^2 cells more, so textured classes do not split by the phase of a pattern.
+def colour_channels(rgb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mean colour per embedding cell, centred on mid-grey: (B, 3, h, w).
 
     Absolute colour, not relative to the image mean: k-means distances do not change by a
     shift within one image, and windows of a large raster then agree with each other."""
-    pooled = cell_means(rgb.float(), size)
-    if blur:
-        pooled = F.avg_pool2d(pooled, 2 * blur + 1, 1, blur, count_include_pad=False)
-    return pooled - 0.5
+    return cell_means(rgb.float(), size) - 0.5
 
 
-def head_embedding(
-    features: torch.Tensor, rgb: torch.Tensor, *, colour_weight: float, colour_blur: int = 0
-) -> torch.Tensor:
+def head_embedding(features: torch.Tensor, rgb: torch.Tensor, *, colour_weight: float) -> torch.Tensor:
     """What the head clusters: learned features (B, F, h, w), unit-normalised per position,
     followed by the weighted colour channels of ``rgb`` (B, 3, H, W) -> (B, F + 3, h, w)."""
     features = features.float()
-    colour = colour_channels(rgb, features.shape[-2:], colour_blur) * colour_weight
+    colour = colour_channels(rgb, features.shape[-2:]) * colour_weight
     if inference_numerics():  # F.normalize written out: several times faster on CPU
         unit = features * features.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
     else:
@@ -110,10 +104,10 @@ class Segmenter(nn.Module):
 
     input_multiple: int = STRIDE  # H and W must be multiples of this (times the downsample)
 
-    def init_head(self, head: HeadConfig, refine: RefineConfig, *, colour_weight: float, colour_blur: int) -> None:
-        self.colour_weight, self.colour_blur = colour_weight, colour_blur
+    def init_head(self, head: HeadConfig, *, colour_weight: float) -> None:
+        self.colour_weight = colour_weight
         self.head = SoftKMeans(**dataclasses.asdict(head))  # HeadConfig's fields are its arguments
-        self.refiner = LearnedRefiner(width=refine.learned_width)
+        self.refiner = LearnedRefiner()
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -124,7 +118,7 @@ class Segmenter(nn.Module):
         Embeddings are the unit-normalised features followed by the weighted colour channels.
         """
         features = self.features(rgb).float()
-        return head_embedding(features, rgb, colour_weight=self.colour_weight, colour_blur=self.colour_blur), features
+        return head_embedding(features, rgb, colour_weight=self.colour_weight), features
 
     def refine(
         self,
@@ -142,15 +136,7 @@ class Segmenter(nn.Module):
         if lane == "none":
             return none_lane(logits, rgb.shape[-2:])
         if lane == "fast":
-            return fast_lane(
-                probs,
-                rgb,
-                radius=r.radius,
-                eps=r.eps,
-                smooth_iters=smooth_iters,
-                guide_scale=r.guide_scale,
-                upsample=upsample,
-            )
+            return fast_lane(probs, rgb, smooth_iters=smooth_iters, guide_scale=r.guide_scale, upsample=upsample)
         refined = self.refine_learned(probs, rgb, smooth_iters)  # the learned lane: (B, K, H/s, W/s)
         if upsample and refined.shape[-2:] != rgb.shape[-2:]:  # bilinear keeps the probabilities summing to 1
             refined = F.interpolate(refined, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
@@ -163,14 +149,7 @@ class Segmenter(nn.Module):
         smooth_iters = r.smooth_iters if smooth_iters is None else smooth_iters
         scale = r.learned_scale
         small = F.avg_pool2d(rgb, scale) if scale > 1 else rgb
-        fast = fast_lane(
-            probs,
-            small,
-            radius=r.radius,
-            eps=r.eps,
-            smooth_iters=smooth_iters,
-            guide_scale=max(1, r.guide_scale // scale),
-        )
+        fast = fast_lane(probs, small, smooth_iters=smooth_iters, guide_scale=max(1, r.guide_scale // scale))
         return self.refiner(fast, small)
 
     def _downsampled(self, rgb: torch.Tensor, downsample: int | None, check_values: bool = True) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The multi-resolution student CNN distilled from the teacher (what ships to the QGIS plugin).
 
-``StudentCNN`` encodes an image down to stride 16 and decodes back up, returning three
+``StudentBackbone`` encodes an image down to stride 16 and decodes back up, returning three
 embeddings: ``coarse`` (stride 16), ``mid`` (stride 8) and ``fine`` (stride 4). Each slice is
 a stack of VGG-style 3x3 conv-norm-ReLU blocks; coarse features are upsampled and merged into
 mid, mid into fine (1x1 projection + skip connection from the encoder at that stride). Fully
@@ -18,16 +18,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, HeadConfig, ModelConfig, RefineConfig, StudentConfig
+from ..config import Config, HeadConfig, ModelConfig, RefineConfig, StudentConfig, apply_overrides
 from .layers import INPUT_MODES, ConvNormAct, encoder_input
 from .segmenter import Segmenter
 
-__all__ = ["STUDENTS", "StudentCNN", "StudentModelConfig", "StudentSegmenter", "student_shape"]
+__all__ = ["STUDENTS", "StudentBackbone", "StudentModelConfig", "StudentSegmenter", "student_shape"]
 
 # Named sizes: (coarse, mid, fine) widths and 3x3 blocks per slice.
 STUDENTS: dict[str, dict[str, tuple[int, int, int]]] = {
@@ -54,17 +55,17 @@ def _blocks(channels: int, depth: int, norm: str) -> nn.Sequential:
     return nn.Sequential(*[ConvNormAct(channels, channels, norm=norm) for _ in range(depth)])
 
 
-class StudentCNN(nn.Module):
-    """Three-slice encoder-decoder. ``StudentCNN()`` builds the ``base`` size.
+class StudentBackbone(nn.Module):
+    """The student's network: a three-slice encoder-decoder (``StudentSegmenter`` adds the head
+    and the lanes). ``StudentBackbone()`` builds the ``base`` size.
 
     Arguments:
       dims: widths of the (coarse, mid, fine) slices.
       depths: 3x3 blocks in each slice.
       embed_dim: channels of each slice's embedding (the teacher's learned width).
       norm: group | batch | instance | none.
-      dropout: channel dropout before the embedding projections (training only).
-      input_mode, highpass_clip: what the network reads (``seglib.models.layers.encoder_input``);
-        the student reads what its teacher's encoder reads.
+      input_mode: what the network reads (``seglib.models.layers.encoder_input``); the student
+        reads what its teacher's encoder reads.
     """
 
     def __init__(
@@ -74,14 +75,12 @@ class StudentCNN(nn.Module):
         depths: tuple[int, int, int] = (3, 2, 1),
         embed_dim: int = 32,
         norm: str = "group",
-        dropout: float = 0.0,
         input_mode: str = "highpass",
-        highpass_clip: float = 2.0,
         stem: str = "conv",
     ):
         super().__init__()
         dc, dm, df = dims
-        self.dims, self.input_mode, self.highpass_clip = tuple(dims), input_mode, highpass_clip
+        self.dims, self.input_mode = tuple(dims), input_mode
         cin = INPUT_MODES[input_mode]
         if stem == "conv":
             self.stem = nn.Sequential(
@@ -98,7 +97,6 @@ class StudentCNN(nn.Module):
         self.mid = _blocks(dm, depths[1], norm)
         self.merge_fine = nn.Conv2d(dm, df, 1)
         self.fine = _blocks(df, depths[2], norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.heads = nn.ModuleDict({name: nn.Conv2d(d, embed_dim, 1) for name, d in zip(SLICES, dims, strict=True)})
 
     def forward_all(self, rgb: torch.Tensor, slices: tuple[str, ...] = SLICES) -> dict[str, torch.Tensor]:
@@ -107,14 +105,14 @@ class StudentCNN(nn.Module):
         decoder reads these)."""
         h, w = rgb.shape[-2:]
         if h % 16 or w % 16:
-            raise ValueError(f"StudentCNN needs H and W divisible by 16, got {h}x{w}; pad the image first")
-        s4 = self.stem(encoder_input(rgb, self.input_mode, self.highpass_clip))  # (B, df, H/4, W/4)
+            raise ValueError(f"the student needs H and W divisible by 16, got {h}x{w}; pad the image first")
+        s4 = self.stem(encoder_input(rgb, self.input_mode))  # (B, df, H/4, W/4)
         s8 = self.down_mid(s4)  # (B, dm, H/8, W/8)
         coarse = self.coarse(self.down_coarse(s8))  # (B, dc, H/16, W/16)
         mid = self.mid(s8 + self.merge_mid(F.interpolate(coarse, scale_factor=2, mode="bilinear", align_corners=False)))
         fine = self.fine(s4 + self.merge_fine(F.interpolate(mid, scale_factor=2, mode="bilinear", align_corners=False)))
         feats = {"coarse": coarse, "mid": mid, "fine": fine}
-        out = {name: self.heads[name](self.dropout(x)) for name, x in feats.items() if name in slices}
+        out = {name: self.heads[name](x) for name, x in feats.items() if name in slices}
         out["fine_features"] = fine
         return out
 
@@ -137,7 +135,16 @@ class StudentModelConfig:
     def from_config(cls, cfg: Config) -> StudentModelConfig:
         """The student clusters the kind of embedding its teacher (``cfg.model``) clusters; the
         inference-cost settings are the teacher's with ``cfg.student``'s overrides."""
-        m, st = cfg.model, cfg.student
+        return cls.from_sections(cfg.model, cfg.student)
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any]) -> StudentModelConfig:
+        """From a checkpoint's config dict: its ``model`` and ``student`` sections."""
+        model = apply_overrides(ModelConfig(), config["model"], prefix="model.")
+        return cls.from_sections(model, apply_overrides(StudentConfig(), config["student"], prefix="student."))
+
+    @classmethod
+    def from_sections(cls, m: ModelConfig, st: StudentConfig) -> StudentModelConfig:
         model = dataclasses.replace(
             m,
             head=dataclasses.replace(m.head, **st.head),
@@ -174,24 +181,22 @@ class StudentSegmenter(Segmenter):
         self.config = config = config or StudentModelConfig()
         dims, depths = student_shape(config.student)
         enc = config.model.encoder
-        self.cnn = StudentCNN(
+        self.backbone = StudentBackbone(
             dims=dims,
             depths=depths,
             embed_dim=enc.embed_dim,
             norm=config.student.norm,
-            dropout=config.student.dropout,
             input_mode=enc.input_mode,
-            highpass_clip=enc.highpass_clip,
             stem=config.student.stem,
         )
-        self.init_head(config.head, config.refine, colour_weight=enc.colour_weight, colour_blur=enc.colour_blur)
+        self.init_head(config.head, colour_weight=enc.colour_weight)
 
     @property
     def embed_dim(self) -> int:
         return self.config.model.encoder.embed_dim + 3
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
-        return self.cnn.forward_all(rgb, slices=("fine",))["fine"]
+        return self.backbone.forward_all(rgb, slices=("fine",))["fine"]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> StudentSegmenter:
@@ -201,7 +206,7 @@ class StudentSegmenter(Segmenter):
         state = load_checkpoint(path, kind=("student", "train-state"))
         if state["kind"] == "train-state" and state.get("task") != "student":
             raise CheckpointError(f"{path} is a {state.get('task')} training checkpoint, not a student's")
-        model = cls(StudentModelConfig.from_config(Config.from_dict(state["config"])))
+        model = cls(StudentModelConfig.from_checkpoint_config(state["config"]))
         weights = state["model"]
         if state["kind"] == "train-state":  # the training state also holds the decoder
             weights = {k[len("student.") :]: v for k, v in weights.items() if k.startswith("student.")}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, apply_overrides
 from .layers import INPUT_MODES, ConvNormAct, ResidualBlock, encoder_input
 from .segmenter import STRIDE, Segmenter, check_rgb, colour_channels
 
@@ -28,12 +28,13 @@ class Encoder(nn.Module):
       width: channels at stride 4.
       depth: residual blocks; dilations cycle 1, 2, 4 to widen the receptive field for texture.
       embed_dim: output channels (the model L2-normalises them per position).
-      norm: group | batch | instance | none.
       input_mode: what the network reads (``seglib.models.layers.encoder_input``). The
         default, high-pass luminance, keeps colour out of the learned features: colour is
         appended to the embedding explicitly, and a colour-blind network has to learn texture
         (docs/design.md has the measurements).
-      highpass_clip: soft clip of that input (0: linear).
+
+    The norms are GroupNorm: the teacher's features do not depend on what else is in the
+    batch, so a window of a raster is embedded like the whole image.
     """
 
     def __init__(
@@ -42,25 +43,23 @@ class Encoder(nn.Module):
         width: int = 64,
         depth: int = 3,
         embed_dim: int = 32,
-        norm: str = "group",
         input_mode: str = "highpass",
-        highpass_clip: float = 2.0,
     ):
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
         cin = INPUT_MODES[input_mode]
         self.stem = nn.Sequential(
-            ConvNormAct(cin, width // 2, stride=2, norm=norm),
-            ConvNormAct(width // 2, width, stride=2, norm=norm),
+            ConvNormAct(cin, width // 2, stride=2),
+            ConvNormAct(width // 2, width, stride=2),
         )
-        self.blocks = nn.Sequential(*[ResidualBlock(width, dilation=(1, 2, 4)[i % 3], norm=norm) for i in range(depth)])
-        self.input_mode, self.highpass_clip = input_mode, highpass_clip
+        self.blocks = nn.Sequential(*[ResidualBlock(width, dilation=(1, 2, 4)[i % 3]) for i in range(depth)])
+        self.input_mode = input_mode
         self.proj = nn.Conv2d(width, embed_dim, 1)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """Unnormalised features (B, embed_dim, H/4, W/4); the model normalises them."""
-        x = encoder_input(rgb, self.input_mode, self.highpass_clip)  # (B, C_in, H, W)
+        x = encoder_input(rgb, self.input_mode)  # (B, C_in, H, W)
         return self.proj(self.blocks(self.stem(x)))  # (B, embed_dim, H/4, W/4)
 
 
@@ -75,27 +74,19 @@ class MonolithicSegmenter(Segmenter):
         super().__init__()
         self.config = config = config or ModelConfig()
         enc = config.encoder
-        self.encoder = Encoder(
-            width=enc.width,
-            depth=enc.depth,
-            embed_dim=enc.embed_dim,
-            norm=enc.norm,
-            input_mode=enc.input_mode,
-            highpass_clip=enc.highpass_clip,
-        )
-        self.init_head(config.head, config.refine, colour_weight=enc.colour_weight, colour_blur=enc.colour_blur)
+        self.encoder = Encoder(width=enc.width, depth=enc.depth, embed_dim=enc.embed_dim, input_mode=enc.input_mode)
+        self.init_head(config.head, colour_weight=enc.colour_weight)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> MonolithicSegmenter:
         """Build the model a teacher checkpoint (``teacher.pt`` or a ``ckpt_*.pt`` of a teacher
         run) describes and load its weights, on CPU and in eval mode."""
         from ..checkpoint import CheckpointError, load_checkpoint
-        from ..config import Config
 
         state = load_checkpoint(path, kind=("teacher", "train-state"))
         if state["kind"] == "train-state" and state.get("task") != "teacher":
             raise CheckpointError(f"{path} is a {state.get('task')} training checkpoint, not a teacher's")
-        model = cls(Config.from_dict(state["config"]).model)
+        model = cls(apply_overrides(ModelConfig(), state["config"]["model"], prefix="model."))
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:

@@ -13,15 +13,17 @@ Guarantees:
   cut back to that checkpoint's step first (emptied when the killed run left no checkpoint and
   the run starts again from step 0), so the resumed run draws every point once;
 * checkpoints are written every ``train.checkpoint_every`` steps, at the last step, and
-  whenever ``train.checkpoint_minutes`` passed since the previous one;
+  whenever ``train.checkpoint_minutes`` passed since the previous one; TensorBoard images come
+  with the step checkpoints and at the first step;
 * every ``probe.every`` steps the model segments a few fixed images and the label-free proxies
   (and mIoU, with ground truth) are logged (``seglib.training.probe``);
 * a non-finite loss or gradient never reaches the weights: the step is skipped and reported by
-  term, and ``max_bad_steps`` consecutive bad steps stop the run with ``NonFiniteLossError``;
+  term, and ``MAX_BAD_STEPS`` consecutive bad steps stop the run with ``NonFiniteLossError``;
 * the step never reads a value back from the device: loss terms, gradient norm and the skip
   decision stay tensors until the records are read, every ``train.log_every`` steps (and before
   checkpoints, images, probes and the end);
-* under DDP only rank 0 logs, prints and writes files.
+* under DDP only rank 0 logs, prints and writes files; BatchNorm layers become SyncBatchNorm
+  on CUDA.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ..kernels.adamw import FlatAdamW
 from ..viz import progress_bar
 from .averaging import WeightAverage
 from .logging import RunLogger, trim_events
-from .optim import make_optimizer, make_schedule
+from .optim import CLIP, make_optimizer, make_schedule
 from .probe import QualityProbe
 from .state import Checkpoints, NonFiniteLossError, Records
 
@@ -111,12 +113,12 @@ def train_loop(
     bar = progress_bar(
         range(start, t.steps), initial=start, total=t.steps, disable=not main, desc=task.kind, dynamic_ncols=True
     )
-    records = Records(history, t.max_bad_steps, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
+    records = Records(history, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         last, terms, n_images = _accumulate(task, step_model, batches, step, accum, device, t.amp)
         names, stacked = list(terms), torch.stack([value.float().reshape(()) for value in terms.values()])
-        grad_norm = opt.clip_grad_norm_(t.clip if t.clip > 0 else float("inf"))
+        grad_norm = opt.clip_grad_norm_(CLIP)
         bad = _any_rank(~(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)))  # () bool, on the device
         skipped = opt.step_unless(bad)
         if average is not None:
@@ -127,9 +129,9 @@ def train_loop(
         )
         done = step + 1
         log_now = done % max(1, t.log_every) == 0
-        image_now = last.rgb is not None and (step == start or done % max(1, t.image_every) == 0)
-        probe_now = probe is not None and (done % cfg.probe.every == 0 or done == t.steps)
         scheduled, timed = saves.scheduled(done), main and saves.timed()
+        image_now = last.rgb is not None and (step == start or scheduled)
+        probe_now = probe is not None and (done % cfg.probe.every == 0 or done == t.steps)
         if not (log_now or image_now or scheduled or probe_now or timed):
             continue
         with _closing_on_error(logger, NonFiniteLossError):
@@ -160,13 +162,13 @@ def train_loop(
 def _prepare(task: Task, device: torch.device, t: TrainConfig) -> tuple[nn.Module, nn.Module, FlatAdamW]:
     """The model the run trains, the module a step calls (DDP-wrapped under torchrun, compiled
     when ``train.compile`` asks) and the optimizer."""
-    if dist.world_size() > 1 and device.type == "cuda" and t.sync_batchnorm:
+    if dist.world_size() > 1 and device.type == "cuda":
         # Batch statistics over the global batch; GroupNorm models are left as they are.
         # (PyTorch has no CPU SyncBatchNorm: on CPU each process keeps its own statistics.)
         task.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task.model)
     model = task.model
     # Before DDP wraps the model: the optimizer re-points the parameters at its flat buffers.
-    opt = make_optimizer(model.named_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer(model.named_parameters(), lr=t.lr)
     step_model = model
     if dist.world_size() > 1:
         # Refinement lanes are drawn per batch, so some parameters sit out some steps.

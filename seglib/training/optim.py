@@ -10,10 +10,15 @@ from torch import nn
 
 from ..kernels.adamw import FlatAdamW
 
-__all__ = ["make_optimizer", "make_schedule", "warmup_cosine"]
+__all__ = ["CLIP", "WEIGHT_DECAY", "make_optimizer", "make_schedule", "warmup_cosine"]
+
+WEIGHT_DECAY = 1e-4  # AdamW's decoupled weight decay, on every parameter
+CLIP = 1.0  # the gradient's total 2-norm is clipped to this
 
 
-def make_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float) -> FlatAdamW:
+def make_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float = WEIGHT_DECAY
+) -> FlatAdamW:
     """``FlatAdamW``, fused (one operator call for all parameters) where PyTorch has a fused
     kernel for the parameters' device (CPU and CUDA), the per-tensor loop elsewhere."""
     named_params = list(named_params)

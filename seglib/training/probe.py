@@ -1,7 +1,7 @@
 """The quality signal of a training run: a few fixed images segmented with the model being trained.
 
 Losses say whether the optimiser makes progress, not whether the segmentations get better. The
-probe segments ``probe.images`` fixed images every ``probe.every`` steps (and before the first
+probe segments ``IMAGES`` fixed images every ``probe.every`` steps (and before the first
 step and after the last) and reports:
 
 * label-free proxies (``seglib.evaluation.metrics.proxy_scores``): ``view_agreement``, the one-to-one
@@ -11,7 +11,7 @@ step and after the last) and reports:
   K = the classes present, and once, on the same images, ``miou_rgb_kmeans`` for reference.
 
 The images are fixed (spread over the folder's sorted file list, shrunk so the longer side is
-``probe.size``, cropped to multiples of ``STRIDE`` so that every model reads them without
+``SIZE``, cropped to multiples of ``STRIDE`` so that every model reads them without
 padding), so the curve compares like with like. The probe runs in eval mode without gradients
 and draws no random numbers, so it does not change the training trajectory.
 """
@@ -33,10 +33,12 @@ from ..evaluation.baselines import rgb_kmeans
 from ..evaluation.metrics import proxy_scores, segmentation_scores
 from ..io.images import ImageReadError, list_images, read_image, read_mask
 
-__all__ = ["QualityProbe", "PROBE_SEED", "STRIDE"]
+__all__ = ["QualityProbe", "PROBE_SEED", "STRIDE", "IMAGES", "SIZE", "K"]
 
 log = logging.getLogger("seglib.training")
 
+IMAGES, SIZE = 4, 256  # the probe's images and their longer side in pixels: a few seconds a probe on a CPU
+K = 6  # clusters for the label-free proxies of images without masks (with masks: the classes present)
 PROBE_SEED = 321  # synthetic probe tiles: a stream disjoint from training (seed 0..) and the test set (123)
 STRIDE = 32  # the largest input stride of the package's models (a student, 16, reading images shrunk by 2)
 
@@ -70,7 +72,7 @@ class QualityProbe:
         *,
         images: list[np.ndarray],
         masks: list[np.ndarray] | None = None,
-        k: int = 6,
+        k: int = K,
         ignore: tuple[int, ...] = (),
         names: list[str] | None = None,
     ):
@@ -98,13 +100,14 @@ class QualityProbe:
         return int(np.clip(len(present), 2, 16))
 
     @classmethod
-    def from_config(cls, cfg: Config) -> QualityProbe | None:
-        """The probe a config asks for, or None when ``probe.every`` is 0."""
-        p, d = cfg.probe, cfg.data
-        if p.every <= 0:
+    def from_config(cls, cfg: Config, *, images: int = IMAGES, size: int = SIZE) -> QualityProbe | None:
+        """The probe a config asks for (``images`` images, their longer side ``size`` pixels), or
+        None when ``probe.every`` is 0."""
+        d = cfg.data
+        if cfg.probe.every <= 0:
             return None
         if d.synthetic:
-            tiles = eval_set(p.images, p.size, PROBE_SEED)
+            tiles = eval_set(images, size, PROBE_SEED)
             return cls(images=[t.rgb for t in tiles], masks=[t.labels for t in tiles], names=None)
         paths = select_images(list_images(d.data_dir), include=d.include, exclude=d.exclude, folder=d.data_dir)
         mask_dir = Path(d.mask_dir).expanduser() if d.mask_dir else None
@@ -118,11 +121,11 @@ class QualityProbe:
         # Spread over the sorted list. An unreadable image (FolderBatches warns about it) or one
         # whose mask holds fewer than 2 classes (no mIoU: the scoring convention skips them) is
         # replaced by the next image of the list not picked yet.
-        spread = [int(i) for i in np.linspace(0, len(paths) - 1, min(p.images, len(paths))).round()]
+        spread = [int(i) for i in np.linspace(0, len(paths) - 1, min(images, len(paths))).round()]
         order = list(dict.fromkeys(spread + list(range(len(paths)))))
-        names, images, masks = [], [], []
+        names, picked, masks = [], [], []
         for i in order:
-            if len(images) == p.images:
+            if len(picked) == images:
                 break
             try:
                 rgb, _ = read_image(paths[i])
@@ -138,16 +141,16 @@ class QualityProbe:
                     )
                 if len(np.setdiff1d(np.unique(mask), np.asarray(d.mask_ignore, dtype=mask.dtype))) < 2:
                     continue
-            rgb, mask = shrink(rgb, mask, p.size)
+            rgb, mask = shrink(rgb, mask, size)
             if min(rgb.shape[:2]) < STRIDE:
                 continue  # too small to probe (FolderBatches pads such images for training)
             names.append(paths[i].stem)
-            images.append(rgb.astype(np.float32) / 255.0)
+            picked.append(rgb.astype(np.float32) / 255.0)
             masks.append(mask)
-        if not images:
+        if not picked:
             raise ImageReadError(f"no readable image in {d.data_dir} for the quality probe")
         masks = masks if mask_dir is not None else None
-        return cls(images=images, masks=masks, k=p.k, ignore=tuple(d.mask_ignore), names=names)
+        return cls(images=picked, masks=masks, k=K, ignore=tuple(d.mask_ignore), names=names)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:

@@ -35,13 +35,22 @@ from ..checkpoint import (
 )
 from ..config import Config, TrainConfig
 
-__all__ = ["Checkpoints", "NonFiniteLossError", "Records", "default_checkpoint_dir", "rng_state", "set_rng_state"]
+__all__ = [
+    "MAX_BAD_STEPS",
+    "Checkpoints",
+    "NonFiniteLossError",
+    "Records",
+    "default_checkpoint_dir",
+    "rng_state",
+    "set_rng_state",
+]
 
 _clock = time.monotonic  # the wall clock of time-triggered checkpoints (tests replace it)
+MAX_BAD_STEPS = 5  # consecutive steps with a non-finite loss or gradient that stop a run
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient."""
+    """Raised after ``MAX_BAD_STEPS`` consecutive steps with a non-finite loss or gradient."""
 
 
 def default_checkpoint_dir(cfg: Config) -> Path:
@@ -173,11 +182,11 @@ class Records:
     ``history`` (dict of lists: ``step``, ``loss/<term>``, ``train/lr``, ``train/img_per_s``...).
 
     A step whose loss or gradient was not finite is reported by term (``warn``); after
-    ``max_bad_steps`` of them in a row ``read`` raises ``NonFiniteLossError``.
+    ``MAX_BAD_STEPS`` of them in a row ``read`` raises ``NonFiniteLossError``.
     """
 
-    def __init__(self, history: dict[str, list[float]], max_bad_steps: int, warn: Callable[[str], None]):
-        self.history, self.max_bad_steps, self.warn = history, max_bad_steps, warn
+    def __init__(self, history: dict[str, list[float]], warn: Callable[[str], None]):
+        self.history, self.warn = history, warn
         self.pending: list[dict[str, Any]] = []
         self.bad_steps, self.since = 0, time.perf_counter()
 
@@ -212,7 +221,7 @@ class Records:
             self.bad_steps += 1
             terms = ", ".join(record["bad_terms"])
             self.warn(f"step {record['step']}: non-finite {terms}; step skipped ({self.bad_steps} in a row)")
-            if self.bad_steps >= self.max_bad_steps:
+            if self.bad_steps >= MAX_BAD_STEPS:
                 raise NonFiniteLossError(
                     f"{self.bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
                     f"{record['step'] - 1}, term(s) {terms}); lower train.lr, "

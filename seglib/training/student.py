@@ -5,8 +5,9 @@ the teacher without gradient (its learned features and its cluster assignments a
 runs the student and the training-only decoder, and combines ``DistillLoss`` with the
 EMA-normalised autoencoder loss.
 
-The teacher comes as a checkpoint path; ``seglib.training.run`` trains one first when the
-config names none.
+The teacher comes as a checkpoint path; ``teacher_first`` trains one first when the config
+names none: with the same config for ``distill.teacher_steps`` steps into
+``<checkpoint_dir>/teacher/`` (resumable like any teacher run).
 
 Artifacts: ``student.pt`` (student weights + config: everything inference needs, no decoder)
 and ``decoder_training_only.pt``; the step checkpoints hold both and resume like the teacher's.
@@ -22,18 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..augment import photometric
 from ..checkpoint import model_checkpoint, save_atomic
 from ..config import Config
 from ..data.batches import sample_rngs
+from ..data.source import make_source
 from ..losses.distill import DistillLoss, EmaNormalizer
 from ..losses.recon import reconstruction_loss, reconstruction_target
 from ..models.autoencoder import ReconstructionDecoder
 from ..models.student import SLICES, StudentModelConfig, StudentSegmenter
 from ..models.teacher import MonolithicSegmenter
-from .loop import StepOutput
+from .loop import StepOutput, train_loop
+from .state import default_checkpoint_dir
+from .teacher import TeacherTask
 
-__all__ = ["DistillModule", "StudentTask"]
+__all__ = ["DistillModule", "StudentTask", "teacher_first"]
 
 _KNOBS, _AUGMENT, _AFFINITY = 21, 23, 29
 
@@ -50,7 +55,7 @@ class DistillModule(nn.Module):
         self.student, self.decoder, self.detach_backbone = student, decoder, detach_backbone
 
     def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.student.cnn.forward_all(rgb)
+        out = self.student.backbone.forward_all(rgb)
         if self.decoder is not None:
             feats = out["fine_features"].detach() if self.detach_backbone else out["fine_features"]
             out["recon"] = self.decoder(feats)
@@ -77,13 +82,9 @@ class StudentTask:
         student_cfg.model = teacher.config
         self.student_config = StudentModelConfig.from_config(student_cfg)
         student = StudentSegmenter(self.student_config)
-        dims = student.cnn.dims
+        dims = student.backbone.dims
         ae = cfg.autoencoder
-        decoder = (
-            ReconstructionDecoder(in_channels=dims[2], hidden_channels=ae.hidden_channels, num_blocks=ae.num_blocks)
-            if ae.enabled
-            else None
-        )
+        decoder = ReconstructionDecoder(in_channels=dims[2]) if ae.enabled else None
         self.model = DistillModule(student, decoder, detach_backbone=ae.detach_backbone).to(device)
         slices = SLICES if cfg.student.multires else ("fine",)
         self.loss = DistillLoss(
@@ -91,7 +92,6 @@ class StudentTask:
             slices=slices,
             temperature=teacher.config.head.temperature,
             colour_weight=teacher.colour_weight,
-            colour_blur=teacher.colour_blur,
         ).to(device)
         self.ae_ema = EmaNormalizer(["recon"], ae.loss_norm_decay).to(device)
         self._teacher_config = teacher.config
@@ -124,7 +124,7 @@ class StudentTask:
         )
         if "recon" in out:
             ae = cfg.autoencoder
-            target = reconstruction_target(view, sigma=ae.blur_sigma, kernel=ae.blur_kernel)
+            target = reconstruction_target(view, sigma=ae.blur_sigma)
             recon = reconstruction_loss(out["recon"].float(), target, ae.grad_weight)
             if self.loss.training:
                 self.ae_ema.update({"recon": recon})
@@ -159,3 +159,30 @@ class StudentTask:
         if self.model.decoder is not None:
             decoder = model_checkpoint("decoder", cfg.to_dict(), self.model.decoder.state_dict())
             save_atomic(decoder, directory / "decoder_training_only.pt")
+
+
+def teacher_first(cfg: Config, device: torch.device) -> Path:
+    """The teacher checkpoint a student run distils from: ``distill.teacher_checkpoint`` (it must
+    exist), else ``<checkpoint_dir>/teacher/teacher.pt``, trained first when it is absent."""
+    if cfg.distill.teacher_checkpoint:
+        path = Path(cfg.distill.teacher_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher checkpoint not found: {path}; train one with `python -m seglib.train "
+                "--stage teacher` or leave --teacher-checkpoint empty to train one first"
+            )
+        return path
+    teacher_dir = default_checkpoint_dir(cfg) / "teacher"
+    if (teacher_dir / "teacher.pt").is_file():
+        return teacher_dir / "teacher.pt"
+    tcfg = copy.deepcopy(cfg)
+    tcfg.stage, tcfg.train.steps = "teacher", cfg.distill.teacher_steps
+    tcfg.train.checkpoint_dir = str(teacher_dir)
+    if dist.rank() == 0:
+        print(f"no --teacher-checkpoint: training a teacher for {tcfg.train.steps} steps into {teacher_dir}")
+    torch.manual_seed(cfg.train.seed)
+    task = TeacherTask(tcfg, device)
+    source = make_source(tcfg, rank=dist.rank(), world=dist.world_size())
+    train_loop(task, tcfg, source, device=device, resume=True)
+    dist.barrier()
+    return teacher_dir / "teacher.pt"

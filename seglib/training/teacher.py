@@ -1,8 +1,8 @@
-"""Teacher stage: one training step over two augmented views, and the stage's entry point.
+"""Teacher stage: one training step over two augmented views.
 
-Every batch draws its knobs afresh (K, downsample, cluster and smoothing iterations,
-refinement lane) from ``RandomizeConfig``, keyed by (seed, step), so one model serves every
-setting a user may pick at inference and a resumed run draws the same knobs.
+Every batch draws its knobs afresh (K from ``randomize.ks``; downsample, cluster and smoothing
+iterations and refinement lane from the ranges below), keyed by (seed, step), so one model
+serves every setting a user may pick at inference and a resumed run draws the same knobs.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import torch
 from .. import distributed as dist
 from ..augment import ViewTransform, make_views_batched
 from ..checkpoint import model_checkpoint, save_atomic
-from ..config import Config, RandomizeConfig
+from ..config import LANES, Config
 from ..data.batches import step_generator
-from ..losses.teacher import TeacherLoss, region_contrast
+from ..losses.teacher import TeacherLoss
 from ..models.teacher import MonolithicSegmenter
 from .loop import StepOutput
 
-__all__ = ["Knobs", "draw_knobs", "TeacherTask"]
+__all__ = ["Knobs", "draw_knobs", "TeacherTask", "DOWNSAMPLES", "CLUSTER_ITERS", "SMOOTH_ITERS"]
 
 _KNOBS, _AUGMENT = 11, 7  # purposes of the random streams
+DOWNSAMPLES = (1, 2)  # the model.downsample values a user may pick
+CLUSTER_ITERS = (3, 8)  # soft k-means iterations, inclusive range
+SMOOTH_ITERS = (0, 2)  # guided-filter passes of the fast lane, inclusive range
 
 
 @dataclass(frozen=True)
@@ -37,15 +40,15 @@ class Knobs:
     lane: str
 
 
-def draw_knobs(r: RandomizeConfig, seed: int, index: int) -> Knobs:
+def draw_knobs(ks: tuple[int, ...], seed: int, index: int, downsamples: tuple[int, ...] = DOWNSAMPLES) -> Knobs:
     """The per-batch knobs of micro-batch ``index`` (identical on every rank)."""
     rng = np.random.default_rng([int(seed), _KNOBS, int(index)])
     return Knobs(
-        k=int(rng.choice(r.ks)),
-        downsample=int(rng.choice(r.downsample)),
-        iters=int(rng.integers(r.cluster_iters[0], r.cluster_iters[1] + 1)),
-        smooth_iters=int(rng.integers(r.smooth_iters[0], r.smooth_iters[1] + 1)),
-        lane=str(rng.choice(r.lanes)),
+        k=int(rng.choice(ks)),
+        downsample=int(rng.choice(downsamples)),
+        iters=int(rng.integers(CLUSTER_ITERS[0], CLUSTER_ITERS[1] + 1)),
+        smooth_iters=int(rng.integers(SMOOTH_ITERS[0], SMOOTH_ITERS[1] + 1)),
+        lane=str(rng.choice(LANES)),
     )
 
 
@@ -58,11 +61,12 @@ class TeacherTask:
     """
 
     kind = "teacher"
+    downsamples = DOWNSAMPLES  # the downsample knob's choices (a research stage may narrow them)
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.model = MonolithicSegmenter(cfg.model).to(device)
         self.loss = TeacherLoss(cfg.loss)
+        self.model = MonolithicSegmenter(cfg.model).to(device)
 
     @property
     def inference_model(self) -> MonolithicSegmenter:
@@ -73,7 +77,7 @@ class TeacherTask:
     ) -> StepOutput:
         """Losses of micro-batch ``index``; ``knobs`` fixes the per-batch knobs (benchmarks)."""
         cfg = self.cfg
-        knobs = knobs or draw_knobs(cfg.randomize, cfg.train.seed, index)
+        knobs = knobs or draw_knobs(cfg.randomize.ks, cfg.train.seed, index, self.downsamples)
         rgb = batch["rgb"].to(self.device, non_blocking=True)  # (B, 3, S, S)
         b = rgb.shape[0]
         # The global batch's augmentation numbers come from one generator keyed by the
@@ -82,14 +86,6 @@ class TeacherTask:
         rows = slice(dist.rank() * b, (dist.rank() + 1) * b)
         views, transform = make_views_batched(rgb, cfg.augment, gen, rows=rows, total=dist.world_size() * b)
         out, terms = self.losses(model, views, transform, knobs)
-        if cfg.loss.region:
-            # View A has the tile's geometry, so the tile's label map is A's.
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            # On the unit-normalised learned features: the colour channels the head appends are
-            # not the network's to move, and within-class colour spread would swamp the term.
-            unit = torch.nn.functional.normalize(out["features"][:b].float(), dim=1)
-            terms["region"] = region_contrast(unit, labels, cfg.loss.region_temperature)
-            terms["total"] = terms["total"] + cfg.loss.region * terms["region"]
         probs = out.get("probs", out["probs_coarse"])[:b].detach()  # TensorBoard upsamples if needed
         scalars = {
             "diag/k": float(knobs.k),

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ... import recipes
-from ...config import Config, merge
+from ...config import Config, ConfigError, merge
 
 __all__ = [
     "Method",
@@ -67,8 +67,9 @@ class Method:
       kind: kmeans | trained | random.
       recipe: a ``seglib.recipes`` name or a dict of config overrides (trained methods).
       teacher: for a student recipe, the method whose model of the same fold it distils.
-      init_from: for a teacher or cluster recipe, the method whose model of the same fold starts
-        the run (``train.init_from``), e.g. the synthetic teacher fine-tuned on real tiles.
+      init_from: for a recipe whose stage takes ``init_from`` (the research stages of
+        experiments/stages), the method whose model of the same fold starts the run
+        (``stage_options.init_from``), e.g. the synthetic teacher fine-tuned on real tiles.
       per_fold: False: trained once, on data outside the labelled folder (synthetic tiles).
       random_of: for ``random``: the method whose architecture is evaluated at random weights.
       eval_of: reuse this method's trained models (only ``infer`` differs).
@@ -108,11 +109,12 @@ class Method:
 
     def overrides(self) -> dict:
         if isinstance(self.recipe, str):
-            found = getattr(recipes, self.recipe.upper(), None)
-            if not isinstance(found, dict) or "stage" not in found:
-                known = ", ".join(n.lower() for n in recipes.__all__ if "stage" in getattr(recipes, n))
-                raise LotoError(f"method {self.name}: unknown recipe {self.recipe!r}; choose one of {known}")
-            return copy.deepcopy(found)
+            if self.recipe not in recipes.RECIPES:
+                raise LotoError(
+                    f"method {self.name}: unknown recipe {self.recipe!r}; known: {', '.join(recipes.RECIPES)} "
+                    "(a plugin registers its own recipes: seglib.recipes.register_recipe)"
+                )
+            return recipes.get_recipe(self.recipe)
         return copy.deepcopy(self.recipe or {})
 
 
@@ -132,7 +134,7 @@ register(
         "teacher_synthetic",
         recipe="teacher_synthetic_cpu",
         per_fold=False,
-        about="teacher of configs/teacher_synthetic_cpu.py, trained once on synthetic tiles (no real data)",
+        about="the teacher of the recipe teacher_synthetic_cpu, trained once on synthetic tiles (no real data)",
     )
 )
 register(Method("teacher_random", kind="random", random_of="teacher_synthetic", about="the teacher at random weights"))
@@ -141,7 +143,7 @@ register(
         "student_dubai",
         recipe="student_dubai_cpu",
         teacher="teacher_synthetic",
-        about="the bundled recipe (configs/student_dubai_cpu.py): distilled from the synthetic teacher on the fold",
+        about="the bundled recipe (student_dubai_cpu): distilled from the synthetic teacher on the fold",
     )
 )
 register(
@@ -323,18 +325,19 @@ def _resolved(
     if teacher_path is not None:
         over = merge(over, {"distill": {"teacher_checkpoint": str(teacher_path)}})
     if init_path is not None:
-        over = merge(over, {"train": {"init_from": str(init_path)}})
+        over = merge(over, {"stage_options": {"init_from": str(init_path)}})
     return Config.from_dict(over)
 
 
 def _fingerprint(cfg: Config) -> dict:
     """The parts of a config that decide the trained model (not where it is written, nor threads),
-    with the student's head and refinement overrides resolved against ``model.*``, so configs
-    written in an older layout (``seglib.config.upgrade_config``) compare by what they mean."""
+    with the student's head and refinement overrides resolved against ``model.*``, so that two
+    configs compare by what they mean."""
     d = cfg.to_dict()
     for part in ("head", "refine"):
         d["student"][part] = {**d["model"][part], **d["student"][part]}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir", "init_from")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("threads", "device", "checkpoint_dir")}
+    d["stage_options"] = {k: v for k, v in d["stage_options"].items() if k != "init_from"}
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("data_dir", "num_workers")}
     d["distill"] = {k: v for k, v in d["distill"].items() if k != "teacher_checkpoint"}
     return d
@@ -398,7 +401,6 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     cfg = _resolved(method, ctx, fold, teacher_path, init_path)
     directory = ctx.runs / method.name / where
     cfg.train.checkpoint_dir = str(directory)
-    artifact = directory / ("teacher.pt" if cfg.stage == "teacher" else "student.pt")
     record_path = directory / "loto.json"
     record = {
         "method": method.name,
@@ -412,15 +414,18 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     if record_path.is_file():
         saved = json.loads(record_path.read_text())
         if isinstance(saved.get("config"), dict):  # the saved fingerprint, read in today's layout
-            saved["config"] = _fingerprint(Config.from_dict(saved["config"]))
+            try:
+                saved["config"] = _fingerprint(Config.from_dict(saved["config"]))
+            except ConfigError:
+                saved["config"] = None  # settings this seglib does not have: another config
         same = {k: saved.get(k) for k in record} == json.loads(json.dumps(record))
         if not same:
             raise LotoError(
                 f"{directory} holds a model trained with another config or other images than {method.name} "
                 f"now asks for; delete that folder to retrain, or register the change under a new method name"
             )
-        if saved.get("done") and artifact.is_file():
-            return artifact
+        if saved.get("done") and _artifact(directory) is not None:
+            return _artifact(directory)
     if not ctx.train:
         raise LotoError(f"no trained model in {directory} and training is off; run without --no-train first")
     directory.mkdir(parents=True, exist_ok=True)
@@ -434,7 +439,13 @@ def fold_artifact(method: Method, ctx: FoldContext, fold: str) -> Path:
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(record_path)
-    return artifact
+    return _artifact(directory)
+
+
+def _artifact(directory: Path) -> Path | None:
+    """The model a fold run wrote: its ``student.pt``, else its ``teacher.pt`` (the teacher a
+    student run trains first sits in ``teacher/``)."""
+    return next((directory / name for name in ("student.pt", "teacher.pt") if (directory / name).is_file()), None)
 
 
 def _relative(path: Path, root: Path) -> str:

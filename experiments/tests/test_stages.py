@@ -1,4 +1,6 @@
-"""Stage "cluster": balanced codes, the swapped-prediction loss, and a run that exports a model."""
+"""The research stages (experiments/stages): the cluster stage's balanced codes, swapped
+prediction and IIC, a cluster run that exports a model, init_from, and the teacher's
+label-map contrast (procedural supervision)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from seglib_tests_conftest import tiny_config, tiny_overrides
 
-from seglib.augment import ViewTransform, sample_transforms
-from seglib.config import AugmentConfig
-from seglib.losses.cluster import (
+from experiments.stages.cluster_losses import (
     assignment_stats,
     balanced_codes,
     mutual_information,
     sinkhorn,
     swapped_prediction,
 )
+from experiments.stages.teacher_research import region_contrast
+from seglib.augment import ViewTransform, sample_transforms
+from seglib.config import AugmentConfig, Config
+from seglib.training.run import run
 
 
 def test_sinkhorn_codes_are_distributions_with_balanced_columns():
@@ -95,7 +100,7 @@ def test_mutual_information_matches_the_joint_written_out_and_sends_gradient_to_
 
 
 def test_colour_statistics_are_window_means_and_spreads():
-    from seglib.losses.cluster import colour_statistics
+    from experiments.stages.cluster_losses import colour_statistics
 
     rgb = torch.zeros(1, 3, 16, 16)
     rgb[..., :, 8:] = 1.0  # left half black, right half white
@@ -122,9 +127,7 @@ def test_swapped_prediction_sends_gradient_to_both_views():
     "arch,colourize,iic", [("student", 0.0, 0.0), ("teacher", 0.0, 0.0), ("student", 1.0, 0.0), ("student", 0.0, 1.0)]
 )
 def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path, one_thread, arch, colourize, iic):
-    from seglib.config import Config
     from seglib.models import load_model
-    from seglib.training.run import run
 
     folder = tmp_path / "tiles"
     folder.mkdir()
@@ -136,9 +139,9 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
             "stage": "cluster",
             "model": {"encoder": {"width": 16, "depth": 1, "embed_dim": 8}},
             "student": {"size": "tiny", "norm": "batch", "stem": "unshuffle"},
-            "cluster": {"arch": arch, "prototypes": 6, "window": 1, "colourize": colourize, "iic": iic},
+            "stage_options": {"arch": arch, "prototypes": 6, "window": 1, "colourize": colourize, "iic": iic},
             "data": {"synthetic": False, "data_dir": str(folder), "size": 32, "batch_size": 2},
-            "train": {"steps": 3, "warmup": 1, "checkpoint_dir": str(tmp_path / "run"), "image_every": 2},
+            "train": {"steps": 3, "warmup": 1, "checkpoint_dir": str(tmp_path / "run"), "checkpoint_every": 2},
         }
     )
     history = run(cfg)
@@ -157,24 +160,108 @@ def test_cluster_stage_trains_on_a_folder_and_exports_a_loadable_model(tmp_path,
 
 
 def test_init_from_starts_a_teacher_or_cluster_run_from_saved_weights(tmp_path, tiny_teacher_checkpoint):
-    from conftest import tiny_config
-
+    from experiments.stages.cluster import ClusterOptions, ClusterTask
+    from experiments.stages.teacher_research import TeacherResearchOptions, TeacherResearchTask
     from seglib.models import load_model
-    from seglib.training.cluster import ClusterTask
-    from seglib.training.run import start_from
     from seglib.training.teacher import TeacherTask
 
     saved = load_model(tiny_teacher_checkpoint).state_dict()
     cfg = tiny_config()
+    path = str(tiny_teacher_checkpoint)
     cfg.train.seed = 5  # other random weights than the saved ones
-    teacher = TeacherTask(cfg, torch.device("cpu"))
-    assert not all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
-    start_from(teacher, tiny_teacher_checkpoint)
+    torch.manual_seed(5)
+    assert not all(
+        torch.equal(v, saved[k]) for k, v in TeacherTask(cfg, torch.device("cpu")).model.state_dict().items()
+    )
+    options = TeacherResearchOptions(init_from=str(tiny_teacher_checkpoint))
+    teacher = TeacherResearchTask(cfg, torch.device("cpu"), options)
     assert all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items())
-    cfg.stage, cfg.cluster.arch = "cluster", "teacher"
-    cluster = ClusterTask(cfg, torch.device("cpu"))
-    start_from(cluster, tiny_teacher_checkpoint)
+    cluster = ClusterTask(
+        cfg, torch.device("cpu"), ClusterOptions(arch="teacher", init_from=str(tiny_teacher_checkpoint))
+    )
     assert all(torch.equal(v, saved[k]) for k, v in cluster.model.segmenter.state_dict().items())
-    cfg.cluster.arch = "student"
     with pytest.raises(ValueError, match="holds a MonolithicSegmenter"):
-        start_from(ClusterTask(cfg, torch.device("cpu")), tiny_teacher_checkpoint)
+        ClusterTask(cfg, torch.device("cpu"), ClusterOptions(arch="student", init_from=path))
+
+
+def test_the_stages_check_their_options():
+    """stage_options is checked against the stage's own settings: a typo names the setting, a
+    core stage takes none, an unknown stage names the registered ones."""
+    from seglib.config import ConfigError
+    from seglib.training.stages import build_task
+
+    cfg = Config.from_dict({"stage": "cluster", "stage_options": {"windw": 2}})
+    with pytest.raises(ConfigError, match="stage_options.windw.*did you mean 'stage_options.window'"):
+        build_task(cfg, torch.device("cpu"))
+    cfg = Config.from_dict({"stage": "cluster", "stage_options": {"swap": 0.0}})
+    with pytest.raises(ConfigError, match="swap, colourize or iic"):
+        build_task(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="stage teacher has no settings of its own"):
+        build_task(Config.from_dict({"stage_options": {"window": 2}}), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="unknown stage 'clustr'.*cluster"):
+        build_task(Config.from_dict({"stage": "clustr"}), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- procedural supervision
+
+
+def test_region_contrast_floor_separation_and_images_kept_apart():
+    """At its floor (mean log of each anchor's positives) when classes sit far apart, higher
+    when they mix; a class id is read within its own image only."""
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, :, 8:] = 1  # two halves per image, 8 positions of each class on a 4 x 4 grid
+    apart = torch.zeros(2, 2, 4, 4)
+    apart[:, 0, :, :2] = 5.0
+    apart[:, 1, :, 2:] = 5.0
+    floor = math.log(7)  # 7 other positions of the own class, every one at distance 0
+    assert float(region_contrast(apart, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
+    mixed = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert float(region_contrast(mixed, labels, 0.2)) > floor + 1.0
+    # Image 1 swaps which appearance its class 0 has: separation within each image still counts.
+    swapped = apart.clone()
+    swapped[1] = apart[1].flip(-1)
+    assert float(region_contrast(swapped, labels, 0.2)) == pytest.approx(floor, abs=1e-4)
+    # Gradients pull a mixed embedding toward the floor.
+    x = mixed.clone().requires_grad_(True)
+    region_contrast(x, labels, 0.2).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_region_loss_needs_synthetic_tiles(tmp_path):
+    from seglib.config import ConfigError
+    from seglib.training.stages import build_task
+
+    cfg = Config.from_dict(
+        {
+            "stage": "teacher_research",
+            "stage_options": {"region": 1.0},
+            "data": {"synthetic": False, "data_dir": str(tmp_path)},
+        }
+    )
+    with pytest.raises(ConfigError, match="stage_options.region"):
+        build_task(cfg, torch.device("cpu"))
+
+
+def test_region_contrast_is_zero_without_positives():
+    """Every position its own class: no anchor has a positive, the term is 0 (and differentiable)."""
+    labels = torch.arange(16).reshape(1, 4, 4)
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = region_contrast(x, labels, 0.1)
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+
+
+def test_region_term_trains_on_the_synthetic_label_maps(tmp_path):
+    """The region option adds the label-map contrast to the teacher's total: logged and finite,
+    and at the first step (same weights, same batch) the total is the plain run's plus the term."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides(tmp_path / "region", steps=2)
+    history = run(Config.from_dict({**over, "stage": "teacher_research", "stage_options": {"region": 1.0}}))
+    acc = EventAccumulator(str(tmp_path / "region" / "tb"))
+    acc.Reload()
+    values = [e.value for e in acc.Scalars("loss/region")]
+    assert len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values)
+    plain = run(Config.from_dict(tiny_overrides(tmp_path / "plain", steps=2)))
+    assert "loss/region" not in plain
+    assert history["loss/total"][0] == pytest.approx(plain["loss/total"][0] + history["loss/region"][0], rel=1e-5)

@@ -1,3 +1,0 @@
-"""Recipe student_cluster_cpu: see seglib/recipes.py (what it is for, how long it takes)."""
-
-from seglib.recipes import STUDENT_CLUSTER_CPU as CONFIG  # noqa: F401

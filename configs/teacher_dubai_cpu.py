@@ -1,3 +1,0 @@
-"""Recipe teacher_dubai_cpu: see seglib/recipes.py (what it is for, how long it takes)."""
-
-from seglib.recipes import TEACHER_DUBAI_CPU as CONFIG  # noqa: F401

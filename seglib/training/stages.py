@@ -1,0 +1,83 @@
+"""The training stages a run can name (``cfg.stage``): the core's ``teacher`` and ``student``, and
+any stage a plugin registers (the research stages of ``experiments/stages/`` do).
+
+A stage is a name, a function that builds its ``Task`` (``seglib.training.loop``) for a config
+on a device, and, for a plugin, a dataclass of its own settings: the config carries them as
+``stage_options``, checked against that dataclass, and the build function gets the checked
+dataclass. A plugin's settings never enter the core config.
+
+    register_stage(Stage("mine", build=lambda cfg, device, options: MyTask(cfg, device, options),
+                         options=MyOptions))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import Config, ConfigError, apply_overrides
+from .loop import Task
+from .student import StudentTask, teacher_first
+from .teacher import TeacherTask
+
+__all__ = ["Stage", "STAGES", "register_stage", "get_stage", "build_task"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Arguments:
+    name: what ``cfg.stage`` says.
+    build: (cfg, device, options) -> the stage's ``Task``; ``options`` is None for a stage
+      without settings of its own.
+    options: the dataclass of the stage's settings (``cfg.stage_options``), or None.
+    about: one line for error messages and listings.
+    """
+
+    name: str
+    build: Callable[[Config, torch.device, Any], Task]
+    options: type | None = None
+    about: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Make ``stage`` available to ``cfg.stage`` (a later registration of the name replaces it)."""
+    STAGES[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage ``name``; ``ConfigError`` naming the registered ones otherwise."""
+    if name not in STAGES:
+        known = ", ".join(f"{s.name} ({s.about})" if s.about else s.name for s in STAGES.values())
+        raise ConfigError(
+            f"unknown stage {name!r}; registered: {known}. A research stage is registered by importing its "
+            "plugin (experiments/stages): python -m experiments.train ..."
+        )
+    return STAGES[name]
+
+
+def build_task(cfg: Config, device: torch.device) -> Task:
+    """The task of ``cfg.stage``, with ``cfg.stage_options`` checked against the stage's settings."""
+    stage = get_stage(cfg.stage)
+    if stage.options is None:
+        if cfg.stage_options:
+            raise ConfigError(f"stage {stage.name} has no settings of its own; stage_options must be empty")
+        return stage.build(cfg, device, None)
+    options = apply_overrides(stage.options(), cfg.stage_options, prefix="stage_options.")
+    return stage.build(cfg, device, options)
+
+
+register_stage(Stage("teacher", lambda cfg, device, _: TeacherTask(cfg, device), about="the teacher on view pairs"))
+register_stage(
+    Stage(
+        "student",
+        lambda cfg, device, _: StudentTask(cfg, device, teacher_first(cfg, device)),
+        about="the student distilled from a teacher (trained first when distill.teacher_checkpoint is empty)",
+    )
+)
