@@ -292,12 +292,10 @@ class Config:
             raise ConfigError("stage must name a training stage: teacher, student or a registered plugin stage")
         if self.data.size <= 0 or self.data.size % 16:
             raise ConfigError(f"data.size must be a positive multiple of 16, got {self.data.size}")
-        if self.train.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
-        if self.train.grad_accum < 1:
-            raise ConfigError(f"train.grad_accum must be >= 1, got {self.train.grad_accum}")
-        if self.data.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        for key, low, note in _MINIMUMS:
+            section, name = key.split(".")
+            if (value := getattr(getattr(self, section), name)) < low:
+                raise ConfigError(f"{key} must be >= {low}{note}, got {value}")
         bad = [k for k in self.randomize.ks if not K_MIN <= k <= K_MAX]
         if bad:
             raise ConfigError(f"randomize.ks must lie in {K_MIN}..{K_MAX}, got {bad}")
@@ -315,12 +313,6 @@ class Config:
                 raise ConfigError(str(exc)) from None
         if (self.data.include or self.data.exclude) and self.data.synthetic:
             raise ConfigError("data.include / data.exclude choose images of data.data_dir; give --data-dir")
-        if self.train.checkpoint_minutes < 0:
-            raise ConfigError(f"train.checkpoint_minutes must be >= 0 (0: off), got {self.train.checkpoint_minutes}")
-        if self.train.threads < 0:
-            raise ConfigError(f"train.threads must be >= 0 (0: automatic), got {self.train.threads}")
-        if self.probe.every < 0:
-            raise ConfigError(f"probe.every must be >= 0 (0: off), got {self.probe.every}")
         return self
 
     def check_paths(self) -> Config:
@@ -347,6 +339,17 @@ class Config:
         if overrides:
             apply_overrides(cfg, overrides)
         return cfg
+
+
+# Settings with a lower bound: (key, minimum, what the minimum means).
+_MINIMUMS = [
+    ("train.steps", 1, ""),
+    ("train.grad_accum", 1, ""),
+    ("data.batch_size", 1, ""),
+    ("train.checkpoint_minutes", 0, " (0: off)"),
+    ("train.threads", 0, " (0: automatic)"),
+    ("probe.every", 0, " (0: off)"),
+]
 
 
 def _plain(value: Any) -> Any:

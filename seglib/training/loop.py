@@ -105,16 +105,15 @@ def train_loop(
         _log_probe(probe, task, average, 0, history, logger)  # the weights before training
     saves.start_clock()
     accum = max(1, t.grad_accum)
-    batches = batch_loader(
-        source, start * accum, t.steps * accum, cfg.data.num_workers, pin_memory=device.type == "cuda"
-    )
-    batches = iter(batches)
+    pin = device.type == "cuda"
+    batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers, pin_memory=pin))
     model.train()
     bar = progress_bar(
         range(start, t.steps), initial=start, total=t.steps, disable=not main, desc=task.kind, dynamic_ncols=True
     )
     records = Records(history, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
     for step in bar:
+        done = step + 1
         opt.zero_grad(set_to_none=True)
         last, terms, n_images = _accumulate(task, step_model, batches, step, accum, device, t.amp)
         names, stacked = list(terms), torch.stack([value.float().reshape(()) for value in terms.values()])
@@ -125,9 +124,8 @@ def train_loop(
             average.update(skip=skipped)
         sched.step()
         records.add(
-            step + 1, names, stacked, grad_norm, bad, lr=sched.get_last_lr()[0], n_images=n_images, scalars=last.scalars
+            done, names, stacked, grad_norm, bad, lr=sched.get_last_lr()[0], n_images=n_images, scalars=last.scalars
         )
-        done = step + 1
         log_now = done % max(1, t.log_every) == 0
         scheduled, timed = saves.scheduled(done), main and saves.timed()
         image_now = last.rgb is not None and (step == start or scheduled)
