@@ -1,4 +1,4 @@
-"""Methods of the UC Merced study (issue 27), registered into the leave-one-tile-out protocol.
+"""Methods of the UC Merced study, registered into the leave-one-tile-out protocol.
 
     python -m experiments.ucmerced --data ../shared/data/dubai_aerial_dev \
         --extra-images ../shared/data/ucmerced_landuse --transfer --methods rgb_kmeans,scene,scene_random
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.stages import recipes as stage_recipes  # registers the cluster stage and its recipes
 from seglib import recipes
 from seglib.checkpoint import load_checkpoint, save_atomic
 from seglib.config import Config, merge
@@ -66,7 +67,7 @@ SETTINGS = {
     "L8c2": {"levels": {"s8": 1.0}, "colour_weight": 2.0},
     "L8c4": {"levels": {"s8": 1.0}, "colour_weight": 4.0},
 }
-REAL_HEAD = {"downsample": 2, "iters": 1, "size_prior": 3.0}
+REAL_HEAD = recipes.BUNDLED_HEAD  # the bundled student's head (half resolution, 1 iteration, prior 3)
 
 
 def scene_folder(ctx) -> Path:
@@ -225,7 +226,7 @@ METHODS_BUILD = {
     "teacher_ucm": _recipe_build(
         "teacher_ucm", merge(recipes.TEACHER_DUBAI_CPU, {"data": {"downscale": 2, **UCM_DATA}})
     ),
-    "cluster_ucm": _recipe_build("cluster_ucm", merge(recipes.STUDENT_CLUSTER_CPU, {"data": UCM_DATA})),
+    "cluster_ucm": _recipe_build("cluster_ucm", merge(stage_recipes.STUDENT_CLUSTER_CPU, {"data": UCM_DATA})),
 }
 METHODS_BUILD["student_ucm"] = _recipe_build(
     "student_ucm", merge(recipes.STUDENT_DUBAI_CPU, {"data": UCM_DATA}), teacher="teacher_ucm"

@@ -83,6 +83,23 @@ class SceneCNN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.pyramid(rgb)["s16"], 1).flatten(1))  # (B, classes)
 
 
+# Head and lane settings that are constants of the code now, at the values they have there:
+# scene checkpoints written while they were settings (by the pretraining runs of the UC Merced
+# study) still load when they hold these values, and are refused otherwise.
+_CONSTANTS = {
+    "head": {"init_pool": 2, "denoise_bandwidth": 0.4},
+    "refine": {"radius": 2, "eps": 1e-3, "learned_width": 4},
+}
+
+
+def _without_constants(section: dict[str, Any], name: str) -> dict[str, Any]:
+    section = dict(section)
+    for key, value in _CONSTANTS[name].items():
+        if key in section and section.pop(key) != value:
+            raise ValueError(f"this scene checkpoint's {name}.{key} is not {value}, the value the code has now")
+    return section
+
+
 def _bundled_head() -> HeadConfig:
     # the bundled student's head on real imagery (seglib.recipes.STUDENT_DUBAI_CPU)
     return HeadConfig(iters=1, size_prior=3.0, denoise_iters=4, denoise_radius=1, denoise_dilations=(1, 2, 4))
@@ -114,10 +131,9 @@ class SceneModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SceneModelConfig:
         d = dict(d)
-        d["head"] = HeadConfig(
-            **{**d.get("head", {}), "denoise_dilations": tuple(d.get("head", {}).get("denoise_dilations", (1,)))}
-        )
-        d["refine"] = RefineConfig(**d.get("refine", {}))
+        head, refine = _without_constants(d.get("head", {}), "head"), _without_constants(d.get("refine", {}), "refine")
+        d["head"] = HeadConfig(**{**head, "denoise_dilations": tuple(head.get("denoise_dilations", (1,)))})
+        d["refine"] = RefineConfig(**refine)
         d["widths"], d["depths"] = tuple(d["widths"]), tuple(d["depths"])
         return cls(**d)
 
@@ -136,7 +152,7 @@ class SceneSegmenter(Segmenter):
         self.config = config = config or SceneModelConfig()
         self.cnn = SceneCNN(widths=config.widths, depths=config.depths, classes=config.classes)
         self.levels = dict(config.levels)  # an attribute, so that a protocol can score other levels (Method.attrs)
-        self.init_head(config.head, config.refine, colour_weight=config.colour_weight, colour_blur=0)
+        self.init_head(config.head, colour_weight=config.colour_weight)
 
     @property
     def embed_dim(self) -> int:
