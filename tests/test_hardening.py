@@ -69,7 +69,7 @@ def test_checkpoint_of_another_model(tmp_path):
         MonolithicSegmenter.from_checkpoint(path)
     decoder = tmp_path / "decoder_training_only.pt"
     save_atomic(model_checkpoint("decoder", Config().to_dict(), {}), decoder)
-    with pytest.raises(CheckpointError, match="expected a teacher or a student"):
+    with pytest.raises(CheckpointError, match="expected a teacher, a student or a scene model"):
         load_model(decoder)
 
 
