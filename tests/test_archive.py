@@ -139,9 +139,11 @@ def test_failures_are_isolated_and_named(archive, scheduler, tiny_teacher_checkp
 
 
 @pytest.mark.slow
-def test_a_killed_run_finishes_the_rest_on_rerun(archive, scheduler, tiny_teacher_checkpoint, dask_run, tmp_path):
+def test_a_killed_run_finishes_the_rest_on_rerun(archive, tiny_teacher_checkpoint, dask_run, tmp_path):
+    """``--workers 2`` (the command's own local cluster, killed with it), against the outputs of
+    the run on the module's cluster: byte-identical, so also to the single-process run's."""
     args = ["--input", archive, "--k", K, "--checkpoint", tiny_teacher_checkpoint, "--shared-legend", "--quiet"]
-    args = [sys.executable, "-m", "seglib.predict", *map(str, args), "--scheduler", scheduler]
+    args = [sys.executable, "-m", "seglib.predict", *map(str, args), "--workers", "2"]
     out = tmp_path / "out"
     proc = subprocess.Popen([*args, "--output", str(out)], start_new_session=True)
     manifest = out / MANIFEST

@@ -8,17 +8,20 @@ the shared-legend fit, on synthetic archives written to a scratch folder.
 
 ``throughput`` runs, interleaved in each repeat, the single-process command at 1 torch thread and
 at torch's default, and ``--workers 2``, each a fresh process (Python, torch, the cluster's start
-included), all with ``--shared-legend``. ``overhead`` runs ``--workers 2`` on many tiny files
-and compares the wall time with the workers' own seconds per file: the rest is the scheduler's
-and the client's cost per file. ``memory`` fits a shared legend on a new local cluster in a fresh
-process per archive size and reports the peak RSS of the client and of each worker. Every
-command prints one JSON object (with the 1-minute load average before and after: on a shared
-machine, say so next to the figures).
+included), all with ``--shared-legend``; then (``steady``) the 1-thread command and the dask run
+again in one process, on a cluster started once and warmed up: the throughput without start-up.
+``overhead`` runs ``--workers 2`` on many tiny files and compares the wall time with the workers'
+own seconds per file: the rest is the scheduler's and the client's cost per file. ``memory`` fits
+a shared legend on a new local cluster in a fresh process per archive size and reports the peak
+RSS of the client and of each worker. Every command prints one JSON object (with the 1-minute
+load average before and after: on a shared machine, say so next to the figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -70,6 +73,7 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path)
     best = {name: min(times) for name, times in runs.items()}
     dask = best[f"workers_{workers}"]
     least = {name: min(times) for name, times in cpu.items()}
+    steady = _steady(common, files, repeats, workers, scratch, load)
     return {
         "files": files,
         "size": size,
@@ -81,8 +85,43 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path)
         "s_per_file": {name: round(t / files, 3) for name, t in best.items()},
         "speedup_vs_single_1_thread": round(best["single_1_thread"] / dask, 2),
         "speedup_vs_single_default_threads": round(best["single_default_threads"] / dask, 2),
+        "steady": steady,
         "load_1min": load,
         "cores": os.cpu_count(),
+    }
+
+
+def _steady(common: list[str], files: int, repeats: int, workers: int, scratch: Path, load: list[float]) -> dict:
+    """The same two runs without the start-up costs, interleaved in this process: the command's
+    code (``seglib.predict.main``) at 1 torch thread, and on a local cluster started once, whose
+    workers have already loaded the model (a warm-up run on a few files): the throughput of an
+    archive run on a cluster that is already up (``--scheduler``), or of a long ``--workers`` run."""
+    from ..inference.archive.cluster import dask_client
+    from ..predict import main as predict
+
+    def run(*args: str) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # the lines --quiet keeps; stdout is the JSON's
+            assert predict([*args, "--quiet"]) == 0, args
+
+    def timed(name: str, r: int, *extra: str) -> float:
+        tic = time.perf_counter()
+        run(*common, *extra, "--output", str(scratch / f"{name}_{r}"))
+        return round(time.perf_counter() - tic, 2)
+
+    runs: dict[str, list[float]] = {"single_1_thread": [], f"warm_workers_{workers}": []}
+    with dask_client(workers=workers) as client:
+        address = client.scheduler.address
+        warmup = ["--input", str(scratch / "in" / "tile_0000[0-3].tif"), *common[2:], "--scheduler", address]
+        run(*warmup, "--output", str(scratch / "warmup"))
+        for r in range(repeats):
+            runs["single_1_thread"].append(timed("steady_single", r, "--threads", "1"))
+            runs[f"warm_workers_{workers}"].append(timed("steady_workers", r, "--scheduler", address))
+            load.append(_load())
+    best = {name: min(times) for name, times in runs.items()}
+    return {
+        "wall_s": runs,
+        "s_per_file": {name: round(t / files, 3) for name, t in best.items()},
+        "speedup": round(best["single_1_thread"] / best[f"warm_workers_{workers}"], 2),
     }
 
 
@@ -96,7 +135,7 @@ def overhead(files: int, size: int, workers: int, scratch: Path) -> dict:
     written = time.perf_counter() - tic
     load = [_load()]
     out = scratch / "out"
-    wall = _predict(["--input", str(inputs), "--k", "4", "--output", str(out), "--workers", str(workers)])
+    wall, _ = _predict(["--input", str(inputs), "--k", "4", "--output", str(out), "--workers", str(workers)])
     load.append(_load())
     summary = json.loads((out / "seglib-run.json").read_text())
     task = sum(r.get("seconds", 0.0) for r in summary["files"])
