@@ -25,6 +25,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,22 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _archive_there(folder: Path, files: int, size: int) -> bool:
+    tiles = sorted(folder.glob("tile_*.tif"))
+    if len(tiles) != files:
+        return False
+    import rasterio
+
+    with rasterio.open(tiles[-1]) as src:
+        return src.width == src.height == size
+
+
+def _fresh(folder: Path) -> str:
+    """``folder`` emptied (a rerun with the same scratch must not find outputs to skip)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return str(folder)
+
+
 def _predict(args: list[str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (its processes and their workers) of ``python -m
     seglib.predict ARGS`` (which must succeed)."""
@@ -51,29 +68,32 @@ def _predict(args: list[str]) -> tuple[float, float]:
     return time.perf_counter() - tic, _cpu() - cpu
 
 
-def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path) -> dict:
+def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path, fresh: bool = True) -> dict:
     from .archive_data import write_archive
 
     inputs = scratch / "in"
-    write_archive(inputs, files, size=size)
+    if not _archive_there(inputs, files, size):  # an earlier run's (--scratch): the same tiles
+        write_archive(inputs, files, size=size)
     common = ["--input", str(inputs), "--k", "6", "--shared-legend"]
+    load = [_load()]
+    steady = _steady(common, files, repeats, workers, scratch, load)
+    if not fresh:
+        return {"files": files, "size": size, "steady": steady, "load_1min": load, "cores": os.cpu_count()}
     runs: dict[str, list[float]] = {"single_1_thread": [], "single_default_threads": [], f"workers_{workers}": []}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
-    load = [_load()]
     for r in range(repeats):
         for name, extra in (
             ("single_1_thread", ["--threads", "1"]),
             ("single_default_threads", []),
             (f"workers_{workers}", ["--workers", str(workers)]),
         ):
-            wall, used = _predict([*common, *extra, "--output", str(scratch / f"{name}_{r}")])
+            wall, used = _predict([*common, *extra, "--output", _fresh(scratch / f"{name}_{r}")])
             runs[name].append(round(wall, 2))
             cpu[name].append(round(used, 2))
             load.append(_load())
     best = {name: min(times) for name, times in runs.items()}
     dask = best[f"workers_{workers}"]
     least = {name: min(times) for name, times in cpu.items()}
-    steady = _steady(common, files, repeats, workers, scratch, load)
     return {
         "files": files,
         "size": size,
@@ -103,25 +123,41 @@ def _steady(common: list[str], files: int, repeats: int, workers: int, scratch: 
         with contextlib.redirect_stdout(io.StringIO()):  # the lines --quiet keeps; stdout is the JSON's
             assert predict([*args, "--quiet"]) == 0, args
 
-    def timed(name: str, r: int, *extra: str) -> float:
-        tic = time.perf_counter()
-        run(*common, *extra, "--output", str(scratch / f"{name}_{r}"))
-        return round(time.perf_counter() - tic, 2)
+    def cpu_seconds() -> float:  # this process (client, scheduler, the single run) and the cluster's
+        import psutil
 
-    runs: dict[str, list[float]] = {"single_1_thread": [], f"warm_workers_{workers}": []}
+        procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    single, dask = "single_1_thread", f"warm_workers_{workers}"
+    runs: dict[str, list[float]] = {single: [], dask: []}
+    cpu: dict[str, list[float]] = {single: [], dask: []}
+
+    def timed(name: str, r: int, *extra: str) -> None:
+        tic, used = time.perf_counter(), cpu_seconds()
+        run(*common, *extra, "--output", _fresh(scratch / f"steady_{name}_{r}"))
+        runs[name].append(round(time.perf_counter() - tic, 2))
+        cpu[name].append(round(cpu_seconds() - used, 2))
+
     with dask_client(workers=workers) as client:
         address = client.scheduler.address
         warmup = ["--input", str(scratch / "in" / "tile_0000[0-3].tif"), *common[2:], "--scheduler", address]
-        run(*warmup, "--output", str(scratch / "warmup"))
+        run(*warmup, "--output", _fresh(scratch / "warmup"))
         for r in range(repeats):
-            runs["single_1_thread"].append(timed("steady_single", r, "--threads", "1"))
-            runs[f"warm_workers_{workers}"].append(timed("steady_workers", r, "--scheduler", address))
+            timed(single, r, "--threads", "1")
+            timed(dask, r, "--scheduler", address)
             load.append(_load())
     best = {name: min(times) for name, times in runs.items()}
+    least = {name: min(times) for name, times in cpu.items()}
     return {
         "wall_s": runs,
+        "cpu_s": cpu,
         "s_per_file": {name: round(t / files, 3) for name, t in best.items()},
-        "speedup": round(best["single_1_thread"] / best[f"warm_workers_{workers}"], 2),
+        "cpu_s_per_file": {name: round(t / files, 4) for name, t in least.items()},
+        "speedup": round(best[single] / best[dask], 2),
+        # An estimate for idle cores, not a measurement: the single run's CPU seconds on one core
+        # against all the dask run's CPU seconds (client, scheduler, workers) spread over the workers.
+        "idle_speedup_estimate": round(least[single] / (least[dask] / workers), 2),
     }
 
 
@@ -135,7 +171,7 @@ def overhead(files: int, size: int, workers: int, scratch: Path) -> dict:
     written = time.perf_counter() - tic
     load = [_load()]
     out = scratch / "out"
-    wall, _ = _predict(["--input", str(inputs), "--k", "4", "--output", str(out), "--workers", str(workers)])
+    wall, _ = _predict(["--input", str(inputs), "--k", "4", "--output", _fresh(out), "--workers", str(workers)])
     load.append(_load())
     summary = json.loads((out / "seglib-run.json").read_text())
     task = sum(r.get("seconds", 0.0) for r in summary["files"])
@@ -234,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--positions", type=int, default=None, help="memory: the legend's budget of cells (default 2^18)")
+    p.add_argument("--steady-only", action="store_true", help="throughput: only the runs on a warm cluster")
     p.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args(argv)
     defaults = {"throughput": ([100], 512), "overhead": ([10000], 32), "memory": ([100, 2000], 128)}
@@ -242,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="seglib-archive-bench-") as tmp:
         scratch = args.scratch or Path(tmp)
         if args.what == "throughput":
-            result = throughput(files[0], size, args.repeats, args.workers, scratch)
+            result = throughput(files[0], size, args.repeats, args.workers, scratch, fresh=not args.steady_only)
         elif args.what == "overhead":
             result = overhead(files[0], size, args.workers, scratch)
             result["model_s_for_10000_files_of_this_size"] = extrapolate(
