@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,6 +158,32 @@ def test_row_writer_writes_in_order_from_one_thread_and_reraises():
         with RowWriter(broken) as writer:
             for y in range(50):
                 writer(y, None)
+
+
+def test_row_writer_closes_after_an_interrupt_lost_the_writers_wake_up():
+    """A Ctrl-C in the caller's put, after it woke the writer but before it deregistered the
+    writer's waiter, leaves that waiter (re-acquired by the writer) at the head of the queue's
+    condition: the next put wakes nobody. close() must still finish (it once hung: `seglib.predict`
+    interrupted mid-run never exited)."""
+    writer = RowWriter(lambda y, rows: None)
+    not_empty = writer._queue.not_empty
+    wait_until(lambda: len(not_empty._waiters) == 1)  # the writer waits for an item
+    with writer._queue.mutex:  # what the interrupted notify() did: release the waiter, keep it listed
+        stale = not_empty._waiters[0]
+        stale.release()
+    wait_until(lambda: len(not_empty._waiters) == 2)  # the writer woke, found nothing, waits again behind it
+    closing = threading.Thread(target=writer.close, daemon=True)
+    closing.start()
+    closing.join(timeout=10)
+    assert not closing.is_alive(), "RowWriter.close() hung after a lost wake-up"
+    assert not writer._thread.is_alive()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
 def test_block_kmeans_is_constant_on_blocks_and_separates_flat_colours():

@@ -33,6 +33,7 @@ __all__ = ["timed", "prefetch", "ordered_map", "RowWriter", "MODEL_WORKERS", "mo
 T = TypeVar("T")
 R = TypeVar("R")
 _DONE = object()
+_POLL = 0.05  # seconds a background thread waits on a queue before it looks again
 
 
 @contextmanager
@@ -57,7 +58,7 @@ def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
     """Put ``item`` unless ``stop`` is set first; False when stopped."""
     while not stop.is_set():
         try:
-            q.put(item, timeout=0.05)
+            q.put(item, timeout=_POLL)
             return True
         except queue.Full:
             continue
@@ -157,7 +158,14 @@ class RowWriter:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            # A timed wait, not a blocking one: a Ctrl-C that lands in the caller's put between
+            # waking this thread and deregistering its waiter leaves a stale waiter at the head of
+            # the queue's condition, so a later put wakes nobody (CPython's Condition.notify). The
+            # close() after that interrupt would wait forever; polling finds the item regardless.
+            try:
+                item = self._queue.get(timeout=_POLL)
+            except queue.Empty:
+                continue
             if item is _DONE:
                 return
             if self._error is not None:
