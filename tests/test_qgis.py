@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +183,11 @@ def fake_command(tmp_path):
 
 def test_runner_progress_then_cancel_interrupts_the_command(fake_command):
     feedback = Feedback(cancel_at=2)
-    start = time.perf_counter()
     with pytest.raises(runner.Canceled, match="no output was written"):
         fake_command("slow", feedback, progress=feedback.on_progress)
-    assert time.perf_counter() - start < 2.5  # stopped: the command needs 3 s
-    assert feedback.progress[0] == ("windows", 0, 10) and feedback.progress[-1][1] >= 2
+    # Stopped, not run to its end: no wall-clock bound (a loaded machine can take seconds to start
+    # the child's Python), the command's own account instead.
+    assert feedback.progress[0] == ("windows", 0, 10) and 2 <= feedback.progress[-1][1] < 10
     assert "interrupted: stopped, no partial output left" in feedback.console  # it got the interrupt, and said so
     assert "done" not in feedback.console
 
