@@ -56,7 +56,12 @@ PRETRAIN = {
     "scene_4x": {"steps": 800},
     "scene_4x_s1": {"steps": 800, "seed": 1},
     "scene_coarse": {"size": 64, "zoom": (0.25, 0.67)},
+    "scene_50": {"steps": 50},
+    "scene_50_s1": {"steps": 50, "seed": 1},
 }
+# Weights of the 3200-step run (``scene``) taken before its last step (``convert.py`` of its
+# last.pt): scored while it trains; the learning rate had not decayed yet.
+SNAPSHOTS = (2100,)
 # Inference settings chosen between inside the folds: feature levels (weights) and colour weight.
 SETTINGS = {
     "L8": {"levels": {"s8": 1.0}},
@@ -276,7 +281,28 @@ register(
         about="scene with BatchNorm statistics re-estimated on the fold's four training tiles (shrunk by 2)",
     )
 )
-for _base in ("scene", "scene_random", "scene_bn", "scene_s1"):
+
+
+def _snapshot_build(name: str):
+    def build(ctx, where: str) -> Path:
+        path = ctx.runs / name / "shared" / "scene.pt"
+        if not path.is_file():
+            raise LotoError(f"no {path}: convert the run's last.pt first (python -m experiments.ucmerced.convert)")
+        return path
+
+    return build
+
+
+for _step in SNAPSHOTS:
+    register(
+        Method(
+            f"scene_at{_step}",
+            per_fold=False,
+            build=_snapshot_build(f"scene_at{_step}"),
+            about=f"scene's weights at step {_step} of 3200 (before the learning rate decayed)",
+        )
+    )
+for _base in ("scene", "scene_random", "scene_bn", "scene_s1", *(f"scene_at{s}" for s in SNAPSHOTS)):
     for _setting, _attrs in SETTINGS.items():
         register(
             Method(
@@ -287,6 +313,18 @@ for _base in ("scene", "scene_random", "scene_bn", "scene_s1"):
                 about=f"{_base} with other inference settings ({_attrs})",
             )
         )
+# The head reading the tiles at their own resolution (downsample 1) instead of shrunk by 2: UC Merced
+# crops were seen at 0.3-0.8 m per pixel, the tiles shrunk by 2 are coarser than that.
+for _base in ("scene", "scene_random", "scene_coarse", *(f"scene_at{s}" for s in SNAPSHOTS)):
+    register(
+        Method(
+            f"{_base}_ds1",
+            eval_of=_base,
+            per_fold=False,
+            infer={"downsample": 1},
+            about=f"{_base} reading the tiles at full resolution (downsample 1)",
+        )
+    )
 register(
     Method(
         "student_dubai_ucm",
