@@ -59,8 +59,9 @@ PRETRAIN = {
     "scene_50": {"steps": 50},
     "scene_50_s1": {"steps": 50, "seed": 1},
 }
-# Weights of the 3200-step run (``scene``) taken before its last step (``convert.py`` of its
-# last.pt): scored while it trains; the learning rate had not decayed yet.
+# Weights of the 3200-step run (``scene``) taken before its last step, scored while it trained (the
+# learning rate had not decayed yet): the run's state.pt at that step (saved every 100 steps; a
+# scene model loads from it), copied to runs/scene_at<step>/shared/scene.pt.
 SNAPSHOTS = (2100,)
 # Inference settings chosen between inside the folds: feature levels (weights) and colour weight.
 SETTINGS = {
@@ -287,7 +288,7 @@ def _snapshot_build(name: str):
     def build(ctx, where: str) -> Path:
         path = ctx.runs / name / "shared" / "scene.pt"
         if not path.is_file():
-            raise LotoError(f"no {path}: convert the run's last.pt first (python -m experiments.ucmerced.convert)")
+            raise LotoError(f"no {path}: copy there the state.pt of scene's pretraining when it reaches the step")
         return path
 
     return build

@@ -1,7 +1,7 @@
 """Tables of the issue-27 measurements from the protocol and probe JSONs (no model is run here).
 
     python -m experiments.ucmerced.summarize --transfer T.json --loto L.json --probe P.json \
-        --bundled-loto docs/loto.json --out DIR
+        --bundled-loto experiments/loto/loto.json --out DIR
 
 Writes DIR/per_image.csv (every method's per-image mIoU), DIR/folds.csv (per-fold and pooled mIoU),
 DIR/curve.json (pooled transfer mIoU and probe accuracy against pretraining steps, per seed; the
