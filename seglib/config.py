@@ -32,6 +32,7 @@ __all__ = [
     "LANES",
     "check_k",
     "check_patterns",
+    "stage_settings",
     "check_lane",
     "ConfigError",
     "EncoderConfig",
@@ -287,7 +288,8 @@ class Config:
     def validate(self) -> Config:
         """Check the values that types alone do not; ``ConfigError`` names the key. Every entry
         point (the training CLI, ``seglib.training.run.run``, the demo) calls it; the stage's
-        name and ``stage_options`` are checked by the stage registry when the run starts."""
+        name is checked by the stage registry and ``stage_options`` by ``stage_settings`` when
+        the run starts."""
         if not self.stage:
             raise ConfigError("stage must name a training stage: teacher, student or a registered plugin stage")
         if self.data.size <= 0 or self.data.size % 16:
@@ -382,6 +384,17 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], prefix: str = "") -> An
         else:
             setattr(obj, key, _coerce(path, value, hints[key]))
     return obj
+
+
+def stage_settings(options: type | None, overrides: dict[str, Any], stage: str) -> Any:
+    """A stage's settings: ``overrides`` (the config's ``stage_options``) checked against the
+    stage's settings dataclass ``options``, an instance of it; None for a stage without settings
+    of its own (``overrides`` must then be empty). ``ConfigError`` names the key."""
+    if options is None:
+        if overrides:
+            raise ConfigError(f"stage {stage} has no settings of its own; stage_options must be empty")
+        return None
+    return apply_overrides(options(), overrides, prefix="stage_options.")
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:

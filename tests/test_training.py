@@ -127,7 +127,7 @@ def test_grad_accum_of_n_micro_batches_matches_one_batch_n_times_larger(tmp_path
     for accum, batch in [(micro_batches, 2), (1, 2 * micro_batches)]:
         cfg = cfg_for(tmp_path / f"{accum}x{batch}", steps=3, grad_accum=accum, warmup=1)
         task = MeanSquareTask()
-        histories[accum] = train_loop(task, cfg, Samples(batch), device=torch.device("cpu"))
+        histories[accum] = train_loop(task, cfg, Samples(batch), config=cfg.to_dict(), device=torch.device("cpu"))
         weights[accum] = task.model.state_dict()
     for key in ("loss/total", "train/grad_norm"):  # the same loss and gradient (Adam alone would hide a scale)
         assert len(histories[1][key]) == 3
@@ -165,7 +165,7 @@ def _train_with_nan(tmp_path, bad, steps):
     task = TeacherTask(cfg, torch.device("cpu"))
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     source = SyntheticBatches(size=32, batch_size=2)
-    return train_loop(NaNOnce(task, bad), cfg, source, device=torch.device("cpu")), task, before
+    return train_loop(NaNOnce(task, bad), cfg, source, config=cfg.to_dict(), device=torch.device("cpu")), task, before
 
 
 def test_non_finite_loss_never_reaches_the_weights(tmp_path, capsys):

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..io.images import ImageReadError, list_images, read_image, read_mask
+from ..io.images import ImageReadError, list_images, read_image, read_mask, shrink
 from .select import select_images
 
-__all__ = ["FolderBatches", "load_folder", "load_labelled_folder", "shrink"]
+__all__ = ["FolderBatches", "load_folder", "load_labelled_folder"]
 
 log = logging.getLogger("seglib.data")
 
@@ -51,26 +51,6 @@ def load_folder(
     return names, images
 
 
-def _downscale(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
-    from PIL import Image
-
-    h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if max_side <= 0 or scale >= 1:
-        return rgb, mask
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-    if mask is not None:
-        mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
-    return rgb, mask
-
-
-def shrink(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """``rgb`` (H, W, 3) uint8 resized (bilinear) so its longer side is ``max_side``, and its
-    label ``mask`` (nearest); both unchanged when already that small or ``max_side`` <= 0."""
-    return _downscale(rgb, mask, max_side)
-
-
 def load_labelled_folder(
     images: str | Path,
     masks: str | Path,
@@ -97,7 +77,7 @@ def load_labelled_folder(
             raise ImageReadError(
                 f"{mask_path}: mask is {mask.shape[::-1]}, image is {rgb.shape[1::-1]}; they must match"
             )
-        rgb, mask = _downscale(rgb, mask, max_side)
+        rgb, mask = shrink(rgb, mask, max_side)
         names.append(path.stem)
         pairs.append((rgb.astype(np.float32) / 255.0, mask))
     if not pairs:
@@ -140,7 +120,7 @@ class FolderBatches(Dataset):
         self.names, images = load_folder(folder, include=include, exclude=exclude)
         self.images = []
         for name, rgb in zip(self.names, images, strict=True):
-            rgb, _ = _downscale(rgb, None, max_side)
+            rgb, _ = shrink(rgb, None, max_side)
             if downscale > 1:  # the area average of each downscale x downscale block
                 h, w = rgb.shape[0] // downscale, rgb.shape[1] // downscale
                 blocks = rgb[: h * downscale, : w * downscale].reshape(h, downscale, w, downscale, 3)

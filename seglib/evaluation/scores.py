@@ -147,7 +147,8 @@ def folder_tiles(
     folder spread over its sorted list (0: all), shrunk so the longer side is at most
     ``max_side`` (0: full size). With a ``masks`` folder only images with a mask (``<stem>.png``)
     count and carry it; without, labels are None (``evaluate_tiles`` then reports proxies)."""
-    from ..data.tiles import load_folder, load_labelled_folder, shrink
+    from ..data.tiles import load_folder, load_labelled_folder
+    from ..io.images import shrink
 
     if masks:
         names, tiles = load_labelled_folder(images, masks, max_side=max_side)

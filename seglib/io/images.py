@@ -16,6 +16,8 @@ conversions applied (each also logged at INFO level on the ``seglib.io.images`` 
 
 GeoTIFFs are read with rasterio (its wheels carry GDAL); other formats with Pillow.
 
+``shrink`` resizes an image (and its label mask) to a longest side.
+
 ``BandStretch`` is that policy, decided once from a sample of the image (the whole image for
 ``read_image``; a decimated overview for a large raster, ``seglib.io.rasters``).
 """
@@ -47,6 +49,7 @@ __all__ = [
     "list_images",
     "list_inputs",
     "read_mask",
+    "shrink",
 ]
 
 log = logging.getLogger("seglib.io.images")
@@ -330,3 +333,19 @@ def read_mask(path: str | Path) -> np.ndarray:
             return np.asarray(im).astype(np.int64)
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot decode mask ({exc})") from exc
+
+
+def shrink(rgb: np.ndarray, mask: np.ndarray | None, max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rgb`` (H, W, 3) uint8 resized (bilinear) so its longer side is ``max_side``, and its
+    label ``mask`` (nearest); both unchanged when already that small or ``max_side`` <= 0."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if max_side <= 0 or scale >= 1:
+        return rgb, mask
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask.astype(np.int32)).resize(size, Image.NEAREST)).astype(np.int64)
+    return rgb, mask

@@ -49,7 +49,7 @@ from .averaging import WeightAverage
 from .logging import RunLogger, trim_events
 from .optim import CLIP, make_optimizer, make_schedule
 from .probe import QualityProbe
-from .state import Checkpoints, NonFiniteLossError, Records
+from .state import Checkpoints, NonFiniteLossError, Records, default_checkpoint_dir
 
 __all__ = ["StepOutput", "Task", "NonFiniteLossError", "train_loop"]
 
@@ -83,17 +83,20 @@ def train_loop(
     cfg: Config,
     source: torch.utils.data.Dataset,
     *,
+    config: dict[str, Any],
     device: torch.device,
     resume: bool = False,
     callbacks: Iterable[Callable[[int, dict[str, float]], None]] = (),
 ) -> dict[str, list[float]]:
     """Train ``task.model`` on micro-batches of ``source``; returns the history (dict of lists,
-    one entry per step: ``step``, ``loss/<term>``, ``train/lr``, ``train/img_per_s``, ...)."""
+    one entry per step: ``step``, ``loss/<term>``, ``train/lr``, ``train/img_per_s``, ...).
+    ``config`` is ``cfg`` as a plain dict (``cfg.to_dict()``, made once by the caller): what every
+    checkpoint and the TensorBoard run store."""
     t, main = cfg.train, dist.is_main()
     model, step_model, opt = _prepare(task, device, t)
     sched = make_schedule(opt, steps=t.steps, warmup=t.warmup)
     average = WeightAverage(model, t.weight_average_decay) if t.weight_average_decay > 0 else None
-    saves = Checkpoints(cfg, task, opt, sched, average)
+    saves = Checkpoints(default_checkpoint_dir(cfg), config, t, task, opt, sched, average)
     start, history = saves.resume() if resume else (0, {})
     if main and resume:
         # Events the killed run wrote after its checkpoint would be drawn twice (SummaryWriter's

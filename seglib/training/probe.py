@@ -28,10 +28,9 @@ import torch
 from ..config import Config, ConfigError
 from ..data.select import select_images
 from ..data.synthetic import eval_set
-from ..data.tiles import shrink
 from ..evaluation.baselines import rgb_kmeans
 from ..evaluation.metrics import proxy_scores, segmentation_scores
-from ..io.images import ImageReadError, list_images, read_image, read_mask
+from ..io.images import ImageReadError, list_images, read_image, read_mask, shrink
 
 __all__ = ["QualityProbe", "PROBE_SEED", "STRIDE", "IMAGES", "SIZE", "K"]
 

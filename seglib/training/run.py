@@ -4,7 +4,8 @@
     from seglib.training.run import run
     history = run(Config.from_dict({"train": {"steps": 100}}))   # dict of lists, one entry per step
 
-``run`` validates the config and checks its folders exist, sets the thread count for the run
+``run`` resolves the config once (validated, its folders checked, the stage's settings applied,
+serialised for the checkpoints), sets the thread count for the run
 (``train.threads``, 0: automatic, see ``seglib.device.training_threads``; restored afterwards),
 joins the process group under torchrun, seeds torch (the same initial weights on every rank),
 builds the data source and the stage's task (``seglib.training.stages``) and hands them to
@@ -18,11 +19,11 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .. import distributed as dist
-from ..config import Config
+from ..config import Config, stage_settings
 from ..data.source import make_source
 from ..device import busy_note, resolve_device, training_threads
 from .loop import train_loop
-from .stages import build_task
+from .stages import get_stage, make_task
 
 __all__ = ["run"]
 
@@ -32,7 +33,12 @@ def run(
 ) -> dict[str, list[float]]:
     """Train the stage ``cfg.stage``; returns its history (``train_loop``'s). ``resume``
     continues from the latest complete checkpoint in ``train.checkpoint_dir``."""
+    stage = get_stage(cfg.stage)
+    # The config resolved once: checked, the stage's settings applied, serialised for the
+    # checkpoints; the layers below get these values.
     cfg.validate().check_paths()
+    options = stage_settings(stage.options, cfg.stage_options, stage.name)
+    config = cfg.to_dict()
     threads_before = torch.get_num_threads()
     info, device = dist.setup(resolve_device(cfg.train.device))
     threads = training_threads(cfg.train.threads, device)
@@ -45,8 +51,8 @@ def run(
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
         source = make_source(cfg, rank=info.rank, world=info.world)
-        task = build_task(cfg, device)
-        return train_loop(task, cfg, source, device=device, resume=resume, callbacks=callbacks)
+        task = make_task(stage, options, cfg, device)
+        return train_loop(task, cfg, source, config=config, device=device, resume=resume, callbacks=callbacks)
     finally:
         dist.teardown()
         torch.set_num_threads(threads_before)

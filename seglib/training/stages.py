@@ -3,8 +3,10 @@ any stage a plugin registers (the research stages of ``experiments/stages/`` do)
 
 A stage is a name, a function that builds its ``Task`` (``seglib.training.loop``) for a config
 on a device, and, for a plugin, a dataclass of its own settings: the config carries them as
-``stage_options``, checked against that dataclass, and the build function gets the checked
-dataclass. A plugin's settings never enter the core config.
+``stage_options``, checked against that dataclass (``seglib.config.stage_settings``), and the build
+function gets the checked dataclass. A plugin's settings never enter the core config. The core
+stages have no build function: ``make_task`` builds them by name, so the path from a run's config
+to the model and the loss reads as plain calls.
 
     register_stage(Stage("mine", build=lambda cfg, device, options: MyTask(cfg, device, options),
                          options=MyOptions))
@@ -18,12 +20,12 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, apply_overrides
+from ..config import Config, ConfigError, stage_settings
 from .loop import Task
 from .student import StudentTask, teacher_first
 from .teacher import TeacherTask
 
-__all__ = ["Stage", "STAGES", "register_stage", "get_stage", "build_task"]
+__all__ = ["Stage", "STAGES", "register_stage", "get_stage", "build_task", "make_task"]
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,13 @@ class Stage:
     """Arguments:
     name: what ``cfg.stage`` says.
     build: (cfg, device, options) -> the stage's ``Task``; ``options`` is None for a stage
-      without settings of its own.
+      without settings of its own. None for the core stages (``make_task`` builds them).
     options: the dataclass of the stage's settings (``cfg.stage_options``), or None.
     about: one line for error messages and listings.
     """
 
     name: str
-    build: Callable[[Config, torch.device, Any], Task]
+    build: Callable[[Config, torch.device, Any], Task] | None = None
     options: type | None = None
     about: str = ""
 
@@ -65,19 +67,22 @@ def get_stage(name: str) -> Stage:
 def build_task(cfg: Config, device: torch.device) -> Task:
     """The task of ``cfg.stage``, with ``cfg.stage_options`` checked against the stage's settings."""
     stage = get_stage(cfg.stage)
-    if stage.options is None:
-        if cfg.stage_options:
-            raise ConfigError(f"stage {stage.name} has no settings of its own; stage_options must be empty")
-        return stage.build(cfg, device, None)
-    options = apply_overrides(stage.options(), cfg.stage_options, prefix="stage_options.")
-    return stage.build(cfg, device, options)
+    return make_task(stage, stage_settings(stage.options, cfg.stage_options, stage.name), cfg, device)
 
 
-register_stage(Stage("teacher", lambda cfg, device, _: TeacherTask(cfg, device), about="the teacher on view pairs"))
+def make_task(stage: Stage, options: Any, cfg: Config, device: torch.device) -> Task:
+    """The task of ``stage`` with its checked settings ``options`` (``seglib.config.stage_settings``)."""
+    if stage.build is not None:  # a plugin's stage
+        return stage.build(cfg, device, options)
+    if stage.name == "teacher":
+        return TeacherTask(cfg, device)
+    return StudentTask(cfg, device, teacher_first(cfg, device))
+
+
+register_stage(Stage("teacher", about="the teacher on view pairs"))
 register_stage(
     Stage(
         "student",
-        lambda cfg, device, _: StudentTask(cfg, device, teacher_first(cfg, device)),
         about="the student distilled from a teacher (trained first when distill.teacher_checkpoint is empty)",
     )
 )

@@ -88,15 +88,25 @@ class Checkpoints:
     """The checkpoint folder of one run and the parts every checkpoint holds.
 
     Arguments:
-      cfg: the run's config (stored in every checkpoint; ``train.*`` says when to write).
+      directory: the run's checkpoint folder.
+      config: the run's config as a plain dict (``Config.to_dict()``), stored in every checkpoint.
+      train: the run's ``train`` settings (when to write, how many to keep).
       task: the stage (``kind``, ``model``, its own ``state_dict``).
       optimizer, scheduler, average: the run's optimizer, learning-rate schedule and weight
         average (None: none).
     """
 
-    def __init__(self, cfg: Config, task: Any, optimizer: Any, scheduler: Any, average: Any = None):
-        self.directory = default_checkpoint_dir(cfg)
-        self.config, self.train = cfg.to_dict(), cfg.train
+    def __init__(
+        self,
+        directory: Path,
+        config: dict[str, Any],
+        train: TrainConfig,
+        task: Any,
+        optimizer: Any,
+        scheduler: Any,
+        average: Any = None,
+    ):
+        self.directory, self.config, self.train = Path(directory), config, train
         self.task, self.optimizer, self.scheduler, self.average = task, optimizer, scheduler, average
         self.last_save = _clock()
 

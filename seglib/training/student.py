@@ -183,6 +183,6 @@ def teacher_first(cfg: Config, device: torch.device) -> Path:
     torch.manual_seed(cfg.train.seed)
     task = TeacherTask(tcfg, device)
     source = make_source(tcfg, rank=dist.rank(), world=dist.world_size())
-    train_loop(task, tcfg, source, device=device, resume=True)
+    train_loop(task, tcfg, source, config=tcfg.to_dict(), device=device, resume=True)
     dist.barrier()
     return teacher_dir / "teacher.pt"
