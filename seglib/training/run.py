@@ -8,8 +8,9 @@
 serialised for the checkpoints), sets the thread count for the run
 (``train.threads``, 0: automatic, see ``seglib.device.training_threads``; restored afterwards),
 joins the process group under torchrun, seeds torch (the same initial weights on every rank),
-builds the data source and the stage's task (``seglib.training.stages``) and hands them to
-``train_loop``.
+builds the data source, trains the teacher first for a student run that names none
+(``seglib.training.student.teacher_first``), builds the stage's task
+(``seglib.training.stages.make_task``) and hands them to ``train_loop``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..data.source import make_source
 from ..device import busy_note, resolve_device, training_threads
 from .loop import train_loop
 from .stages import get_stage, make_task
+from .student import teacher_first
 
 __all__ = ["run"]
 
@@ -51,7 +53,8 @@ def run(
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
         source = make_source(cfg, rank=info.rank, world=info.world)
-        task = make_task(stage, options, cfg, device)
+        teacher = teacher_first(cfg, device) if stage.name == "student" else None  # trained first when none is named
+        task = make_task(stage, options, cfg, device, teacher)
         return train_loop(task, cfg, source, config=config, device=device, resume=resume, callbacks=callbacks)
     finally:
         dist.teardown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,16 +68,21 @@ def get_stage(name: str) -> Stage:
 def build_task(cfg: Config, device: torch.device) -> Task:
     """The task of ``cfg.stage``, with ``cfg.stage_options`` checked against the stage's settings."""
     stage = get_stage(cfg.stage)
-    return make_task(stage, stage_settings(stage.options, cfg.stage_options, stage.name), cfg, device)
+    options = stage_settings(stage.options, cfg.stage_options, stage.name)
+    teacher = teacher_first(cfg, device) if stage.name == "student" else None
+    return make_task(stage, options, cfg, device, teacher)
 
 
-def make_task(stage: Stage, options: Any, cfg: Config, device: torch.device) -> Task:
-    """The task of ``stage`` with its checked settings ``options`` (``seglib.config.stage_settings``)."""
+def make_task(stage: Stage, options: Any, cfg: Config, device: torch.device, teacher: Path | None = None) -> Task:
+    """The task of ``stage`` with its checked settings ``options`` (``seglib.config.stage_settings``);
+    ``teacher``: the checkpoint a student distils from (``teacher_first``)."""
     if stage.build is not None:  # a plugin's stage
         return stage.build(cfg, device, options)
     if stage.name == "teacher":
         return TeacherTask(cfg, device)
-    return StudentTask(cfg, device, teacher_first(cfg, device))
+    if teacher is None:
+        raise ValueError("the student stage needs its teacher checkpoint (seglib.training.student.teacher_first)")
+    return StudentTask(cfg, device, teacher)
 
 
 register_stage(Stage("teacher", about="the teacher on view pairs"))
