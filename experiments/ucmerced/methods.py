@@ -107,10 +107,10 @@ def _pretrain_build(name: str, changes: dict):
     return build
 
 
-def _random_build(ctx, where: str) -> Path:
-    """The default SceneCNN at random weights (seed 0), BatchNorm calibrated on 8 batches of 48
+def _random_build(ctx, where: str, seed: int = 0) -> Path:
+    """The default SceneCNN at random weights (seed ``seed``), BatchNorm calibrated on 8 batches of 48
     training-fold crops drawn as the pretraining draws them."""
-    path = ctx.runs / "scene_random" / where / "scene.pt"
+    path = ctx.runs / ("scene_random" if seed == 0 else f"scene_random_s{seed}") / where / "scene.pt"
     if path.is_file():
         return path
     if not ctx.train:
@@ -119,7 +119,7 @@ def _random_build(ctx, where: str) -> Path:
     cfg = ScenePretrainConfig()
     train = scenes.without_fold(cfg.holdout)
     with torch.random.fork_rng():
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = SceneSegmenter(SceneModelConfig(classes=len(scenes.classes)))
     batches = []
     for b in range(8):
@@ -273,6 +273,14 @@ register(
         per_fold=False,
         build=_random_build,
         about="the SceneCNN at random weights (seed 0), BatchNorm calibrated on UC Merced crops",
+    )
+)
+register(
+    Method(
+        "scene_random_s1",
+        per_fold=False,
+        build=lambda ctx, where: _random_build(ctx, where, seed=1),
+        about="the SceneCNN at random weights of seed 1 (the seed noise of scene_random)",
     )
 )
 register(
