@@ -20,8 +20,6 @@ load average before and after: on a shared machine, say so next to the figures).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import resource
@@ -112,16 +110,38 @@ def throughput(files: int, size: int, repeats: int, workers: int, scratch: Path,
 
 
 def _steady(common: list[str], files: int, repeats: int, workers: int, scratch: Path, load: list[float]) -> dict:
-    """The same two runs without the start-up costs, interleaved in this process: the command's
-    code (``seglib.predict.main``) at 1 torch thread, and on a local cluster started once, whose
-    workers have already loaded the model (a warm-up run on a few files): the throughput of an
-    archive run on a cluster that is already up (``--scheduler``), or of a long ``--workers`` run."""
-    from ..inference.archive.cluster import dask_client
-    from ..predict import main as predict
+    """The same two runs without the start-up costs, interleaved in this process: the library
+    functions the command calls, at 1 torch thread (``legend.fit_sources`` then ``predict_file`` per
+    input, as ``python -m seglib.predict --shared-legend`` without ``--workers``), and
+    ``segment_archive`` on a local cluster started once, whose workers have already loaded the model
+    (a warm-up run on a few files): the throughput of an archive run on a cluster that is already up
+    (``--scheduler``), or of a long ``--workers`` run."""
+    import torch
 
-    def run(*args: str) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):  # the lines --quiet keeps; stdout is the JSON's
-            assert predict([*args, "--quiet"]) == 0, args
+    from ..inference.archive import Settings, segment_archive
+    from ..inference.archive.cluster import dask_client
+    from ..inference.files import output_paths, predict_file
+    from ..inference.legend import fit_sources
+    from ..io.images import list_inputs
+    from ..io.rasters import SourceFile
+    from ..models import load_model
+
+    inputs = Path(common[common.index("--input") + 1])
+    settings = Settings(k=int(common[common.index("--k") + 1]))
+
+    def single_pass(output: Path) -> None:  # python -m seglib.predict --shared-legend --threads 1, in-process
+        torch.set_num_threads(1)
+        paths = list_inputs(inputs)
+        model = load_model(None)
+        legend = fit_sources(model, [SourceFile(p) for p in paths], settings.k, tiling=settings.tiling)
+        output.mkdir(parents=True, exist_ok=True)
+        for path, target in output_paths(paths, output).items():
+            predict_file(path, target, model, settings.k, tiling=settings.tiling, legend=legend, progress=False)
+
+    def on_dask(client, source, output: Path) -> None:  # what --scheduler runs, on this process's client
+        paths = [p.resolve() for p in list_inputs(source)]
+        report = segment_archive(client, paths, output, settings, shared=True, progress=False, echo=lambda line: None)
+        assert report["counts"]["failed"] == 0, report["counts"]
 
     def cpu_seconds() -> float:  # this process (client, scheduler, the single run) and the cluster's
         import psutil
@@ -133,19 +153,17 @@ def _steady(common: list[str], files: int, repeats: int, workers: int, scratch: 
     runs: dict[str, list[float]] = {single: [], dask: []}
     cpu: dict[str, list[float]] = {single: [], dask: []}
 
-    def timed(name: str, r: int, *extra: str) -> None:
+    def timed(name: str, r: int, work) -> None:
         tic, used = time.perf_counter(), cpu_seconds()
-        run(*common, *extra, "--output", _fresh(scratch / f"steady_{name}_{r}"))
+        work(Path(_fresh(scratch / f"steady_{name}_{r}")))
         runs[name].append(round(time.perf_counter() - tic, 2))
         cpu[name].append(round(cpu_seconds() - used, 2))
 
     with dask_client(workers=workers) as client:
-        address = client.scheduler.address
-        warmup = ["--input", str(scratch / "in" / "tile_0000[0-3].tif"), *common[2:], "--scheduler", address]
-        run(*warmup, "--output", _fresh(scratch / "warmup"))
+        on_dask(client, str(inputs / "tile_0000[0-3].tif"), Path(_fresh(scratch / "warmup")))
         for r in range(repeats):
-            timed(single, r, "--threads", "1")
-            timed(dask, r, "--scheduler", address)
+            timed(single, r, single_pass)
+            timed(dask, r, lambda output: on_dask(client, inputs, output))
             load.append(_load())
     best = {name: min(times) for name, times in runs.items()}
     least = {name: min(times) for name, times in cpu.items()}
