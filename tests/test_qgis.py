@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,20 @@ def test_runner_progress_then_cancel_interrupts_the_command(fake_command):
     assert feedback.progress[0] == ("windows", 0, 10) and 2 <= feedback.progress[-1][1] < 10
     assert "interrupted: stopped, no partial output left" in feedback.console  # it got the interrupt, and said so
     assert "done" not in feedback.console
+
+
+def test_runner_cancel_interrupts_even_when_qgis_ignores_ctrl_c(fake_command):
+    """QGIS started with SIGINT ignored (in the background, by nohup): its children inherit that,
+    and the interrupt Cancel sends must still stop the command."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        feedback = Feedback(cancel_at=2)
+        with pytest.raises(runner.Canceled):
+            fake_command("slow", feedback, progress=feedback.on_progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "interrupted: stopped, no partial output left" in feedback.console
+    assert feedback.progress[-1][1] < 10 and "done" not in feedback.console
 
 
 def test_runner_reports_seglibs_one_line_message(fake_command):

@@ -38,6 +38,15 @@ INSTALLED = Path(__file__).with_name("installed.json")
 # tqdm reads its defaults from TQDM_* variables (tqdm >= 4.66): the child's progress bars become
 # lines this module parses ("windows: 3/12"); with an older tqdm the default bar also holds "n/total".
 PROGRESS_ENV = {"TQDM_BAR_FORMAT": "{desc}: {n}/{total}", "TQDM_MININTERVAL": "0.2", "PYTHONUNBUFFERED": "1"}
+# ``python -m MODULE ARGS`` with Ctrl-C restored first: a child inherits an ignored SIGINT (QGIS
+# started in the background, by nohup or a service) and a blocked one, and Python then never
+# raises KeyboardInterrupt, so Cancel's interrupt would be lost and the command run to its end.
+_AS_MODULE = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "hasattr(signal, 'pthread_sigmask') and signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+    "del sys.argv[0]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
 PROGRESS_LINE = re.compile(
     r"^(?P<desc>[A-Za-z][\w ]*): (?:(?P<n>\d+)/(?P<total>\d+)"  # our format
     r"| *\d+%\|[^|]*\| *(?P<n2>\d+)/(?P<total2>\d+)\b.*)$"  # tqdm's default
@@ -186,8 +195,8 @@ def run_command(
     env = {**os.environ, **PROGRESS_ENV}
     env.pop("PYTHONHOME", None)  # QGIS's bundles set these for their own Python, not seglib's
     env.pop("PYTHONPATH", None)
-    command = [python, "-m", *args]
-    feedback.pushCommandInfo(" ".join(_quote(a) for a in command))
+    feedback.pushCommandInfo(" ".join(_quote(a) for a in [python, "-m", *args]))
+    command = [python, "-c", _AS_MODULE, *args]  # the same, with Ctrl-C restored (_AS_MODULE)
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # no console window flashing up on Windows
     try:
         proc = subprocess.Popen(
