@@ -200,7 +200,7 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
         for i in order:
             threshold = budget.threshold if use_threshold else (1.0, 1.0)
             budget.add(file_sample(model, paths[i], i, k=K, tiling=tiling, positions=500, threshold=threshold))
-        assert budget.cells.held <= 2 * 500
+        assert budget.cells.held <= 500
         return fit_positions(model, budget, K, seed=0, meta={})
 
     a, b, c = fit(range(6), True), fit([5, 2, 0, 4, 1, 3], True), fit(range(6), False)

@@ -12,10 +12,11 @@ cells with the smallest keys over all files (a bottom-k sample: uniform over the
 whatever order the files arrive in, whichever process embedded them). The farthest-point
 initialisation's pooled cells are sampled alike, ``positions / init_pool**2`` of them.
 
-So memory is bounded whatever the number of files: a ``PositionBudget`` holds at most twice its
-budget (D + 2 numbers per cell: 35 floats for the bundled student, 2^18 cells, ~40 MB), and one
-file's sample at a time is embedded. ``threshold`` (the largest key still in the budget once it
-is full) lets a file drop at once the cells that cannot make the cut, so later files send less.
+So memory is bounded whatever the number of files: a ``PositionBudget`` stores its cells in
+place, in storage allocated at the first file for the budget and an eighth more (D + 2 numbers
+per cell: 35 floats for the bundled student, 2^18 cells, ~45 MB), and one file's sample at a time
+is embedded. ``threshold`` (the largest key in the budget once it is full) lets a file drop at
+once the cells that cannot make the cut, so later files send less.
 
 When all files together have no more cells than the budget, every cell is kept, in file order
 then window order then position: exactly the positions (and so the clusters) of fitting all the
@@ -138,38 +139,71 @@ def file_sample(
 
 
 class _Reservoir:
-    """The cells with the smallest keys seen so far, at most ``size`` (``2 * size`` between
-    compactions)."""
+    """The cells with the smallest keys seen so far, at most ``size``, in storage allocated once
+    (at the first cell, when D is known) and filled in place: ``size`` slots for the kept cells
+    and a staging area of ``size // 8`` for candidates, merged into the slots of the cells they
+    push out. Its memory is that of ``size * 9 / 8`` cells whatever the number of files; a file's
+    sample is copied in and can be freed at once."""
 
     def __init__(self, size: int):
-        self.size = size
-        self.parts: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []  # (values, keys, sort key)
-        self.held = 0
-        self.threshold = 1.0
+        self.size, self.stage = size, max(1, size // 8)
+        self.values: torch.Tensor | None = None  # (D, size + stage)
+        self.keys = np.full(size + self.stage, np.inf)
+        self.where = np.zeros(size + self.stage, np.int64)  # file index << 40 | the cell's order in its sample
+        self.held = 0  # kept cells: slots [0, held)
+        self.staged = 0  # candidates: slots [size, size + staged)
+        self.threshold = 1.0  # once full: the largest kept key
 
     def add(self, values: torch.Tensor, keys: np.ndarray, index: int, order: np.ndarray) -> None:
         if not len(keys):
             return
-        self.parts.append((values, keys, index * (1 << 40) + order.astype(np.int64)))
-        self.held += len(keys)
-        if self.held >= 2 * self.size:
-            self._compact()
+        if self.values is None:
+            self.values = torch.empty(values.shape[0], self.size + self.stage, dtype=values.dtype)
+        where = index * (1 << 40) + order.astype(np.int64)
+        take = min(len(keys), self.size - self.held)  # free slots first
+        self._put(self.held, values[:, :take], keys[:take], where[:take])
+        self.held += take
+        if take and self.held == self.size:
+            self.threshold = float(self.keys[: self.size].max())
+        rest = take + np.flatnonzero(keys[take:] < self.threshold)
+        for start in range(0, len(rest), self.stage):  # the rest compete for the slots
+            chunk = rest[start : start + self.stage]
+            if self.staged + len(chunk) > self.stage:
+                self._merge()
+            self._put(self.size + self.staged, values[:, torch.from_numpy(chunk)], keys[chunk], where[chunk])
+            self.staged += len(chunk)
 
-    def _compact(self) -> None:
-        values = torch.cat([p[0] for p in self.parts], 1)
-        keys = np.concatenate([p[1] for p in self.parts])
-        where = np.concatenate([p[2] for p in self.parts])
-        if len(keys) > self.size:
-            keep = np.argpartition(keys, self.size - 1)[: self.size]
-            values, keys, where = values[:, torch.from_numpy(keep)], keys[keep], where[keep]
-            self.threshold = float(keys.max())
-        self.parts, self.held = [(values, keys, where)], len(keys)
+    def _put(self, at: int, values: torch.Tensor, keys: np.ndarray, where: np.ndarray) -> None:
+        n = len(keys)
+        self.values[:, at : at + n] = values
+        self.keys[at : at + n], self.where[at : at + n] = keys, where
+
+    def _merge(self) -> None:
+        """The staged candidates into the slots of the kept cells with larger keys."""
+        if not self.staged:
+            return
+        n = self.size + self.staged
+        kept = np.zeros(n, bool)
+        kept[np.argpartition(self.keys[:n], self.size - 1)[: self.size]] = True
+        freed, incoming = np.flatnonzero(~kept[: self.size]), self.size + np.flatnonzero(kept[self.size : n])
+        if len(freed):
+            self.values[:, torch.from_numpy(freed)] = self.values[:, torch.from_numpy(incoming)]
+            self.keys[freed], self.where[freed] = self.keys[incoming], self.where[incoming]
+        self.keys[self.size : n] = np.inf
+        self.staged = 0
+        self.threshold = float(self.keys[: self.size].max())
 
     def cells(self) -> torch.Tensor:
-        """(1, D, n) the kept cells in file order, then each file's own order."""
-        self._compact()
-        values, _, where = self.parts[0]
-        return values[:, torch.from_numpy(np.argsort(where, kind="stable"))][None]
+        """(1, D, n) the kept cells in file order, then each file's own order (a copy)."""
+        self._merge()
+        if self.values is None:
+            return torch.empty(1, 0, 0)
+        order = torch.from_numpy(np.argsort(self.where[: self.held], kind="stable"))
+        return self.values[:, : self.held][:, order][None]
+
+    def release(self) -> None:
+        """Free the storage (the budget has been fitted on)."""
+        self.values, self.held, self.staged = None, 0, 0
 
 
 class PositionBudget:

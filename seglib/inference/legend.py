@@ -395,13 +395,15 @@ def fit_sources(
 @torch.no_grad()
 def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, seed: int, meta: dict) -> Legend:
     """``Legend`` (stable order, shares, colours, fingerprint) fitted with the head's soft
-    k-means on the cells a ``PositionBudget`` kept; ``meta`` is stored with them."""
+    k-means on the cells a ``PositionBudget`` kept (its storage is freed once they are taken out:
+    the fit holds one copy); ``meta`` is stored with them."""
     if not budget.files:
         from ..io.images import ImageReadError
 
         raise ImageReadError("no readable image to fit the clusters on")
     head = model.head
     x, xp = budget.cells.cells(), budget.pooled.cells()
+    budget.cells.release(), budget.pooled.release()
     out = head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
     weight = float(model.colour_weight) or 1.0
     colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
