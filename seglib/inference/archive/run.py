@@ -21,15 +21,25 @@ from ...io.vrt import write_vrt
 from ...viz import progress_bar
 from .jobs import Settings, expand_inputs, input_identity
 from .record import Manifest, output_key, write_summary
-from .tasks import block_task, describe_error, sample_task, segment_task
+from .tasks import block_task, describe_error, sample_batch_task, segment_batch_task
 
 __all__ = ["segment_archive", "fit_archive_legend"]
 
 SUMMARY = "seglib-run.json"
+SAMPLE_BATCH = 4  # files per legend-sample task
+SEGMENT_BATCH = 16  # files per segmentation task
 
 
 def _workers(client) -> int:
     return max(1, len(client.scheduler_info().get("workers", {})))
+
+
+def batches(items: list, workers: int, *, most: int) -> list[list]:
+    """``items`` in consecutive runs of equal size, about four per worker (so a slow file does
+    not leave a worker idle at the end) and at most ``most`` long: several files per dask task,
+    the scheduler's and the client's cost per task shared by them."""
+    size = max(1, min(most, -(-len(items) // (4 * workers))))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def fit_archive_legend(
@@ -50,28 +60,32 @@ def fit_archive_legend(
     fingerprint = model_fingerprint(model)
     budget = PositionBudget(positions, k=k, init_pool=model.head.init_pool)
     failed: dict[str, str] = {}
-    todo = list(enumerate(paths))[::-1]
+    # A few files per task (at most SAMPLE_BATCH: the results in flight hold their samples).
+    todo = batches([(str(path), index) for index, path in enumerate(paths)], _workers(client), most=SAMPLE_BATCH)[::-1]
     in_flight = as_completed()
 
     def submit() -> None:
-        index, path = todo.pop()
-        args = (str(path), index, settings, k, positions, budget.threshold, fingerprint)
-        in_flight.add(client.submit(sample_task, *args, pure=False, key=f"seglib-sample-{index}-{time.time_ns()}"))
+        jobs = todo.pop()
+        args = (jobs, settings, k, positions, budget.threshold, fingerprint)
+        key = f"seglib-sample-{jobs[0][1]}-{time.time_ns()}"
+        in_flight.add(client.submit(sample_batch_task, *args, pure=False, key=key))
 
     for _ in range(min(len(todo), 2 * _workers(client) + 1)):  # a few ahead: later ones get a lower threshold
         submit()
     bar = progress_bar(total=len(paths), desc="legend sample", unit="file", disable=not progress)
     with bar:
         for future in in_flight:
-            result = future.result()
+            results = future.result()
             future.release()
-            if isinstance(result, FileSample):
-                budget.add(result)
-            else:
-                failed[result["input"]] = result["error"]
+            for result in results:  # each added, then dropped: only the budget's cells stay
+                if isinstance(result, FileSample):
+                    budget.add(result)
+                else:
+                    failed[result["input"]] = result["error"]
+                bar.update()
+            del results
             if todo:
                 submit()
-            bar.update()
     meta = {"skipped": sorted(failed.items()), "tile": settings.tile, "overlap": settings.overlap}
     meta |= {"fit_windows": settings.fit_windows, "fit_pixels": FIT_PIXELS}
     return fit_positions(model, budget, k, seed=settings.seed, meta=meta), failed
@@ -204,57 +218,69 @@ def segment_archive(
 
 
 def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys, progress) -> None:
-    """Submit one task per input (and per block of a split raster) and record each result as it
-    comes; the manifest gets an input as soon as all its outputs are written."""
+    """Submit the inputs a few per task (``batches``; a block of a split raster is a task of its
+    own) and record each input's result as its task comes back; the manifest gets an input as
+    soon as all its outputs are written."""
     from dask.distributed import as_completed
 
     token = time.time_ns()
     futures = as_completed()
-    owner: dict[str, tuple[Path, tuple | None]] = {}  # task key -> (input, rows of a block or None)
-    for i, path in enumerate(todo):
-        key = f"seglib-file-{i}-{token}"
-        owner[key] = (path, None)
-        futures.add(client.submit(segment_task, str(path), str(targets[path]), settings, legend, pure=False, key=key))
+    owner: dict[str, tuple[list[Path], tuple | None]] = {}  # task key -> (its inputs, rows of a block or None)
+    for i, batch in enumerate(batches(todo, _workers(client), most=SEGMENT_BATCH)):
+        key = f"seglib-files-{i}-{token}"
+        owner[key] = (batch, None)
+        jobs = [(str(path), str(targets[path])) for path in batch]
+        futures.add(client.submit(segment_batch_task, jobs, settings, legend, pure=False, key=key))
     splits: dict[Path, dict] = {}  # a split raster -> its blocks still to come, their files and errors
+
+    def record(path: Path, result: dict) -> None:
+        if result["status"] == "done":
+            files = result.get("files") or [result["output"], result.get("vector")]
+            if settings.preview and not result.get("files"):
+                from ..files import preview_path
+
+                files.append(str(preview_path(Path(result["output"]))))
+            result["files"] = [str(f) for f in files if f]
+            manifest.add(keys[path], str(path), result["files"])
+        records[str(path)].update(result)
+        bar.update()
+
+    def split(path: Path, result: dict) -> None:
+        plan = {key: result[key] for key in ("k", "box", "clusters")}
+        edges = result["blocks"]
+        splits[path] = {"left": len(edges), "errors": [], "files": [], "k": result["k"]}
+        for j, block in enumerate(edges):
+            key = f"seglib-block-{token}-{len(owner)}-{j}"
+            owner[key] = ([path], tuple(block))
+            args = (str(path), str(targets[path]), tuple(block), j == len(edges) - 1, settings, plan)
+            futures.add(client.submit(block_task, *args, pure=False, key=key))
+
     bar = progress_bar(total=len(todo), desc="files", unit="file", disable=not progress)
     with bar:
         for future in futures:
-            path, rows = owner.pop(future.key)
+            paths, rows = owner.pop(future.key)
             try:
-                result = future.result()
+                results = future.result()
             except Exception as exc:  # the worker died (killed, out of memory) while running it
-                result = {"input": str(path), "status": "failed", "error": f"worker lost: {describe_error(exc)}"}
+                error = f"worker lost: {describe_error(exc)}"
+                results = [{"input": str(path), "status": "failed", "error": error} for path in paths]
             future.release()
             if rows is not None:  # one block of a split raster
+                path, result = paths[0], results if isinstance(results, dict) else results[0]
                 state = splits[path]
                 state["left"] -= 1
                 if result["status"] == "failed":
                     state["errors"].append(f"rows {rows[0]}-{rows[1]}: {result['error']}")
                 else:
                     state["files"].append((result["first_row"], result["output"]))
-                if state["left"]:
-                    continue
-                result = _finish_split(path, targets[path], state, settings)
-            elif result["status"] == "split":
-                plan = {key: result[key] for key in ("k", "box", "clusters")}
-                edges = result["blocks"]
-                splits[path] = {"left": len(edges), "errors": [], "files": [], "k": result["k"]}
-                for j, block in enumerate(edges):
-                    key = f"seglib-block-{token}-{len(owner)}-{j}"
-                    owner[key] = (path, tuple(block))
-                    args = (str(path), str(targets[path]), tuple(block), j == len(edges) - 1, settings, plan)
-                    futures.add(client.submit(block_task, *args, pure=False, key=key))
+                if not state["left"]:
+                    record(path, _finish_split(path, targets[path], state, settings))
                 continue
-            if result["status"] == "done":
-                files = result.get("files") or [result["output"], result.get("vector")]
-                if settings.preview and not result.get("files"):
-                    from ..files import preview_path
-
-                    files.append(str(preview_path(Path(result["output"]))))
-                result["files"] = [str(f) for f in files if f]
-                manifest.add(keys[path], str(path), result["files"])
-            records[str(path)].update(result)
-            bar.update()
+            for path, result in zip(paths, results, strict=True):
+                if result["status"] == "split":
+                    split(path, result)
+                else:
+                    record(path, result)
 
 
 def _finish_split(path: Path, target: Path, state: dict, settings: Settings) -> dict:

@@ -18,7 +18,15 @@ import numpy as np
 
 from .jobs import Settings, block_edges
 
-__all__ = ["worker_model", "sample_task", "segment_task", "block_task", "describe_error"]
+__all__ = [
+    "worker_model",
+    "sample_task",
+    "sample_batch_task",
+    "segment_task",
+    "segment_batch_task",
+    "block_task",
+    "describe_error",
+]
 
 _MODELS: dict = {}  # (checkpoint, device) -> (model, fingerprint), one per worker process
 
@@ -69,6 +77,14 @@ def sample_task(path: str, index: int, settings: Settings, k: int, positions: in
         return {"status": "failed", "input": path, "error": describe_error(exc)}
 
 
+def sample_batch_task(
+    jobs: list[tuple[str, int]], settings: Settings, k: int, positions: int, threshold, fingerprint: str
+):
+    """``sample_task`` on each (input, index) of ``jobs``, in order: several files per task, so
+    the scheduler's and the client's cost is paid once for them."""
+    return [sample_task(path, index, settings, k, positions, threshold, fingerprint) for path, index in jobs]
+
+
 def _raster_size(path: Path) -> tuple[int, int] | None:
     """(height, width) of a raster GDAL reads (header only), or None for PNG/JPEG."""
     from ...io.images import RASTER_SUFFIXES
@@ -110,6 +126,11 @@ def segment_task(path: str, target: str, settings: Settings, legend) -> dict:
             record["error"] = f"labels written, then: {record['error']}"
     record["seconds"] = time.perf_counter() - start
     return record
+
+
+def segment_batch_task(jobs: list[tuple[str, str]], settings: Settings, legend) -> list[dict]:
+    """``segment_task`` on each (input, target) of ``jobs``, in order: one record per input."""
+    return [segment_task(path, target, settings, legend) for path, target in jobs]
 
 
 def _view(source):
