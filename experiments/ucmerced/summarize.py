@@ -1,6 +1,6 @@
 """Tables of the issue-27 measurements from the protocol and probe JSONs (no model is run here).
 
-    python -m experiments.ucmerced.summarize --transfer T.json [--transfer T2.json ...] --loto L.json --probe P.json \
+    python -m experiments.ucmerced.summarize --transfer T.json --loto L.json --probe P.json \
         --bundled-loto experiments/loto/loto.json --out DIR
 
 Writes DIR/per_image.csv (every method's per-image mIoU), DIR/folds.csv (per-fold and pooled mIoU),
@@ -37,7 +37,7 @@ def nested_rows(rows: dict, names: list[str]) -> tuple[dict, list[dict]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transfer", action="append", required=True, help="transfer JSON (repeatable: rows merged)")
+    p.add_argument("--transfer", required=True)
     p.add_argument("--loto", default="")
     p.add_argument("--probe", default="")
     p.add_argument("--bundled-loto", default="", help="a protocol JSON with student_dubai / student_random per fold")
@@ -47,12 +47,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    transfers = [json.loads(Path(path).read_text()) for path in args.transfer]
-    transfer = transfers[0]
-    rows = {}
-    for result in transfers:
-        for name, r in result["per_image"].items():
-            rows.setdefault(name, r)
+    transfer = json.loads(Path(args.transfer).read_text())
+    rows = dict(transfer["per_image"])
     if args.loto:
         for name, r in json.loads(Path(args.loto).read_text())["per_image"].items():
             rows.setdefault(name, r)
