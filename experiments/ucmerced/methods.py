@@ -72,6 +72,7 @@ SETTINGS = {
     "Lk": {"levels": {"cls": 1.0}},
     "L8c2": {"levels": {"s8": 1.0}, "colour_weight": 2.0},
     "L8c4": {"levels": {"s8": 1.0}, "colour_weight": 4.0},
+    "L8c1": {"levels": {"s8": 1.0}, "colour_weight": 1.0},
 }
 REAL_HEAD = recipes.BUNDLED_HEAD  # the bundled student's head (half resolution, 1 iteration, prior 3)
 
@@ -311,7 +312,8 @@ for _step in SNAPSHOTS:
             about=f"scene's weights at step {_step} of 3200 (before the learning rate decayed)",
         )
     )
-for _base in ("scene", "scene_random", "scene_bn", "scene_s1", *(f"scene_at{s}" for s in SNAPSHOTS)):
+_CURVE_BASES = ("scene_50", "scene_50_s1", "scene_1x", "scene_1x_s1", "scene_4x", "scene_4x_s1", "scene_coarse")
+for _base in ("scene", "scene_random", "scene_bn", "scene_s1", *(f"scene_at{s}" for s in SNAPSHOTS), *_CURVE_BASES):
     for _setting, _attrs in SETTINGS.items():
         register(
             Method(
