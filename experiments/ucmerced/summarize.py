@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     p.add_argument("--transfer", required=True)
     p.add_argument("--loto", default="")
     p.add_argument("--probe", default="")
+    p.add_argument("--more", action="append", default=[], help="more protocol JSONs whose per-image rows join")
+    p.add_argument(
+        "--curve-head", default="", metavar="SETTING", help="a second transfer curve: the curve methods + _SETTING"
+    )
     p.add_argument("--bundled-loto", default="", help="a protocol JSON with student_dubai / student_random per fold")
     p.add_argument("--select", action="append", default=[], metavar="LABEL=M1,M2")
     p.add_argument("--pair", action="append", default=[], metavar="A:B", help="A and B: labels of --select or methods")
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     rows = dict(transfer["per_image"])
     if args.loto:
         for name, r in json.loads(Path(args.loto).read_text())["per_image"].items():
+            rows.setdefault(name, r)
+    for extra in args.more:
+        for name, r in json.loads(Path(extra).read_text())["per_image"].items():
             rows.setdefault(name, r)
     if args.bundled_loto:
         committed = json.loads(Path(args.bundled_loto).read_text())["per_image"]
@@ -102,6 +109,19 @@ def main(argv=None) -> int:
         if ref in rows:
             block["references"][ref] = mean(rows[ref])
     curve["protocols"]["transfer"] = block
+    if args.curve_head:
+        suffix = f"_{args.curve_head}"
+        hb = {"seeds": {}, "references": {}, "ylabel": f"pooled mIoU, 44 dev images (transfer, head {args.curve_head})"}
+        for seed, points in CURVE.items():
+            hb["seeds"][seed] = [
+                {"steps": s, "miou": mean(rows[m + suffix])} for s, m in points.items() if m + suffix in rows
+            ]
+        for ref in ("scene_random", "bundled"):
+            if ref + suffix in rows:
+                hb["references"][ref + suffix] = mean(rows[ref + suffix])
+            elif ref in rows:
+                hb["references"][ref] = mean(rows[ref])
+        curve["protocols"][f"transfer, head {args.curve_head}"] = hb
     if probe is not None:
         for kind in ("knn", "linear"):
             pb = {"seeds": {}, "references": {}, "ylabel": f"{kind} scene accuracy, UC Merced fold 0 (s8 map)"}
