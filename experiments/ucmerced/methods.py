@@ -14,7 +14,8 @@ transfer run (``--transfer``) and the same model serves every fold:
   other feature levels or colour weights (``SETTINGS``), for the nested choice.
 * ``scene_random``: the same architecture at random weights (seed 0), BatchNorm statistics
   calibrated on UC Merced crops; ``scene_random_<setting>`` likewise.
-* ``scene_1x``, ``scene_4x`` (200 and 800 steps; ``scene`` is 16x) and ``_s1`` (seed 1): the
+* ``scene_50``, ``scene_1x``, ``scene_4x`` (50, 200 and 800 steps, the curve's 1x, 4x and 16x;
+  ``scene`` is 3,200 steps, 64x; the names predate the curve's final steps) and ``_s1`` (seed 1): the
   compute curve. ``scene_coarse``: crops of 64 px at zoom 0.25-0.67 (coarser pixels).
 * ``scene_bn``: per fold, ``scene`` with its BatchNorm statistics re-estimated on crops of the
   fold's four training tiles (shrunk by 2, as the head reads them): the one use of the Dubai
