@@ -1,4 +1,4 @@
-"""Tables of the issue-27 measurements from the protocol and probe JSONs (no model is run here).
+"""Tables of the UC Merced study from its protocol and probe JSONs (no model is run here).
 
     python -m experiments.ucmerced.summarize --transfer T.json --loto L.json --probe P.json \
         --bundled-loto experiments/loto/loto.json --out DIR
