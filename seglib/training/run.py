@@ -8,9 +8,9 @@
 serialised for the checkpoints), sets the thread count for the run
 (``train.threads``, 0: automatic, see ``seglib.device.training_threads``; restored afterwards),
 joins the process group under torchrun, seeds torch (the same initial weights on every rank),
-builds the data source, trains the teacher first for a student run that names none
-(``seglib.training.student.teacher_first``), builds the stage's task
-(``seglib.training.stages.make_task``) and hands them to ``train_loop``.
+trains the teacher first for a student run that names none
+(``seglib.training.student.teacher_first``), builds the stage's task: its model and loss
+(``seglib.training.stages.make_task``), then the data source, and hands them to ``train_loop``.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ def run(
             print(note)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
-        source = make_source(cfg, rank=info.rank, world=info.world)
         teacher = teacher_first(cfg, device) if stage.name == "student" else None  # trained first when none is named
         task = make_task(stage, options, cfg, device, teacher)
+        source = make_source(cfg, rank=info.rank, world=info.world)
         return train_loop(task, cfg, source, config=config, device=device, resume=resume, callbacks=callbacks)
     finally:
         dist.teardown()
