@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 from .outputs import write_text
@@ -70,17 +71,30 @@ def write_vrt(
     Raises ``VrtError`` (a ``ValueError``) naming the file for an empty list, a file without
     georeferencing, another CRS, pixel size, band count or data type than the first, a rotated
     grid or a file off the first one's pixel grid. Where files overlap, the later one wins."""
-    import rasterio
-
     output, rasters = Path(output), [Path(p) for p in rasters]
     if not rasters:
         raise VrtError(f"{output}: no rasters to mosaic")
+    first, entries = _read_grids(rasters, georeferenced=offsets is None)
+    left, top, placed = _place(entries, first["res"], offsets)
+    text = _vrt_text(first, placed, left, top, output.parent)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return write_text(output, text)
+
+
+def _read_grids(
+    rasters: list[Path], *, georeferenced: bool
+) -> tuple[dict[str, Any], list[tuple[Path, float, float, tuple[int, int]]]]:
+    """The first raster's grid and band layout, and (path, left, top, (height, width)) of every
+    raster; ``VrtError`` for a raster that does not share the first one's grid (``write_vrt``).
+    ``georeferenced``: the rasters are placed by their geotransforms, so they must have one."""
+    import rasterio
+
     entries = []
     first = None
     for path in rasters:
         with rasterio.open(path) as src:
             t = src.transform
-            if offsets is None and src.crs is None and t.is_identity:
+            if georeferenced and src.crs is None and t.is_identity:
                 raise VrtError(f"{path}: not georeferenced, so it has no place in a mosaic")
             if t.b or t.d:
                 raise VrtError(f"{path}: a rotated grid; warp it north-up first (gdalwarp)")
@@ -104,24 +118,40 @@ def write_vrt(
             if any(not math.isclose(a, b, rel_tol=1e-9) for a, b in zip(info["res"], first["res"], strict=True)):
                 raise VrtError(f"{path}: pixel size {info['res']} differs from {rasters[0]}'s {first['res']}")
         entries.append((path, t.c, t.f, size))
+    return first, entries
 
-    res_x, res_y = first["res"]
-    placed = []
+
+def _place(
+    entries: list[tuple[Path, float, float, tuple[int, int]]],
+    res: tuple[float, float],
+    offsets: Sequence[tuple[int, int]] | None,
+) -> tuple[float, float, list[tuple[Path, int, int, int, int]]]:
+    """The mosaic's top-left corner (left, top) and (path, column, row, height, width) of each
+    raster in it: at ``offsets``, or where its geotransform puts it on the first one's grid."""
+    res_x, res_y = res
     if offsets is not None:
         (row0, col0), (_, c0, f0, _) = offsets[0], entries[0]
         left, top = c0 - col0 * res_x, f0 - row0 * res_y
         placed = [(path, col, row, h, w) for (path, _, _, (h, w)), (row, col) in zip(entries, offsets, strict=True)]
-    else:
-        left = min(c for _, c, _, _ in entries)
-        top = max(f for _, _, f, _ in entries) if res_y < 0 else min(f for _, _, f, _ in entries)
-        for path, c, f, (h, w) in entries:
-            x0 = _whole((c - left) / res_x, "the column offset", path)
-            y0 = _whole((f - top) / res_y, "the row offset", path)
-            placed.append((path, x0, y0, h, w))
+        return left, top, placed
+    left = min(c for _, c, _, _ in entries)
+    top = max(f for _, _, f, _ in entries) if res_y < 0 else min(f for _, _, f, _ in entries)
+    placed = []
+    for path, c, f, (h, w) in entries:
+        x0 = _whole((c - left) / res_x, "the column offset", path)
+        y0 = _whole((f - top) / res_y, "the row offset", path)
+        placed.append((path, x0, y0, h, w))
+    return left, top, placed
+
+
+def _vrt_text(
+    first: dict[str, Any], placed: list[tuple[Path, int, int, int, int]], left: float, top: float, folder: Path
+) -> str:
+    """The VRT's XML: the first raster's CRS, bands, nodata and colour table; every raster a
+    ``SimpleSource`` of every band (paths relative to ``folder`` where they lie under it)."""
+    res_x, res_y = first["res"]
     width = max(x0 + w for _, x0, _, _, w in placed)
     height = max(y0 + h for _, _, y0, h, _ in placed)
-
-    folder = output.parent
     lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">']
     if first["crs"] is not None:
         lines.append(f"  <SRS>{escape(first['crs'].to_wkt())}</SRS>")
@@ -154,9 +184,7 @@ def write_vrt(
             ]
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(output, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _colormap(src) -> dict[int, tuple[int, int, int, int]] | None:

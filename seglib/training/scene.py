@@ -103,10 +103,7 @@ def pretrain(cfg: ScenePretrainConfig, *, scenes: SceneFolder | None = None, pro
     out = Path(cfg.out_dir)
     final, state_path = out / "scene.pt", out / "state.pt"
     if final.is_file():
-        saved = load_checkpoint(final, kind="scene")
-        if saved.get("pretrain") != cfg.fingerprint():
-            raise CheckpointError(f"{final} was trained with other settings; choose another out_dir")
-        return {"model": str(final), "history": saved["history"], "seconds": saved["seconds"]}
+        return _finished(final, cfg)
     scenes = scenes if scenes is not None else load_scenes(cfg.data_dir)
     if cfg.holdout >= 0 and cfg.holdout not in set(scenes.folds.tolist()):
         raise ValueError(f"holdout fold {cfg.holdout} does not exist (folds {sorted(set(scenes.folds.tolist()))})")
@@ -122,15 +119,7 @@ def pretrain(cfg: ScenePretrainConfig, *, scenes: SceneFolder | None = None, pro
     opt = torch.optim.AdamW(
         [{"params": decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    step, history, seconds = 0, [], 0.0
-    if state_path.is_file():
-        state = load_checkpoint(state_path, kind="train-state")
-        if state.get("task") != "scene" or state.get("pretrain") != cfg.fingerprint():
-            raise CheckpointError(f"{state_path} belongs to a run with other settings; choose another out_dir")
-        cnn.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
-        log.info("resumed %s at step %d", out, step)
+    step, history, seconds = _resume(state_path, cfg, cnn, opt)
     cnn.train()
     tic, losses = time.perf_counter(), []
     while step < cfg.steps:
@@ -176,3 +165,27 @@ def pretrain(cfg: ScenePretrainConfig, *, scenes: SceneFolder | None = None, pro
         json.dumps({"config": cfg.to_dict(), "history": history, "seconds": seconds}, indent=1)
     )
     return {"model": str(final), "history": history, "seconds": seconds}
+
+
+def _finished(final: Path, cfg: ScenePretrainConfig) -> dict[str, Any]:
+    """``pretrain``'s answer for a run that finished already (``final``, its ``scene.pt``)."""
+    saved = load_checkpoint(final, kind="scene")
+    if saved.get("pretrain") != cfg.fingerprint():
+        raise CheckpointError(f"{final} was trained with other settings; choose another out_dir")
+    return {"model": str(final), "history": saved["history"], "seconds": saved["seconds"]}
+
+
+def _resume(
+    state_path: Path, cfg: ScenePretrainConfig, cnn: torch.nn.Module, opt: torch.optim.Optimizer
+) -> tuple[int, list[dict[str, Any]], float]:
+    """Load the run's last state (``state_path``) into ``cnn`` and ``opt``: (step, history,
+    training seconds); (0, [], 0.0) when there is none."""
+    if not state_path.is_file():
+        return 0, [], 0.0
+    state = load_checkpoint(state_path, kind="train-state")
+    if state.get("task") != "scene" or state.get("pretrain") != cfg.fingerprint():
+        raise CheckpointError(f"{state_path} belongs to a run with other settings; choose another out_dir")
+    cnn.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("resumed %s at step %d", state_path.parent, state["step"])
+    return state["step"], state["history"], state["seconds"]

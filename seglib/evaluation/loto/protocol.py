@@ -191,6 +191,75 @@ def _fold_scores(
     return rows, spent
 
 
+def _resolve_methods(
+    methods: Sequence[str], select: dict[str, list[str]], extra_images: str | Path | None, transfer: bool
+) -> tuple[list, list[str]]:
+    """(the registered methods of ``methods`` and of the nested choices ``select``, the names of
+    the reference methods of a ``transfer`` run); ``LotoError`` where the methods do not fit the
+    run (extra images none of them trains on; a transfer run with a method that trains on the folder)."""
+    resolved = [get_method(name) for name in methods]
+    for names in select.values():
+        for name in names:
+            if name not in methods:
+                resolved.append(get_method(name))
+                methods = [*methods, name]
+    if extra_images is not None and not any(m.extra_images or m.build for m in resolved):
+        raise LotoError(
+            f"--extra-images {extra_images}: none of the methods trains on extra images (none has "
+            "Method.extra_images or a build; experiments/ucmerced/methods.py registers some)"
+        )
+    references = [m.name for m in resolved if is_reference(m)] if transfer else []
+    if transfer:
+        seen = [m.name for m in resolved if trains_on_folder(m) and m.name not in references]
+        if seen:
+            raise LotoError(
+                f"a transfer run scores models that never saw the folder, but {', '.join(seen)} train on its tiles; "
+                "leave them out or run without --transfer"
+            )
+    return resolved, references
+
+
+def _score_folds(
+    resolved: list,
+    ctx: FoldContext,
+    folds_of: dict[str, list[str]],
+    masks: Path,
+    *,
+    k,
+    ignore,
+    seed: int,
+    boundary: bool,
+) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """Every method on every fold (``folds_of``: fold -> its labelled image names): (method ->
+    the rows of its scored images, method -> seconds spent). A fold's images are read once,
+    when the first method that is not cached needs them."""
+    from ...data.tiles import load_labelled_folder
+
+    rows: dict[str, list[dict]] = {m.name: [] for m in resolved}
+    seconds: dict[str, float] = {m.name: 0.0 for m in resolved}
+    key_base = {"k": k, "ignore": list(ignore), "seed": seed, **({} if boundary else {"boundary": False})}
+    for fold, fold_names in folds_of.items():
+        loaded: list = []  # the fold's labelled images, read once when a method needs them
+
+        def fold_tiles(fold_names: list[str] = fold_names, loaded: list = loaded) -> tuple:
+            if not loaded:
+                loaded.append(load_labelled_folder(ctx.images, masks, include=[glob.escape(n) for n in fold_names]))
+            return loaded[0]
+
+        for method in resolved:
+            key = dict(key_base, infer=method.infer, images=fold_names, models=_artifacts(method, ctx, fold))
+            if method.attrs:
+                key["attrs"] = method.attrs
+            if method.adapt:
+                key["adapt"] = method.adapt
+            fold_rows, spent = _fold_scores(
+                method, ctx, fold, key, fold_tiles, k=k, ignore=ignore, seed=seed, boundary=boundary
+            )
+            rows[method.name].extend(fold_rows)
+            seconds[method.name] += spent
+    return rows, seconds
+
+
 def run_protocol(
     *,
     images: str | Path,
@@ -222,7 +291,6 @@ def run_protocol(
     scored by models that never saw any tile of it, except the ``references`` (``saw_folder``
     models such as the bundled student, listed in the result). Returns the result that
     ``python -m seglib.loto`` writes as JSON."""
-    from ...data.tiles import load_labelled_folder
     from ...device import set_threads
 
     set_threads(threads)
@@ -232,49 +300,10 @@ def run_protocol(
     if extra_images is not None:
         ctx.extra_images = Path(extra_images)
         ctx.train_dir = link_training_images(images, ctx.extra_images, runs, tile_pattern)
-    resolved = [get_method(name) for name in methods]
     select = {label: list(names) for label, names in (select or {}).items()}
-    for names in select.values():
-        for name in names:
-            if name not in methods:
-                resolved.append(get_method(name))
-                methods = [*methods, name]
-    if extra_images is not None and not any(m.extra_images or m.build for m in resolved):
-        raise LotoError(
-            f"--extra-images {extra_images}: none of the methods trains on extra images (none has "
-            "Method.extra_images or a build; experiments/ucmerced/methods.py registers some)"
-        )
-    references = [m.name for m in resolved if is_reference(m)] if transfer else []
-    if transfer:
-        seen = [m.name for m in resolved if trains_on_folder(m) and m.name not in references]
-        if seen:
-            raise LotoError(
-                f"a transfer run scores models that never saw the folder, but {', '.join(seen)} train on its tiles; "
-                "leave them out or run without --transfer"
-            )
-    rows: dict[str, list[dict]] = {m.name: [] for m in resolved}
-    seconds: dict[str, float] = {m.name: 0.0 for m in resolved}
-    key_base = {"k": k, "ignore": list(ignore), "seed": seed, **({} if boundary else {"boundary": False})}
-    for fold in chosen:
-        fold_names = [n for n in tiles[fold] if n in labelled]
-        loaded: list = []  # the fold's labelled images, read once when a method needs them
-
-        def fold_tiles(fold_names: list[str] = fold_names, loaded: list = loaded) -> tuple:
-            if not loaded:
-                loaded.append(load_labelled_folder(images, masks, include=[glob.escape(n) for n in fold_names]))
-            return loaded[0]
-
-        for method in resolved:
-            key = dict(key_base, infer=method.infer, images=fold_names, models=_artifacts(method, ctx, fold))
-            if method.attrs:
-                key["attrs"] = method.attrs
-            if method.adapt:
-                key["adapt"] = method.adapt
-            fold_rows, spent = _fold_scores(
-                method, ctx, fold, key, fold_tiles, k=k, ignore=ignore, seed=seed, boundary=boundary
-            )
-            rows[method.name].extend(fold_rows)
-            seconds[method.name] += spent
+    resolved, references = _resolve_methods(methods, select, extra_images, transfer)
+    folds_of = {fold: [n for n in tiles[fold] if n in labelled] for fold in chosen}
+    rows, seconds = _score_folds(resolved, ctx, folds_of, masks, k=k, ignore=ignore, seed=seed, boundary=boundary)
     return {
         "protocol": {
             "images": str(images),
@@ -287,7 +316,7 @@ def run_protocol(
             "ignore": list(ignore),
             "kmeans_seed": seed,
             "tile_pattern": tile_pattern,
-            "folds": {f: [n for n in tiles[f] if n in labelled] for f in chosen},
+            "folds": folds_of,
             "threads": threads,
             "device": device,
             "torch": torch.__version__,

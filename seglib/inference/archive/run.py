@@ -145,27 +145,8 @@ def segment_archive(
     elif isinstance(legend, Legend):
         legend.check_model(model)
     if shared:
-        from ..legend import MAX_POSITIONS
-
-        identities = [input_identity(p) for p in paths if p.exists()]
-        digest = hashlib.sha256(json.dumps([settings.key(), fingerprint, identities]).encode()).hexdigest()
-        cache = output / f".seglib-legend-{digest[:16]}.json"
-        if cache.is_file():
-            legend = load_legend(cache, model=model)
-            echo(f"shared legend: K={legend.k}, from the earlier run's fit ({cache.name})")
-        else:
-            tic = time.perf_counter()
-            legend, unreadable = fit_archive_legend(
-                client, model, paths, settings, positions=max_positions or MAX_POSITIONS, progress=progress
-            )
-            for path, error in unreadable.items():
-                records[path].update(status="failed", error=error)
-            legend.save(cache)
-            echo(
-                f"shared legend: K={legend.k}, fitted on {legend.meta['windows']} windows of "
-                f"{len(legend.meta['files'])} file(s), {legend.meta['positions']} cells "
-                f"({time.perf_counter() - tic:.1f} s)"
-            )
+        cache = output / f".seglib-legend-{_inputs_digest(paths, settings, fingerprint)[:16]}.json"
+        legend = _shared_legend(client, model, paths, settings, cache, records, max_positions, progress, echo)
     if save_legend is not None and legend is not None:
         legend.save(save_legend)
     report["legend"] = None if legend is None else {"k": legend.k, "digest": _legend_digest(legend)}
@@ -175,8 +156,65 @@ def segment_archive(
     removed, _ = remove_stale_temporaries(output)  # of killed runs on this machine (process gone)
     if removed:
         echo(f"removed {len(removed)} temporary file(s) left by an interrupted run")
-    keys = {}
-    todo = []
+    keys, todo = _left_to_do(targets, records, manifest, fingerprint, legend_digest, settings)
+    skipped = sum(r["status"] == "skipped" for r in records.values())
+    if skipped:
+        echo(f"{skipped} input(s) complete from an earlier run: skipped; {len(todo)} to do")
+
+    scattered = client.scatter(legend, broadcast=True) if legend is not None else None
+    try:
+        _run_tasks(client, todo, targets, settings, scattered, records, manifest, keys, progress)
+    except BaseException:  # Ctrl-C, SIGTERM: the summary says how far it got ("pending": not finished)
+        report.update(interrupted=True, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
+        write_summary(summary_path, report)
+        raise
+
+    if mosaic is not None:
+        report |= _write_mosaic(mosaic, records)
+    counts = {status: sum(r["status"] == status for r in records.values()) for status in ("done", "skipped", "failed")}
+    report.update(counts=counts, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
+    write_summary(summary_path, report)
+    report["summary"] = str(summary_path)
+    return report
+
+
+def _inputs_digest(paths: list[Path], settings: Settings, fingerprint: str) -> str:
+    """What a shared legend's fit depends on: the settings, the model and the inputs' identities."""
+    identities = [input_identity(p) for p in paths if p.exists()]
+    return hashlib.sha256(json.dumps([settings.key(), fingerprint, identities]).encode()).hexdigest()
+
+
+def _shared_legend(client, model, paths, settings, cache: Path, records, max_positions, progress, echo):
+    """The legend fitted on all ``paths`` (``fit_archive_legend``), kept at ``cache`` and read from
+    it by a later run; inputs the fit could not read are recorded as failed."""
+    from ..legend import MAX_POSITIONS, load_legend
+
+    if cache.is_file():
+        legend = load_legend(cache, model=model)
+        echo(f"shared legend: K={legend.k}, from the earlier run's fit ({cache.name})")
+        return legend
+    tic = time.perf_counter()
+    legend, unreadable = fit_archive_legend(
+        client, model, paths, settings, positions=max_positions or MAX_POSITIONS, progress=progress
+    )
+    for path, error in unreadable.items():
+        records[path].update(status="failed", error=error)
+    legend.save(cache)
+    echo(
+        f"shared legend: K={legend.k}, fitted on {legend.meta['windows']} windows of "
+        f"{len(legend.meta['files'])} file(s), {legend.meta['positions']} cells "
+        f"({time.perf_counter() - tic:.1f} s)"
+    )
+    return legend
+
+
+def _left_to_do(
+    targets, records, manifest: Manifest, fingerprint: str, legend_digest: str | None, settings: Settings
+) -> tuple[dict, list[Path]]:
+    """(each input's output key, the inputs still to segment): an input whose outputs the
+    manifest holds under the same key (input, model, legend, settings) is recorded as skipped,
+    one whose identity cannot be read as failed."""
+    keys, todo = {}, []
     for path, target in targets.items():
         if records[str(path)]["status"] == "failed":
             continue
@@ -191,30 +229,17 @@ def segment_archive(
             records[str(path)].update(status="skipped", output=vrt if vrt in files else str(target), files=files)
         else:
             todo.append(path)
-    skipped = sum(r["status"] == "skipped" for r in records.values())
-    if skipped:
-        echo(f"{skipped} input(s) complete from an earlier run: skipped; {len(todo)} to do")
+    return keys, todo
 
-    scattered = client.scatter(legend, broadcast=True) if legend is not None else None
+
+def _write_mosaic(mosaic: str | Path, records: dict[str, dict]) -> dict[str, str]:
+    """A VRT over the label GeoTIFFs of the finished inputs: {"mosaic": its path}, or
+    {"mosaic_error": why} (the outputs stand without it)."""
+    tiles = [f for r in records.values() if r["status"] in ("done", "skipped") for f in r.get("files", [])]
     try:
-        _run_tasks(client, todo, targets, settings, scattered, records, manifest, keys, progress)
-    except BaseException:  # Ctrl-C, SIGTERM: the summary says how far it got ("pending": not finished)
-        report.update(interrupted=True, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
-        write_summary(summary_path, report)
-        raise
-
-    if mosaic is not None:
-        tiles = [f for r in records.values() if r["status"] in ("done", "skipped") for f in r.get("files", [])]
-        tiles = [Path(f) for f in tiles if f.endswith(".tif")]
-        try:
-            report["mosaic"] = str(write_vrt(mosaic, tiles))
-        except (ValueError, OSError) as exc:
-            report["mosaic_error"] = describe_error(exc)
-    counts = {status: sum(r["status"] == status for r in records.values()) for status in ("done", "skipped", "failed")}
-    report.update(counts=counts, seconds=round(time.perf_counter() - started, 3), files=list(records.values()))
-    write_summary(summary_path, report)
-    report["summary"] = str(summary_path)
-    return report
+        return {"mosaic": str(write_vrt(mosaic, [Path(f) for f in tiles if f.endswith(".tif")]))}
+    except (ValueError, OSError) as exc:
+        return {"mosaic_error": describe_error(exc)}
 
 
 def _run_tasks(client, todo, targets, settings, legend, records, manifest, keys, progress) -> None:
