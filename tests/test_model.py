@@ -1,5 +1,6 @@
 """The teacher's forward contract, the soft k-means head and the refinement lanes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,3 +242,29 @@ def test_learned_lane_runs_at_half_resolution_and_upsamples():
         train["probs_learned"].detach(), size=(64, 64), mode="bilinear", align_corners=False
     )
     assert torch.allclose(full["probs"], upsampled, atol=1e-4)
+
+
+def test_k_is_checked_once_on_its_way_from_segment_to_the_head(monkeypatch):
+    """``seglib.segment``'s K is checked by the ``Predictor`` alone, also on the windowed path
+    (fit and assignment), and a bad K fails there before any model work."""
+    import seglib
+    import seglib.inference.predictor as predictor_module
+    import seglib.models.segmenter as segmenter_module
+    from seglib.config import check_k
+
+    calls = []
+
+    def counting(k):
+        calls.append(k)
+        return check_k(k)
+
+    monkeypatch.setattr(predictor_module, "check_k", counting)
+    monkeypatch.setattr(segmenter_module, "check_k", counting)
+    model = seglib.load_model()
+    image = np.random.default_rng(0).integers(0, 256, (160, 224, 3), dtype=np.uint8)
+    labels = seglib.segment(image, np.int64(5), model, tile=128, overlap=32)  # windows: fit, then assign
+    assert labels.shape == image.shape[:2] and set(np.unique(labels)) <= set(range(5))
+    assert calls == [5]
+    for bad in (1, 17, 5.0, True):
+        with pytest.raises(ValueError, match="K must be"):
+            seglib.segment(image, bad, model, tile=128, overlap=32)

@@ -187,11 +187,12 @@ class Segmenter(nn.Module):
         ``predict(..., clusters=)`` so every window is labelled with the same clusters.
         ``valid`` (N, H, W) bool: only those pixels' cells are clustered (see ``predict``).
         ``clustered``: ``clustered_embeddings(rgb)``, when the caller has them already. The head
-        overrides are ``forward``'s."""
+        overrides are ``forward``'s; ``k`` comes checked, as ``predict``'s does, from
+        ``seglib.inference.predictor.Predictor``, which holds it."""
         emb = self.clustered_embeddings(rgb, downsample=downsample) if clustered is None else clustered
         out = self.head(
             emb,
-            check_k(k),
+            k,
             iters=iters,
             temperature=temperature,
             size_prior=size_prior,
