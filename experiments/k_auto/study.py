@@ -63,6 +63,46 @@ def _best(rows: Sequence[dict], candidates: Sequence, pick_of: Callable) -> tupl
     return max(scored, key=lambda t: t[:4])[4]
 
 
+def _image_row(
+    model: torch.nn.Module,
+    name: str,
+    group: str,
+    rgb: np.ndarray,
+    gt: np.ndarray,
+    *,
+    ignore: Sequence[int],
+    ks: list[int],
+    naive_k: int,
+    tiling: Tiling,
+) -> dict | None:
+    """One image's row of ``k_auto_study``: its statistics per K, each rule's pick and its mIoU at
+    every K; None for an image with fewer than 2 classes present."""
+    present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
+    if len(present) < 2:
+        return None
+    image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
+    source = ArraySource(image, name=name)
+    embs = sample_embeddings(model, [source], tiling=tiling)[0]
+    flipped = sample_embeddings(model, [source], tiling=tiling, flip=True)[0]
+    stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=tiling.seed)
+    alone = Tiling(tiling.tile, tiling.overlap)  # as seglib.segment fits each image
+    miou = {
+        str(k): segmentation_scores(segment_array(Predictor(model, k), image, tiling=alone), gt, ignore)["miou"]
+        for k in sorted({*ks, naive_k})
+    }
+    return {
+        "image": name,
+        "group": group,
+        "n_classes": len(present),
+        "picks": {rule_name(r): pick_k(stats, *r) for r in _rules()},
+        "stats": {
+            str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, (float, list))}
+            for k, s in stats.items()
+        },
+        "miou_by_k": miou,
+    }
+
+
 @torch.no_grad()
 def k_auto_study(
     model: torch.nn.Module,
@@ -91,32 +131,9 @@ def k_auto_study(
     rules = _rules()
     rows = []
     for name, (rgb, gt) in tqdm(list(zip(names, tiles, strict=True)), desc="images", disable=not progress):
-        present = np.setdiff1d(np.unique(gt), np.asarray(list(ignore), dtype=gt.dtype))
-        if len(present) < 2:
-            continue
-        image = np.round(np.asarray(rgb) * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
-        source = ArraySource(image, name=name)
-        embs = sample_embeddings(model, [source], tiling=tiling)[0]
-        flipped = sample_embeddings(model, [source], tiling=tiling, flip=True)[0]
-        stats = k_statistics(model.head, embs, ks, flipped=flipped, seed=tiling.seed)
-        alone = Tiling(tiling.tile, tiling.overlap)  # as seglib.segment fits each image
-        miou = {
-            str(k): segmentation_scores(segment_array(Predictor(model, k), image, tiling=alone), gt, ignore)["miou"]
-            for k in sorted({*ks, naive_k})
-        }
-        rows.append(
-            {
-                "image": name,
-                "group": group_of(name),
-                "n_classes": len(present),
-                "picks": {rule_name(r): pick_k(stats, *r) for r in rules},
-                "stats": {
-                    str(k): {key: v for key, v in s.items() if key != "fit" and isinstance(v, (float, list))}
-                    for k, s in stats.items()
-                },
-                "miou_by_k": miou,
-            }
-        )
+        row = _image_row(model, name, group_of(name), rgb, gt, ignore=ignore, ks=ks, naive_k=naive_k, tiling=tiling)
+        if row is not None:
+            rows.append(row)
     names_r = [rule_name(r) for r in rules]
     by_rule = lambda r, rule: r["picks"][rule]  # noqa: E731
     constant = lambda r, k: k  # noqa: E731
@@ -158,7 +175,7 @@ def k_auto_study(
         "folds": folds,
         "held_out": {key: pooled(f"{key}_test") for key in ("rule", "constant", "naive", "oracle")},
         "fold_rules": chosen,
-        "majority_rule": max(set(chosen), key=chosen.count) if chosen else None,
+        "majority_rule": max(chosen, key=chosen.count) if chosen else None,  # ties: the earliest fold's
         "all_rules_all_images": {name: _summary(rows, lambda r, c=name: by_rule(r, c)) for name in names_r},
         "per_image": rows,
     }
