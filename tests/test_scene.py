@@ -278,3 +278,23 @@ def test_uc_merced_reads_as_21_classes_in_five_stratified_folds():
     for f in range(5):
         assert np.bincount(scenes.labels[scenes.folds == f], minlength=21).tolist() == [20] * 21
     assert min(min(img.shape[:2]) for img in scenes.images) >= 240
+
+
+def test_zoom_resizes_what_the_cnn_reads_not_the_grid_the_head_clusters(monkeypatch):
+    torch.manual_seed(2)
+    config = SceneModelConfig(**TINY, classes=3, levels={"s8": 1.0, "cls": 0.5}, downsample=1)
+    model = SceneSegmenter(config).eval()
+    x = torch.rand(1, 3, 64, 96)
+    same = model.with_settings(zoom=1.0)
+    assert torch.equal(same(x, 3)["probs"], model(x, 3)["probs"])  # zoom 1: the model as it was
+    seen = []
+    monkeypatch.setattr(model.cnn, "pyramid", lambda rgb, f=model.cnn.pyramid: seen.append(rgb.shape) or f(rgb))
+    for zoom, read in ((2.0, (128, 192)), (1.5, (96, 144)), (0.5, (32, 48))):
+        model.zoom = zoom  # what a protocol's Method.attrs sets
+        out = model(x, 3)
+        assert seen[-1][-2:] == read  # the CNN read the image resized by the zoom ...
+        assert out["probs"].shape == (1, 3, 64, 96)  # ... labels and head keep the image's grid
+        assert out["features"].shape[-2:] == (16, 24) and torch.isfinite(out["features"]).all()
+    assert not torch.equal(out["features"], same(x, 3)["features"])
+    with pytest.raises(ValueError, match="zoom"):
+        model.with_settings(zoom=0.0)

@@ -111,3 +111,123 @@ def test_committed_probe_results_read_only_the_held_out_fold(name):
     assert len(by_class) == 21 and all(len(v) == 20 for v in by_class.values())
     for cls, files in by_class.items():  # UC Merced's files are <class>00 ... <class>99
         assert sorted(int(f[len(cls) : -4]) for f in files) == list(range(0, 100, 5)), cls
+
+
+def _tiny_methods(context):
+    """A tiny scene model and its random twin registered as protocol methods (trained now)."""
+    from experiments.ucmerced import methods as ucm
+    from seglib.evaluation.loto import Method, register
+
+    register(Method("test_tiny", per_fold=False, build=ucm._pretrain_build("test_scene_tiny", TINY)))
+    register(Method("test_tiny_random", per_fold=False, build=ucm._random_build))
+    return context
+
+
+def test_zoom_methods_label_the_whole_tile_and_zoom_1_is_the_model_itself(context):
+    """The scale-matching methods: the study's candidates are the scene models with only the zoom
+    (and colour weight) changed; a zoomed model labels every pixel of an odd-sized tile, and at
+    zoom 1 it gives the unzoomed model's labels exactly."""
+    from experiments.ucmerced import methods as ucm
+    from seglib.evaluation.loto import Method, register
+    from seglib.evaluation.loto.methods import fold_model
+    from seglib.inference.predictor import Predictor
+
+    for base in ("scene", "scene_random"):
+        for tag, zoom in ucm.ZOOMS.items():
+            assert get_method(f"{base}_{tag}").eval_of == base and get_method(f"{base}_{tag}").attrs == {"zoom": zoom}
+            assert get_method(f"{base}_{tag}_c2").attrs == {"zoom": zoom, "colour_weight": 2.0}
+    _tiny_methods(context)
+    rgb = np.random.default_rng(0).random((70, 90, 3)).astype(np.float32)
+    labels = {}
+    for zoom in (1.0, 0.5, 1.5, 3.0):
+        register(Method(f"test_tiny_zoom{zoom}", eval_of="test_tiny", per_fold=False, attrs={"zoom": zoom}))
+        model = fold_model(get_method(f"test_tiny_zoom{zoom}"), context, "t1")
+        assert model.zoom == zoom
+        labels[zoom] = Predictor.of(model, 3).labels(rgb)
+        assert labels[zoom].shape == (70, 90) and set(np.unique(labels[zoom])) <= {0, 1, 2}
+    plain = Predictor.of(fold_model(get_method("test_tiny"), context, "t1"), 3).labels(rgb)
+    assert np.array_equal(labels[1.0], plain)
+    assert not np.array_equal(labels[3.0], plain)
+
+
+def test_a_fusion_is_its_two_models_and_refuses_a_changed_part(context, tmp_path):
+    """weight 0 is the scene model alone; weight 1 adds the other model's channels, scored
+    beside them; the random twin draws the other model's weights afresh; a part whose file
+    changed after the fusion was written is refused."""
+    from experiments.ucmerced import methods as ucm
+    from experiments.ucmerced.fusion import FusedSegmenter
+    from seglib.checkpoint import CheckpointError
+    from seglib.models import load_model, random_init_like
+
+    _tiny_methods(context)
+    fused_path = ucm._fusion_build("test_fuse", "test_tiny", "test_tiny_random")(context, "shared")
+    twin_path = ucm._fusion_build("test_fuse_random", "test_tiny_random", "test_tiny", random=True)(context, "shared")
+    fused, twin = load_model(fused_path), load_model(twin_path)
+    assert isinstance(fused, FusedSegmenter)
+    scene = load_model(context.runs / "test_scene_tiny" / "shared" / "scene.pt")
+    x = torch.rand(1, 3, 64, 64)
+    alone = scene.features(x)
+    both = fused.features(x)
+    extra = fused.other.features(x).shape[1]  # the random twin's full-size scene network
+    assert both.shape[1] == alone.shape[1] + extra and torch.equal(both[:, : alone.shape[1]], alone)
+    fused.weight = 0.0
+    assert torch.equal(fused(x, 3)["probs"], scene(x, 3)["probs"])
+    random_part = load_model(context.runs / "scene_random" / "shared" / "scene.pt").cnn.stages[0][0][0].weight
+    assert torch.equal(twin.scene.cnn.stages[0][0][0].weight, random_part)
+    drawn = twin.other.cnn.stages[0][0][0].weight  # the tiny trained model's weights drawn afresh (seed 0)
+    assert drawn.shape == scene.cnn.stages[0][0][0].weight.shape
+    assert not torch.equal(drawn, scene.cnn.stages[0][0][0].weight)
+    assert torch.equal(drawn, random_init_like(scene).cnn.stages[0][0][0].weight)
+    # the part changes: the fusion is refused until written again
+    part = context.runs / "scene_random" / "shared" / "scene.pt"
+    state = torch.load(part, weights_only=True)
+    state["note"] = "changed"
+    torch.save(state, part)
+    with pytest.raises(CheckpointError, match="changed"):
+        load_model(fused_path)
+    load_model(ucm._fusion_build("test_fuse", "test_tiny", "test_tiny_random")(context, "shared"))
+
+
+def test_the_dense_loss_rewards_projections_that_keep_the_maps_correspondences():
+    from experiments.ucmerced.dense import stego_loss
+
+    torch.manual_seed(0)
+    f = torch.randn(6, 8, 40)
+    partner = {"self": torch.arange(6), "knn": torch.roll(torch.arange(6), 1), "random": torch.roll(torch.arange(6), 3)}
+    faithful, _ = stego_loss(f, f.clone(), partner)
+    scrambled, _ = stego_loss(f, f[..., torch.randperm(40)], partner)
+    constant, _ = stego_loss(f, torch.ones(6, 8, 40), partner)  # everything alike: no information
+    assert faithful < scrambled and faithful < constant
+
+
+def test_the_dense_head_trains_on_scenes_alone_and_labels_whole_tiles(context):
+    """The dense method reads only the scene folder (the labelled images are unreadable here), its
+    checkpoint loads as a segmenter over the frozen scene model, and a changed scene model is refused."""
+    from experiments.ucmerced import methods as ucm
+    from experiments.ucmerced.dense import ProjectedSegmenter
+    from seglib.checkpoint import CheckpointError
+    from seglib.evaluation.loto import Method, register
+    from seglib.evaluation.loto.methods import fold_model
+    from seglib.inference.predictor import Predictor
+    from seglib.models import load_model
+
+    _tiny_methods(context)
+    build = ucm._dense_build("test_dense", "test_tiny", {"steps": 3, "batch": 6, "size": 32, "samples": 16, "dim": 8})
+    register(Method("test_dense", per_fold=False, build=build))
+    register(Method("test_dense_mix1", eval_of="test_dense", per_fold=False, attrs={"mix": 1.0}))
+    model = fold_model(get_method("test_dense"), context, "t1")
+    assert isinstance(model, ProjectedSegmenter) and model.mix == 0.0
+    rgb = np.random.default_rng(0).random((40, 56, 3)).astype(np.float32)
+    assert Predictor.of(model, 3).labels(rgb).shape == (40, 56)
+    mixed = fold_model(get_method("test_dense_mix1"), context, "t1")
+    x = torch.rand(1, 3, 64, 64)
+    assert mixed.features(x).shape[1] == model.features(x).shape[1] + model.scene.features(x).shape[1]
+    state = load_model(context.runs / "test_scene_tiny" / "shared" / "scene.pt")
+    untrained = load_model(context.runs / "test_dense" / "shared" / "projected.pt")
+    assert untrained.scene.cnn.stages[0][0][0].weight.equal(state.cnn.stages[0][0][0].weight)
+    part = context.runs / "test_scene_tiny" / "shared" / "scene.pt"
+    saved = torch.load(part, weights_only=True)
+    saved["note"] = "changed"
+    torch.save(saved, part)
+    with pytest.raises(CheckpointError, match="changed"):
+        load_model(context.runs / "test_dense" / "shared" / "projected.pt")

@@ -372,3 +372,117 @@ for _name, _build in METHODS_BUILD.items():
             about=f"{_name} scored with the bundled student's head (half resolution, 1 iteration, prior 3)",
         )
     )
+
+# Scale matching at inference: the CNN reads the tile (shrunk by 2, as the head reads it) resized by
+# these factors, its maps brought back to the head's grid (SceneSegmenter.zoom). UC Merced's pixels
+# are 0.3 m and the pretraining saw them at 0.3-0.8 m; the tiles shrunk by 2 have coarser pixels, so
+# zooms above 1 bring their objects toward the sizes the CNN learned. The candidates (fixed before any
+# of them was scored) straddle 1 on both sides; each at the default colour weight (3, ``_z<tag>``) and
+# at 2 (``_z<tag>_c2``, the weight the folds chose at zoom 1); zoom 1 is ``scene`` / ``scene_L8c2``.
+ZOOMS = {"z05": 0.5, "z075": 0.75, "z15": 1.5, "z2": 2.0, "z3": 3.0}
+for _base in ("scene", "scene_random"):
+    for _tag, _zoom in ZOOMS.items():
+        for _suffix, _colour in (("", {}), ("_c2", {"colour_weight": 2.0})):
+            register(
+                Method(
+                    f"{_base}_{_tag}{_suffix}",
+                    eval_of=_base,
+                    per_fold=False,
+                    attrs={"zoom": _zoom, **_colour},
+                    about=f"{_base}, the CNN reading the tile resized by {_zoom} ({_colour or 'colour weight 3'})",
+                )
+            )
+
+
+# Fusion: the scene model's stride-8 map beside another model's learned features, one k-means
+# (experiments/ucmerced/fusion.py). The other model: today's bundled student (trained on the 44 dev
+# images without masks: a reference only, its twin fuses the two random twins: scene_random and the
+# student architecture at random weights, seed 0), or a second scene model, `scene_coarse` (crops at
+# coarser pixels; transfer-valid; its twin fuses the two calibrated random networks of seeds 0 and 1).
+# Settings: the other features' weight ``_w<w>`` (1 unless named) and colour weight 2 (``_c2``; 3
+# unless named).
+def _fusion_build(name: str, scene: str, other: str, *, random: bool = False):
+    def build(ctx, where: str) -> Path:
+        from seglib.evaluation.loto.methods import fold_artifact, get_method
+
+        from .fusion import fusion_checkpoint
+
+        parts = [fold_artifact(get_method(m), ctx, where) for m in (scene, other)]
+        path = ctx.runs / name / where / "fusion.pt"
+        want = fusion_checkpoint(*parts, path, other_random_seed=0 if random else None)
+        if not path.is_file() or load_checkpoint(path).get("config") != want["config"]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_atomic(want, path)
+        return path
+
+    return build
+
+
+# name: (scene part, other part, other part drawn at random weights, a reference)
+FUSIONS = {
+    "fuse_bundled": ("scene", "bundled", False, True),
+    "fuse_bundled_random": ("scene_random", "bundled", True, True),
+    "fuse_coarse": ("scene", "scene_coarse", False, False),
+    "fuse_coarse_random": ("scene_random", "scene_random_s1", False, False),
+}
+FUSION_SETTINGS = {
+    "w05": {"weight": 0.5},
+    "w2": {"weight": 2.0},
+    "c2": {"colour_weight": 2.0},
+    "w05_c2": {"weight": 0.5, "colour_weight": 2.0},
+    "w2_c2": {"weight": 2.0, "colour_weight": 2.0},
+}
+for _name, (_scene, _other, _random, _reference) in FUSIONS.items():
+    register(
+        Method(
+            _name,
+            per_fold=False,
+            build=_fusion_build(_name, _scene, _other, random=_random),
+            saw_folder=_reference,
+            about=f"{_scene}'s stride-8 map beside the features of {_other}"
+            + (" at random weights" if _random else ""),
+        )
+    )
+    for _setting, _attrs in FUSION_SETTINGS.items():
+        register(Method(f"{_name}_{_setting}", eval_of=_name, per_fold=False, attrs=_attrs, about=f"{_name}, {_attrs}"))
+
+
+# A dense head learned on the frozen scene model (experiments/ucmerced/dense.py: feature
+# correspondences distilled into a projection, on UC Merced crops only), and the same training on
+# the random network's maps. Settings: the scene maps kept beside the projection (``_mix1``) and
+# colour weight 2 (``_c2``).
+def _dense_build(name: str, base: str, changes: dict):
+    def build(ctx, where: str) -> Path:
+        from seglib.evaluation.loto.methods import fold_artifact, get_method
+
+        from .dense import DenseConfig, train_projection
+
+        scene = fold_artifact(get_method(base), ctx, where)
+        path = ctx.runs / name / where / "projected.pt"
+        cfg = DenseConfig(**changes)
+        if path.is_file():
+            saved = load_checkpoint(path)["config"]
+            if json.loads(json.dumps(saved["dense"])) != json.loads(json.dumps(cfg.to_dict())):
+                raise LotoError(f"{path} was trained with another config; delete it to retrain")
+            return path
+        if not ctx.train:
+            raise LotoError(f"no {path} and training is off")
+        ctx.log(f"[loto] training the dense head {name} on {scene_folder(ctx)} into {path}")
+        return train_projection(scene, _scenes(ctx), path, cfg, log=ctx.log)
+
+    return build
+
+
+DENSE = {"dense": ("scene", {}), "dense_random": ("scene_random", {})}
+DENSE_SETTINGS = {"mix1": {"mix": 1.0}, "c2": {"colour_weight": 2.0}, "mix1_c2": {"mix": 1.0, "colour_weight": 2.0}}
+for _name, (_base, _changes) in DENSE.items():
+    register(
+        Method(
+            _name,
+            per_fold=False,
+            build=_dense_build(_name, _base, _changes),
+            about=f"a projection of {_base}'s maps trained on UC Merced to agree where the maps do (STEGO's loss)",
+        )
+    )
+    for _setting, _attrs in DENSE_SETTINGS.items():
+        register(Method(f"{_name}_{_setting}", eval_of=_name, per_fold=False, attrs=_attrs, about=f"{_name}, {_attrs}"))

@@ -11,7 +11,9 @@ or ``cls``: the scene classifier applied at every stride-16 cell, as square root
 posteriors) are upsampled to stride 4 of the (downsampled) input, each unit-normalised per
 position and scaled by the square root of its weight, then concatenated; the base class
 unit-normalises the result and appends the weighted colour channels, and the soft k-means head
-and refinement lane run as for every seglib model (``seglib.models.segmenter``).
+and refinement lane run as for every seglib model (``seglib.models.segmenter``). ``zoom``
+resizes the image the CNN reads (not the grid the head clusters), for pixels of another ground
+size than the pretraining's.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class SceneModelConfig:
     head: HeadConfig = field(default_factory=_bundled_head)
     refine: RefineConfig = field(default_factory=lambda: RefineConfig(smooth_iters=0, guide_scale=4))
     downsample: int = 2  # the model reads the image shrunk by this factor (1 or 2)
+    # The CNN reads the (downsampled) image resized by this factor (bilinear), its maps brought back
+    # to stride 4 of the image: pixels of another size than the pretraining's (UC Merced: 0.3 m)
+    # seen at that size. The head, its colour channels and the labels keep the image's own grid.
+    zoom: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = [level for level in self.levels if level not in LEVELS]
@@ -124,6 +130,8 @@ class SceneModelConfig:
             raise ValueError(f"levels must name some of {', '.join(LEVELS)}, got {list(self.levels)}")
         if self.downsample not in (1, 2):
             raise ValueError(f"downsample must be 1 or 2, got {self.downsample}")
+        if not 0.25 <= self.zoom <= 4:
+            raise ValueError(f"zoom must lie in [0.25, 4], got {self.zoom}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +160,7 @@ class SceneSegmenter(Segmenter):
         self.config = config = config or SceneModelConfig()
         self.cnn = SceneCNN(widths=config.widths, depths=config.depths, classes=config.classes)
         self.levels = dict(config.levels)  # an attribute, so that a protocol can score other levels (Method.attrs)
+        self.zoom = float(config.zoom)  # likewise
         self.init_head(config.head, colour_weight=config.colour_weight)
 
     @property
@@ -160,25 +169,20 @@ class SceneSegmenter(Segmenter):
         return sum(dims.get(level, self.config.classes) for level in self.levels) + 3
 
     def features(self, rgb: torch.Tensor) -> torch.Tensor:
-        maps = self.cnn.pyramid(rgb)
         size = (rgb.shape[-2] // 4, rgb.shape[-1] // 4)
+        maps = self.cnn.pyramid(_resized(rgb, self.zoom))
         parts = []
         for level, weight in self.levels.items():
             if level == "cls":  # class posteriors, square-rooted: a unit vector per position
-                logits = F.interpolate(
-                    self.cnn.class_logits(maps["s16"].float()), size=size, mode="bilinear", align_corners=False
-                )
+                logits = _to_size(self.cnn.class_logits(maps["s16"].float()), size)
                 parts.append(logits.softmax(1).sqrt() * weight**0.5)
                 continue
-            x = maps[level].float()
-            if x.shape[-2:] != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            parts.append(F.normalize(x, dim=1) * weight**0.5)
+            parts.append(F.normalize(_to_size(maps[level].float(), size), dim=1) * weight**0.5)
         return torch.cat(parts, 1)  # (B, F, H/4, W/4)
 
     def with_settings(self, **changes: Any) -> SceneSegmenter:
         """A copy with the same weights and other inference settings: ``levels``,
-        ``colour_weight``, ``downsample``, or a field of the head (``size_prior``, ``iters``...)."""
+        ``colour_weight``, ``downsample``, ``zoom``, or a field of the head (``size_prior``, ``iters``...)."""
         cfg = copy.deepcopy(self.config)
         head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
         for key, value in changes.items():
@@ -214,6 +218,22 @@ class SceneSegmenter(Segmenter):
         except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: not a usable scene model ({exc})") from exc
         return model.eval()
+
+
+def _to_size(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of maps (B, C, h, w) to ``size``, low-pass filtered when it shrinks them."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrinks = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinks)
+
+
+def _resized(rgb: torch.Tensor, zoom: float) -> torch.Tensor:
+    """``rgb`` (B, 3, H, W) resized by ``zoom`` (the input itself at zoom 1), values kept in [0, 1]."""
+    if zoom == 1:
+        return rgb
+    size = (max(1, round(rgb.shape[-2] * zoom)), max(1, round(rgb.shape[-1] * zoom)))
+    return _to_size(rgb.float(), size).clamp(0, 1)
 
 
 @torch.no_grad()
