@@ -231,3 +231,15 @@ def test_the_dense_head_trains_on_scenes_alone_and_labels_whole_tiles(context):
     torch.save(saved, part)
     with pytest.raises(CheckpointError, match="changed"):
         load_model(context.runs / "test_dense" / "shared" / "projected.pt")
+
+
+def test_the_pixel_probe_reads_each_cells_centre_and_scores_the_classes_present():
+    from experiments.ucmerced.pixel_probe import cell_labels, image_miou
+
+    gt = np.zeros((16, 24), np.uint8)
+    gt[4, 4], gt[4, 12], gt[12, 20] = 1, 2, 255  # the centres of cells (0, 0), (0, 1), (1, 2) of side 8
+    assert cell_labels(gt, (2, 3), 8).tolist() == [1, 2, 0, 0, 0, 255]
+    truth = np.array([0, 0, 1, 1, 5, 255])
+    assert image_miou(truth, truth) == 1.0
+    assert image_miou(np.array([0, 0, 1, 0, 3, 3]), truth) == pytest.approx((2 / 3 + 1 / 2) / 2)  # 5, 255 ignored
+    assert image_miou(np.zeros(3, int), np.array([1, 5, 5])) is None  # one class: not scored

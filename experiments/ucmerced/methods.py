@@ -24,6 +24,11 @@ transfer run (``--transfer``) and the same model serves every fold:
   on UC Merced shrunk by 2 (the teacher recipe of real tiles with its random downsample 1 or 2,
   the cluster stage, and the bundled recipe's distillation from ``teacher_ucm``), scored with
   the bundled student's head.
+* ``scene_z<zoom>`` / ``scene_random_z<zoom>`` (``_c2``: colour weight 2): the CNN reading the tile
+  resized by the zoom (scale matching); ``fuse_coarse`` / ``fuse_bundled`` (and ``_random``, with
+  ``_w05``, ``_w2``, ``_c2`` settings): the scene map beside a second model's features
+  (fusion.py); ``dense`` / ``dense_random`` (``_mix1``, ``_c2``): a projection of the frozen
+  maps trained on UC Merced with a correspondence-distillation loss (dense.py).
 """
 
 from __future__ import annotations
