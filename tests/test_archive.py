@@ -209,6 +209,27 @@ def test_shared_fit_budget_is_bounded_and_order_free(tiny_teacher_model, archive
         assert np.array_equal(a.prototypes, other.prototypes) and a.meta == other.meta
 
 
+def test_budget_sorts_its_cells_in_place():
+    """The k-means gets the kept cells in file order (then each file's own) sorted inside the
+    budget's storage, the same values as a sorted copy, and the budget is empty afterwards."""
+    from seglib.inference.budget import _Reservoir
+
+    rng = np.random.default_rng(0)
+    reservoir, seen = _Reservoir(300), {}
+    for index in rng.permutation(40):  # files arrive in any order
+        n = int(rng.integers(1, 30))
+        values, keys = torch.from_numpy(rng.standard_normal((5, n), dtype=np.float32)), rng.random(n)
+        order = np.sort(rng.choice(100, n, replace=False))
+        reservoir.add(values, keys, int(index), order)
+        seen |= {(int(index), int(o)): (key, values[:, j]) for j, (o, key) in enumerate(zip(order, keys, strict=True))}
+    kept = sorted(sorted(seen, key=lambda c: seen[c][0])[:300])  # the 300 smallest keys, in file order
+    expected = torch.stack([seen[c][1] for c in kept], 1)[None]
+    cells = reservoir.take()
+    assert cells.shape == (1, 5, 300) and cells.is_contiguous()
+    assert torch.equal(cells, expected)
+    assert reservoir.values is None and reservoir.take().numel() == 0
+
+
 def test_single_process_never_imports_dask(tiny_teacher_checkpoint, archive, tmp_path):
     code = (
         "import sys; from seglib.predict import main; "

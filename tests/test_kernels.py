@@ -11,9 +11,10 @@ from seglib.augment import make_views_batched
 from seglib.config import Config
 from seglib.data.batches import step_generator
 from seglib.kernels.bilateral import _neighbour_dots, denoise
-from seglib.kernels.kmeans import _EMSteps, farthest_point_init
+from seglib.kernels.kmeans import _EMSteps, distance_logits, farthest_point_init, squared_norms
 from seglib.kernels.numerics import inference_numerics, reference_ops, use_reference_ops
 from seglib.kernels.pooling import box_mean, cell_means, mean_pool
+from seglib.models.head import soft_kmeans
 from seglib.models.refine import box_filter
 from seglib.models.teacher import MonolithicSegmenter
 from seglib.training.teacher import Knobs, TeacherTask
@@ -130,6 +131,42 @@ def test_fused_farthest_point_init_picks_the_same_points():
         assert fused.shape == (3, k)
         assert torch.equal(plain, fused)
         assert all(row.unique().numel() == k for row in fused)  # K distinct points per image
+
+
+def _plain_farthest_points(x, k):
+    """The farthest-point loop as the head ran it before it reused one buffer."""
+    nearest, picks = (x - x.mean(2, keepdim=True)).square().sum(1), []
+    for j in range(k):
+        picks.append(nearest.argmax(1))
+        chosen = torch.gather(x, 2, picks[-1].view(x.shape[0], 1, 1).expand(-1, x.shape[1], 1))
+        dist = (x - chosen).square().sum(1)
+        nearest = dist if j == 0 else torch.minimum(nearest, dist)
+    return torch.stack(picks, 1)
+
+
+@pytest.mark.parametrize("n", [4000, 65537, 200003])
+def test_large_fits_working_in_place_give_the_plain_numbers(n):
+    """A shared legend's fit (2^18 cells) computes the squared norms piece by piece, the logits
+    in their own result and the farthest points in one buffer, to hold fewer copies of the cells:
+    the same numbers, bit for bit, as the plain formulas (pieces of equal length: a short last
+    piece would be reduced by another kernel), ties in the farthest points included."""
+    g = torch.Generator().manual_seed(n)
+    for b, d, k in ((1, 35, 6), (2, 19, 2), (1, 3, 16)):
+        x = torch.randn(b, d, n, generator=g) * torch.rand(b, d, 1, generator=g) * 2
+        x[:, :, : n // 3] += 1.5
+        with torch.no_grad():
+            x2 = squared_norms(x)
+            assert torch.equal(x2, x.square().sum(1, keepdim=True))
+            mu = x[:, :, torch.randperm(n, generator=g)[:k]].transpose(1, 2).contiguous()
+            plain = -(x2 - 2 * torch.bmm(mu, x) + mu.square().sum(-1, keepdim=True)).clamp_min(0) / 0.1
+            assert torch.equal(distance_logits(x, x2, mu, 0.1), plain)
+            tied = (x * 2).round() / 2  # many equal distances: argmax must break ties alike
+            assert torch.equal(farthest_point_init(tied, k), _plain_farthest_points(tied, k))
+            fit = soft_kmeans(x, k, iters=2, temperature=0.1, init=mu, size_prior=1.0)
+        with reference_ops(True):  # with gradient and the reference EM loop: the plain formulas themselves
+            ref = soft_kmeans(x.clone().requires_grad_(), k, iters=2, temperature=0.1, init=mu, size_prior=1.0)
+        for name in ("prototypes", "logits", "probs", "bias"):
+            assert torch.equal(getattr(fit, name), getattr(ref, name).detach()), name
 
 
 @pytest.mark.parametrize("radius", [1, 2, 4])

@@ -15,8 +15,9 @@ initialisation's pooled cells are sampled alike, ``positions / init_pool**2`` of
 So memory is bounded whatever the number of files: a ``PositionBudget`` stores its cells in
 place, in storage allocated at the first file for the budget and an eighth more (D + 2 numbers
 per cell: 35 floats for the bundled student, 2^18 cells, ~45 MB), and one file's sample at a time
-is embedded. ``threshold`` (the largest key in the budget once it is full) lets a file drop at
-once the cells that cannot make the cut, so later files send less.
+is embedded. The k-means runs on the cells sorted in that same storage (``take``), not on a
+copy. ``threshold`` (the largest key in the budget once it is full) lets a file drop at once the
+cells that cannot make the cut, so later files send less.
 
 When all files together have no more cells than the budget, every cell is kept, in file order
 then window order then position: exactly the positions (and so the clusters) of fitting all the
@@ -193,17 +194,24 @@ class _Reservoir:
         self.staged = 0
         self.threshold = float(self.keys[: self.size].max())
 
-    def cells(self) -> torch.Tensor:
-        """(1, D, n) the kept cells in file order, then each file's own order (a copy)."""
+    def take(self) -> torch.Tensor:
+        """(1, D, n) the kept cells in file order, then each file's own order, sorted in the
+        reservoir's own storage (one row of n cells at a time through a buffer, not a second
+        copy of them all), which the result now holds: the reservoir is spent afterwards."""
         self._merge()
-        if self.values is None:
-            return torch.empty(1, 0, 0)
-        order = torch.from_numpy(np.argsort(self.where[: self.held], kind="stable"))
-        return self.values[:, : self.held][:, order][None]
-
-    def release(self) -> None:
-        """Free the storage (the budget has been fitted on)."""
+        values, n, where = self.values, self.held, self.where[: self.held]
         self.values, self.held, self.staged = None, 0, 0
+        self.keys, self.where = np.empty(0), np.empty(0, np.int64)  # spent: its bookkeeping freed too
+        if values is None:
+            return torch.empty(1, 0, 0)
+        d, width = values.shape
+        order = torch.from_numpy(np.argsort(where, kind="stable"))
+        del where
+        flat = values.view(-1)
+        # Row j goes to flat[j*n : (j+1)*n]: it overlaps only rows up to j, already read.
+        for j in range(d):
+            flat[j * n : (j + 1) * n] = flat[j * width : j * width + n][order]
+        return flat[: d * n].view(1, d, n)
 
 
 class PositionBudget:

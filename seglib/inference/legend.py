@@ -395,16 +395,17 @@ def fit_sources(
 @torch.no_grad()
 def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, seed: int, meta: dict) -> Legend:
     """``Legend`` (stable order, shares, colours, fingerprint) fitted with the head's soft
-    k-means on the cells a ``PositionBudget`` kept (its storage is freed once they are taken out:
-    the fit holds one copy); ``meta`` is stored with them."""
+    k-means on the cells a ``PositionBudget`` kept (sorted in its storage, which the fit then
+    holds: one copy of the cells, the budget empty afterwards); ``meta`` is stored with them."""
     if not budget.files:
         from ..io.images import ImageReadError
 
         raise ImageReadError("no readable image to fit the clusters on")
     head = model.head
-    x, xp = budget.cells.cells(), budget.pooled.cells()
-    budget.cells.release(), budget.pooled.release()
-    out = head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
+    x = budget.cells.take()  # sorted in the budget's storage, which x now holds
+    # The pooled cells passed as the only reference: freed once the initialisation has them.
+    settings = {"iters": head.iters, "temperature": head.temperature, "size_prior": head.size_prior}
+    out = head.fit(x, budget.pooled.take(), k, **settings)
     weight = float(model.colour_weight) or 1.0
     colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
     meta = {

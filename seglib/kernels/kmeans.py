@@ -18,14 +18,50 @@ import torch
 
 from .numerics import fused_training
 
-__all__ = ["distance_logits", "em_steps", "farthest_point_init", "farthest_points"]
+__all__ = ["distance_logits", "em_steps", "farthest_point_init", "farthest_points", "squared_norms"]
+
+NORM_CHUNK = 1 << 16  # positions per piece of ``squared_norms`` without gradient
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """|x|^2 (B, 1, N) of positions x (B, D, N): ``x.square().sum(1, keepdim=True)``, for a large
+    fit without gradient piece by piece (``_pieces``; each position's sum over D is the same
+    reduction, so the same numbers): no squared copy of x beside it (37 MiB for a shared legend's
+    2^18 cells)."""
+    pieces = _pieces(x)
+    if pieces is None:
+        return x.square().sum(1, keepdim=True)
+    out = x.new_empty(x.shape[0], 1, x.shape[2])
+    for a, b in pieces:
+        out[:, :, a:b] = x[:, :, a:b].square().sum(1, keepdim=True)
+    return out
+
+
+def _pieces(x: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The ranges of positions, about ``NORM_CHUNK`` each, ``squared_norms`` works through; None
+    (all at once) for at most ``NORM_CHUNK`` positions or with gradient. Of equal length (edges at
+    multiples of 64): a short last piece (one position, say) would be reduced by another kernel,
+    whose rounding differs."""
+    n = x.shape[2]
+    if n <= NORM_CHUNK or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    count = -(-n // NORM_CHUNK)
+    edges = [0, *(n * i // count // 64 * 64 for i in range(1, count)), n]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def distance_logits(x: torch.Tensor, x2: torch.Tensor, mu: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B, K, N) logits -||x - mu||^2 / T of positions x (B, D, N) (with x2 = |x|^2, (B, 1, N))
-    and prototypes mu (B, K, D), by the matmul form: no (B, K, D, N) intermediate."""
-    d2 = x2 - 2 * torch.bmm(mu, x) + mu.square().sum(-1, keepdim=True)
-    return -d2.clamp_min(0) / temperature
+    and prototypes mu (B, K, D), by the matmul form: no (B, K, D, N) intermediate. Without
+    gradient, every step after the matmul is done in its result (the same operations, the same
+    numbers): one (B, K, N) tensor instead of three or four at once, which for a fit on many
+    positions (a shared legend's 2^18 cells) is most of its working memory."""
+    if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or x2.requires_grad):
+        d2 = x2 - 2 * torch.bmm(mu, x) + mu.square().sum(-1, keepdim=True)
+        return -d2.clamp_min(0) / temperature
+    d2 = torch.bmm(mu, x).mul_(2)
+    torch.sub(x2, d2, out=d2)
+    return d2.add_(mu.square().sum(-1, keepdim=True)).clamp_min_(0).neg_().div_(temperature)
 
 
 def em_steps(x: torch.Tensor, mu: torch.Tensor, *, iters: int, temperature: float, x2: torch.Tensor) -> torch.Tensor:
@@ -122,15 +158,17 @@ def farthest_point_init(x: torch.Tensor, k: int, *, fused: bool = False) -> torc
             return torch.cat(picks, 2).view(b, k)  # (B, K)
         centre = x.mean(2, keepdim=True)  # (B, D, 1)
         picks = []
-        # Sequential over K (at most 16 steps of O(B*N*D) work).
-        nearest = (x - centre).square().sum(1)  # (B, N)
+        # Sequential over K (at most 16 steps of O(B*N*D) work), the differences to the chosen
+        # point in one buffer throughout (a fit on many positions: one copy of x, not 2K).
+        diff = x - centre
+        nearest = diff.square_().sum(1)  # (B, N)
         for j in range(k):
             pick = nearest.argmax(1)  # (B,)
             picks.append(pick)
             if j == k - 1:
                 break
             chosen = torch.gather(x, 2, pick.view(b, 1, 1).expand(-1, x.shape[1], 1))  # (B, D, 1)
-            dist = (x - chosen).square().sum(1)
+            dist = torch.sub(x, chosen, out=diff).square_().sum(1)
             nearest = dist if j == 0 else torch.minimum(nearest, dist)
         return torch.stack(picks, 1)  # (B, K)
 

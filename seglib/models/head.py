@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.bilateral import denoise
-from ..kernels.kmeans import distance_logits, em_steps, farthest_points
+from ..kernels.kmeans import distance_logits, em_steps, farthest_points, squared_norms
 from ..kernels.numerics import fused_training
 
 __all__ = [
@@ -112,7 +112,7 @@ def soft_kmeans(
     contiguous rows, both several times faster on CPU than the (N, K) layout.
     """
     x = x.float()
-    x2 = x.square().sum(1, keepdim=True)  # (B, 1, N)
+    x2 = squared_norms(x)  # (B, 1, N)
     mu = em_steps(x, init.float(), iters=iters, temperature=temperature, x2=x2)
     logits = distance_logits(x, x2, mu, temperature)
     if bias is None and size_prior:
@@ -274,6 +274,7 @@ class SoftKMeans(nn.Module):
         (B, D, M), e.g. the pooled positions (``init_cells``). ``fused``: the training form of the
         farthest-point search."""
         init = farthest_points(init_from, k, fused=fused)  # (B, K, D)
+        del init_from  # when the caller passed its only reference, it is freed before the EM
         return soft_kmeans(x, k, iters=iters, temperature=temperature, init=init, size_prior=size_prior)
 
     def denoise_input(self, emb: torch.Tensor) -> torch.Tensor:
