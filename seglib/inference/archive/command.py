@@ -26,12 +26,15 @@ def run_on_dask(args: argparse.Namespace, inputs: list[Path]) -> int:
     (each named on stderr, in one line), 2 for unusable arguments."""
     from .cluster import dashboard_note, dask_client
     from .run import segment_archive
+    from .tasks import worker_model
 
-    try:
-        with dask_client(workers=args.workers, scheduler=args.scheduler) as client:
+    settings = settings_from_args(args)
+    try:  # local workers start with the model the client loads (forked: ``dask_client``)
+        preload = lambda: worker_model(settings.checkpoint, "cpu")  # noqa: E731  (what segment_archive loads)
+        with dask_client(workers=args.workers, scheduler=args.scheduler, preload=preload) as client:
             print(dashboard_note(client), flush=True)
             report = segment_archive(
-                client, [p.resolve() for p in inputs], args.output.resolve(), settings_from_args(args),
+                client, [p.resolve() for p in inputs], args.output.resolve(), settings,
                 legend=args.legend, shared=args.shared_legend, save_legend=args.save_legend,
                 mosaic=args.mosaic, summary=args.summary, progress=not args.quiet,
                 echo=(lambda line: None) if args.quiet else print,
