@@ -1,8 +1,8 @@
 """Where an archive run's tasks run: a local cluster of N worker processes, or a running one.
 
-``--workers N`` starts a ``dask.distributed.LocalCluster`` of N processes with one thread each
-(the nanny starts every worker with ``OMP_NUM_THREADS=1``, and the tasks set torch to one thread:
-N workers use N cores and never fight over them). ``--scheduler ADDRESS`` connects to a
+``--workers N`` starts a ``dask.distributed.LocalCluster`` of N processes with one thread each,
+forked from the client once it has loaded the model (torch on one thread, and the tasks set it to
+one thread again: N workers use N cores and never fight over them). ``--scheduler ADDRESS`` connects to a
 scheduler started elsewhere (``dask scheduler`` and ``dask worker ADDRESS --nthreads 1``, or
 dask-jobqueue / dask-kubernetes): its workers must have seglib installed, and read the inputs and
 the checkpoint and write the output folder at the same paths as the client.
