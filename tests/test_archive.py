@@ -230,6 +230,28 @@ def test_budget_sorts_its_cells_in_place():
     assert reservoir.values is None and reservoir.take().numel() == 0
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="local workers are forked on Linux only")
+def test_local_workers_start_with_the_clients_model():
+    """Local workers are forked once the client has loaded the model: none loads it again (no
+    torch import, no weights read per worker), and SIGTERM ends a worker as it would a spawned one."""
+    import signal as signals
+
+    from seglib.inference.archive.cluster import dask_client
+    from seglib.inference.archive.tasks import worker_model
+
+    def state():
+        from seglib.inference.archive import tasks
+
+        return (None, "cpu") in tasks._MODELS, signals.getsignal(signals.SIGTERM) == signals.SIG_DFL
+
+    previous = signals.signal(signals.SIGTERM, lambda *_: None)  # as python -m seglib.predict installs one
+    try:
+        with dask_client(workers=1, preload=lambda: worker_model(None)) as client:
+            assert list(client.run(state).values()) == [(True, True)]
+    finally:
+        signals.signal(signals.SIGTERM, previous)
+
+
 def test_single_process_never_imports_dask(tiny_teacher_checkpoint, archive, tmp_path):
     code = (
         "import sys; from seglib.predict import main; "

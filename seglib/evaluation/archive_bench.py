@@ -228,10 +228,10 @@ def _noop_seconds(tasks: int, workers: int) -> float:
         return round((time.perf_counter() - tic) / tasks, 5)
 
 
-def extrapolate(task_s: float, noop_s: float, files: int, start_s: float, workers=(2, 8, 16, 32, 64, 128)) -> dict:
+def extrapolate(task_s: float, serial_s: float, files: int, start_s: float, workers=(2, 8, 16, 32, 64, 128)) -> dict:
     """A model, not a measurement: the run takes the cluster's start plus the larger of the work
-    spread over the workers and the client's and scheduler's serial cost per task."""
-    return {w: round(start_s + files * max(task_s / w, noop_s), 1) for w in workers}
+    spread over the workers and the serial cost per file (the client's and the scheduler's)."""
+    return {w: round(start_s + files * max(task_s / w, serial_s), 1) for w in workers}
 
 
 def _memory_child(files: int, size: int, workers: int, scratch: Path, positions: int | None = None) -> dict:
@@ -300,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             result = throughput(files[0], size, args.repeats, args.workers, scratch, fresh=not args.steady_only)
         elif args.what == "overhead":
             result = overhead(files[0], size, args.workers, scratch)
+            from ..inference.archive.run import SEGMENT_BATCH
+
+            # The serial cost per file: the workers' measured time outside tasks per file (an upper
+            # bound: the scheduler's cost per task is shared by the files of a task, and the client
+            # records each file), at least a no-op task's cost shared by the most files a task takes.
+            serial = max(result["overhead_s_per_file"], result["noop_task_s"] / SEGMENT_BATCH)
             result["model_s_for_10000_files_of_this_size"] = extrapolate(
-                result["task_s_per_file"], result["noop_task_s"], 10000, result["start_s"]
+                result["task_s_per_file"], serial, 10000, result["start_s"]
             )
         elif args.what == "memory":
             result = memory(files, size, args.workers, scratch, args.positions)

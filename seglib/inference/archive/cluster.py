@@ -21,7 +21,9 @@ from collections.abc import Iterator
 __all__ = ["dask_client", "dashboard_link", "dashboard_note"]
 
 
-START_METHOD = "fork"  # how a local cluster's workers are started (dask's default: "spawn")
+# How a local cluster's workers are started (dask's default: "spawn"). Forking is Linux only:
+# macOS's system libraries are not safe to use in a forked child, and Windows cannot fork.
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 @contextlib.contextmanager
