@@ -144,11 +144,13 @@ class _Reservoir:
     (at the first cell, when D is known) and filled in place: ``size`` slots for the kept cells
     and a staging area of ``size // 8`` for candidates, merged into the slots of the cells they
     push out. Its memory is that of ``size * 9 / 8`` cells whatever the number of files; a file's
-    sample is copied in and can be freed at once."""
+    sample is copied in and can be freed at once. The staging area is a separate allocation,
+    freed before the k-means (``take``)."""
 
     def __init__(self, size: int):
         self.size, self.stage = size, max(1, size // 8)
-        self.values: torch.Tensor | None = None  # (D, size + stage)
+        self.values: torch.Tensor | None = None  # (D, size): the slots
+        self.staging: torch.Tensor | None = None  # (D, stage): the candidates, slots size, size + 1, ...
         self.keys = np.full(size + self.stage, np.inf)
         self.where = np.zeros(size + self.stage, np.int64)  # file index << 40 | the cell's order in its sample
         self.held = 0  # kept cells: slots [0, held)
@@ -159,7 +161,8 @@ class _Reservoir:
         if not len(keys):
             return
         if self.values is None:
-            self.values = torch.empty(values.shape[0], self.size + self.stage, dtype=values.dtype)
+            self.values = torch.empty(values.shape[0], self.size, dtype=values.dtype)
+            self.staging = torch.empty(values.shape[0], self.stage, dtype=values.dtype)
         where = index * (1 << 40) + order.astype(np.int64)
         take = min(len(keys), self.size - self.held)  # free slots first
         self._put(self.held, values[:, :take], keys[:take], where[:take])
@@ -176,7 +179,10 @@ class _Reservoir:
 
     def _put(self, at: int, values: torch.Tensor, keys: np.ndarray, where: np.ndarray) -> None:
         n = len(keys)
-        self.values[:, at : at + n] = values
+        if at < self.size:
+            self.values[:, at : at + n] = values
+        else:
+            self.staging[:, at - self.size : at - self.size + n] = values
         self.keys[at : at + n], self.where[at : at + n] = keys, where
 
     def _merge(self) -> None:
@@ -188,7 +194,7 @@ class _Reservoir:
         kept[np.argpartition(self.keys[:n], self.size - 1)[: self.size]] = True
         freed, incoming = np.flatnonzero(~kept[: self.size]), self.size + np.flatnonzero(kept[self.size : n])
         if len(freed):
-            self.values[:, torch.from_numpy(freed)] = self.values[:, torch.from_numpy(incoming)]
+            self.values[:, torch.from_numpy(freed)] = self.staging[:, torch.from_numpy(incoming - self.size)]
             self.keys[freed], self.where[freed] = self.keys[incoming], self.where[incoming]
         self.keys[self.size : n] = np.inf
         self.staged = 0
@@ -200,7 +206,7 @@ class _Reservoir:
         copy of them all), which the result now holds: the reservoir is spent afterwards."""
         self._merge()
         values, n, where = self.values, self.held, self.where[: self.held]
-        self.values, self.held, self.staged = None, 0, 0
+        self.values, self.staging, self.held, self.staged = None, None, 0, 0
         self.keys, self.where = np.empty(0), np.empty(0, np.int64)  # spent: its bookkeeping freed too
         if values is None:
             return torch.empty(1, 0, 0)
