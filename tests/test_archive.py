@@ -311,6 +311,18 @@ def test_write_vrt_refuses_what_it_cannot_place(archive, tmp_path):
     assert not (tmp_path / "m.vrt").exists()
 
 
+def test_a_mosaic_of_png_labels_is_refused_naming_the_fix(tiny_teacher_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    args = ["--input", tmp_path / "in", "--k", 3, "--checkpoint", tiny_teacher_checkpoint, "--quiet"]
+    assert _run(*args, "--output", tmp_path / "out", "--mosaic", tmp_path / "out" / "m.vrt") == 1
+    err = capsys.readouterr().err
+    assert "no GeoTIFF to mosaic" in err and "drop --mosaic or give GeoTIFFs" in err
+    assert (tmp_path / "out" / "a.png").is_file() and not (tmp_path / "out" / "m.vrt").exists()
+
+
 def test_inputs_by_glob(archive):
     from seglib.io.images import ImageReadError, list_inputs
 

@@ -73,7 +73,10 @@ def write_vrt(
     grid or a file off the first one's pixel grid. Where files overlap, the later one wins."""
     output, rasters = Path(output), [Path(p) for p in rasters]
     if not rasters:
-        raise VrtError(f"{output}: no rasters to mosaic")
+        raise VrtError(
+            f"{output}: no GeoTIFF to mosaic (labels are GeoTIFFs only for georeferenced GeoTIFF inputs;"
+            " PNG and JPEG inputs give PNG labels, which have no place on a map: drop --mosaic or give GeoTIFFs)"
+        )
     first, entries = _read_grids(rasters, georeferenced=offsets is None)
     left, top, placed = _place(entries, first["res"], offsets)
     text = _vrt_text(first, placed, left, top, output.parent)
