@@ -5,6 +5,9 @@ of the images: ``include=("*t1*", "*t2*")`` keeps the files whose name or stem m
 the patterns, ``exclude`` then drops those matching any of its patterns. Patterns are shell
 globs (``fnmatch``, case-sensitive). A pattern that matches no file of the folder is an error,
 not a silent no-op: a typo would otherwise train on the wrong images.
+
+The patterns' form (a list of non-empty file-name globs) is checked where a config is resolved
+(``seglib.config.Config.validate``); here a pattern is only judged by what it matches.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..config import check_patterns
 from ..io.images import ImageReadError
 
-__all__ = ["check_patterns", "matches", "select_images"]
+__all__ = ["matches", "select_images"]
 
 
 def matches(path: str | Path, patterns: Sequence[str]) -> bool:
@@ -30,11 +32,12 @@ def select_images(
 ) -> list[Path]:
     """``files`` kept by ``include`` (all when empty) minus those matching ``exclude``, in order.
 
-    Raises ``ImageReadError`` when a pattern matches none of ``files`` or nothing is left."""
-    include = check_patterns(include, "data.include")
-    exclude = check_patterns(exclude, "data.exclude")
+    Raises ``ImageReadError`` when a pattern matches none of ``files`` or nothing is left, and
+    ``ValueError`` for a bare string, which would otherwise be read one character at a time."""
     where = f" in {folder}" if folder else ""
     for what, patterns in (("data.include", include), ("data.exclude", exclude)):
+        if isinstance(patterns, str):
+            raise ValueError(f"{what} takes a list of glob patterns, not the string {patterns!r}; pass [{patterns!r}]")
         for p in patterns:
             if not any(matches(f, [p]) for f in files):
                 raise ImageReadError(
