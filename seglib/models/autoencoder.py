@@ -15,7 +15,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import AutoencoderConfig, StudentConfig, apply_overrides
-from .layers import ConvNormAct
+from .layers import conv_norm_act
 from .student import student_shape
 
 __all__ = ["ReconstructionDecoder"]
@@ -36,7 +36,7 @@ class ReconstructionDecoder(nn.Module):
         self.config = config or AutoencoderConfig()
         width = 32
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1), nn.ReLU(inplace=True)]
-        layers += [ConvNormAct(width, width, norm="none") for _ in range(2)]
+        layers += [conv_norm_act(width, width, norm="none") for _ in range(2)]
         layers.append(nn.Conv2d(width, 3, 1))
         self.net = nn.Sequential(*layers)
 

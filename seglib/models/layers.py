@@ -10,7 +10,7 @@ from ..kernels.pooling import window_mean
 
 __all__ = [
     "norm_layer",
-    "ConvNormAct",
+    "conv_norm_act",
     "ResidualBlock",
     "NORMS",
     "INPUT_MODES",
@@ -35,18 +35,16 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
 
 
-class ConvNormAct(nn.Sequential):
-    """3x3 (or k x k) conv -> norm -> ReLU."""
-
-    def __init__(
-        self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1, dilation: int = 1, norm: str = "group"
-    ):
-        pad = dilation * (kernel // 2)
-        super().__init__(
-            nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, bias=norm == "none"),
-            norm_layer(norm, cout),
-            nn.ReLU(inplace=True),
-        )
+def conv_norm_act(
+    cin: int, cout: int, *, kernel: int = 3, stride: int = 1, dilation: int = 1, norm: str = "group"
+) -> nn.Sequential:
+    """3x3 (or k x k) conv -> norm -> ReLU, as a plain ``nn.Sequential`` (parameters ``0.*``, ``1.*``)."""
+    pad = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, bias=norm == "none"),
+        norm_layer(norm, cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class ResidualBlock(nn.Module):
@@ -54,7 +52,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int, *, dilation: int = 1, norm: str = "group"):
         super().__init__()
-        self.conv1 = ConvNormAct(channels, channels, dilation=dilation, norm=norm)
+        self.conv1 = conv_norm_act(channels, channels, dilation=dilation, norm=norm)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=norm == "none")
         self.norm2 = norm_layer(norm, channels)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, HeadConfig, ModelConfig, RefineConfig, StudentConfig, apply_overrides
-from .layers import INPUT_MODES, ConvNormAct, encoder_input
+from .layers import INPUT_MODES, conv_norm_act, encoder_input
 from .segmenter import Segmenter
 
 __all__ = ["STUDENTS", "StudentBackbone", "StudentModelConfig", "StudentSegmenter", "student_shape"]
@@ -52,7 +52,7 @@ def student_shape(cfg: StudentConfig) -> tuple[tuple[int, ...], tuple[int, ...]]
 
 
 def _blocks(channels: int, depth: int, norm: str) -> nn.Sequential:
-    return nn.Sequential(*[ConvNormAct(channels, channels, norm=norm) for _ in range(depth)])
+    return nn.Sequential(*[conv_norm_act(channels, channels, norm=norm) for _ in range(depth)])
 
 
 class StudentBackbone(nn.Module):
@@ -84,14 +84,14 @@ class StudentBackbone(nn.Module):
         cin = INPUT_MODES[input_mode]
         if stem == "conv":
             self.stem = nn.Sequential(
-                ConvNormAct(cin, 32, stride=2, norm=norm), ConvNormAct(32, df, stride=2, norm=norm)
+                conv_norm_act(cin, 32, stride=2, norm=norm), conv_norm_act(32, df, stride=2, norm=norm)
             )
         elif stem == "unshuffle":
-            self.stem = nn.Sequential(nn.PixelUnshuffle(4), ConvNormAct(16 * cin, df, norm=norm))
+            self.stem = nn.Sequential(nn.PixelUnshuffle(4), conv_norm_act(16 * cin, df, norm=norm))
         else:
             raise ValueError(f"unknown student stem {stem!r}; choose conv or unshuffle")
-        self.down_mid = ConvNormAct(df, dm, stride=2, norm=norm)  # stride 8
-        self.down_coarse = ConvNormAct(dm, dc, stride=2, norm=norm)  # stride 16
+        self.down_mid = conv_norm_act(df, dm, stride=2, norm=norm)  # stride 8
+        self.down_coarse = conv_norm_act(dm, dc, stride=2, norm=norm)  # stride 16
         self.coarse = _blocks(dc, depths[0], norm)
         self.merge_mid = nn.Conv2d(dc, dm, 1)
         self.mid = _blocks(dm, depths[1], norm)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, apply_overrides
-from .layers import INPUT_MODES, ConvNormAct, ResidualBlock, encoder_input
+from .layers import INPUT_MODES, ResidualBlock, conv_norm_act, encoder_input
 from .segmenter import STRIDE, Segmenter, check_rgb, colour_channels
 
 __all__ = ["Encoder", "MonolithicSegmenter", "check_rgb", "colour_channels", "STRIDE"]
@@ -50,8 +50,8 @@ class Encoder(nn.Module):
             raise ValueError(f"input_mode must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
         cin = INPUT_MODES[input_mode]
         self.stem = nn.Sequential(
-            ConvNormAct(cin, width // 2, stride=2),
-            ConvNormAct(width // 2, width, stride=2),
+            conv_norm_act(cin, width // 2, stride=2),
+            conv_norm_act(width // 2, width, stride=2),
         )
         self.blocks = nn.Sequential(*[ResidualBlock(width, dilation=(1, 2, 4)[i % 3]) for i in range(depth)])
         self.input_mode = input_mode
