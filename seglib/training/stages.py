@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..config import Config, ConfigError, stage_settings
+from ..models.teacher import MonolithicSegmenter
 from .loop import Task
 from .student import StudentTask, teacher_first
 from .teacher import TeacherTask
@@ -75,14 +76,15 @@ def build_task(cfg: Config, device: torch.device) -> Task:
 
 def make_task(stage: Stage, options: Any, cfg: Config, device: torch.device, teacher: Path | None = None) -> Task:
     """The task of ``stage`` with its checked settings ``options`` (``seglib.config.stage_settings``);
-    ``teacher``: the checkpoint a student distils from (``teacher_first``)."""
+    ``teacher``: the checkpoint a student distils from (``teacher_first``), loaded here."""
     if stage.build is not None:  # a plugin's stage
         return stage.build(cfg, device, options)
     if stage.name == "teacher":
         return TeacherTask(cfg, device)
     if teacher is None:
         raise ValueError("the student stage needs its teacher checkpoint (seglib.training.student.teacher_first)")
-    return StudentTask(cfg, device, teacher)
+    frozen = MonolithicSegmenter.from_checkpoint(teacher)
+    return StudentTask(cfg, device, frozen)
 
 
 register_stage(Stage("teacher", about="the teacher on view pairs"))

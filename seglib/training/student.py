@@ -5,7 +5,8 @@ the teacher without gradient (its learned features and its cluster assignments a
 runs the student and the training-only decoder, and combines ``DistillLoss`` with the
 EMA-normalised autoencoder loss.
 
-The teacher comes as a checkpoint path; ``teacher_first`` trains one first when the config
+``StudentTask`` gets the teacher as a loaded model (``seglib.training.stages.make_task`` loads
+its checkpoint). ``teacher_first`` names that checkpoint and trains one first when the config
 names none: with the same config for ``distill.teacher_steps`` steps into
 ``<checkpoint_dir>/teacher/`` (resumable like any teacher run).
 
@@ -68,14 +69,14 @@ class StudentTask:
     Arguments:
       cfg: the full config (stage "student").
       device: where both models live.
-      teacher_path: the teacher checkpoint to distil from (loaded and frozen).
+      teacher: the trained teacher to distil from (``MonolithicSegmenter.from_checkpoint``);
+        moved to ``device`` and frozen here.
     """
 
     kind = "student"
 
-    def __init__(self, cfg: Config, device: torch.device, teacher_path: str | Path):
-        self.cfg, self.device, self.teacher_path = cfg, device, str(teacher_path)
-        teacher = MonolithicSegmenter.from_checkpoint(teacher_path)
+    def __init__(self, cfg: Config, device: torch.device, teacher: MonolithicSegmenter):
+        self.cfg, self.device = cfg, device
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         # The student clusters like the teacher: same head, lanes and colour channels.
         student_cfg = copy.deepcopy(cfg)
