@@ -266,11 +266,13 @@ def fit_embeddings(
     return head.fit(x, xp, k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior)
 
 
-def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: dict) -> Legend:
-    """Legend from a fit, renumbered into the stable order."""
-    protos = out.prototypes[0].float().cpu().numpy()  # (K, D)
-    order = brightness_order(out.prototypes[0])
-    labels = out.probs[0].argmax(0).cpu().numpy()  # (N,)
+def _ordered(
+    labels: np.ndarray, prototypes: torch.Tensor, bias: torch.Tensor | None, x_rgb, fingerprint: str, meta: dict
+) -> Legend:
+    """Legend from a fit (the positions' labels (N,), prototypes (1, K, D), bias (1, K) or None),
+    renumbered into the stable order."""
+    protos = prototypes[0].float().cpu().numpy()  # (K, D)
+    order = brightness_order(prototypes[0])
     k = protos.shape[0]
     shares = np.bincount(labels, minlength=k) / max(labels.size, 1)
     colours = np.zeros((k, 3))
@@ -278,7 +280,7 @@ def _ordered(out: HeadOutput, x_rgb: np.ndarray | None, fingerprint: str, meta: 
         for c in range(k):
             if (labels == c).any():
                 colours[c] = x_rgb[labels == c].mean(0)
-    bias = None if out.bias is None else out.bias[0].float().cpu().numpy()
+    bias = None if bias is None else bias[0].float().cpu().numpy()
     return Legend(
         prototypes=np.ascontiguousarray(protos[order], np.float32),
         bias=None if bias is None else np.ascontiguousarray(bias[order], np.float32),
@@ -403,11 +405,19 @@ def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, see
         raise ImageReadError("no readable image to fit the clusters on")
     head = model.head
     x = budget.cells.take()  # sorted in the budget's storage, which x now holds
-    # The pooled cells passed as the only reference: freed once the initialisation has them.
-    settings = {"iters": head.iters, "temperature": head.temperature, "size_prior": head.size_prior}
-    out = head.fit(x, budget.pooled.take(), k, **settings)
-    weight = float(model.colour_weight) or 1.0
-    colours = ((x[0, -3:].T.float().numpy() / weight + 0.5) * 255).clip(0, 255)
+    # The pooled cells passed as the only reference, so they are freed once the initialisation
+    # has them (by name: a call through **settings would keep them alive in its argument tuple).
+    out = head.fit(
+        x, budget.pooled.take(), k, iters=head.iters, temperature=head.temperature, size_prior=head.size_prior
+    )
+    labels, prototypes, bias = out.probs[0].argmax(0).cpu().numpy(), out.prototypes, out.bias
+    del out  # its (K, N) logits and probabilities (12 MiB at K = 6), before the colours are made
+    # (N, 3) colours of the cells, in one array (the same numbers as the chained expression of
+    # ``_cell_colours``, without its three temporaries beside the fit's (K, N) arrays).
+    colours = x[0, -3:].T.numpy() / (float(model.colour_weight) or 1.0)
+    colours += 0.5
+    colours *= 255
+    np.clip(colours, 0, 255, out=colours)
     meta = {
         "positions": int(x.shape[2]),
         "max_positions": budget.positions,
@@ -417,7 +427,7 @@ def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, see
         "files": [name for _, name in sorted(budget.files)],
         **meta,
     }
-    return _ordered(out, colours, model_fingerprint(model), meta)
+    return _ordered(labels, prototypes, bias, colours, model_fingerprint(model), meta)
 
 
 def legend_from_fit(
@@ -443,4 +453,5 @@ def legend_from_fit(
         "head": head_settings(model) | {"iters": int(model.head.iters)},
         **{key: v for key, v in meta.items() if key != "seed"},
     }
-    return _ordered(out, colours, model_fingerprint(model), meta)
+    labels = out.probs[0].argmax(0).cpu().numpy()
+    return _ordered(labels, out.prototypes, out.bias, colours, model_fingerprint(model), meta)

@@ -75,6 +75,7 @@ def em_steps(x: torch.Tensor, mu: torch.Tensor, *, iters: int, temperature: floa
         mass = r.sum(2, keepdim=True)  # (B, K, 1)
         # A cluster that lost all mass keeps its previous prototype instead of dividing by 0.
         mu = torch.where(mass > 1e-6, torch.bmm(r, x.transpose(1, 2)) / mass.clamp_min(1e-6), mu)
+        del r  # else it lives on beside the next iteration's logits and assignments
     return mu
 
 
