@@ -146,7 +146,8 @@ class _Reservoir:
     push out. Its memory is that of ``size * 33 / 32`` cells whatever the number of files; a file's
     sample is copied in and can be freed at once. The staging area is a separate allocation,
     freed before the k-means (``take``). Which cells are kept does not depend on the staging
-    area's size (only how often it is merged: a merge costs ~3 ms at 2^18 cells)."""
+    area's size, only how often it is merged (21 times for 2,000 files of 256 cells: 0.34 s for
+    all their adds)."""
 
     def __init__(self, size: int):
         self.size, self.stage = size, max(1, size // 32)
