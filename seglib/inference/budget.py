@@ -95,6 +95,15 @@ class FileSample:
     pooled_keys: np.ndarray
     pooled_order: np.ndarray
 
+    # Pickled (a worker's sample on its way to the client) with the cells as numpy arrays: those
+    # travel as raw buffers, where a tensor is written and read back through ``torch.save``
+    # (3.5 ms against 0.06 ms for a 512 px file's sample).
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "x": self.x.numpy(), "pooled": self.pooled.numpy()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, x=torch.from_numpy(state["x"]), pooled=torch.from_numpy(state["pooled"]))
+
 
 def _keep(values: torch.Tensor, keys: np.ndarray, budget: int, threshold: float):
     """(values, keys, order) of the at most ``budget`` cells with the smallest keys below
