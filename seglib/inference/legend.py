@@ -293,9 +293,16 @@ def _ordered(
 
 def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.ndarray:
     """(N, 3) mean RGB (0..255) of every embedding cell, read back from the colour channels."""
-    x = torch.cat([e.flatten(2) for e in embs], 2)[0, -3:].T  # (N, 3): (colour - 0.5) * weight
-    weight = float(model.colour_weight) or 1.0
-    return ((x.float().cpu().numpy() / weight + 0.5) * 255).clip(0, 255)
+    return _colours(model, torch.cat([e.flatten(2) for e in embs], 2))
+
+
+def _colours(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """(N, 3) RGB (0..255) of the cells x (1, D, N), whose last channels are (colour - 0.5) *
+    weight; computed in one array (a shared legend's 2^18 cells: no temporaries beside the fit's)."""
+    colours = x[0, -3:].T.float().cpu().numpy() / (float(model.colour_weight) or 1.0)
+    colours += 0.5
+    colours *= 255
+    return np.clip(colours, 0, 255, out=colours)
 
 
 def label_table(
@@ -412,12 +419,7 @@ def fit_positions(model: torch.nn.Module, budget: PositionBudget, k: int, *, see
     )
     labels, prototypes, bias = out.probs[0].argmax(0).cpu().numpy(), out.prototypes, out.bias
     del out  # its (K, N) logits and probabilities (12 MiB at K = 6), before the colours are made
-    # (N, 3) colours of the cells, in one array (the same numbers as the chained expression of
-    # ``_cell_colours``, without its three temporaries beside the fit's (K, N) arrays).
-    colours = x[0, -3:].T.numpy() / (float(model.colour_weight) or 1.0)
-    colours += 0.5
-    colours *= 255
-    np.clip(colours, 0, 255, out=colours)
+    colours = _colours(model, x)
     meta = {
         "positions": int(x.shape[2]),
         "max_positions": budget.positions,
