@@ -445,7 +445,9 @@ def test_qgis_cancel_leaves_nothing(qgis, tiles, tmp_path):
 
     Every attempt must be canceled and leave nothing; seglib's own "interrupted" line must come in
     one of three: in the full suite the console sometimes came back without the child's last line
-    (cause not found; the plugin's outcome was right in every such run)."""
+    (the plugin's outcome was right in every such run). A possible cause, since fixed: the interrupt
+    lands as the windowed pass starts its reader thread, and a reader left running crashed the
+    child at exit (``tests/test_raster_pipeline.py``); not reproduced here either way."""
     consoles = []
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"

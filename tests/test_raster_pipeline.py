@@ -139,6 +139,50 @@ def test_prefetch_keeps_order_bounds_the_queue_and_reraises():
     assert not any(t.name == "seglib-reader" for t in threading.enumerate())
 
 
+def readers_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "seglib-reader" and t.is_alive()]
+
+
+def test_prefetch_stops_its_reader_after_an_interrupt_inside_start(monkeypatch):
+    """Ctrl-C can land while ``Thread.start()`` waits for the new reader: the reader runs by then,
+    and must be stopped before the interrupt leaves ``prefetch`` (left reading, it crashed the
+    process once the caller had closed the file it reads)."""
+
+    class InterruptedStart(threading.Thread):
+        def start(self):
+            super().start()
+            raise KeyboardInterrupt  # as if it had landed in start()'s wait
+
+    monkeypatch.setattr(threading, "Thread", InterruptedStart)
+    gen = prefetch(iter(range(10**6)), depth=2)
+    with pytest.raises(KeyboardInterrupt):
+        next(gen)
+    monkeypatch.undo()
+    assert readers_alive() == []
+
+
+def test_an_interrupt_in_the_model_stops_the_reader_before_the_raster_is_closed(tmp_path, monkeypatch):
+    """The windowed pass stops its reader thread itself when an exception leaves it, not when the
+    generators are collected: the exception's traceback keeps them alive while the caller closes
+    the raster, and a reader still reading it then crashed the process (Ctrl-C in the QGIS plugin)."""
+    write_geotiff(tmp_path / "in.tif", smooth_image(320, seed=1))
+    predictor = Predictor(tiny_teacher(), 3)
+    calls, window = [], Predictor.window
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return window(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "window", interrupted)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        segment_raster(tmp_path / "in.tif", tmp_path / "out.tif", predictor, tiling=Tiling(64, 16), progress=False)
+    assert raised.traceback  # still held, with the pass's frames
+    assert readers_alive() == []
+    assert not (tmp_path / "out.tif").exists()
+
+
 def test_row_writer_writes_in_order_from_one_thread_and_reraises():
     written, threads = [], set()
 

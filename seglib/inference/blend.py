@@ -230,23 +230,30 @@ def blended_cells(
     with bar, torch_threads(threads):
         windows_read = prefetch(windows(), depth=2, times=times)
         labelled = ordered_map(run, windows_read, workers=workers, times=times, stage="model")
-        for (r, c, _, valid, _), (done, parts) in labelled:
-            with timed(times, "blend"):
-                for (i, j), part in parts.items():
-                    acc = pending.get((i, j))
-                    if acc is None:
-                        pending[(i, j)] = acc = part
-                    else:
-                        acc += part
-                    if plan.last(i, j, r, c):
-                        del pending[(i, j)]
-                        labels = argmax_labels(acc)
-                        if valid is not None:  # the cell's pixels, as every window covering it reads them
-                            labels[~valid[plan.cell(i, j, r, c)]] = NODATA
-                        done.append((plan.cuts_y[i], plan.cuts_x[j], labels, acc.numpy() if want_probs else None))
-                done.sort(key=lambda cell: cell[:2])  # rows of cells finish top to bottom
-            yield from done
-            bar.update()
+        try:
+            for (r, c, _, valid, _), (done, parts) in labelled:
+                with timed(times, "blend"):
+                    for (i, j), part in parts.items():
+                        acc = pending.get((i, j))
+                        if acc is None:
+                            pending[(i, j)] = acc = part
+                        else:
+                            acc += part
+                        if plan.last(i, j, r, c):
+                            del pending[(i, j)]
+                            labels = argmax_labels(acc)
+                            if valid is not None:  # the cell's pixels, as every window covering it reads them
+                                labels[~valid[plan.cell(i, j, r, c)]] = NODATA
+                            done.append((plan.cuts_y[i], plan.cuts_x[j], labels, acc.numpy() if want_probs else None))
+                    done.sort(key=lambda cell: cell[:2])  # rows of cells finish top to bottom
+                yield from done
+                bar.update()
+        finally:
+            # Stopped here, not when the generators are collected: an exception's traceback keeps
+            # them alive while it climbs, and the caller closes the source on the way; a reader
+            # thread still reading it then (Ctrl-C while the model ran) crashed the process.
+            labelled.close()
+            windows_read.close()
 
 
 def iter_blended(

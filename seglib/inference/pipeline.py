@@ -85,8 +85,8 @@ def prefetch(items: Iterable[T], *, depth: int = 2, times: dict[str, float] | No
             _put(q, _Failed(exc), stop)
 
     thread = threading.Thread(target=work, name="seglib-reader", daemon=True)
-    thread.start()
     try:
+        thread.start()
         while True:
             with timed(times, "wait"):
                 item = q.get()
@@ -97,7 +97,18 @@ def prefetch(items: Iterable[T], *, depth: int = 2, times: dict[str, float] | No
             yield item
     finally:
         stop.set()
-        thread.join()
+        _join(thread)
+
+
+def _join(thread: threading.Thread) -> None:
+    """``thread.join()``, also after a Ctrl-C that landed while ``thread.start()`` waited for the
+    new thread: it runs then, reading, but ``join`` refuses it until it has signalled its start."""
+    for _ in range(1000):  # a new thread signals within microseconds
+        try:
+            thread.join()
+            return
+        except RuntimeError:  # not signalled yet (or never created: then nothing runs)
+            time.sleep(0.001)
 
 
 def ordered_map(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -225,10 +226,9 @@ def block_task(path: str, target: str, rows: tuple[int, int], last: bool, settin
                 for y in range(first_out, box_top + top_row, 1024):  # nodata above the box
                     write(y, np.full((min(1024, box_top + top_row - y), width), NODATA, np.uint8))
                 pending: dict[int, list] = {}
-                with torch.no_grad():
-                    for y, x, labels, _ in blended_cells(
-                        predictor, view, layout, want_probs=False, progress=False, rows=rows
-                    ):
+                cells = blended_cells(predictor, view, layout, want_probs=False, progress=False, rows=rows)
+                with torch.no_grad(), closing(cells):  # a failed write stops the reader before the file closes
+                    for y, x, labels, _ in cells:
                         h, w = labels.shape
                         row = pending.setdefault(y, [np.full((h, width), NODATA, np.uint8), 0])
                         row[0][:, left + x : left + x + w] = labels
