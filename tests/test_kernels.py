@@ -146,7 +146,7 @@ def _plain_farthest_points(x, k):
 
 @pytest.mark.parametrize("n", [4000, 65537, 200003])
 def test_large_fits_working_in_place_give_the_plain_numbers(n):
-    """A shared legend's fit (2^18 cells) computes the squared norms piece by piece, the logits
+    """A shared legend's fit (2^17 cells) computes the squared norms piece by piece, the logits
     in their own result and the farthest points in one buffer, to hold fewer copies of the cells:
     the same numbers, bit for bit, as the plain formulas (pieces of equal length: a short last
     piece would be reduced by another kernel), ties in the farthest points included."""

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="side of each synthetic tile in pixels")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--positions", type=int, default=None, help="memory: the legend's budget of cells (default 2^18)")
+    p.add_argument("--positions", type=int, default=None, help="memory: the legend's budget of cells (default 2^17)")
     p.add_argument("--steady-only", action="store_true", help="throughput: only the runs on a warm cluster")
     p.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args(argv)

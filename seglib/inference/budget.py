@@ -14,7 +14,7 @@ initialisation's pooled cells are sampled alike, ``positions / init_pool**2`` of
 
 So memory is bounded whatever the number of files: a ``PositionBudget`` stores its cells in
 place, in storage allocated at the first file for the budget and a 32nd more (D + 2 numbers
-per cell: 35 floats for the bundled student, 2^18 cells, ~42 MB), and one file's sample at a time
+per cell: 35 floats for the bundled student, 2^17 cells, ~21 MB), and one file's sample at a time
 is embedded. The k-means runs on the cells sorted in that same storage (``take``), not on a
 copy. ``threshold`` (the largest key in the budget once it is full) lets a file drop at once the
 cells that cannot make the cut, so later files send less.

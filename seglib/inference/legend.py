@@ -65,7 +65,10 @@ __all__ = [
 
 FORMAT = "seglib-clusters"
 VERSION = 1
-MAX_POSITIONS = 1 << 18  # k-means positions of a shared fit, at most (more are subsampled, seeded)
+# k-means positions of a shared fit, at most (more are subsampled, seeded). 2^16 to 2^18 cells give
+# legends that agree with a fit on every cell as closely as two seeds' legends agree with each
+# other (experiments/legend_budget); 2^17 holds the client's memory to ~21 MB of cells.
+MAX_POSITIONS = 1 << 17
 
 
 class LegendFileError(ValueError):
@@ -298,7 +301,7 @@ def _cell_colours(model: torch.nn.Module, embs: Sequence[torch.Tensor]) -> np.nd
 
 def _colours(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """(N, 3) RGB (0..255) of the cells x (1, D, N), whose last channels are (colour - 0.5) *
-    weight; computed in one array (a shared legend's 2^18 cells: no temporaries beside the fit's)."""
+    weight; computed in one array (a shared legend's 2^17 cells: no temporaries beside the fit's)."""
     colours = x[0, -3:].T.float().cpu().numpy() / (float(model.colour_weight) or 1.0)
     colours += 0.5
     colours *= 255

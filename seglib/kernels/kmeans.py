@@ -27,8 +27,8 @@ FPS_CHUNK = 1 << 14  # positions per piece of the farthest-point search's distan
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
     """|x|^2 (B, 1, N) of positions x (B, D, N): ``x.square().sum(1, keepdim=True)``, for a large
     fit without gradient piece by piece (``_pieces``; each position's sum over D is the same
-    reduction, so the same numbers): no squared copy of x beside it (37 MiB for a shared legend's
-    2^18 cells)."""
+    reduction, so the same numbers): no squared copy of x beside it (18 MiB for a shared legend's
+    2^17 cells)."""
     pieces = _pieces(x)
     if pieces is None:
         return x.square().sum(1, keepdim=True)
@@ -56,7 +56,7 @@ def distance_logits(x: torch.Tensor, x2: torch.Tensor, mu: torch.Tensor, tempera
     and prototypes mu (B, K, D), by the matmul form: no (B, K, D, N) intermediate. Without
     gradient, every step after the matmul is done in its result (the same operations, the same
     numbers): one (B, K, N) tensor instead of three or four at once, which for a fit on many
-    positions (a shared legend's 2^18 cells) is most of its working memory."""
+    positions (a shared legend's 2^17 cells) is most of its working memory."""
     if torch.is_grad_enabled() and (x.requires_grad or mu.requires_grad or x2.requires_grad):
         d2 = x2 - 2 * torch.bmm(mu, x) + mu.square().sum(-1, keepdim=True)
         return -d2.clamp_min(0) / temperature
