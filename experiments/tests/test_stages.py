@@ -184,22 +184,24 @@ def test_init_from_starts_a_teacher_or_cluster_run_from_saved_weights(tmp_path, 
         ClusterTask(cfg, torch.device("cpu"), ClusterOptions(arch="student", init_from=path))
 
 
-def test_the_stages_check_their_options():
-    """stage_options is checked against the stage's own settings: a typo names the setting, a
-    core stage takes none, an unknown stage names the registered ones."""
+def test_the_stages_check_their_options(tmp_path):
+    """stage_options is checked against the stage's own settings, before anything trains: a typo
+    names the setting, a core stage takes none, an unknown stage names the registered ones."""
     from seglib.config import ConfigError
-    from seglib.training.stages import build_task
+    from seglib.training.run import run
 
-    cfg = Config.from_dict({"stage": "cluster", "stage_options": {"windw": 2}})
+    def config(**settings) -> Config:  # one step into tmp_path, should a check be missed
+        return Config.from_dict({**settings, "train": {"steps": 1, "checkpoint_dir": str(tmp_path)}})
+
     with pytest.raises(ConfigError, match="stage_options.windw.*did you mean 'stage_options.window'"):
-        build_task(cfg, torch.device("cpu"))
-    cfg = Config.from_dict({"stage": "cluster", "stage_options": {"swap": 0.0}})
+        run(config(stage="cluster", stage_options={"windw": 2}))
     with pytest.raises(ConfigError, match="swap, colourize or iic"):
-        build_task(cfg, torch.device("cpu"))
+        run(config(stage="cluster", stage_options={"swap": 0.0}))
     with pytest.raises(ConfigError, match="stage teacher has no settings of its own"):
-        build_task(Config.from_dict({"stage_options": {"window": 2}}), torch.device("cpu"))
+        run(config(stage_options={"window": 2}))
     with pytest.raises(ConfigError, match="unknown stage 'clustr'.*cluster"):
-        build_task(Config.from_dict({"stage": "clustr"}), torch.device("cpu"))
+        run(config(stage="clustr"))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- procedural supervision
@@ -229,17 +231,19 @@ def test_region_contrast_floor_separation_and_images_kept_apart():
 
 def test_region_loss_needs_synthetic_tiles(tmp_path):
     from seglib.config import ConfigError
-    from seglib.training.stages import build_task
+    from seglib.training.run import run
 
     cfg = Config.from_dict(
         {
             "stage": "teacher_research",
             "stage_options": {"region": 1.0},
             "data": {"synthetic": False, "data_dir": str(tmp_path)},
+            "train": {"steps": 1, "checkpoint_dir": str(tmp_path / "runs")},
         }
     )
     with pytest.raises(ConfigError, match="stage_options.region"):
-        build_task(cfg, torch.device("cpu"))
+        run(cfg)  # raised as the task is built, before anything trains
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_region_contrast_is_zero_without_positives():

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, stage_settings
+from ..config import Config, ConfigError
 from ..models.teacher import MonolithicSegmenter
 from .loop import Task
-from .student import StudentTask, teacher_first
+from .student import StudentTask
 from .teacher import TeacherTask
 
-__all__ = ["Stage", "STAGES", "register_stage", "get_stage", "build_task", "make_task"]
+__all__ = ["Stage", "STAGES", "register_stage", "get_stage", "make_task"]
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,6 @@ def get_stage(name: str) -> Stage:
             "plugin (experiments/stages): python -m experiments.train ..."
         )
     return STAGES[name]
-
-
-def build_task(cfg: Config, device: torch.device) -> Task:
-    """The task of ``cfg.stage``, with ``cfg.stage_options`` checked against the stage's settings."""
-    stage = get_stage(cfg.stage)
-    options = stage_settings(stage.options, cfg.stage_options, stage.name)
-    teacher = teacher_first(cfg, device) if stage.name == "student" else None
-    return make_task(stage, options, cfg, device, teacher)
 
 
 def make_task(stage: Stage, options: Any, cfg: Config, device: torch.device, teacher: Path | None = None) -> Task:
