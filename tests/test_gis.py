@@ -12,7 +12,7 @@ import torch
 
 from seglib.evaluation.scores import dataset_confusion
 from seglib.inference.engine import fit_source_clusters
-from seglib.inference.kselect import AUTO_RULE, check_k_range, choose_k, k_statistics, pick_k
+from seglib.inference.kselect import AUTO_RULE, check_k_range, choose_k, k_statistics, label_agreement, pick_k
 from seglib.inference.legend import (
     LegendFileError,
     embed_windows,
@@ -217,6 +217,14 @@ def test_k_statistics_flip_agreement_is_one_on_a_symmetric_image():
     flipped, _ = embed_windows(model, source, windows, flip=True)
     stats = k_statistics(model.head, embs, [2], flipped=flipped)
     assert stats[2]["flip_agreement"] == pytest.approx(1.0)
+
+
+def test_label_agreement_matches_ids_one_to_one():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4, (20, 30)).astype(np.uint8)  # uint8 labels, as the rasters hold them
+    assert label_agreement(a, np.array([2, 0, 3, 1], np.uint8)[a], 4) == 1.0  # the same partition, other ids
+    merged = np.where(a == 3, 2, a)  # two clusters made one: the smaller of the two disagrees
+    assert label_agreement(a, merged, 4) == (a.size - min((a == 2).sum(), (a == 3).sum())) / a.size
 
 
 # ----------------------------------------------------------------------------- polygons

@@ -34,13 +34,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from seglib.device import set_threads
 from seglib.evaluation.baselines import shared_rgb_kmeans
 from seglib.evaluation.metrics import hungarian_scores
 from seglib.evaluation.scores import dataset_confusion, folder_tiles
 from seglib.inference.engine import segment_array
+from seglib.inference.kselect import label_agreement
 from seglib.inference.legend import MAX_POSITIONS, fit_sources
 from seglib.inference.predictor import Predictor
 from seglib.inference.windows import Tiling
@@ -55,12 +55,8 @@ __all__ = ["agreement", "legend_budget_study", "build_parser", "main"]
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray], k: int) -> float:
     """Share of pixels with the same label once the clusters of ``b`` are matched one-to-one to
-    those of ``a`` (Hungarian on the joint counts)."""
-    counts = np.zeros((k, k), np.int64)
-    for x, y in zip(a, b, strict=True):
-        counts += np.bincount(x.ravel().astype(np.int64) * k + y.ravel(), minlength=k * k).reshape(k, k)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / counts.sum())
+    those of ``a``, over all the label maps of each list (``label_agreement``)."""
+    return label_agreement(np.concatenate([x.ravel() for x in a]), np.concatenate([y.ravel() for y in b]), k)
 
 
 def _labels(model, legend, k: int, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -62,6 +62,7 @@ __all__ = [
     "choose_k",
     "fit_sources_auto",
     "rule_name",
+    "label_agreement",
 ]
 
 log = logging.getLogger("seglib.inference.kselect")
@@ -156,11 +157,12 @@ def _hard_stats(x: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, floa
     return out
 
 
-def _agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Best one-to-one agreement of two label vectors with ids 0..k-1."""
+def label_agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Share of positions with the same label once the ids of ``b`` are matched one-to-one to those
+    of ``a`` (Hungarian on the joint counts); two label arrays of one shape with ids 0..k-1."""
     from scipy.optimize import linear_sum_assignment
 
-    matrix = np.bincount(a * k + b, minlength=k * k).reshape(k, k)
+    matrix = np.bincount(a.ravel().astype(np.int64) * k + b.ravel(), minlength=k * k).reshape(k, k)
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     return float(matrix[rows, cols].sum() / max(matrix.sum(), 1))
 
@@ -233,7 +235,7 @@ def k_statistics(
         row["boundary_density"] = _boundary_density(labels_all.numpy(), shapes)
         if flipped is not None:
             other = _distinct_labels(fit_embeddings(head, flipped, k, max_positions=max_positions, seed=seed), scale)
-            row["flip_agreement"] = _agreement(labels_all.numpy(), other.numpy(), k)
+            row["flip_agreement"] = label_agreement(labels_all.numpy(), other.numpy(), k)
         ref_logs = np.array([_log_w(r, head, k) for r in refs])
         row["gap"] = float(ref_logs.mean() - _log_w(xg, head, k))
         row["gap_sd"] = float(ref_logs.std() * np.sqrt(1 + 1 / GAP_REFERENCES))
