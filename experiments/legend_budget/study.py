@@ -59,6 +59,11 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray], k: int) -> float:
     return label_agreement(np.concatenate([x.ravel() for x in a]), np.concatenate([y.ravel() for y in b]), k)
 
 
+def _uint8(rgb: np.ndarray) -> np.ndarray:
+    """An image as uint8 RGB (the readers give float [0, 1]), as the rasters the legend serves hold it."""
+    return rgb if rgb.dtype == np.uint8 else np.round(rgb * 255).astype(np.uint8)
+
+
 def _labels(model, legend, k: int, images: list[np.ndarray]) -> list[np.ndarray]:
     predictor = Predictor(model, k, clusters=legend.head_clusters())
     return [segment_array(predictor, image) for image in images]
@@ -67,8 +72,7 @@ def _labels(model, legend, k: int, images: list[np.ndarray]) -> list[np.ndarray]
 def _scenes(folder: Path) -> tuple[list[Path], list[np.ndarray]]:
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     fit = files[::4]
-    held = [read_image(p)[0] for p in files[2::20]]  # none of them in the fit
-    return fit, [np.round(rgb * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb for rgb in held]
+    return fit, [_uint8(read_image(p)[0]) for p in files[2::20]]  # none of the held-out scenes in the fit
 
 
 def _scenes_part(model, folder: Path, budgets: list[int], seeds: list[int], ks: list[int], log) -> dict:
@@ -108,7 +112,7 @@ def _scenes_part(model, folder: Path, budgets: list[int], seeds: list[int], ks: 
 def _dev_part(model, dev: Path, budgets: list[int], seeds: list[int], log) -> dict:
     ignore = (5, 255)
     _, tiles = folder_tiles(dev / "images", dev / "masks")
-    images = [np.round(rgb * 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb for rgb, _ in tiles]
+    images = [_uint8(rgb) for rgb, _ in tiles]
     gts = [gt for _, gt in tiles]
     classes = np.setdiff1d(np.unique(np.concatenate([np.unique(g) for g in gts])), np.asarray(ignore))
     k = len(classes)
