@@ -1,5 +1,7 @@
 """The teacher training loop: determinism, resume, checkpoints, TensorBoard, non-finite guard."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -270,12 +272,16 @@ def _event_steps(logdir):
     return steps
 
 
-def test_tensorboard_after_a_resume_has_every_point_once(tmp_path, caplog):
+def test_tensorboard_after_a_resume_has_every_point_once(tmp_path, caplog, monkeypatch):
     """A run killed after step 5 resumes from its step-3 checkpoint: the event files hold each
     scalar once per step 1..6 and each image once per logged step, and TensorBoard reads them
-    without purging anything ("out of order" warnings)."""
+    without purging anything ("out of order" warnings). The writer's thread is slowed down, as on
+    a loaded machine: the killed run's last events must still be on disk when it has stopped."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
+    write = RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.01), write(self, data))[1])
     cfg = lambda: cfg_for(tmp_path, steps=6, checkpoint_every=3)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         run(cfg(), callbacks=[_stop_after(5)])

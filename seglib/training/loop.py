@@ -115,48 +115,49 @@ def train_loop(
         range(start, t.steps), initial=start, total=t.steps, disable=not main, desc=task.kind, dynamic_ncols=True
     )
     records = Records(history, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
-    for step in bar:
-        done = step + 1
-        opt.zero_grad(set_to_none=True)
-        last, terms, n_images = _accumulate(task, step_model, batches, step, accum, device, t.amp)
-        names, stacked = list(terms), torch.stack([value.float().reshape(()) for value in terms.values()])
-        grad_norm = opt.clip_grad_norm_(CLIP)
-        bad = _any_rank(~(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)))  # () bool, on the device
-        skipped = opt.step_unless(bad)
-        if average is not None:
-            average.update(skip=skipped)
-        sched.step()
-        records.add(
-            done, names, stacked, grad_norm, bad, lr=sched.get_last_lr()[0], n_images=n_images, scalars=last.scalars
-        )
-        log_now = done % max(1, t.log_every) == 0
-        scheduled, timed = saves.scheduled(done), main and saves.timed()
-        image_now = last.rgb is not None and (step == start or scheduled)
-        probe_now = probe is not None and (done % cfg.probe.every == 0 or done == t.steps)
-        if not (log_now or image_now or scheduled or probe_now or timed):
-            continue
-        with _closing_on_error(logger, NonFiniteLossError):
+    # However the run ends (a callback's exception, Ctrl-C, a non-finite loss), the logger is closed:
+    # its writer thread may still hold the last events, and a resume needs them on disk.
+    with contextlib.closing(logger):
+        for step in bar:
+            done = step + 1
+            opt.zero_grad(set_to_none=True)
+            last, terms, n_images = _accumulate(task, step_model, batches, step, accum, device, t.amp)
+            names, stacked = list(terms), torch.stack([value.float().reshape(()) for value in terms.values()])
+            grad_norm = opt.clip_grad_norm_(CLIP)
+            bad = _any_rank(~(torch.isfinite(stacked).all() & torch.isfinite(grad_norm)))  # () bool, on the device
+            skipped = opt.step_unless(bad)
+            if average is not None:
+                average.update(skip=skipped)
+            sched.step()
+            records.add(
+                done, names, stacked, grad_norm, bad, lr=sched.get_last_lr()[0], n_images=n_images, scalars=last.scalars
+            )
+            log_now = done % max(1, t.log_every) == 0
+            scheduled, timed = saves.scheduled(done), main and saves.timed()
+            image_now = last.rgb is not None and (step == start or scheduled)
+            probe_now = probe is not None and (done % cfg.probe.every == 0 or done == t.steps)
+            if not (log_now or image_now or scheduled or probe_now or timed):
+                continue
             read = records.read()  # the records since the last read: one transfer from the device
-        if main and log_now:
-            logger.scalars(done, read[-1]["values"])
-            bar.set_postfix(loss=f"{read[-1]['values'].get('loss/total', float('nan')):.4f}", refresh=False)
-        if main and image_now:
-            logger.images(done, last.rgb, last.probs, extra=last.extra_images)
-        if probe_now:
-            _log_probe(probe, task, average, done, history, logger)
-        if main and (scheduled or timed):
-            logger.flush()  # the events up to the checkpoint are on disk when it is
-            saves.save(done, history)
-        if log_now or image_now or scheduled:  # the same on every rank (the probe and timed saves are rank 0's)
-            dist.barrier()
-        for record in read:
-            for callback in callbacks:
-                callback(record["step"], record["values"])
-    if average is not None:
-        model.load_state_dict(average.state)  # what the run exports (and leaves in task.model)
-    if main:
-        task.export(saves.directory)
-        logger.close()
+            if main and log_now:
+                logger.scalars(done, read[-1]["values"])
+                bar.set_postfix(loss=f"{read[-1]['values'].get('loss/total', float('nan')):.4f}", refresh=False)
+            if main and image_now:
+                logger.images(done, last.rgb, last.probs, extra=last.extra_images)
+            if probe_now:
+                _log_probe(probe, task, average, done, history, logger)
+            if main and (scheduled or timed):
+                logger.flush()  # the events up to the checkpoint are on disk when it is
+                saves.save(done, history)
+            if log_now or image_now or scheduled:  # the same on every rank (the probe and timed saves are rank 0's)
+                dist.barrier()
+            for record in read:
+                for callback in callbacks:
+                    callback(record["step"], record["values"])
+        if average is not None:
+            model.load_state_dict(average.state)  # what the run exports (and leaves in task.model)
+        if main:
+            task.export(saves.directory)
     return history
 
 
@@ -216,16 +217,6 @@ def _any_rank(flag: torch.Tensor) -> torch.Tensor:
     value = flag.float()
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return value > 0
-
-
-@contextlib.contextmanager
-def _closing_on_error(logger: RunLogger, error: type[BaseException]) -> Iterator[None]:
-    """Close ``logger`` (its events on disk) when the block raises ``error``."""
-    try:
-        yield
-    except error:
-        logger.close()
-        raise
 
 
 def _make_probe(task: Task, cfg: Config) -> QualityProbe | None:
