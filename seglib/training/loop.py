@@ -103,21 +103,20 @@ def train_loop(
         # purge_step only hides them from readers that honour it, and hides step `start` too).
         trim_events(saves.directory / "tb", start if start else None)
     logger = RunLogger(saves.directory / "tb", config=saves.config, enabled=main)
-    probe = _make_probe(task, cfg) if main else None
-    if probe is not None and start == 0:
-        _log_probe(probe, task, average, 0, history, logger)  # the weights before training
-    saves.start_clock()
-    accum = max(1, t.grad_accum)
-    pin = device.type == "cuda"
-    batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers, pin_memory=pin))
-    model.train()
-    bar = progress_bar(
-        range(start, t.steps), initial=start, total=t.steps, disable=not main, desc=task.kind, dynamic_ncols=True
-    )
-    records = Records(history, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
-    # However the run ends (a callback's exception, Ctrl-C, a non-finite loss), the logger is closed:
-    # its writer thread may still hold the last events, and a resume needs them on disk.
+    # Closed however the run ends (Ctrl-C too): its writer thread may hold events a resume needs.
     with contextlib.closing(logger):
+        probe = _make_probe(task, cfg) if main else None
+        if probe is not None and start == 0:
+            _log_probe(probe, task, average, 0, history, logger)  # the weights before training
+        saves.start_clock()
+        accum = max(1, t.grad_accum)
+        pin = device.type == "cuda"
+        batches = iter(batch_loader(source, start * accum, t.steps * accum, cfg.data.num_workers, pin_memory=pin))
+        model.train()
+        bar = progress_bar(
+            range(start, t.steps), initial=start, total=t.steps, disable=not main, desc=task.kind, dynamic_ncols=True
+        )
+        records = Records(history, warn=lambda text: bar.write(text, file=sys.stderr) if main else None)
         for step in bar:
             done = step + 1
             opt.zero_grad(set_to_none=True)
