@@ -281,7 +281,12 @@ def test_tensorboard_after_a_resume_has_every_point_once(tmp_path, caplog, monke
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     write = RecordWriter.write
-    monkeypatch.setattr(RecordWriter, "write", lambda self, data: (time.sleep(0.01), write(self, data))[1])
+
+    def slow_write(self, data):
+        time.sleep(0.01)
+        write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", slow_write)
     cfg = lambda: cfg_for(tmp_path, steps=6, checkpoint_every=3)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         run(cfg(), callbacks=[_stop_after(5)])
