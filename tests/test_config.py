@@ -107,6 +107,19 @@ def test_the_contract_flags_set_their_settings():
     )
 
 
+def test_the_trainer_has_the_contract_flags_and_few_others():
+    """``python -m seglib.train --help``: every flag of the training contract (as the README
+    documents it) and at most 10 others, ``--config`` and ``--set`` among them; every other
+    setting goes through ``--set``."""
+    contract = "--synthetic --steps --amp --seed --checkpoint_dir --grad-accum --disable-multires "
+    contract += "--student-dims --student-depths --student-norm --consistency-weight --ema-decay --cluster-iters "
+    contract += "--disable-autoencoder --ae-lambda --ae-ema-decay --ae-blur-sigma --ae-grad-weight --ae-detach-backbone"
+    listed = {flag for action in build_parser()._actions for flag in action.option_strings} - {"-h", "--help"}
+    assert set(contract.split()) <= listed
+    others = listed - set(contract.split())
+    assert {"--config", "--set"} <= others and len(others) <= 10, sorted(others)
+
+
 def test_student_overrides_are_checked_against_the_config_they_override():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'student.head.itres'.*did you mean 'student.head.iters'"
